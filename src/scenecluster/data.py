@@ -1,0 +1,161 @@
+"""Find scene images under a local folder or an S3 prefix, and decode them into fixed-size arrays.
+
+Listing is separate from reading so the driver knows the work (and the ground-truth labels of a
+``<class>/<image>`` layout) before any Ray task starts; decoding is a plain function over a batch of bytes
+so Ray Data can run it in tasks that overlap with the model's compute.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow.fs as pafs
+from PIL import Image, UnidentifiedImageError
+
+from scenecluster.errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class SceneListing:
+    """The images of one input location.
+
+    ``paths`` are in the filesystem's own form (no ``s3://`` scheme), sorted; ``uri`` is what the user gave.
+    """
+
+    uri: str
+    root: str
+    paths: list[str]
+    filesystem: pafs.FileSystem
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def open_filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """Return the pyarrow filesystem and the path inside it for a local path or ``s3://bucket/prefix``.
+
+    For S3 the endpoint comes from ``endpoint_url`` or ``AWS_ENDPOINT_URL`` (non-AWS stores such as
+    SeaweedFS or MinIO), credentials and region from the standard AWS variables.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        if endpoint:
+            ep = urlparse(endpoint)
+            kwargs.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")
+        return pafs.S3FileSystem(**kwargs), (parsed.netloc + parsed.path).rstrip("/")
+    if parsed.scheme not in ("", "file"):
+        raise InputError(f"unsupported input {uri!r}: give a local folder or an s3://bucket/prefix")
+    path = os.path.abspath(os.path.expanduser(parsed.path if parsed.scheme == "file" else uri))
+    return pafs.LocalFileSystem(), path
+
+
+def list_scenes(
+    uri: str,
+    *,
+    endpoint_url: str | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+) -> SceneListing:
+    """List the JPEG, PNG and TIFF images under ``uri``, recursively.
+
+    Parameters
+    ----------
+    uri : str
+        A local folder or ``s3://bucket/prefix``.
+    sample : int, optional
+        Keep a uniform random sample of this many images (seeded), for quick runs on big archives.
+
+    Raises
+    ------
+    InputError
+        When the location does not exist, cannot be listed, or holds no images.
+    """
+    fs, root = open_filesystem(uri, endpoint_url=endpoint_url)
+    try:
+        info = fs.get_file_info(root)
+    except OSError as exc:
+        raise InputError(f"cannot read input {uri!r}: {_first_line(exc)}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"input {uri!r} does not exist")
+    if info.type == pafs.FileType.File:
+        raise InputError(f"input {uri!r} is a file; give the folder (or prefix) that holds the images")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except OSError as exc:
+        raise InputError(f"cannot list input {uri!r}: {_first_line(exc)}") from None
+    paths = sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File
+        and i.path.lower().endswith(IMAGE_SUFFIXES)
+        and not posixpath.basename(i.path).startswith(".")
+    )
+    if not paths:
+        raise InputError(f"input {uri!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    if sample is not None:
+        if sample < 1:
+            raise InputError(f"sample must be at least 1, not {sample}")
+        if sample < len(paths):
+            paths = sorted(random.Random(seed).sample(paths, sample))
+    return SceneListing(uri=uri, root=root, paths=paths, filesystem=fs)
+
+
+def folder_label(path: str) -> str:
+    """The ground-truth label of a ``<class>/<image>`` layout: the image's parent folder name."""
+    return posixpath.basename(posixpath.dirname(path.replace(os.sep, "/")))
+
+
+def decode_image(data: bytes, image_size: int) -> np.ndarray:
+    """Decode one image to RGB and resize it to ``image_size`` square (bicubic), as ``uint8 (H, W, 3)``.
+
+    Scenes are tiles, so the whole tile is resized rather than centre-cropped: cropping would throw
+    away the border of a 64-px EuroSAT tile that the label may depend on.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()  # force the full decode here so a truncated file fails now, not later
+        rgb = img.convert("RGB")
+    if rgb.size != (image_size, image_size):
+        rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
+    """Ray Data batch function: ``{"bytes", "path"}`` -> ``{"path", "image", "error"}``.
+
+    A file that cannot be decoded keeps its row, with an all-zero image and the reason in ``error``, so
+    the driver can count and list it without a side channel; the model skips such rows.
+    """
+    paths: Sequence[str] = batch["path"]
+    images = np.zeros((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    errors = np.full(len(paths), "", dtype=object)
+    for i, data in enumerate(batch["bytes"]):
+        try:
+            images[i] = decode_image(data, image_size)
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+            errors[i] = f"{type(exc).__name__}: {_first_line(exc)}"
+    return {"path": np.asarray(paths, dtype=object), "image": images, "error": errors}
+
+
+def read_image_for_display(listing: SceneListing, path: str, size: int) -> np.ndarray | None:
+    """Read one image for a report thumbnail; ``None`` when it cannot be read."""
+    try:
+        with listing.filesystem.open_input_file(path) as f:
+            return decode_image(f.read(), size)
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,213 @@
+"""The clustering job: list -> embed (Ray Data) -> UMAP -> DP-GMM -> assignments, metrics, report.
+
+:func:`run_cluster_job` is the one public entry; the CLI, ``rayjobs/cluster.py`` and the tests all call it.
+Each stage prints a one-line summary and its wall time lands in ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from scenecluster import __version__
+from scenecluster.config import ClusterConfig, ClusterJobConfig, dump_config
+from scenecluster.data import list_scenes, read_image_for_display
+from scenecluster.embed import embed_images, read_embeddings
+from scenecluster.evaluate import score_clusters
+from scenecluster.outputs import atomic_write_bytes, atomic_write_text, prepare_output
+from scenecluster.raycluster import ensure_ray
+from scenecluster.reduce import reduce_embeddings
+from scenecluster.report import write_report
+
+log = logging.getLogger(__name__)
+
+
+def make_clusterer(cfg: ClusterConfig, *, device: str = "auto"):
+    """The clustering estimator, built from its config section (scikit-learn conventions)."""
+    from scenecluster.cluster import DPGMM
+
+    return DPGMM(
+        n_components=cfg.n_components,
+        weight_concentration_prior=cfg.weight_concentration_prior,
+        covariance_type=cfg.covariance_type,
+        max_iter=cfg.max_iter,
+        tol=cfg.tol,
+        n_init=cfg.n_init,
+        init_params=cfg.init_params,
+        random_state=cfg.random_state,
+        device=device,
+    )
+
+
+def run_identity(cfg: ClusterJobConfig) -> dict[str, Any]:
+    """The settings that determine the embeddings: a rerun with the same identity may reuse them."""
+    return {
+        "input": cfg.data.input,
+        "labels": cfg.data.labels,
+        "sample": cfg.data.sample,
+        "seed": cfg.data.seed,
+        "model": cfg.embed.model,
+        "layer": cfg.embed.layer,
+        "pooling": cfg.embed.pooling,
+        "image_size": cfg.embed.image_size,
+    }
+
+
+class StageTimer:
+    """Times named stages and prints a one-line summary for each."""
+
+    def __init__(self, echo=print) -> None:
+        self.seconds: dict[str, float] = {}
+        self.echo = echo
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        note: dict[str, str] = {}
+        yield note
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        self.echo(f"[{name}] {note.get('summary', 'done')} ({self.seconds[name]:.1f} s)")
+
+
+def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=print) -> dict[str, Any]:
+    """Run the whole job and return the metrics (also written to ``OUT/metrics.json``).
+
+    Raises
+    ------
+    scenecluster.errors.SceneClusterError
+        For bad input, settings or output folders, with a one-line message.
+    """
+    from scenecluster.models import load_backbone
+
+    timer = StageTimer(echo)
+    with_labels = cfg.data.labels == "folders"
+    out = prepare_output(cfg.output, run_identity(cfg), overwrite=overwrite)
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+
+    with timer.stage("list") as note:
+        listing = list_scenes(cfg.data.input, endpoint_url=cfg.data.endpoint_url, sample=cfg.data.sample,
+                              seed=cfg.data.seed)
+        note["summary"] = f"{len(listing)} images under {cfg.data.input}"
+
+    embeddings_path = out / "embeddings.parquet"
+    skipped_path = out / "skipped.txt"
+    with timer.stage("embed") as note:
+        if embeddings_path.is_file() and skipped_path.is_file():
+            n_ok = pq.read_metadata(embeddings_path).num_rows
+            skipped = [line.split("\t", 1) for line in skipped_path.read_text().splitlines() if line]
+            n_images = n_ok + len(skipped)
+            note["summary"] = f"reused {embeddings_path} ({n_ok} embeddings)"
+        else:
+            load_backbone(cfg.embed.model)  # fail fast, in the driver, on a model that cannot be loaded
+            resources = ensure_ray(cfg.resources)
+            actor_gpus = cfg.embed.actor_gpus or (1.0 if resources.use_gpu else 0.0)
+            threads = cfg.embed.torch_threads or max(1, int(resources.cpus_per_node // cfg.embed.num_actors))
+            result = embed_images(
+                listing,
+                embeddings_path,
+                model=cfg.embed.model,
+                layer=cfg.embed.layer,
+                pooling=cfg.embed.pooling,
+                image_size=cfg.embed.image_size,
+                batch_size=cfg.embed.batch_size,
+                num_actors=cfg.embed.num_actors,
+                actor_cpus=cfg.embed.actor_cpus,
+                actor_gpus=actor_gpus,
+                torch_threads=threads,
+                with_labels=with_labels,
+            )
+            skipped = [list(s) for s in result.skipped]
+            atomic_write_text(skipped_path, "".join(f"{p}\t{e}\n" for p, e in skipped))
+            n_images = result.n_images
+            note["summary"] = (
+                f"{n_images - len(skipped)} embedded, {len(skipped)} skipped, "
+                f"{n_images / max(result.seconds, 1e-9):.1f} images/s"
+            )
+    paths, X, labels = read_embeddings(embeddings_path)
+
+    with timer.stage("reduce") as note:
+        Z = reduce_embeddings(X, **cfg.reduce.model_dump())
+        note["summary"] = f"UMAP {X.shape[1]} -> {Z.shape[1]} dims"
+
+    with timer.stage("cluster") as note:
+        device = "cpu" if cfg.resources.device == "cpu" else "auto"
+        model = make_clusterer(cfg.cluster, device=device)
+        model.fit(Z)
+        proba = model.predict_proba(Z)
+        raw = proba.argmax(axis=1)
+        clusters = relabel_by_size(raw)
+        probability = proba[np.arange(len(raw)), raw]
+        n_clusters = int(len(np.unique(clusters)))
+        note["summary"] = f"{n_clusters} clusters after {model.n_iter_} iterations"
+
+    metrics: dict[str, Any] = {
+        "n_images": int(n_images),
+        "n_embedded": int(len(paths)),
+        "n_skipped": int(len(skipped)),
+        "n_clusters": n_clusters,
+        "converged": bool(getattr(model, "converged_", True)),
+        "lower_bound": float(getattr(model, "lower_bound_", float("nan"))),
+    }
+    if labels is not None:
+        metrics.update({k: v for k, v in score_clusters(labels, clusters).items() if k != "n_clusters"})
+
+    with timer.stage("write") as note:
+        table = {"path": pa.array(paths, pa.string()), "cluster": pa.array(clusters, pa.int32()),
+                 "probability": pa.array(probability, pa.float32())}
+        if labels is not None:
+            table["label"] = pa.array(labels, pa.string())
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table(table), sink)
+        atomic_write_bytes(out / "assignments.parquet", sink.getvalue().to_pybytes())
+        note["summary"] = f"assignments for {len(paths)} images"
+
+    with timer.stage("report") as note:
+        xy_index = _subsample(len(paths), cfg.report.scatter_points, seed=cfg.data.seed)
+        xy = reduce_embeddings(X[xy_index], **{**cfg.reduce.model_dump(), "n_components": 2})
+        size = 96
+        html = write_report(
+            str(out / "report.html"),
+            paths=paths,
+            clusters=clusters,
+            xy=xy,
+            xy_index=xy_index,
+            metrics={**metrics, "stage_seconds": timer.seconds},
+            read_thumbnail=lambda p: read_image_for_display(listing, p, size),
+            labels=labels,
+            thumbnails_per_cluster=cfg.report.thumbnails_per_cluster,
+            seed=cfg.data.seed,
+        )
+        atomic_write_text(out / "report.html", html)
+        note["summary"] = f"{out / 'report.html'}"
+
+    metrics["stage_seconds"] = timer.seconds
+    metrics["scenecluster_version"] = __version__
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+def relabel_by_size(raw: np.ndarray) -> np.ndarray:
+    """Renumber clusters 0..k-1 from the largest to the smallest, so ids are dense and stable to read."""
+    ids, counts = np.unique(raw, return_counts=True)
+    order = ids[np.argsort(-counts, kind="stable")]
+    mapping = {old: new for new, old in enumerate(order)}
+    return np.array([mapping[c] for c in raw], dtype=np.int32)
+
+
+def _subsample(n: int, k: int, *, seed: int) -> np.ndarray:
+    if n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+def default_output_dir(name: str) -> Path:
+    return Path(os.environ.get("SCENECLUSTER_OUTPUT", "scenecluster-runs")) / name

@@ -1,0 +1,61 @@
+"""Shared fixtures: real sample images, a corrupt one, and a tiny random DINOv2 saved like real weights."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from scenecluster.cli import sample_data_dir
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    return sample_data_dir()
+
+
+def copy_sample(dest: Path, per_class: int, classes: int | None = None) -> Path:
+    """Copy ``per_class`` real EuroSAT images of each (or the first ``classes``) class into ``dest``."""
+    src = sample_data_dir()
+    class_dirs = sorted(p for p in src.iterdir() if p.is_dir())[:classes]
+    for cdir in class_dirs:
+        (dest / cdir.name).mkdir(parents=True, exist_ok=True)
+        for img in sorted(cdir.iterdir())[:per_class]:
+            shutil.copy2(img, dest / cdir.name / img.name)
+    return dest
+
+
+def write_corrupt_images(folder: Path) -> list[Path]:
+    """A truncated JPEG and a text file named .png: both must be skipped and listed, never fatal."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = next(sample_data_dir().glob("*/*.jpg")).read_bytes()
+    truncated = folder / "truncated.jpg"
+    truncated.write_bytes(good[: len(good) // 3])
+    fake = folder / "not_an_image.png"
+    fake.write_bytes(b"this is not a PNG")
+    return [truncated, fake]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random DINOv2 saved with save_backbone, loaded through the same path as real weights."""
+    import torch
+
+    from scenecluster.models import save_backbone, tiny_dinov2_config
+    from transformers import Dinov2Model
+
+    torch.manual_seed(0)
+    model = Dinov2Model(tiny_dinov2_config())
+    folder = tmp_path_factory.mktemp("tiny-dinov2")
+    save_backbone(model, folder)
+    return folder
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent: the shared datasets are only on the development machines")
+    return path

@@ -1,0 +1,51 @@
+import pytest
+
+from scenecluster.config import ClusterJobConfig, dump_config, load_config, parse_override
+from scenecluster.errors import ConfigError
+
+
+def test_defaults_yaml_then_overrides(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("output: out\ndata: {input: /scenes}\nembed: {batch_size: 8}\n")
+    cfg = load_config(cfg_file, {"embed.batch_size": 16, "cluster.n_components": 20})
+    assert cfg.embed.batch_size == 16
+    assert cfg.cluster.n_components == 20
+    assert cfg.reduce.n_components == 10  # default kept
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, {"output": "o", "data.input": "/x", "embed.pooling": "cls+mean"})
+    f = tmp_path / "r.yaml"
+    f.write_text(dump_config(cfg))
+    assert load_config(f) == cfg
+    assert isinstance(cfg, ClusterJobConfig)
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        ({"embed.batch_size": 0}, "embed.batch_size"),
+        ({"embed.pooling": "max"}, "embed.pooling"),
+        ({"cluster.bogus": 1}, "cluster.bogus"),
+        ({"reduce.n_neighbors": 1}, "reduce.n_neighbors"),
+    ],
+)
+def test_bad_setting_is_named(overrides, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(None, {"output": "o", "data.input": "/x", **overrides})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("cluster.tol=1e-4") == ("cluster.tol", 1e-4)
+    assert parse_override("embed.model=facebook/dinov2-base") == ("embed.model", "facebook/dinov2-base")
+    with pytest.raises(ConfigError):
+        parse_override("no-equals-sign")

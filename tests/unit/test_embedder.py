@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import torch
+
+from scenecluster.data import decode_image
+from scenecluster.embed import Embedder, embedding_table, read_embeddings
+from scenecluster.models import load_backbone
+
+
+def _images(sample_dir, n, size=28):
+    files = sorted(sample_dir.glob("*/*.jpg"))[:n]
+    return np.stack([decode_image(f.read_bytes(), size) for f in files])
+
+
+def test_embedder_returns_cls_of_last_layer(tiny_model_dir, sample_dir):
+    emb = Embedder(str(tiny_model_dir), device="cpu")
+    images = _images(sample_dir, 4)
+    feats = emb.embed(images)
+    assert feats.shape == (4, emb.model.config.hidden_size) and feats.dtype == np.float32
+    # the same numbers computed by hand through transformers
+    model = load_backbone(str(tiny_model_dir))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    with torch.no_grad():
+        ref = model(pixel_values=x).last_hidden_state[:, 0].numpy()
+    np.testing.assert_allclose(feats, ref, atol=1e-4)
+
+
+def test_intermediate_layer_and_mean_pooling(tiny_model_dir, sample_dir):
+    images = _images(sample_dir, 3)
+    first = Embedder(str(tiny_model_dir), layer=1, pooling="cls+mean", device="cpu")
+    last = Embedder(str(tiny_model_dir), layer=-1, device="cpu")
+    f1 = first.embed(images)
+    assert f1.shape == (3, 2 * first.model.config.hidden_size)
+    assert not np.allclose(f1[:, : f1.shape[1] // 2], last.embed(images))
+
+
+def test_call_skips_failed_rows(tiny_model_dir, sample_dir):
+    emb = Embedder(str(tiny_model_dir), device="cpu")
+    images = _images(sample_dir, 3)
+    batch = {"path": np.array(["a", "b", "c"], dtype=object), "image": images,
+             "error": np.array(["", "OSError: truncated", ""], dtype=object)}
+    out = emb(batch)
+    assert np.isnan(out["embedding"][1]).all()
+    assert np.isfinite(out["embedding"][[0, 2]]).all()
+    np.testing.assert_allclose(out["embedding"][[0, 2]], emb.embed(images[[0, 2]]), atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [0, 3, -3])
+def test_bad_layer_is_rejected(tiny_model_dir, layer):
+    with pytest.raises(ValueError, match="layer must be"):
+        Embedder(str(tiny_model_dir), layer=layer, device="cpu")
+
+
+def test_parquet_round_trip(tmp_path):
+    import pyarrow.parquet as pq
+
+    X = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
+    table = embedding_table([f"p{i}" for i in range(5)], X, labels=list("aabbc"))
+    pq.write_table(table, tmp_path / "e.parquet")
+    paths, Y, labels = read_embeddings(tmp_path / "e.parquet")
+    assert paths == [f"p{i}" for i in range(5)] and labels == list("aabbc")
+    np.testing.assert_array_equal(X, Y)

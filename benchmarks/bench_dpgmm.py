@@ -1,0 +1,167 @@
+"""Benchmark ``scenecluster.cluster.DPGMM`` against scikit-learn's ``BayesianGaussianMixture``.
+
+Both fit the same data (Gaussian blobs, D features, K components, dirichlet_process, full covariances) for
+the same fixed number of iterations (no convergence test), each from its own k-means initialisation. Each
+iteration (E-step, M-step, lower bound: the body of the fit loop) is timed on its own and the median is
+reported, which is robust to other processes sharing the cores; initialisation is reported separately.
+One JSON line per size.
+
+Example::
+
+    python benchmarks/bench_dpgmm.py --sizes 20000 100000 1000000 --iters 5 --skip-sklearn-above 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+from sklearn.mixture import BayesianGaussianMixture
+from sklearn.utils import check_random_state
+
+from scenecluster.cluster import DPGMM
+
+
+def make_data(n: int, d: int, n_centers: int, seed: int = 0) -> np.ndarray:
+    """Blobs with random (anisotropic) covariances, so full covariances matter."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(scale=8.0, size=(n_centers, d))
+    labels = rng.integers(n_centers, size=n)
+    mix = rng.normal(size=(n_centers, d, d)) / np.sqrt(d)
+    return centers[labels] + np.einsum("nd,nde->ne", rng.normal(size=(n, d)), mix[labels])
+
+
+def step_ours(X: np.ndarray, k: int, iters: int, device: str, dtype: str | None) -> dict:
+    """Initialise like ``DPGMM.fit`` then time each fused E/M pass + lower bound separately."""
+    model = DPGMM(k, max_iter=iters, tol=0.0, device=device, dtype=dtype, random_state=0)
+    t0 = time.perf_counter()
+    Xv = model._validate_X(X, reset=True)
+    model._check_priors(Xv)
+    model._setup(Xv)
+    gen = torch.Generator(device=model._device).manual_seed(0)
+    params = model._initialize_from_stats(model._initial_stats(gen, None))
+    _sync(model._device)
+    init_s = time.perf_counter() - t0
+    times, bound = [], float("nan")
+    for _ in range(iters):
+        t = time.perf_counter()
+        stats, entropy = model._e_pass(params)
+        params = model._m_step(stats)
+        bound = model._compute_lower_bound(params, stats, entropy)
+        _sync(model._device)
+        times.append(time.perf_counter() - t)
+    return {
+        "init_s": init_s,
+        "s_per_iter": float(np.median(times)),
+        "lower_bound": bound,
+        "device": str(model._device),
+        "dtype": str(model._dtype).replace("torch.", ""),
+    }
+
+
+def step_sklearn(X: np.ndarray, k: int, iters: int) -> dict:
+    """Body of sklearn's own fit loop (``_e_step``, ``_m_step``, ``_compute_lower_bound``), each timed."""
+    model = BayesianGaussianMixture(
+        n_components=k,
+        weight_concentration_prior_type="dirichlet_process",
+        covariance_type="full",
+        max_iter=iters,
+        tol=0.0,
+        random_state=0,
+    )
+    t0 = time.perf_counter()
+    model._check_parameters(X)
+    model._initialize_parameters(X, check_random_state(0))
+    init_s = time.perf_counter() - t0
+    times, bound = [], float("nan")
+    for _ in range(iters):
+        t = time.perf_counter()
+        log_prob_norm, log_resp = model._e_step(X)
+        model._m_step(X, log_resp)
+        bound = float(model._compute_lower_bound(log_resp, log_prob_norm))
+        times.append(time.perf_counter() - t)
+    return {"init_s": init_s, "s_per_iter": float(np.median(times)), "lower_bound": bound}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000, 1_000_000])
+    ap.add_argument("--features", type=int, default=10)
+    ap.add_argument("--components", type=int, default=50)
+    ap.add_argument("--centers", type=int, default=20, help="true clusters in the synthetic data")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="auto, cpu or cuda")
+    ap.add_argument("--dtype", default=None, help="float32/float64; default float64 on CPU, float32 on GPU")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    ap.add_argument(
+        "--skip-sklearn-above",
+        type=int,
+        default=100_000,
+        help="only time sklearn for n <= this (it takes ~40 s per iteration at 1M)",
+    )
+    ap.add_argument(
+        "--sklearn-iters",
+        type=int,
+        default=None,
+        help="iterations for sklearn above --skip-sklearn-above; omitted = skip it there",
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cpu = _cpu_model()
+    DPGMM(5, max_iter=2, device=args.device).fit(make_data(2000, args.features, 5))  # warm-up
+    for n in args.sizes:
+        X = make_data(n, args.features, args.centers)
+        ours = step_ours(X, args.components, args.iters, args.device, args.dtype)
+        row = {
+            "date": datetime.date.today().isoformat(),
+            "cpu": cpu,
+            "torch_threads": torch.get_num_threads(),
+            "device": ours["device"],
+            "dtype": ours["dtype"],
+            "n": n,
+            "d": args.features,
+            "k": args.components,
+            "iters": args.iters,
+            "ours_init_s": ours["init_s"],
+            "ours_s_per_iter": ours["s_per_iter"],
+            "ours_lower_bound": ours["lower_bound"],
+        }
+        sk_iters = args.iters if n <= args.skip_sklearn_above else args.sklearn_iters
+        if sk_iters:
+            sk = step_sklearn(X, args.components, sk_iters)
+            row.update(
+                {
+                    "sklearn_iters": sk_iters,
+                    "sklearn_init_s": sk["init_s"],
+                    "sklearn_s_per_iter": sk["s_per_iter"],
+                    "sklearn_lower_bound": sk["lower_bound"],
+                    "speedup_per_iter": sk["s_per_iter"] / ours["s_per_iter"],
+                }
+            )
+        print(json.dumps(row), flush=True)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    main()

@@ -171,7 +171,7 @@ def embed_images(
         listing.paths,
         filesystem=listing.filesystem,
         include_paths=True,
-        ray_remote_args={"num_cpus": 0.25},
+        num_cpus=0.25,
     )
     ds = ds.map_batches(
         decode_batch,

@@ -90,13 +90,16 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
 
     timer = StageTimer(echo)
     with_labels = cfg.data.labels == "folders"
-    out = prepare_output(cfg.output, run_identity(cfg), overwrite=overwrite)
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
 
     with timer.stage("list") as note:
         listing = list_scenes(cfg.data.input, endpoint_url=cfg.data.endpoint_url, sample=cfg.data.sample,
                               seed=cfg.data.seed)
         note["summary"] = f"{len(listing)} images under {cfg.data.input}"
+    # Fail fast, in the driver, on a model that cannot be loaded (and build the offline fallback once here
+    # rather than in every actor), before the output folder is claimed for this run.
+    load_backbone(cfg.embed.model)
+    out = prepare_output(cfg.output, run_identity(cfg), overwrite=overwrite)
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
 
     embeddings_path = out / "embeddings.parquet"
     skipped_path = out / "skipped.txt"
@@ -107,7 +110,6 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
             n_images = n_ok + len(skipped)
             note["summary"] = f"reused {embeddings_path} ({n_ok} embeddings)"
         else:
-            load_backbone(cfg.embed.model)  # fail fast, in the driver, on a model that cannot be loaded
             resources = ensure_ray(cfg.resources)
             actor_gpus = cfg.embed.actor_gpus or (1.0 if resources.use_gpu else 0.0)
             threads = cfg.embed.torch_threads or max(1, int(resources.cpus_per_node // cfg.embed.num_actors))

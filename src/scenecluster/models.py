@@ -35,6 +35,8 @@ import transformers
 from packaging.version import Version
 from transformers import AutoModel, Dinov2Config, Dinov2Model, PreTrainedModel
 
+from scenecluster.errors import SceneClusterError
+
 __all__ = [
     "DEFAULT_MODEL",
     "IMAGENET_MEAN",
@@ -84,7 +86,7 @@ _TRUTHY = {"1", "true", "yes", "on"}
 _DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SceneClusterError, RuntimeError):
     """A backbone could not be loaded or prepared.
 
     The message is one line that names the model id or folder and says what to do about it, because it is

@@ -1,0 +1,110 @@
+"""Embedding throughput: the model's own forward rate vs the whole Ray Data pipeline, same batch and size.
+
+The pipeline (read bytes -> PIL decode in tasks -> Embedder actor) should run close to the bare forward
+rate when decoding overlaps with compute and threads are not oversubscribed. Prints one JSON line per
+measurement and a final line with the ratio.
+
+    python benchmarks/bench_embed.py --images ../shared/data/eurosat --n 640 --image-size 112
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import date
+
+import numpy as np
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def forward_rate(model: str, image_size: int, batch_size: int, threads: int, layer: int, pooling: str,
+                 repeats: int) -> float:
+    """Images/s of Embedder.embed on already-decoded images (no I/O, no decode)."""
+    from scenecluster.embed import Embedder
+
+    emb = Embedder(model, layer=layer, pooling=pooling, device="cpu", torch_threads=threads)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(batch_size, image_size, image_size, 3), dtype=np.uint8)
+    emb.embed(images)  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        emb.embed(images)
+    return repeats * batch_size / (time.perf_counter() - start)
+
+
+def pipeline_rate(listing, model: str, image_size: int, batch_size: int, threads: int, layer: int,
+                  pooling: str, out: str) -> dict:
+    """Steady-state images/s of the Ray Data pipeline: timed from the first output batch to the last."""
+    import ray
+
+    from scenecluster.data import decode_batch
+    from scenecluster.embed import Embedder
+
+    ds = ray.data.read_binary_files(listing.paths, filesystem=listing.filesystem, include_paths=True,
+                                    num_cpus=0.25)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=batch_size, num_cpus=0.25)
+    ds = ds.map_batches(Embedder, fn_constructor_kwargs={"model": model, "layer": layer, "pooling": pooling,
+                                                        "device": "cpu", "torch_threads": threads},
+                        compute=ray.data.ActorPoolStrategy(size=1), batch_size=batch_size, num_cpus=1)
+    start = time.perf_counter()
+    first = None
+    n_after_first = 0
+    total = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        now = time.perf_counter()
+        total += len(batch["path"])
+        if first is None:
+            first = now
+        else:
+            n_after_first += len(batch["path"])
+    end = time.perf_counter()
+    return {"images": total, "wall_s": end - start, "steady_rate": n_after_first / max(end - first, 1e-9)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", default=None, help="folder of images (default: the package's EuroSAT sample)")
+    p.add_argument("--n", type=int, default=640, help="images to embed through the pipeline")
+    p.add_argument("--model", default="facebook/dinov2-small")
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--layer", type=int, default=-1)
+    p.add_argument("--pooling", default="cls")
+    p.add_argument("--repeats", type=int, default=8)
+    args = p.parse_args()
+
+    import ray
+
+    from scenecluster.cli import sample_data_dir
+    from scenecluster.data import list_scenes
+
+    listing = list_scenes(args.images or str(sample_data_dir()), sample=args.n, seed=0)
+    common = dict(model=args.model, image_size=args.image_size, batch_size=args.batch_size, threads=args.threads,
+                  layer=args.layer, pooling=args.pooling)
+    head = {"date": date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "device": "cpu", **{k: v for k, v in common.items() if k != "model"}}
+    fwd = forward_rate(**common, repeats=args.repeats)
+    print(json.dumps({**head, "what": "model forward only", "images_per_s": round(fwd, 2)}), flush=True)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    pipe = pipeline_rate(listing, **common, out="")
+    print(json.dumps({**head, "what": "ray data pipeline (read+decode+embed)", "images": pipe["images"],
+                      "wall_s": round(pipe["wall_s"], 1), "images_per_s": round(pipe["steady_rate"], 2)}), flush=True)
+    print(json.dumps({**head, "what": "ratio pipeline/forward", "ratio": round(pipe["steady_rate"] / fwd, 3)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The command line: help for every option, and one-line errors with a non-zero exit for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from scenecluster.cli import CLUSTER_FLAGS, build_parser, main
+
+
+def test_help_describes_every_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["cluster", "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for flag, dotted, _, _ in CLUSTER_FLAGS:
+        assert flag in text and dotted in text
+    for flag in ("--output", "--config", "--set", "--overwrite"):
+        assert flag in text
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "scenecluster.cli", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["cluster", "/no/such/folder", "-o", "{tmp}/o"], "does not exist"),
+        (["cluster", "{tmp}", "-o", "{tmp}/o"], "holds no images"),
+        (["cluster", "{tmp}", "-o", "{tmp}/o", "--batch-size", "0"], "embed.batch_size"),
+        (["cluster", "{tmp}", "-o", "{tmp}/o", "--set", "cluster.bogus=1"], "cluster.bogus"),
+    ],
+)
+def test_bad_input_gives_one_line_error(tmp_path, args, message):
+    res = _run(*[a.format(tmp=tmp_path) for a in args])
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert message in res.stderr
+    assert res.stderr.strip().count("\n") == 0
+
+
+def test_unloadable_model_and_foreign_output(tmp_path, sample_dir):
+    res = _run("cluster", str(sample_dir), "-o", str(tmp_path / "o"), "--model", str(tmp_path / "no-model"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "no-model" in res.stderr
+    assert not (tmp_path / "o").exists()  # nothing claimed before the model loads
+
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "data.csv").write_text("x")
+    assert main(["cluster", str(sample_dir), "-o", str(tmp_path / "busy"), "--model", "facebook/dinov2-small"]) == 2

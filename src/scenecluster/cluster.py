@@ -72,7 +72,7 @@ def _feature_layout(n_features: int, covariance_type: str) -> tuple[torch.Tensor
     return None, 2 * n_features + 1
 
 
-def _features(x: torch.Tensor, iu: torch.Tensor | None) -> torch.Tensor:
+def _features(x: torch.Tensor, iu: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Feature map ``phi(x)`` of a chunk.
 
     Parameters
@@ -80,15 +80,29 @@ def _features(x: torch.Tensor, iu: torch.Tensor | None) -> torch.Tensor:
     x : tensor of shape (n, D)
     iu : tensor of shape (2, D(D+1)/2) or None
         Upper-triangle index pairs (full covariances) or None (diagonal: squares only).
+    out : tensor of shape (>= n, P) or None
+        Buffer to fill (its first n rows), so the per-chunk recomputation allocates nothing.
 
     Returns
     -------
     phi : tensor of shape (n, P)
-        ``[x_i x_j for i <= j, x, 1]`` or ``[x**2, x, 1]``.
+        ``[x_i x_j for i <= j, x, 1]`` or ``[x**2, x, 1]``, row-major in that order.
     """
-    quad = x[:, iu[0]] * x[:, iu[1]] if iu is not None else x * x
-    ones = torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device)
-    return torch.cat([quad, x, ones], dim=1)
+    n, d = x.shape
+    n_quad = iu.shape[1] if iu is not None else d
+    phi = torch.empty((n, n_quad + d + 1), dtype=x.dtype, device=x.device) if out is None else out[:n]
+    if iu is None:
+        torch.mul(x, x, out=phi[:, :d])
+    else:
+        # Row i of the upper triangle, x_i * x_{i..D-1}, one broadcast product each (iu is row-major), which
+        # avoids the gathered (n, D(D+1)/2) temporaries of x[:, iu[0]] * x[:, iu[1]].
+        off = 0
+        for i in range(d):
+            torch.mul(x[:, i : i + 1], x[:, i:], out=phi[:, off : off + d - i])
+            off += d - i
+    phi[:, n_quad : n_quad + d] = x
+    phi[:, -1] = 1.0
+    return phi
 
 
 def _estimate_log_weights(params: _Params) -> torch.Tensor:
@@ -483,18 +497,21 @@ class DPGMM(ClusterMixin, BaseEstimator):
         # then it is built once per fit (it is about P / D times the size of X).
         self._phi = None
         if n_samples * self._n_feat * self._X.element_size() <= _PHI_CACHE_BYTES:
-            self._phi = torch.cat([_features(self._X[s : s + self._chunk], self._iu) for s in self._chunks()])
+            self._phi = _features(self._X, self._iu)
 
     def _chunks(self) -> range:
         return range(0, self._X.shape[0], self._chunk)
 
     def _phi_chunks(self):
-        """Yield ``(start, phi(X[start:start + chunk]))``, from the cache when it fits."""
-        for s in self._chunks():
-            if self._phi is not None:
+        """Yield ``(start, phi(X[start:start + chunk]))``, from the cache when it fits, else computed into one
+        reused buffer (consume each chunk before asking for the next)."""
+        if self._phi is not None:
+            for s in self._chunks():
                 yield s, self._phi[s : s + self._chunk]
-            else:
-                yield s, _features(self._X[s : s + self._chunk], self._iu)
+            return
+        buf = torch.empty((self._chunk, self._n_feat), dtype=self._dtype, device=self._device)
+        for s in self._chunks():
+            yield s, _features(self._X[s : s + self._chunk], self._iu, out=buf)
 
     def _fit(self, X: Any, initial_resp: np.ndarray | None) -> None:
         """The scikit-learn ``BaseMixture.fit_predict`` loop: ``n_init`` restarts, each alternating the fused
@@ -548,9 +565,7 @@ class DPGMM(ClusterMixin, BaseEstimator):
         # Final E-step so that fit_predict(X) == fit(X).predict(X) for any max_iter/tol; it also defines the
         # used components (those winning at least one training point).
         W = _logit_weights(params, self.covariance_type, self._iu).to(self._dtype)
-        labels = torch.cat(
-            [(_features(self._X[s : s + self._chunk], self._iu) @ W).argmax(1) for s in self._chunks()]
-        )
+        labels = torch.cat([(phi @ W).argmax(1) for _, phi in self._phi_chunks()])
         counts = torch.bincount(labels, minlength=self.n_components)
         self.labels_ = labels.cpu().numpy()
         self.used_components_ = (counts > 0).cpu().numpy()
@@ -578,7 +593,7 @@ class DPGMM(ClusterMixin, BaseEstimator):
             if initial_resp.shape != (self._X.shape[0], K):
                 raise ValueError(f"initial_resp should have shape {(self._X.shape[0], K)}")
         stats = torch.zeros((K, self._n_feat), dtype=torch.float64, device=self._device)
-        for s in self._chunks():
+        for s, phi in self._phi_chunks():
             x = self._X[s : s + self._chunk]
             if initial_resp is not None:
                 resp = torch.as_tensor(initial_resp[s : s + self._chunk], device=self._device).to(self._dtype)
@@ -588,7 +603,7 @@ class DPGMM(ClusterMixin, BaseEstimator):
             else:
                 resp = torch.rand((x.shape[0], K), generator=gen, device=self._device, dtype=self._dtype)
                 resp /= resp.sum(1, keepdim=True)
-            stats += (resp.T @ _features(x, self._iu)).to(torch.float64)
+            stats += (resp.T @ phi).to(torch.float64)
         return stats
 
     def _initialize_from_stats(self, stats: torch.Tensor) -> _Params:
@@ -619,6 +634,7 @@ class DPGMM(ClusterMixin, BaseEstimator):
         # than the arithmetic on CPU (page faults), and the arithmetic is only a few passes over memory.
         logits = torch.empty((self._chunk, self.n_components), dtype=self._dtype, device=self._device)
         resp = torch.empty_like(logits)
+        floor = math.log(torch.finfo(self._dtype).tiny) + 8.0
         for s, phi in self._phi_chunks():
             n = phi.shape[0]
             lg, r = logits[:n], resp[:n]
@@ -627,6 +643,10 @@ class DPGMM(ClusterMixin, BaseEstimator):
             )  # (n, K) weighted log-probabilities (sklearn _estimate_weighted_log_prob)
             # log-domain normalisation (logsumexp), sklearn _estimate_log_prob_resp
             lg.sub_(lg.amax(1, keepdim=True))
+            # Floor at ~exp(-700) (float64) / exp(-79) (float32): exp of very negative or denormal-producing
+            # inputs takes a slow path (10-70x on CPU), and these responsibilities are < 1e-300 resp. 1e-34
+            # of the row's largest, far below the 10 * eps that sklearn adds to N_k anyway.
+            lg.clamp_(min=floor)
             torch.exp(lg, out=r)
             norm = r.sum(1, keepdim=True)
             r.div_(norm)
@@ -802,7 +822,7 @@ class DPGMM(ClusterMixin, BaseEstimator):
         # Centre on the means' average: only the translation-invariance of the features matters here.
         Xt = torch.from_numpy(np.array(X, dtype=np.float64, copy=True)).to(device)
         Xt = Xt.sub_(torch.as_tensor(self.means_.mean(0), **f64)).to(dtype)
-        chunk = self.chunk_size or 65536
+        chunk = self.chunk_size or max(1024, 2**20 // max(W.shape[0], self.n_components))
         log_resp, log_norm = [], []
         for s in range(0, Xt.shape[0], chunk):
             logits = _features(Xt[s : s + chunk], iu) @ W

@@ -29,6 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402  (after the environment is set)
 import torch  # noqa: E402
+from sklearn.cluster import KMeans  # noqa: E402
 from sklearn.mixture import BayesianGaussianMixture  # noqa: E402
 from sklearn.utils import check_random_state  # noqa: E402
 
@@ -44,7 +45,9 @@ def make_data(n: int, d: int, n_centers: int, seed: int = 0) -> np.ndarray:
     return centers[labels] + np.einsum("nd,nde->ne", rng.normal(size=(n, d)), mix[labels])
 
 
-def step_ours(X: np.ndarray, k: int, iters: int, device: str, dtype: str | None) -> dict:
+def step_ours(
+    X: np.ndarray, k: int, iters: int, device: str, dtype: str | None, resp: np.ndarray | None = None
+) -> dict:
     """Initialise like ``DPGMM.fit`` then time each fused E/M pass + lower bound separately."""
     model = DPGMM(k, max_iter=iters, tol=0.0, device=device, dtype=dtype, random_state=0)
     t0 = time.perf_counter()
@@ -52,7 +55,7 @@ def step_ours(X: np.ndarray, k: int, iters: int, device: str, dtype: str | None)
     model._check_priors(Xv)
     model._setup(Xv)
     gen = torch.Generator(device=model._device).manual_seed(0)
-    params = model._initialize_from_stats(model._initial_stats(gen, None))
+    params = model._initialize_from_stats(model._initial_stats(gen, resp))
     _sync(model._device)
     init_s = time.perf_counter() - t0
     times, bound = [], float("nan")
@@ -73,7 +76,7 @@ def step_ours(X: np.ndarray, k: int, iters: int, device: str, dtype: str | None)
     }
 
 
-def step_sklearn(X: np.ndarray, k: int, iters: int) -> dict:
+def step_sklearn(X: np.ndarray, k: int, iters: int, resp: np.ndarray | None = None) -> dict:
     """Body of sklearn's own fit loop (``_e_step``, ``_m_step``, ``_compute_lower_bound``), each timed."""
     model = BayesianGaussianMixture(
         n_components=k,
@@ -85,7 +88,10 @@ def step_sklearn(X: np.ndarray, k: int, iters: int) -> dict:
     )
     t0 = time.perf_counter()
     model._check_parameters(X)
-    model._initialize_parameters(X, check_random_state(0))
+    if resp is None:
+        model._initialize_parameters(X, check_random_state(0))
+    else:
+        model._initialize(X, resp)
     init_s = time.perf_counter() - t0
     times, bound = [], float("nan")
     for _ in range(iters):
@@ -129,6 +135,11 @@ def main() -> None:
         default=None,
         help="iterations for sklearn above --skip-sklearn-above; omitted = skip it there",
     )
+    ap.add_argument(
+        "--same-init",
+        action="store_true",
+        help="start both from the same responsibilities (sklearn KMeans labels): lower bounds must agree",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -136,7 +147,11 @@ def main() -> None:
     DPGMM(5, max_iter=2, device=args.device).fit(make_data(2000, args.features, 5))  # warm-up
     for n in args.sizes:
         X = make_data(n, args.features, args.centers)
-        ours = step_ours(X, args.components, args.iters, args.device, args.dtype)
+        resp = None
+        if args.same_init:
+            labels = KMeans(args.components, n_init=1, random_state=0).fit(X).labels_
+            resp = np.eye(args.components)[labels]
+        ours = step_ours(X, args.components, args.iters, args.device, args.dtype, resp)
         row = {
             "date": datetime.date.today().isoformat(),
             "cpu": cpu,
@@ -147,6 +162,7 @@ def main() -> None:
             "n": n,
             "d": args.features,
             "k": args.components,
+            "same_init": args.same_init,
             "iters": args.iters,
             "ours_init_s": ours["init_s"],
             "ours_s_per_iter": ours["s_per_iter"],
@@ -155,7 +171,7 @@ def main() -> None:
         }
         sk_iters = args.iters if n <= args.skip_sklearn_above else args.sklearn_iters
         if sk_iters:
-            sk = step_sklearn(X, args.components, sk_iters)
+            sk = step_sklearn(X, args.components, sk_iters, resp)
             row.update(
                 {
                     "sklearn_iters": sk_iters,

@@ -558,7 +558,7 @@ class DPGMM(ClusterMixin, BaseEstimator):
                 "Best performing initialization did not converge. Try different init parameters, or increase "
                 "max_iter, tol, or check for degenerate data.",
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         self.lower_bound_ = float(max_lower_bound)
         self._store(params)

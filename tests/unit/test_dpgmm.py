@@ -87,6 +87,7 @@ def test_lower_bound_matches_sklearn_each_iteration(covariance_type):
     np.testing.assert_allclose(ours.degrees_of_freedom_, sk.degrees_of_freedom_, rtol=1e-10)
     sk_labels = sk._estimate_weighted_log_prob(X).argmax(1)
     assert adjusted_rand_score(sk_labels, ours.labels_) >= 0.99
+    np.testing.assert_allclose(ours.score_samples(X), sk.score_samples(X), rtol=1e-6)
 
 
 @pytest.mark.parametrize("covariance_type", COV_TYPES)

@@ -16,6 +16,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import BayesianGaussianMixture
 from sklearn.utils.estimator_checks import parametrize_with_checks
+from threadpoolctl import threadpool_limits
 
 import scenecluster.cluster as cluster_mod
 from scenecluster.cluster import DPGMM
@@ -50,6 +51,17 @@ class _FixedInitBGM(BayesianGaussianMixture):
 
     def _initialize_parameters(self, X, random_state, xp=None):
         self._initialize(X, self.resp)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These fits are tiny: threads buy nothing, and on a shared machine spinning OpenMP/BLAS workers make
+    multi-threaded runs many times slower. Restored afterwards for other modules."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):  # same for numpy's BLAS and sklearn's OpenMP on the reference side
+        yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)

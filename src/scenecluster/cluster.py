@@ -371,8 +371,7 @@ class DPGMM(ClusterMixin, BaseEstimator):
         -------
         labels : ndarray of shape (n_samples,) of component indices
         """
-        log_resp, _ = self._predict_log_resp(X, used_only=True)
-        return log_resp.argmax(1)
+        return self._predict_chunked(X, "labels")
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Responsibilities restricted to the used components (columns of unused ones are 0).
@@ -381,8 +380,7 @@ class DPGMM(ClusterMixin, BaseEstimator):
         -------
         proba : ndarray of shape (n_samples, n_components), rows summing to one
         """
-        log_resp, _ = self._predict_log_resp(X, used_only=True)
-        return np.exp(log_resp)
+        return self._predict_chunked(X, "proba")
 
     def score_samples(self, X: Any) -> np.ndarray:
         """Per-sample ``logsumexp_k`` of the expected weighted log-likelihood, as scikit-learn defines it
@@ -392,8 +390,7 @@ class DPGMM(ClusterMixin, BaseEstimator):
         -------
         log_prob : ndarray of shape (n_samples,)
         """
-        _, log_norm = self._predict_log_resp(X, used_only=False)
-        return log_norm
+        return self._predict_chunked(X, "score")
 
     def score(self, X: Any, y: Any = None) -> float:
         """Mean of :meth:`score_samples`."""
@@ -446,9 +443,7 @@ class DPGMM(ClusterMixin, BaseEstimator):
         else:
             self.mean_prior_ = np.asarray(self.mean_prior, dtype=np.float64).reshape(-1)
             if self.mean_prior_.shape != (n_features,):
-                raise ValueError(
-                    f"mean_prior should have shape ({n_features},), got {self.mean_prior_.shape}"
-                )
+                raise ValueError(f"mean_prior should have shape ({n_features},), got {self.mean_prior_.shape}")
         if self.degrees_of_freedom_prior is None:
             self.degrees_of_freedom_prior_ = float(n_features)
         elif self.degrees_of_freedom_prior > n_features - 1.0:
@@ -538,16 +533,13 @@ class DPGMM(ClusterMixin, BaseEstimator):
                 lower_bounds.append(lower_bound)
                 if self.verbose >= 2:
                     print(
-                        f"  init {init} iter {n_iter}: lower bound {lower_bound:.6f} "
-                        f"(change {lower_bound - prev:.3e})"
+                        f"  init {init} iter {n_iter}: lower bound {lower_bound:.6f} (change {lower_bound - prev:.3e})"
                     )
                 if abs(lower_bound - prev) < self.tol:
                     converged = True
                     break
             if self.verbose:
-                print(
-                    f"init {init}: lower bound {lower_bound:.6f}, {n_iter} iterations, converged={converged}"
-                )
+                print(f"init {init}: lower bound {lower_bound:.6f}, {n_iter} iterations, converged={converged}")
             if lower_bound > max_lower_bound or max_lower_bound == -np.inf:
                 max_lower_bound = lower_bound
                 best = (params, n_iter, lower_bounds, converged)
@@ -638,9 +630,7 @@ class DPGMM(ClusterMixin, BaseEstimator):
         for s, phi in self._phi_chunks():
             n = phi.shape[0]
             lg, r = logits[:n], resp[:n]
-            torch.matmul(
-                phi, W, out=lg
-            )  # (n, K) weighted log-probabilities (sklearn _estimate_weighted_log_prob)
+            torch.matmul(phi, W, out=lg)  # (n, K) weighted log-probabilities (sklearn _estimate_weighted_log_prob)
             # log-domain normalisation (logsumexp), sklearn _estimate_log_prob_resp
             lg.sub_(lg.amax(1, keepdim=True))
             # Floor at ~exp(-700) (float64) / exp(-79) (float32): exp of very negative or denormal-producing
@@ -677,20 +667,14 @@ class DPGMM(ClusterMixin, BaseEstimator):
             sxx[:, iu[1], iu[0]] = stats[:, : iu.shape[1]]
             # nk * S_k = sum_n r_nk (x_n - xbar_k)(x_n - xbar_k)^T + nk * reg_covar * I
             outer = sx[:, :, None] * xk[:, None, :]
-            nk_sk = (
-                sxx - outer - outer.transpose(1, 2) + sumr[:, None, None] * xk[:, :, None] * xk[:, None, :]
-            )
+            nk_sk = sxx - outer - outer.transpose(1, 2) + sumr[:, None, None] * xk[:, :, None] * xk[:, None, :]
             nk_sk = nk_sk + (nk * self.reg_covar)[:, None, None] * torch.eye(n_features, **_like(stats))
         else:
             nk_sk = stats[:, :n_features] - nk[:, None] * xk * xk + (nk * self.reg_covar)[:, None]
 
         # Sticks (Blei & Jordan 2006, eq. 18-19): a_k = 1 + N_k, b_k = alpha + sum_{j>k} N_j.
         if alpha is None:
-            alpha = (
-                self._alpha_post[0] / self._alpha_post[1]
-                if self._hyper[0]
-                else self.weight_concentration_prior_
-            )
+            alpha = self._alpha_post[0] / self._alpha_post[1] if self._hyper[0] else self.weight_concentration_prior_
         tail = torch.cat([torch.flip(torch.cumsum(torch.flip(nk, [0]), 0), [0])[1:], nk.new_zeros(1)])
         a, b = 1.0 + nk, alpha + tail
         # Means (Bishop 2006, eq. 10.60-10.61): beta_k = beta_0 + N_k,
@@ -735,24 +719,17 @@ class DPGMM(ClusterMixin, BaseEstimator):
         by the M-step), plus the alpha terms when the hyper-prior is on."""
         n_features = self._X.shape[1]
         dof = params.degrees_of_freedom
-        log_det = _log_det_cholesky(
-            params.precisions_cholesky, self.covariance_type
-        ) - 0.5 * n_features * torch.log(dof)
+        log_det = _log_det_cholesky(params.precisions_cholesky, self.covariance_type) - 0.5 * n_features * torch.log(
+            dof
+        )
         j = torch.arange(n_features, **_like(dof))
         log_wishart = -(
-            dof * log_det
-            + dof * n_features * 0.5 * math.log(2.0)
-            + torch.lgamma(0.5 * (dof[:, None] - j)).sum(-1)
+            dof * log_det + dof * n_features * 0.5 * math.log(2.0) + torch.lgamma(0.5 * (dof[:, None] - j)).sum(-1)
         ).sum()
         a, b = params.weight_concentration
         betaln = torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
         log_norm_weight = -betaln.sum()
-        bound = (
-            -entropy
-            - log_wishart
-            - log_norm_weight
-            - 0.5 * n_features * torch.log(params.mean_precision).sum()
-        )
+        bound = -entropy - log_wishart - log_norm_weight - 0.5 * n_features * torch.log(params.mean_precision).sum()
         if params.alpha_posterior is not None:
             # E_q[log p(V | alpha)] - E_q[log q(V)] + E_q[log p(z | V)]
             #   = sum_k E[log alpha] + betaln(a_k, b_k)
@@ -796,42 +773,56 @@ class DPGMM(ClusterMixin, BaseEstimator):
         if params.alpha_posterior is not None:
             self.weight_concentration_prior_ = params.alpha_posterior[0] / params.alpha_posterior[1]
 
-    def _predict_log_resp(self, X: Any, *, used_only: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Chunked log responsibilities (optionally over used components only) and log normalisers."""
+    def _predict_chunked(self, X: Any, what: str) -> np.ndarray:
+        """Labels, responsibilities or log normalisers of new data, chunk by chunk on the fit's device
+        setting, holding only one chunk's (chunk, K) logits on the device at a time.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        what : {"labels", "proba", "score"}
+            Argmax over used components, softmax over used components (unused columns 0), or logsumexp
+            over all components (sklearn's ``score_samples``).
+
+        Returns
+        -------
+        out : ndarray of shape (n_samples,) or (n_samples, n_components)
+        """
         check_is_fitted(self, "means_")
         X = self._validate_X(X, reset=False)
         device, dtype = self._resolve_device_dtype()
         f64 = {"device": device, "dtype": torch.float64}
-        t = {
-            k: torch.as_tensor(v, **f64)
-            for k, v in {
-                "a": self.weight_concentration_[0],
-                "b": self.weight_concentration_[1],
-                "beta": self.mean_precision_,
-                "m": self.means_ - self.means_.mean(0),
-                "nu": self.degrees_of_freedom_,
-                "cov": self.covariances_,
-                "pc": self.precisions_cholesky_,
-            }.items()
-        }
-        params = _Params((t["a"], t["b"]), t["beta"], t["m"], t["nu"], t["cov"], t["pc"], 0.0, None)
-        iu, _ = _feature_layout(X.shape[1], self.covariance_type)
+        # Any centre works (the features are translation-equivariant); the means' average keeps raw moments
+        # small, as the data mean does during fit.
+        centre = self.means_.mean(0)
+        a, b = (torch.as_tensor(v, **f64) for v in self.weight_concentration_)
+        params = _Params(
+            (a, b),
+            torch.as_tensor(self.mean_precision_, **f64),
+            torch.as_tensor(self.means_ - centre, **f64),
+            torch.as_tensor(self.degrees_of_freedom_, **f64),
+            torch.as_tensor(self.covariances_, **f64),
+            torch.as_tensor(self.precisions_cholesky_, **f64),
+            0.0,
+            None,
+        )
+        iu, n_feat = _feature_layout(X.shape[1], self.covariance_type)
         iu = iu.to(device) if iu is not None else None
         W = _logit_weights(params, self.covariance_type, iu).to(dtype)
         unused = ~torch.as_tensor(self.used_components_, device=device)
-        # Centre on the means' average: only the translation-invariance of the features matters here.
-        Xt = torch.from_numpy(np.array(X, dtype=np.float64, copy=True)).to(device)
-        Xt = Xt.sub_(torch.as_tensor(self.means_.mean(0), **f64)).to(dtype)
-        chunk = self.chunk_size or max(1024, 2**20 // max(W.shape[0], self.n_components))
-        log_resp, log_norm = [], []
-        for s in range(0, Xt.shape[0], chunk):
-            logits = _features(Xt[s : s + chunk], iu) @ W
-            if used_only:
-                logits[:, unused] = -torch.inf
-            norm = torch.logsumexp(logits, dim=1)
-            log_resp.append((logits - norm[:, None]).cpu())
-            log_norm.append(norm.cpu())
-        return torch.cat(log_resp).double().numpy(), torch.cat(log_norm).double().numpy()
+        centre_t = torch.as_tensor(centre, **f64)
+        chunk = self.chunk_size or max(1024, 2**20 // max(n_feat, self.n_components))
+        out = []
+        for s in range(0, X.shape[0], chunk):
+            x = torch.from_numpy(np.array(X[s : s + chunk], dtype=np.float64)).to(device).sub_(centre_t)
+            logits = _features(x.to(dtype), iu) @ W
+            if what == "score":
+                out.append(torch.logsumexp(logits, dim=1).cpu())
+                continue
+            logits[:, unused] = -torch.inf
+            out.append(logits.argmax(1).cpu() if what == "labels" else torch.softmax(logits, dim=1).cpu())
+        res = torch.cat(out)
+        return res.numpy() if what == "labels" else res.double().numpy()
 
 
 # Largest feature matrix phi(X) kept in memory for a whole fit (bytes); larger inputs recompute it per chunk.

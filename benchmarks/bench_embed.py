@@ -22,16 +22,18 @@ import torch
 
 def cpu_model() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
 
 
-def forward_rate(model: str, image_size: int, batch_size: int, threads: int, layer: int, pooling: str,
-                 repeats: int) -> float:
+def forward_rate(
+    model: str, image_size: int, batch_size: int, threads: int, layer: int, pooling: str, repeats: int
+) -> float:
     """Images/s of Embedder.embed on already-decoded images (no I/O, no decode)."""
     from scenecluster.embed import Embedder
 
@@ -45,20 +47,30 @@ def forward_rate(model: str, image_size: int, batch_size: int, threads: int, lay
     return repeats * batch_size / (time.perf_counter() - start)
 
 
-def pipeline_rate(listing, model: str, image_size: int, batch_size: int, threads: int, layer: int,
-                  pooling: str, out: str) -> dict:
+def pipeline_rate(
+    listing, model: str, image_size: int, batch_size: int, threads: int, layer: int, pooling: str, out: str
+) -> dict:
     """Steady-state images/s of the Ray Data pipeline: timed from the first output batch to the last."""
     import ray
 
     from scenecluster.data import decode_batch
     from scenecluster.embed import Embedder
 
-    ds = ray.data.read_binary_files(listing.paths, filesystem=listing.filesystem, include_paths=True,
-                                    num_cpus=0.25)
+    ds = ray.data.read_binary_files(listing.paths, filesystem=listing.filesystem, include_paths=True, num_cpus=0.25)
     ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=batch_size, num_cpus=0.25)
-    ds = ds.map_batches(Embedder, fn_constructor_kwargs={"model": model, "layer": layer, "pooling": pooling,
-                                                        "device": "cpu", "torch_threads": threads},
-                        compute=ray.data.ActorPoolStrategy(size=1), batch_size=batch_size, num_cpus=1)
+    ds = ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs={
+            "model": model,
+            "layer": layer,
+            "pooling": pooling,
+            "device": "cpu",
+            "torch_threads": threads,
+        },
+        compute=ray.data.ActorPoolStrategy(size=1),
+        batch_size=batch_size,
+        num_cpus=1,
+    )
     start = time.perf_counter()
     first = None
     n_after_first = 0
@@ -93,16 +105,38 @@ def main() -> None:
     from scenecluster.data import list_scenes
 
     listing = list_scenes(args.images or str(sample_data_dir()), sample=args.n, seed=0)
-    common = dict(model=args.model, image_size=args.image_size, batch_size=args.batch_size, threads=args.threads,
-                  layer=args.layer, pooling=args.pooling)
-    head = {"date": date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "device": "cpu", **{k: v for k, v in common.items() if k != "model"}}
+    common = dict(
+        model=args.model,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        layer=args.layer,
+        pooling=args.pooling,
+    )
+    head = {
+        "date": date.today().isoformat(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": "cpu",
+        **{k: v for k, v in common.items() if k != "model"},
+    }
     fwd = forward_rate(**common, repeats=args.repeats)
     print(json.dumps({**head, "what": "model forward only", "images_per_s": round(fwd, 2)}), flush=True)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
     pipe = pipeline_rate(listing, **common, out="")
-    print(json.dumps({**head, "what": "ray data pipeline (read+decode+embed)", "images": pipe["images"],
-                      "wall_s": round(pipe["wall_s"], 1), "images_per_s": round(pipe["steady_rate"], 2)}), flush=True)
+    print(
+        json.dumps(
+            {
+                **head,
+                "what": "ray data pipeline (read+decode+embed)",
+                "images": pipe["images"],
+                "wall_s": round(pipe["wall_s"], 1),
+                "images_per_s": round(pipe["steady_rate"], 2),
+            }
+        ),
+        flush=True,
+    )
     print(json.dumps({**head, "what": "ratio pipeline/forward", "ratio": round(pipe["steady_rate"] / fwd, 3)}))
 
 

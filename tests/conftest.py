@@ -43,9 +43,9 @@ def write_corrupt_images(folder: Path) -> list[Path]:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random DINOv2 saved with save_backbone, loaded through the same path as real weights."""
     import torch
+    from transformers import Dinov2Model
 
     from scenecluster.models import save_backbone, tiny_dinov2_config
-    from transformers import Dinov2Model
 
     torch.manual_seed(0)
     model = Dinov2Model(tiny_dinov2_config())

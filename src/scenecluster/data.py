@@ -11,6 +11,7 @@ import io
 import os
 import posixpath
 import random
+import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -22,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from scenecluster.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+ARCHIVE_SUFFIXES = (".tar",)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,10 @@ def list_scenes(
     sample: int | None = None,
     seed: int = 0,
 ) -> SceneListing:
-    """List the JPEG, PNG and TIFF images under ``uri``, recursively.
+    """List the JPEG, PNG and TIFF images, and the ``.tar`` shards of images, under ``uri``, recursively.
+
+    A ``.tar`` shard (WebDataset-style, as large archives are stored) is one entry here; its members are
+    read, and counted as images, when the shard is streamed.
 
     Parameters
     ----------
@@ -98,11 +103,11 @@ def list_scenes(
         i.path
         for i in infos
         if i.type == pafs.FileType.File
-        and i.path.lower().endswith(IMAGE_SUFFIXES)
+        and i.path.lower().endswith(IMAGE_SUFFIXES + ARCHIVE_SUFFIXES)
         and not posixpath.basename(i.path).startswith(".")
     )
     if not paths:
-        raise InputError(f"input {uri!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise InputError(f"input {uri!r} holds no images ({', '.join(IMAGE_SUFFIXES + ARCHIVE_SUFFIXES)})")
     if sample is not None:
         if sample < 1:
             raise InputError(f"sample must be at least 1, not {sample}")
@@ -130,21 +135,70 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
     return np.asarray(rgb, dtype=np.uint8)
 
 
+def read_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem) -> dict[str, np.ndarray]:
+    """Ray Data batch function: ``{"source"}`` -> ``{"source", "path", "bytes", "error"}``.
+
+    Reads each listed file, and expands each ``.tar`` shard into one row per image member (its path is
+    ``<shard>/<member>``, so a ``<class>/<image>`` member keeps its folder label). A file that cannot be
+    read (it vanished, or access was refused) or a shard that is cut short becomes a row with the reason
+    in ``error`` instead of failing the job: one bad object in a million is counted, not fatal.
+    """
+    sources, paths, datas, errors = [], [], [], []
+
+    def add(source: str, path: str, data: bytes, error: str) -> None:
+        sources.append(source)
+        paths.append(path)
+        datas.append(data)
+        errors.append(error)
+
+    for source in batch["source"]:
+        try:
+            with filesystem.open_input_stream(source) as f:
+                data = f.read()
+        except (OSError, ValueError) as exc:
+            add(source, source, b"", f"read failed: {type(exc).__name__}: {_first_line(exc)}")
+            continue
+        if not source.lower().endswith(ARCHIVE_SUFFIXES):
+            add(source, source, data, "")
+            continue
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+                for member in tar:
+                    if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES):
+                        extracted = tar.extractfile(member)
+                        add(source, f"{source}/{member.name}", extracted.read() if extracted else b"", "")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            # members read before the damage are kept; the shard itself is reported once
+            add(source, source, b"", f"archive damaged: {type(exc).__name__}: {_first_line(exc)}")
+    return {
+        "source": np.asarray(sources, dtype=object),
+        "path": np.asarray(paths, dtype=object),
+        "bytes": np.asarray(datas, dtype=object),
+        "error": np.asarray(errors, dtype=object),
+    }
+
+
 def decode_batch(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
-    """Ray Data batch function: ``{"bytes", "path"}`` -> ``{"path", "image", "error"}``.
+    """Ray Data batch function: ``{"path", "bytes"[, "error", "source"]}`` -> ``{"path", "image", "error", ...}``.
 
     A file that cannot be decoded keeps its row, with an all-zero image and the reason in ``error``, so
-    the driver can count and list it without a side channel; the model skips such rows.
+    the driver can count and list it without a side channel; the model skips such rows. Rows that already
+    carry an error (from reading) pass through; other columns (``source``) are kept.
     """
     paths: Sequence[str] = batch["path"]
     images = np.zeros((len(paths), image_size, image_size, 3), dtype=np.uint8)
-    errors = np.full(len(paths), "", dtype=object)
+    errors = np.array(batch["error"], dtype=object) if "error" in batch else np.full(len(paths), "", dtype=object)
     for i, data in enumerate(batch["bytes"]):
+        if errors[i]:
+            continue
         try:
             images[i] = decode_image(data, image_size)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
             errors[i] = f"{type(exc).__name__}: {_first_line(exc)}"
-    return {"path": np.asarray(paths, dtype=object), "image": images, "error": errors}
+    out = {"path": np.asarray(paths, dtype=object), "image": images, "error": errors}
+    if "source" in batch:
+        out["source"] = np.asarray(batch["source"], dtype=object)
+    return out
 
 
 def read_image_for_display(listing: SceneListing, path: str, size: int) -> np.ndarray | None:

@@ -2,26 +2,34 @@
 
 The per-batch work is :class:`Embedder`, a plain callable class (numpy dict in, numpy dict out) with no Ray
 import, so it can be tested and timed on a machine without Ray; :func:`embed_images` wires it into a
-streaming Ray Data pipeline: read bytes -> decode in tasks -> embed on an actor pool -> write Parquet.
+streaming Ray Data pipeline: read bytes (files or tar shards) -> decode in CPU tasks, or on the GPU inside
+the actor -> embed on an actor pool -> write Parquet parts.
+
+Resumable: the listing is cut into chunks; each finished chunk is one part file named by a hash of its
+sources and the feature settings, so a rerun skips the parts already written and loses nothing done.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import os
+import posixpath
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from scenecluster.data import SceneListing, decode_batch, folder_label
+from scenecluster.data import SceneListing, decode_batch, folder_label, read_batch
 from scenecluster.devices import resolve_torch_device
 from scenecluster.errors import InputError
 from scenecluster.models import image_normalization, load_backbone
+from scenecluster.outputs import OutputFolder
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,9 @@ class Embedder:
         ``auto``, ``cpu`` or ``cuda``.
     torch_threads : int, optional
         Intra-op threads for CPU inference; set it so that actors x threads does not exceed the cores.
+    image_size : int
+        Square size that undecoded bytes are decoded and resized to (when a batch carries ``bytes``
+        rather than ``image``: the GPU-decode path).
     """
 
     def __init__(
@@ -53,6 +64,7 @@ class Embedder:
         pooling: str = "cls",
         device: str = "auto",
         torch_threads: int | None = None,
+        image_size: int = 224,
     ) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
@@ -66,6 +78,7 @@ class Embedder:
         if not 1 <= self.layer <= n_layers:
             raise ValueError(f"layer must be in 1..{n_layers} or -{n_layers}..-1, not {layer}")
         self.pooling = pooling
+        self.image_size = image_size
         mean, std = image_normalization(model)
         self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
@@ -76,11 +89,13 @@ class Embedder:
         return hidden * (2 if self.pooling == "cls+mean" else 1)
 
     @torch.inference_mode()
-    def embed(self, images: np.ndarray) -> np.ndarray:
-        """``uint8 (n, H, W, 3)`` -> ``float32 (n, n_features)``."""
+    def embed(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``uint8 (n, H, W, 3)`` (numpy, or a tensor already on the device) -> ``float32 (n, n_features)``."""
         if len(images) == 0:
             return np.zeros((0, self.n_features), dtype=np.float32)
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(np.ascontiguousarray(images))
+        x = images.to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().sub_(self._mean).div_(self._std).to(self.dtype)
         last = self.layer == self.model.config.num_hidden_layers
         out = self.model(pixel_values=x, output_hidden_states=not last)
@@ -95,11 +110,22 @@ class Embedder:
 
         Rows that failed to decode keep their path and error and get a NaN vector.
         """
-        errors = batch["error"]
+        errors = np.array(batch["error"], dtype=object)
+        images = batch.get("image")
+        if images is None:  # undecoded bytes: decode here, on the GPU when there is one
+            images, errors = self._decode(batch["bytes"], errors)
         ok = np.array([not e for e in errors], dtype=bool)
         emb = np.full((len(errors), self.n_features), np.nan, dtype=np.float32)
-        emb[ok] = self.embed(batch["image"][ok])
-        return {"path": batch["path"], "error": errors, "embedding": emb}
+        emb[ok] = self.embed(images[torch.from_numpy(ok)] if isinstance(images, torch.Tensor) else images[ok])
+        out = {"path": batch["path"], "error": errors, "embedding": emb}
+        if "source" in batch:
+            out["source"] = batch["source"]
+        return out
+
+    def _decode(self, blobs, errors: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        from scenecluster.gpudecode import decode_images
+
+        return decode_images(blobs, errors, self.image_size, device=self.device)
 
 
 @dataclass
@@ -109,10 +135,15 @@ class EmbedResult:
     n_images: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    chunks_reused: int = 0
+    chunks_computed: int = 0
 
     @property
     def n_skipped(self) -> int:
         return len(self.skipped)
+
+
+PART_SCHEMA_FIELDS = ("path", "error", "embedding")
 
 
 def embedding_schema(n_features: int, with_labels: bool) -> pa.Schema:
@@ -134,9 +165,9 @@ def embedding_table(paths, embeddings: np.ndarray, labels=None) -> pa.Table:
     return pa.table(cols, schema=embedding_schema(d, labels is not None))
 
 
-def read_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray, list[str] | None]:
+def read_embeddings(path, filesystem=None) -> tuple[list[str], np.ndarray, list[str] | None]:
     """Read ``embeddings.parquet`` back: paths, ``(n, d)`` float32 matrix and labels (or ``None``)."""
-    table = pq.read_table(path)
+    table = pq.read_table(path, filesystem=filesystem)
     col = table.column("embedding").combine_chunks()
     d = col.type.list_size
     X = col.values.to_numpy(zero_copy_only=False).reshape(-1, d)
@@ -144,9 +175,36 @@ def read_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray, lis
     return table.column("path").to_pylist(), X, labels
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """A run of consecutive listing entries whose embeddings are written together as one part."""
+
+    index: int
+    sources: list[str]
+    key: str
+
+    @property
+    def part_name(self) -> str:
+        return f"part-{self.index:06d}-{self.key}.parquet"
+
+
+def plan_chunks(sources: list[str], chunk_size: int, feature_identity: dict) -> list[Chunk]:
+    """Cut the (sorted) listing into chunks keyed by their sources and the feature settings."""
+    ident = json.dumps(feature_identity, sort_keys=True).encode()
+    chunks = []
+    for index, start in enumerate(range(0, len(sources), chunk_size)):
+        members = sources[start : start + chunk_size]
+        digest = hashlib.sha1(ident)
+        for src in members:
+            digest.update(src.encode())
+            digest.update(b"\0")
+        chunks.append(Chunk(index=index, sources=members, key=digest.hexdigest()[:16]))
+    return chunks
+
+
 def embed_images(
     listing: SceneListing,
-    output: str | os.PathLike,
+    out: OutputFolder,
     *,
     model: str,
     layer: int = -1,
@@ -157,74 +215,119 @@ def embed_images(
     actor_cpus: float = 1.0,
     actor_gpus: float = 0.0,
     torch_threads: int | None = None,
+    decode_on_gpu: bool = False,
+    chunk_size: int = 4096,
     with_labels: bool = False,
 ) -> EmbedResult:
-    """Embed every image of ``listing`` on the current Ray cluster and write ``output`` (Parquet).
+    """Embed every image of ``listing`` on the current Ray cluster into ``out/embeddings.parquet``.
 
-    The file is written under a temporary name and renamed at the end, so an interrupted run never leaves
-    a file that looks whole. Undecodable images are skipped and returned in ``EmbedResult.skipped``.
+    Finished chunks land in ``out/embeddings/part-*.parquet`` as they complete; a rerun skips them. At the
+    end the parts are streamed into ``embeddings.parquet`` (written atomically) and the rows that could
+    not be read or decoded are returned in ``EmbedResult.skipped``.
     """
     import ray
 
     start = time.perf_counter()
-    ds = ray.data.read_binary_files(
-        listing.paths,
-        filesystem=listing.filesystem,
-        include_paths=True,
-        num_cpus=0.25,
-    )
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"image_size": image_size},
-        batch_size=batch_size,
-        num_cpus=0.25,
-    )
-    ds = ds.map_batches(
-        Embedder,
-        fn_constructor_kwargs={
-            "model": model,
-            "layer": layer,
-            "pooling": pooling,
-            "device": "cuda" if actor_gpus > 0 else "cpu",
-            "torch_threads": torch_threads,
-        },
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        batch_size=batch_size,
-        num_cpus=actor_cpus,
-        num_gpus=actor_gpus,
-    )
-    result = _write_batches(ds.iter_batches(batch_size=None, batch_format="numpy"), output, with_labels)
+    identity = {"model": model, "layer": layer, "pooling": pooling, "image_size": image_size}
+    chunks = plan_chunks(listing.paths, chunk_size, identity)
+    done = set(out.list("embeddings"))
+    todo = [c for c in chunks if c.part_name not in done]
+    result = EmbedResult(n_images=0, chunks_reused=len(chunks) - len(todo), chunks_computed=len(todo))
+    if todo:
+        sources = [src for c in todo for src in c.sources]
+        has_archives = any(src.lower().endswith(".tar") for src in sources)
+        n_blocks = len(sources) if has_archives else max(1, len(sources) // batch_size)
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # chunks then complete one after another
+        ds = ray.data.from_items([{"source": s} for s in sources], override_num_blocks=min(n_blocks, 100_000))
+        ds = ds.map_batches(read_batch, fn_kwargs={"filesystem": listing.filesystem}, batch_size=None, num_cpus=0.25)
+        if not decode_on_gpu:
+            ds = ds.map_batches(
+                decode_batch, fn_kwargs={"image_size": image_size}, batch_size=batch_size, num_cpus=0.25
+            )
+        ds = ds.map_batches(
+            Embedder,
+            fn_constructor_kwargs={
+                "model": model,
+                "layer": layer,
+                "pooling": pooling,
+                "device": "cuda" if actor_gpus > 0 else "cpu",
+                "torch_threads": torch_threads,
+                "image_size": image_size,
+            },
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            batch_size=batch_size,
+            num_cpus=actor_cpus,
+            num_gpus=actor_gpus,
+        )
+        _write_parts(ds.iter_batches(batch_size=None, batch_format="numpy"), out, todo)
+    result = _combine_parts(out, chunks, with_labels, result)
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _write_batches(batches: Iterator[dict[str, np.ndarray]], output, with_labels: bool) -> EmbedResult:
-    output = os.fspath(output)
-    tmp = f"{output}.tmp-{os.getpid()}"
+def _part_table(paths, errors, embeddings: np.ndarray) -> pa.Table:
+    n, d = embeddings.shape
+    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
+    return pa.table(
+        {
+            "path": pa.array(list(paths), pa.string()),
+            "error": pa.array([str(e) for e in errors], pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(flat, d),
+        }
+    )
+
+
+def _write_parts(batches: Iterator[dict[str, np.ndarray]], out: OutputFolder, todo: list[Chunk]) -> None:
+    """Group the ordered output rows by chunk and write each chunk's part as soon as it is complete."""
+    chunk_of = {src: i for i, c in enumerate(todo) for src in c.sources}
+    current = 0
+    pending: list[pa.Table] = []
+
+    def flush(upto: int) -> None:
+        nonlocal current, pending
+        while current < upto:
+            table = pa.concat_tables(pending) if pending else None
+            if table is not None:
+                out.write_table(posixpath.join("embeddings", todo[current].part_name), table)
+            pending = []
+            current += 1
+
+    for batch in batches:
+        owners = np.array([chunk_of[s] for s in batch["source"]])
+        for idx in np.unique(owners):  # ascending, and never below `current` with preserve_order
+            if idx > current:
+                flush(idx)
+            rows = owners == idx
+            pending.append(_part_table(batch["path"][rows], batch["error"][rows], batch["embedding"][rows]))
+    flush(len(todo))
+
+
+def _combine_parts(out: OutputFolder, chunks: list[Chunk], with_labels: bool, result: EmbedResult) -> EmbedResult:
+    """Stream the parts, in listing order, into ``embeddings.parquet``; collect the skipped rows."""
     writer: pq.ParquetWriter | None = None
-    result = EmbedResult(n_images=0)
-    try:
-        for batch in batches:
-            errors = batch["error"]
-            ok = np.array([not e for e in errors], dtype=bool)
-            result.n_images += len(errors)
-            result.skipped.extend((p, e) for p, e, good in zip(batch["path"], errors, ok, strict=True) if not good)
-            if not ok.any():
+    with out.open_atomic("embeddings.parquet") as sink:
+        for chunk in chunks:
+            part = out.read_table(posixpath.join("embeddings", chunk.part_name))
+            result.n_images += part.num_rows
+            bad = pc.not_equal(part.column("error"), "")
+            for p, e in zip(
+                part.filter(bad).column("path").to_pylist(), part.filter(bad).column("error").to_pylist(), strict=True
+            ):
+                result.skipped.append((p, e))
+            good = part.filter(pc.invert(bad))
+            if good.num_rows == 0:
                 continue
-            paths = batch["path"][ok]
-            labels = [folder_label(p) for p in paths] if with_labels else None
-            table = embedding_table(paths, batch["embedding"][ok], labels)
+            d = good.schema.field("embedding").type.list_size
+            cols = {"path": good.column("path")}
+            if with_labels:
+                cols["label"] = pa.array([folder_label(p) for p in good.column("path").to_pylist()], pa.string())
+            cols["embedding"] = good.column("embedding")
+            table = pa.table(cols, schema=embedding_schema(d, with_labels))
             if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
+                writer = pq.ParquetWriter(sink, table.schema)
             writer.write_table(table)
         if writer is None:
-            raise InputError(f"none of the {result.n_images} images could be decoded; see the skipped list")
+            raise InputError(f"none of the {result.n_images} images could be read and decoded; see skipped.txt")
         writer.close()
-        writer = None
-        os.replace(tmp, output)
-    finally:
-        if writer is not None:
-            writer.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return result

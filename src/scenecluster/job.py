@@ -23,7 +23,7 @@ from scenecluster.config import ClusterConfig, ClusterJobConfig, dump_config
 from scenecluster.data import list_scenes, read_image_for_display
 from scenecluster.embed import embed_images, read_embeddings
 from scenecluster.evaluate import score_clusters
-from scenecluster.outputs import atomic_write_bytes, atomic_write_text, prepare_output
+from scenecluster.outputs import OutputFolder, prepare_output
 from scenecluster.raycluster import ensure_ray
 from scenecluster.reduce import reduce_embeddings
 from scenecluster.report import write_report
@@ -31,11 +31,21 @@ from scenecluster.report import write_report
 log = logging.getLogger(__name__)
 
 
-def make_clusterer(cfg: ClusterConfig, *, device: str = "auto"):
-    """The clustering estimator, built from its config section (scikit-learn conventions)."""
+def make_clusterer(cfg: ClusterConfig, X: np.ndarray, *, device: str = "auto"):
+    """The clustering estimator for data ``X``, built from its config section.
+
+    The Wishart prior's scale matrix is ``covariance_prior_scale`` times the data's covariance (1.0 is
+    scikit-learn's default). A UMAP projection packs each class tightly, so the default prior lets the
+    mixture split classes; a somewhat broader prior (2.0, chosen on the source set nwpu12) merges them.
+    """
     from scenecluster.cluster import DPGMM
 
+    if cfg.covariance_type == "full":
+        covariance_prior = np.atleast_2d(np.cov(X.T)) * cfg.covariance_prior_scale
+    else:
+        covariance_prior = np.var(X, axis=0, ddof=1) * cfg.covariance_prior_scale
     return DPGMM(
+        covariance_prior=covariance_prior,
         n_components=cfg.n_components,
         weight_concentration_prior=cfg.weight_concentration_prior,
         covariance_type=cfg.covariance_type,
@@ -92,30 +102,32 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
     with_labels = cfg.data.labels == "folders"
 
     with timer.stage("list") as note:
-        listing = list_scenes(cfg.data.input, endpoint_url=cfg.data.endpoint_url, sample=cfg.data.sample,
-                              seed=cfg.data.seed)
+        listing = list_scenes(
+            cfg.data.input, endpoint_url=cfg.data.endpoint_url, sample=cfg.data.sample, seed=cfg.data.seed
+        )
         note["summary"] = f"{len(listing)} images under {cfg.data.input}"
     # Fail fast, in the driver, on a model that cannot be loaded (and build the offline fallback once here
     # rather than in every actor), before the output folder is claimed for this run.
     load_backbone(cfg.embed.model)
-    out = prepare_output(cfg.output, run_identity(cfg), overwrite=overwrite)
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    out = prepare_output(
+        OutputFolder(cfg.output, endpoint_url=cfg.data.endpoint_url), run_identity(cfg), overwrite=overwrite
+    )
+    out.write_text("config.yaml", dump_config(cfg))
 
-    embeddings_path = out / "embeddings.parquet"
-    skipped_path = out / "skipped.txt"
     with timer.stage("embed") as note:
-        if embeddings_path.is_file() and skipped_path.is_file():
-            n_ok = pq.read_metadata(embeddings_path).num_rows
-            skipped = [line.split("\t", 1) for line in skipped_path.read_text().splitlines() if line]
+        if out.exists("embeddings.parquet") and out.exists("skipped.txt"):
+            n_ok = pq.read_metadata(out.path("embeddings.parquet"), filesystem=out.fs).num_rows
+            skipped = [line.split("\t", 1) for line in out.read_text("skipped.txt").splitlines() if line]
             n_images = n_ok + len(skipped)
-            note["summary"] = f"reused {embeddings_path} ({n_ok} embeddings)"
+            note["summary"] = f"reused {out.display('embeddings.parquet')} ({n_ok} embeddings)"
         else:
             resources = ensure_ray(cfg.resources)
             actor_gpus = cfg.embed.actor_gpus or (1.0 if resources.use_gpu else 0.0)
             threads = cfg.embed.torch_threads or max(1, int(resources.cpus_per_node // cfg.embed.num_actors))
+            decode_on_gpu = cfg.embed.decode == "gpu" or (cfg.embed.decode == "auto" and actor_gpus > 0)
             result = embed_images(
                 listing,
-                embeddings_path,
+                out,
                 model=cfg.embed.model,
                 layer=cfg.embed.layer,
                 pooling=cfg.embed.pooling,
@@ -125,16 +137,19 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
                 actor_cpus=cfg.embed.actor_cpus,
                 actor_gpus=actor_gpus,
                 torch_threads=threads,
+                decode_on_gpu=decode_on_gpu,
+                chunk_size=cfg.embed.chunk_size,
                 with_labels=with_labels,
             )
             skipped = [list(s) for s in result.skipped]
-            atomic_write_text(skipped_path, "".join(f"{p}\t{e}\n" for p, e in skipped))
+            out.write_text("skipped.txt", "".join(f"{p}\t{e}\n" for p, e in skipped))
             n_images = result.n_images
+            reused = f", {result.chunks_reused} of {result.chunks_reused + result.chunks_computed} parts reused"
             note["summary"] = (
                 f"{n_images - len(skipped)} embedded, {len(skipped)} skipped, "
-                f"{n_images / max(result.seconds, 1e-9):.1f} images/s"
+                f"{n_images / max(result.seconds, 1e-9):.1f} images/s" + (reused if result.chunks_reused else "")
             )
-    paths, X, labels = read_embeddings(embeddings_path)
+    paths, X, labels = read_embeddings(out.path("embeddings.parquet"), filesystem=out.fs)
 
     with timer.stage("reduce") as note:
         Z = reduce_embeddings(X, **cfg.reduce.model_dump())
@@ -142,7 +157,7 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
 
     with timer.stage("cluster") as note:
         device = "cpu" if cfg.resources.device == "cpu" else "auto"
-        model = make_clusterer(cfg.cluster, device=device)
+        model = make_clusterer(cfg.cluster, Z, device=device)
         model.fit(Z)
         proba = model.predict_proba(Z)
         raw = proba.argmax(axis=1)
@@ -163,13 +178,14 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
         metrics.update({k: v for k, v in score_clusters(labels, clusters).items() if k != "n_clusters"})
 
     with timer.stage("write") as note:
-        table = {"path": pa.array(paths, pa.string()), "cluster": pa.array(clusters, pa.int32()),
-                 "probability": pa.array(probability, pa.float32())}
+        table = {
+            "path": pa.array(paths, pa.string()),
+            "cluster": pa.array(clusters, pa.int32()),
+            "probability": pa.array(probability, pa.float32()),
+        }
         if labels is not None:
             table["label"] = pa.array(labels, pa.string())
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.table(table), sink)
-        atomic_write_bytes(out / "assignments.parquet", sink.getvalue().to_pybytes())
+        out.write_table("assignments.parquet", pa.table(table))
         note["summary"] = f"assignments for {len(paths)} images"
 
     with timer.stage("report") as note:
@@ -177,7 +193,7 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
         xy = reduce_embeddings(X[xy_index], **{**cfg.reduce.model_dump(), "n_components": 2})
         size = 96
         html = write_report(
-            str(out / "report.html"),
+            out.display("report.html"),
             paths=paths,
             clusters=clusters,
             xy=xy,
@@ -188,12 +204,12 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
             thumbnails_per_cluster=cfg.report.thumbnails_per_cluster,
             seed=cfg.data.seed,
         )
-        atomic_write_text(out / "report.html", html)
-        note["summary"] = f"{out / 'report.html'}"
+        out.write_text("report.html", html)
+        note["summary"] = out.display("report.html")
 
     metrics["stage_seconds"] = timer.seconds
     metrics["scenecluster_version"] = __version__
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    out.write_text("metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -1,25 +1,38 @@
-"""The output folder: atomic writes and the check that a folder belongs to this run.
+"""The output folder, local or on S3: atomic writes and the check that a folder belongs to this run.
 
 A run records what determines its embeddings in ``run.json``. A rerun with the same settings resumes
-(finished stages are reused); a different run pointed at the same folder is refused rather than mixed in.
+(finished work is reused); a different run pointed at the same folder is refused rather than mixed in.
+
+Atomicity: a local file is written under a temporary name and renamed; an S3 object appears only when its
+upload completes (a multipart upload that is never completed leaves no object), so neither leaves a file
+that looks whole but is not.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from scenecluster.errors import OutputError
 
 RUN_FILE = "run.json"
+RESULT_FILES = ("embeddings.parquet", "assignments.parquet", "metrics.json", "report.html", "skipped.txt")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary name in the same folder, then rename it over ``path``."""
+    """Write ``data`` to a temporary name in the same local folder, then rename it over ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -35,34 +48,127 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def prepare_output(folder: str | os.PathLike, identity: dict[str, Any], *, overwrite: bool = False) -> Path:
-    """Create ``folder`` or check that it holds the same run; return it.
+class OutputFolder:
+    """A run's output folder on a pyarrow filesystem (local disk or S3), with atomic writes.
+
+    Parameters
+    ----------
+    uri : str
+        A local folder or ``s3://bucket/prefix``.
+    """
+
+    def __init__(self, uri: str, *, endpoint_url: str | None = None) -> None:
+        from scenecluster.data import open_filesystem
+
+        self.uri = uri
+        self.fs, self.root = open_filesystem(uri, endpoint_url=endpoint_url)
+        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, name: str) -> str:
+        return posixpath.join(self.root, name)
+
+    def display(self, name: str) -> str:
+        """Where a file is, as the user would write it."""
+        return self.path(name) if self.is_local else f"s3://{self.path(name)}"
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self.path(name)).type == pafs.FileType.File
+
+    def list(self, subfolder: str) -> list[str]:
+        """Names of the files in ``subfolder`` (empty when it does not exist)."""
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path(subfolder), allow_not_found=True))
+        except OSError:
+            return []
+        return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File)
+
+    def is_empty(self) -> bool:
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        except OSError as exc:
+            raise OutputError(f"cannot read output {self.uri!r}: {str(exc).splitlines()[0]}") from None
+        return not infos
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self.path(name)) as f:
+            return f.read()
+
+    def read_text(self, name: str) -> str:
+        return self.read_bytes(name).decode("utf-8")
+
+    def delete(self, name: str) -> None:
+        if self.exists(name):
+            self.fs.delete_file(self.path(name))
+
+    @contextmanager
+    def open_atomic(self, name: str) -> Iterator[pa.NativeFile]:
+        """An output stream that becomes ``name`` only if the ``with`` block completes."""
+        final = self.path(name)
+        self.fs.create_dir(posixpath.dirname(final), recursive=True)
+        if not self.is_local:
+            # An S3 object appears when the upload completes on close; on error, abort it.
+            stream = self.fs.open_output_stream(final)
+            try:
+                yield stream
+            except BaseException:
+                stream.abort() if hasattr(stream, "abort") else None
+                raise
+            stream.close()
+            return
+        tmp = posixpath.join(posixpath.dirname(final), f".{posixpath.basename(final)}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            with self.fs.open_output_stream(tmp) as stream:
+                yield stream
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with self.open_atomic(name) as f:
+            f.write(data)
+
+    def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode("utf-8"))
+
+    def write_table(self, name: str, table: pa.Table) -> None:
+        with self.open_atomic(name) as f:
+            pq.write_table(table, f)
+
+    def read_table(self, name: str) -> pa.Table:
+        return pq.read_table(self.path(name), filesystem=self.fs)
+
+
+def prepare_output(folder: str | OutputFolder, identity: dict[str, Any], *, overwrite: bool = False) -> OutputFolder:
+    """Create the output folder or check that it holds the same run; return it.
 
     Raises
     ------
     OutputError
         When the folder holds other files or a run with different settings (and ``overwrite`` is false).
     """
-    out = Path(folder).expanduser()
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {str(out)!r} is a file, not a folder")
-    run_file = out / RUN_FILE
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        if not run_file.is_file():
+    out = folder if isinstance(folder, OutputFolder) else OutputFolder(os.fspath(folder))
+    if out.is_local and os.path.isfile(out.root):
+        raise OutputError(f"output {out.uri!r} is a file, not a folder")
+    has_run = out.exists(RUN_FILE)
+    previous = json.loads(out.read_text(RUN_FILE)) if has_run else None
+    if not overwrite and not out.is_empty():
+        if previous is None:
             raise OutputError(
-                f"output folder {str(out)!r} is not empty and holds no scenecluster run; "
+                f"output folder {out.uri!r} is not empty and holds no scenecluster run; "
                 "choose another --output or pass --overwrite"
             )
-        previous = json.loads(run_file.read_text())
         if previous != identity:
             changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
             raise OutputError(
-                f"output folder {str(out)!r} holds a different run (differs in: {', '.join(changed)}); "
+                f"output folder {out.uri!r} holds a different run (differs in: {', '.join(changed)}); "
                 "choose another --output or pass --overwrite"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite and run_file.is_file() and json.loads(run_file.read_text()) != identity:
-        for stale in ("embeddings.parquet", "assignments.parquet", "metrics.json", "report.html", "skipped.txt"):
-            (out / stale).unlink(missing_ok=True)
-    atomic_write_text(run_file, json.dumps(identity, indent=2, sort_keys=True))
+    out.fs.create_dir(out.root, recursive=True)
+    if overwrite and previous is not None and previous != identity:
+        for stale in RESULT_FILES:
+            out.delete(stale)
+        for part in out.list("embeddings"):
+            out.delete(posixpath.join("embeddings", part))
+    out.write_text(RUN_FILE, json.dumps(identity, indent=2, sort_keys=True))
     return out

@@ -72,8 +72,15 @@ def confusion_figure(labels: Sequence[str], clusters: np.ndarray) -> str:
     if table.size <= 900:
         for (i, j), v in np.ndenumerate(table):
             if v:
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=6,
-                        color="white" if v > table.max() / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(v),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if v > table.max() / 2 else "black",
+                )
     ax.set_title("Confusion matrix")
     return _png(fig)
 
@@ -152,8 +159,10 @@ def write_report(
         "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:2px 8px;text-align:left}"
         "img{max-width:100%}"
     )
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>scenecluster report</title>" \
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>scenecluster report</title>"
         f"<style>{style}</style></head><body>{body}</body></html>"
+    )
 
 
 def _fmt(v) -> str:

@@ -37,8 +37,15 @@ def test_tiny_model_job_writes_every_output_and_lists_corrupt_images(ray_cluster
     cfg = _cfg(scenes, out, tiny_model_dir, **{"embed.image_size": 28})
     metrics = run_cluster_job(cfg, echo=lambda s: None)
 
-    for name in ("embeddings.parquet", "assignments.parquet", "metrics.json", "report.html", "skipped.txt",
-                 "config.yaml", "run.json"):
+    for name in (
+        "embeddings.parquet",
+        "assignments.parquet",
+        "metrics.json",
+        "report.html",
+        "skipped.txt",
+        "config.yaml",
+        "run.json",
+    ):
         assert (out / name).is_file(), name
     assert not [p for p in out.iterdir() if "tmp" in p.name]
     assert metrics["n_images"] == 26 and metrics["n_skipped"] == 2 and metrics["n_embedded"] == 24
@@ -80,8 +87,9 @@ def test_real_weights_end_to_end(ray_cluster, tmp_path):
         for img in sorted((sample_data_dir() / cls).iterdir())[:10]:
             (scenes / cls / img.name).write_bytes(img.read_bytes())
     out = tmp_path / "out"
-    cfg = _cfg(scenes, out, "facebook/dinov2-small",
-               **{"embed.image_size": 112, "embed.layer": 8, "embed.pooling": "cls+mean"})
+    cfg = _cfg(
+        scenes, out, "facebook/dinov2-small", **{"embed.image_size": 112, "embed.layer": 8, "embed.pooling": "cls+mean"}
+    )
     metrics = run_cluster_job(cfg, echo=print)
     assert metrics["n_embedded"] == 40 and metrics["n_skipped"] == 0
     _, X, _ = __import__("scenecluster.embed", fromlist=["read_embeddings"]).read_embeddings(out / "embeddings.parquet")

@@ -22,8 +22,9 @@ def test_help_describes_every_option(capsys):
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "scenecluster.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "scenecluster.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ def test_defaults_yaml_then_overrides(tmp_path):
     cfg = load_config(cfg_file, {"embed.batch_size": 16, "cluster.n_components": 20})
     assert cfg.embed.batch_size == 16
     assert cfg.cluster.n_components == 20
-    assert cfg.reduce.n_components == 10  # default kept
+    assert cfg.reduce.n_components == 5  # default kept
 
 
 def test_round_trip_through_yaml(tmp_path):

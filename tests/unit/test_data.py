@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -54,7 +56,7 @@ def test_decode_batch_marks_bad_rows_and_keeps_good_ones(tmp_path, sample_dir):
     good = next(sample_dir.glob("*/*.jpg"))
     bad = write_corrupt_images(tmp_path)
     paths = [str(good), *map(str, bad)]
-    batch = {"path": np.array(paths, dtype=object), "bytes": [open(p, "rb").read() for p in paths]}
+    batch = {"path": np.array(paths, dtype=object), "bytes": [Path(p).read_bytes() for p in paths]}
     out = decode_batch(batch, image_size=28)
     assert out["image"].shape == (3, 28, 28, 3)
     assert out["error"][0] == ""

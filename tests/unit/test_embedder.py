@@ -39,8 +39,11 @@ def test_intermediate_layer_and_mean_pooling(tiny_model_dir, sample_dir):
 def test_call_skips_failed_rows(tiny_model_dir, sample_dir):
     emb = Embedder(str(tiny_model_dir), device="cpu")
     images = _images(sample_dir, 3)
-    batch = {"path": np.array(["a", "b", "c"], dtype=object), "image": images,
-             "error": np.array(["", "OSError: truncated", ""], dtype=object)}
+    batch = {
+        "path": np.array(["a", "b", "c"], dtype=object),
+        "image": images,
+        "error": np.array(["", "OSError: truncated", ""], dtype=object),
+    }
     out = emb(batch)
     assert np.isnan(out["embedding"][1]).all()
     assert np.isfinite(out["embedding"][[0, 2]]).all()

@@ -34,3 +34,16 @@ def test_foreign_folder_refused(tmp_path):
 def test_atomic_write_leaves_no_temp(tmp_path):
     atomic_write_text(tmp_path / "m.json", "{}")
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_output_folder_atomic_stream_leaves_nothing_on_error(tmp_path):
+    from scenecluster.outputs import OutputFolder
+
+    out = OutputFolder(str(tmp_path / "o"))
+    with pytest.raises(RuntimeError), out.open_atomic("half.parquet") as f:
+        f.write(b"partial")
+        raise RuntimeError("interrupted")
+    assert not out.exists("half.parquet")
+    assert list((tmp_path / "o").iterdir()) == []
+    out.write_text("sub/x.txt", "hi")
+    assert out.read_text("sub/x.txt") == "hi" and out.list("sub") == ["x.txt"]

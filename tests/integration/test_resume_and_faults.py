@@ -1,0 +1,146 @@
+"""Resumable embedding, tar shards and faults, on a local Ray with a tiny random model and real images."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from scenecluster.config import load_config
+from scenecluster.data import list_scenes
+from scenecluster.embed import embed_images, plan_chunks
+from scenecluster.job import run_cluster_job
+from scenecluster.outputs import OutputFolder
+from tests.conftest import copy_sample
+
+pytestmark = pytest.mark.integration
+
+
+def _write_shards(root: Path, dest: Path, per_shard: int) -> list[Path]:
+    """WebDataset-style shards of ``<class>/<image>`` members, in sorted order."""
+    files = sorted(root.glob("*/*.jpg"))
+    dest.mkdir(parents=True)
+    shards = []
+    for n, start in enumerate(range(0, len(files), per_shard)):
+        shard = dest / f"shard-{n:04d}.tar"
+        with tarfile.open(shard, "w") as tar:
+            for f in files[start : start + per_shard]:
+                tar.add(f, arcname=f"{f.parent.name}/{f.name}")
+        shards.append(shard)
+    return shards
+
+
+def test_tar_shards_with_a_truncated_member_and_a_damaged_shard(ray_cluster, tmp_path, tiny_model_dir):
+    loose = copy_sample(tmp_path / "loose", per_class=4, classes=3)
+    shards = _write_shards(loose, tmp_path / "shards", per_shard=5)
+    # a truncated JPEG inside a good shard
+    good = next(loose.glob("*/*.jpg")).read_bytes()
+    with tarfile.open(shards[0], "a") as tar:
+        info = tarfile.TarInfo("Forest/cut.jpg")
+        info.size = len(good) // 3
+        tar.addfile(info, io.BytesIO(good[: len(good) // 3]))
+    # a shard cut short in the middle of a member
+    whole = shards[1].read_bytes()
+    shards[1].write_bytes(whole[: len(whole) // 2])
+    cfg = load_config(
+        None,
+        {
+            "data.input": str(tmp_path / "shards"),
+            "output": str(tmp_path / "out"),
+            "data.labels": "folders",
+            "embed.model": str(tiny_model_dir),
+            "embed.image_size": 28,
+            "embed.batch_size": 4,
+            "reduce.n_neighbors": 5,
+            "cluster.n_components": 5,
+        },
+    )
+    metrics = run_cluster_job(cfg, echo=lambda s: None)
+    skipped = (tmp_path / "out" / "skipped.txt").read_text()
+    assert "cut.jpg" in skipped
+    assert "archive damaged" in skipped and "shard-0001.tar" in skipped
+    table = pq.read_table(tmp_path / "out" / "embeddings.parquet")
+    paths = table.column("path").to_pylist()
+    assert all(".tar/" in p for p in paths)
+    assert set(table.column("label").to_pylist()) <= {"AnnualCrop", "Forest", "HerbaceousVegetation"}
+    # every member of the intact shards is embedded; the damaged one contributes what precedes the damage
+    assert metrics["n_embedded"] >= 12 - 5
+    assert metrics["n_skipped"] == 2
+
+
+def _embed(listing, out, model, chunk_size=10):
+    return embed_images(listing, out, model=str(model), image_size=28, batch_size=5, chunk_size=chunk_size)
+
+
+def test_rerun_recomputes_only_missing_parts(ray_cluster, tmp_path, tiny_model_dir):
+    scenes = copy_sample(tmp_path / "scenes", per_class=5, classes=6)
+    listing = list_scenes(str(scenes))
+    out = OutputFolder(str(tmp_path / "out"))
+    first = _embed(listing, out, tiny_model_dir)
+    parts = sorted((tmp_path / "out" / "embeddings").iterdir())
+    assert first.chunks_computed == len(parts) == 3 and first.n_images == 30
+    stamps = {p.name: p.stat().st_mtime_ns for p in parts}
+    parts[1].unlink()
+    second = _embed(listing, out, tiny_model_dir)
+    assert (second.chunks_reused, second.chunks_computed) == (2, 1)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "embeddings").iterdir()}
+    assert after[parts[0].name] == stamps[parts[0].name] and after[parts[2].name] == stamps[parts[2].name]
+    assert pq.read_table(tmp_path / "out" / "embeddings.parquet").num_rows == 30
+    # other feature settings are other parts: nothing is reused across models or layers
+    assert plan_chunks(listing.paths, 10, {"layer": 1})[0].key != plan_chunks(listing.paths, 10, {"layer": 2})[0].key
+
+
+def _embedder_actor_pids() -> list[int]:
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "Embedder" in cmd and proc.pid != os.getpid():
+            pids.append(proc.pid)
+    return pids
+
+
+def test_killed_actor_then_rerun_resumes_without_recomputing(ray_cluster, tmp_path, tiny_model_dir):
+    scenes = copy_sample(tmp_path / "scenes", per_class=30, classes=10)  # 300 real images
+    listing = list_scenes(str(scenes))
+    out = OutputFolder(str(tmp_path / "out"))
+    parts_dir = tmp_path / "out" / "embeddings"
+    killed: list[int] = []
+
+    def kill_when_first_part_lands() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if parts_dir.is_dir() and any(parts_dir.glob("part-*.parquet")):
+                for pid in _embedder_actor_pids():
+                    psutil.Process(pid).kill()
+                    killed.append(pid)
+                if killed:
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_first_part_lands)
+    killer.start()
+    try:
+        first = _embed(listing, out, tiny_model_dir, chunk_size=20)
+        first_error = None
+    except Exception as exc:  # the run may fail outright, or Ray may restart the actor and finish
+        first, first_error = None, exc
+    killer.join()
+    assert killed, "the embedding actor was never seen, so nothing was killed"
+    done_before = {p.name: p.stat().st_mtime_ns for p in parts_dir.glob("part-*.parquet")}
+    assert done_before
+
+    second = _embed(listing, out, tiny_model_dir, chunk_size=20)
+    assert second.n_images == 300 and second.n_skipped == 0
+    assert second.chunks_reused >= len(done_before)
+    for name, stamp in done_before.items():
+        assert (parts_dir / name).stat().st_mtime_ns == stamp, f"{name} was recomputed"
+    assert pq.read_table(tmp_path / "out" / "embeddings.parquet").num_rows == 300
+    if first is not None:  # Ray restarted the actor and retried: the first run was already complete
+        assert first.n_images == 300 and first_error is None

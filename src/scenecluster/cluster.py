@@ -255,6 +255,23 @@ class DPGMM(ClusterMixin, BaseEstimator):
     n_features_in_ : int
     device_ : str
         The device the model was fitted on.
+
+    Notes
+    -----
+    *Used components.* The truncation keeps all K components in the posterior, most with a weight that
+    collapsed to the stick-breaking prior's leftovers. A component counts as used iff it is the argmax of
+    the responsibilities of at least one training point in the final E-step (run after the best restart
+    is selected). That makes ``fit_predict(X) == fit(X).predict(X)`` hold exactly while ``predict`` can
+    never return a component that no training point chose; ``n_clusters_`` counts them.
+
+    *Threads.* On a CPU shared with other busy processes, torch's spinning OpenMP workers can make a
+    multi-threaded fit several times slower than a single-threaded one; set ``OMP_WAIT_POLICY=PASSIVE``
+    before torch is imported, or lower ``torch.set_num_threads``. This class never changes them itself.
+
+    References
+    ----------
+    Blei, D. M. & Jordan, M. I. (2006). Variational inference for Dirichlet process mixtures. Bayesian
+    Analysis 1(1), 121-143. Bishop, C. M. (2006). Pattern Recognition and Machine Learning, sec. 10.2.
     """
 
     _parameter_constraints: dict = {

@@ -48,6 +48,57 @@ CLUSTER_FLAGS: list[tuple[str, str, type, str]] = [
 ]
 
 
+# (flag, FinetuneConfig field, type, help) for ``finetune`` and ``pipeline``; store_true flags are below.
+FINETUNE_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--model", "model", str, "Hugging Face id or local folder of the DINOv2 model to start from "
+     "(default facebook/dinov2-small)"),
+    ("--epochs", "epochs", int, "passes over the training split (default 10)"),
+    ("--max-steps", "max_steps", int, "stop after this many optimizer steps, to bound a CPU run (default: none)"),
+    ("--workers", "workers", int, "Ray Train workers, data-parallel replicas (default 1)"),
+    ("--cpus-per-worker", "cpus_per_worker", float, "CPUs reserved per worker (default: the node's CPUs less "
+     "half a CPU for decoding, shared)"),
+    ("--image-size", "image_size", int, "images are resized to this square size in pixels (default 224)"),
+    ("--batch-size", "batch_size", int, "images per worker per micro-batch (default 32)"),
+    ("--grad-accum", "grad_accum", int, "micro-batches accumulated per optimizer step (default 1)"),
+    ("--lr", "lr", float, "peak learning rate of the heads and last block, AdamW (default 1e-4)"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay (default 0.05)"),
+    ("--warmup-steps", "warmup_steps", int, "linear warm-up steps before the cosine decay (default 0)"),
+    ("--freeze-blocks", "freeze_blocks", int, "freeze the patch embedding and the first N blocks (default 0)"),
+    ("--layer-decay", "layer_decay", float, "layer-wise LR decay: block i of L gets lr x decay^(L-i) (default 1)"),
+    ("--label-smoothing", "label_smoothing", float, "cross-entropy label smoothing (default 0.1)"),
+    ("--val-fraction", "val_fraction", float, "stratified held-out share of each class (default 0.1)"),
+    ("--pooling", "pooling", str, "head input: 'cls' (default) or 'cls+mean'"),
+    ("--seed", "seed", int, "seed of the split, augmentations and head init (default 0)"),
+    ("--sample", "sample", int, "train on a seeded random sample of this many images per source"),
+    ("--name", "name", str, "Ray Train run name; --resume continues the run of this name (default finetune)"),
+    ("--storage-path", "storage_path", str, "where checkpoints go (default: --output; may be s3://bucket/prefix)"),
+    ("--max-failures", "max_failures", int, "restarts from the last checkpoint after a worker failure (default 0)"),
+    ("--device", "device", str, "'auto' (default), 'cpu' or 'cuda'"),
+    ("--endpoint-url", "endpoint_url", str, "S3 endpoint for non-AWS stores (default: AWS_ENDPOINT_URL)"),
+    ("--ray-address", "ray_address", str, "Ray cluster to join (default RAY_ADDRESS, else a local Ray)"),
+    ("--num-cpus", "num_cpus", int, "CPUs of the local Ray the job starts (default: all)"),
+    ("--torch-threads", "torch_threads", int, "torch threads per worker (default: node CPUs / workers)"),
+]
+
+
+def _ft_dest(field: str) -> str:
+    return "ft__" + field
+
+
+def _add_finetune_options(p: argparse.ArgumentParser, *, with_config: bool = True) -> None:
+    if with_config:
+        p.add_argument("--config", metavar="YAML", help="a config file of fine-tuning settings; flags and --set "
+                       "override it")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any fine-tuning setting by name, e.g. --set label_smoothing=0 (repeatable)")
+    p.add_argument("--use-gpu", action="store_true", help="train on GPUs (same as --device cuda)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the earlier run of the same --name and storage path from its last checkpoint")
+    for flag, field, typ, text in FINETUNE_FLAGS:
+        metavar = {int: "N", float: "X"}.get(typ, "VALUE")
+        p.add_argument(flag, dest=_ft_dest(field), type=typ, default=None, metavar=metavar, help=text)
+
+
 def _dest(dotted: str) -> str:
     return "opt__" + dotted.replace(".", "__")
 
@@ -87,6 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", default="scenecluster-demo", metavar="OUT",
                    help="output folder (default ./scenecluster-demo)")
     _add_cluster_options(d)
+
+    f = sub.add_parser("finetune", help="fine-tune DINOv2 on labelled <class>/<image> sources with Ray Train",
+                       description="Fine-tune a DINOv2 backbone (one linear head per SOURCE, shared backbone) on "
+                       "Ray Train, checkpointing each epoch, and save the backbone as a transformers folder "
+                       "OUT/backbone that 'scenecluster cluster --model OUT/backbone' loads.")
+    f.add_argument("sources", nargs="+", metavar="SOURCE", help="labelled folder or s3:// prefix of "
+                   "<class>/<image> scenes (several train jointly)")
+    f.add_argument("-o", "--output", required=True, metavar="CKPT_DIR",
+                   help="output folder: backbone/, metrics.json, config.yaml and (by default) the checkpoints")
+    _add_finetune_options(f)
+
+    pl = sub.add_parser("pipeline", help="fine-tune on labelled sources, then cluster a target with that backbone",
+                        description="Run 'finetune' on the SOURCEs into OUT/finetune, then 'cluster' on --target "
+                        "into OUT/cluster with --model OUT/finetune/backbone, and print both summaries.")
+    pl.add_argument("sources", nargs="+", metavar="SOURCE",
+                    help="labelled <class>/<image> folder(s) or s3:// prefix(es)")
+    pl.add_argument("-t", "--target", required=True, metavar="TARGET", help="folder or s3:// prefix to cluster")
+    pl.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (finetune/ and cluster/)")
+    pl.add_argument("--labels", choices=["none", "folders"], default="none",
+                    help="'folders' scores the target's clusters against its <class> folders (default none)")
+    pl.add_argument("--overwrite", action="store_true", help="reuse a cluster output folder that holds another run")
+    _add_finetune_options(pl, with_config=False)
     return parser
 
 
@@ -127,6 +200,59 @@ def _cmd_cluster(args: argparse.Namespace, *, input_uri: str, defaults: dict | N
     return 0
 
 
+def _finetune_config(args: argparse.Namespace, output: str):
+    from scenecluster.config import FinetuneConfig, load_config, parse_override
+
+    values = {field: getattr(args, _ft_dest(field)) for _, field, _, _ in FINETUNE_FLAGS}
+    values.update({"sources": list(args.sources), "output": output})
+    if args.use_gpu:
+        values["device"] = "cuda"
+    if args.resume:
+        values["resume"] = True
+    for text in getattr(args, "overrides", []):
+        key, value = parse_override(text)
+        values[key] = value
+    return load_config(getattr(args, "config", None), values, model=FinetuneConfig)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from scenecluster.train import fit_backbone
+
+    backbone = fit_backbone(_finetune_config(args, args.output))
+    print(f"backbone: {backbone}")
+    print(f"metrics: {backbone.parent / 'metrics.json'}")
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    import json
+
+    from scenecluster.config import ClusterJobConfig, load_config
+    from scenecluster.job import run_cluster_job
+    from scenecluster.train import fit_backbone
+
+    out = Path(args.output)
+    ft_cfg = _finetune_config(args, str(out / "finetune"))
+    backbone = fit_backbone(ft_cfg)
+    ft = json.loads((backbone.parent / "metrics.json").read_text())
+    cluster_cfg = load_config(None, {
+        "data.input": args.target, "data.labels": args.labels, "data.endpoint_url": ft_cfg.endpoint_url,
+        "output": str(out / "cluster"), "embed.model": str(backbone), "embed.image_size": ft_cfg.image_size,
+        "resources.device": ft_cfg.device, "resources.ray_address": ft_cfg.ray_address,
+        "resources.num_cpus": ft_cfg.num_cpus,
+    }, model=ClusterJobConfig)
+    metrics = run_cluster_job(cluster_cfg, overwrite=args.overwrite)
+    acc = ft.get("val_accuracy")
+    print(f"finetune: step {ft['step']}, epoch {ft['epoch']}, val accuracy "
+          f"{'n/a' if acc is None else f'{acc:.3f}'}; backbone {backbone}")
+    summary = f"cluster: {metrics['n_clusters']} clusters from {metrics['n_embedded']} images"
+    if "acc" in metrics:
+        summary += f"; acc {metrics['acc']:.3f}, NMI {metrics['nmi']:.3f}, ARI {metrics['ari']:.3f}"
+    print(summary)
+    print(f"report: {(out / 'cluster' / 'report.html').resolve()}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -136,6 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_cluster(args, input_uri=args.input)
         if args.command == "demo":
             return _cmd_cluster(args, input_uri=str(sample_data_dir()), defaults=DEMO_DEFAULTS)
+        if args.command == "finetune":
+            return _cmd_finetune(args)
+        if args.command == "pipeline":
+            return _cmd_pipeline(args)
     except SceneClusterError as exc:
         print(f"scenecluster: error: {exc}", file=sys.stderr)
         return 2

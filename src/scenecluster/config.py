@@ -171,3 +171,45 @@ def describe_validation_error(exc: ValidationError, source: str | None = None) -
 def dump_config(cfg: BaseModel) -> str:
     """The resolved configuration as YAML, for ``OUT/config.yaml``."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+class FinetuneConfig(_Section):
+    """Fine-tuning a DINOv2 backbone on labelled source scenes (``scenecluster finetune``).
+
+    Flat rather than sectioned: it configures one stage, and every field is also a CLI flag. Several
+    ``sources`` train jointly: one shared backbone, one linear head per source.
+    """
+
+    sources: list[str] = Field(min_length=1, description="labelled <class>/<image> folders or s3:// prefixes")
+    output: str = Field(description="local folder for backbone/, metrics.json and (by default) checkpoints")
+    storage_path: str | None = Field(None, description="where Ray Train keeps checkpoints (default: output; "
+                                     "may be s3://bucket/prefix)")
+    name: str = Field("finetune", description="Ray Train run name; a rerun with the same name can resume")
+    model: str = Field("facebook/dinov2-small", description="Hugging Face id or local folder to start from")
+    pooling: Literal["cls", "cls+mean"] = Field("cls", description="head input: CLS token, or CLS + mean patch")
+    epochs: int = Field(10, ge=1, description="passes over the training split")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (bounds a CPU run)")
+    workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel replicas)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses GPUs when the cluster has them")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs reserved per worker (default: a share "
+                                          "of the node that leaves room for Ray Data's decode tasks)")
+    image_size: int = Field(224, ge=14, le=1036, description="images are resized to this square size (px)")
+    batch_size: int = Field(32, ge=1, description="images per worker per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate of the heads and last block (AdamW)")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on biases, norms, tokens)")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the cosine decay")
+    layer_decay: float = Field(1.0, gt=0, le=1, description="layer-wise LR decay: block i gets lr x decay^(L-i)")
+    freeze_blocks: int = Field(0, ge=0, description="freeze the patch embedding and the first N blocks (0: none)")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="cross-entropy label smoothing")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="stratified held-out share of each class")
+    seed: int = Field(0, description="seed of the split, the augmentations and the heads' init")
+    sample: int | None = Field(None, ge=2, description="use a seeded random sample of this many images per source")
+    resume: bool = Field(False, description="continue the run of the same name and storage path")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
+    endpoint_url: str | None = Field(None, description="S3 endpoint for non-AWS stores (else AWS_ENDPOINT_URL)")
+    ray_address: str | None = Field(None, description="Ray cluster to join (else RAY_ADDRESS, else a local Ray)")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by the job")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per worker (default: CPUs / workers)")
+    fail_after_step: int | None = Field(None, ge=1, description="TEST ONLY: rank 0 raises once, after the first "
+                                        "checkpoint at or beyond this step, to exercise recovery")

@@ -1,0 +1,113 @@
+"""Fine-tuning on Ray Train: two CPU workers, a checkpoint, an injected failure and recovery, a resumed run,
+and a backbone that the clustering job's Embedder loads; plus the errors raised before any worker starts.
+
+Uses the tiny random DINOv2 (``tiny_model_dir``) at 28 px so each training run takes seconds; the Ray
+start-up and the worker group dominate.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from scenecluster.config import FinetuneConfig, load_config
+from scenecluster.errors import InputError, OutputError
+from scenecluster.models import ModelLoadError
+from scenecluster.train import fit_backbone
+from tests.conftest import copy_sample
+
+pytestmark = pytest.mark.integration
+
+
+def _cfg(tmp_path, sources, model, **overrides) -> FinetuneConfig:
+    settings = {
+        "sources": [str(s) for s in sources],
+        "output": str(tmp_path / "out"),
+        "model": str(model),
+        "image_size": 28,
+        "batch_size": 4,
+        "epochs": 2,
+        "workers": 2,
+        "device": "cpu",
+        "lr": 1e-3,
+        "warmup_steps": 1,
+        "val_fraction": 0.2,
+        "torch_threads": 1,
+        **overrides,
+    }
+    return load_config(None, settings, model=FinetuneConfig)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Two labelled sources (a shared backbone, two heads); the second has one corrupt image."""
+    root = tmp_path_factory.mktemp("sources")
+    a = copy_sample(root / "a", per_class=10, classes=3)
+    b = copy_sample(root / "b", per_class=6, classes=2)
+    cls = sorted(p for p in b.iterdir() if p.is_dir())[0]
+    good = next(cls.glob("*.jpg")).read_bytes()
+    (cls / "zz_truncated.jpg").write_bytes(good[: len(good) // 3])
+    return a, b
+
+
+def test_two_workers_recover_from_failure_then_resume(ray_cluster, tmp_path, sources, tiny_model_dir):
+    # 3x10 + 2x6 (+1 corrupt) images, 20 % held out per class -> 34 train (incl. the corrupt one) ->
+    # 17 per worker -> 4 micro-batches of 4 per epoch -> 4 steps per epoch, 8 in 2 epochs.
+    cfg = _cfg(tmp_path, sources, tiny_model_dir, fail_after_step=4, max_failures=1)
+    backbone = fit_backbone(cfg)
+
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["total_steps"] == 8
+    assert metrics["step"] == 8 and metrics["epoch"] == 2
+    # Rank 0 raised after the epoch-1 checkpoint (step 4); the restarted group resumed from it, not step 0.
+    assert metrics["resumes"] == [{"epoch": 1, "step": 4}]
+    assert [h["step"] for h in metrics["history"]] == [4, 8]
+    assert all(0.0 <= h["val_accuracy"] <= 1.0 for h in metrics["history"])
+    assert all(np.isfinite(h["train_loss"]) and h["images_per_s"] > 0 for h in metrics["history"])
+    assert len(metrics["classes"]) == 2 and len(metrics["classes"][0]) == 3
+    # The corrupt file is dropped and counted in each epoch (wherever it fell), never fatal.
+    assert metrics["skipped_train"] + metrics["skipped_val"] == 1
+    assert {p.name for p in backbone.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    }
+
+    # A rerun without resume is refused; with resume it continues the same run from its last checkpoint.
+    with pytest.raises(OutputError, match="--resume"):
+        fit_backbone(cfg)
+    fit_backbone(_cfg(tmp_path, sources, tiny_model_dir, epochs=3, resume=True))
+    resumed = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert resumed["resumes"] == [{"epoch": 1, "step": 4}, {"epoch": 2, "step": 8}]
+    assert resumed["step"] == 12 and resumed["epoch"] == 3
+    assert [h["step"] for h in resumed["history"]] == [4, 8, 12]
+
+    # The clustering job's Embedder loads the fine-tuned folder as it is.
+    from scenecluster.embed import Embedder
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 3), dtype=np.uint8)
+    emb = Embedder(str(backbone), device="cpu").embed(images)
+    assert emb.shape == (3, 32) and np.isfinite(emb).all()
+
+
+def test_one_class_source_fails_before_workers(tmp_path, tiny_model_dir):
+    src = copy_sample(tmp_path / "one", per_class=3, classes=1)
+    with pytest.raises(InputError, match="at least two"):
+        fit_backbone(_cfg(tmp_path, [src], tiny_model_dir))
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_class_folder_fails_before_workers(tmp_path, tiny_model_dir):
+    src = copy_sample(tmp_path / "src", per_class=3, classes=2)
+    (src / "empty_class").mkdir()
+    with pytest.raises(InputError, match="empty_class"):
+        fit_backbone(_cfg(tmp_path, [src], tiny_model_dir))
+
+
+def test_unknown_model_fails_before_workers(tmp_path, sources):
+    with pytest.raises(ModelLoadError, match="no-such-model"):
+        fit_backbone(_cfg(tmp_path, [sources[0]], tmp_path / "no-such-model"))
+    shutil.rmtree(tmp_path / "out", ignore_errors=True)

@@ -7,6 +7,7 @@ names serve the CLI, Ray Tune's search space and the resolved ``config.yaml`` wr
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -45,12 +46,17 @@ class EmbedConfig(_Section):
     actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor")
     actor_gpus: float = Field(0.0, ge=0, description="GPUs per actor (0 = CPU; 'auto' device sets 1 on GPU clusters)")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per actor (default: CPUs / actors)")
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description="where JPEGs are decoded: 'gpu' (nvJPEG in the actor), 'cpu' (PIL tasks); auto = GPU on GPUs",
+    )
+    chunk_size: int = Field(4096, ge=1, description="listing entries per resumable embeddings part")
 
 
 class ReduceConfig(_Section):
     """UMAP settings (shared by cuML and umap-learn)."""
 
-    n_components: int = Field(10, ge=1, description="dimension of the projection the mixture is fitted on")
+    n_components: int = Field(5, ge=1, description="dimension of the projection the mixture is fitted on")
     n_neighbors: int = Field(30, ge=2, description="UMAP neighbourhood size")
     min_dist: float = Field(0.0, ge=0.0, description="UMAP minimum distance")
     metric: str = Field("cosine", description="UMAP input metric")
@@ -64,6 +70,9 @@ class ClusterConfig(_Section):
     n_components: int = Field(50, ge=1, description="truncation level: the most clusters the mixture may use")
     weight_concentration_prior: float | None = Field(
         None, gt=0, description="DP concentration (None: 1 / n_components)"
+    )
+    covariance_prior_scale: float = Field(
+        2.0, gt=0, description="Wishart prior covariance = this x the data's covariance; larger merges more"
     )
     covariance_type: Literal["full", "diag"] = Field("full", description="covariance of each component")
     max_iter: int = Field(500, ge=1, description="most variational iterations")
@@ -118,10 +127,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else None
     if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string; a number is meant
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     return key.strip(), value
 
 
@@ -182,8 +189,9 @@ class FinetuneConfig(_Section):
 
     sources: list[str] = Field(min_length=1, description="labelled <class>/<image> folders or s3:// prefixes")
     output: str = Field(description="local folder for backbone/, metrics.json and (by default) checkpoints")
-    storage_path: str | None = Field(None, description="where Ray Train keeps checkpoints (default: output; "
-                                     "may be s3://bucket/prefix)")
+    storage_path: str | None = Field(
+        None, description="where Ray Train keeps checkpoints (default: output; may be s3://bucket/prefix)"
+    )
     name: str = Field("finetune", description="Ray Train run name; a rerun with the same name can resume")
     model: str = Field("facebook/dinov2-small", description="Hugging Face id or local folder to start from")
     pooling: Literal["cls", "cls+mean"] = Field("cls", description="head input: CLS token, or CLS + mean patch")
@@ -191,8 +199,12 @@ class FinetuneConfig(_Section):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (bounds a CPU run)")
     workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel replicas)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses GPUs when the cluster has them")
-    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs reserved per worker (default: a share "
-                                          "of the node that leaves room for Ray Data's decode tasks)")
+    cpus_per_worker: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs reserved per worker (default: a share "
+        "of the node that leaves room for Ray Data's decode tasks)",
+    )
     image_size: int = Field(224, ge=14, le=1036, description="images are resized to this square size (px)")
     batch_size: int = Field(32, ge=1, description="images per worker per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
@@ -211,5 +223,9 @@ class FinetuneConfig(_Section):
     ray_address: str | None = Field(None, description="Ray cluster to join (else RAY_ADDRESS, else a local Ray)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by the job")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per worker (default: CPUs / workers)")
-    fail_after_step: int | None = Field(None, ge=1, description="TEST ONLY: rank 0 raises once, after the first "
-                                        "checkpoint at or beyond this step, to exercise recovery")
+    fail_after_step: int | None = Field(
+        None,
+        ge=1,
+        description="TEST ONLY: rank 0 raises once, after the first "
+        "checkpoint at or beyond this step, to exercise recovery",
+    )

@@ -16,3 +16,7 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+# The S3 server fixtures live in their own module (they need no Ray); importing them here registers them.
+from tests.integration.conftest_s3 import s3_env, s3_server  # noqa: E402, F401

@@ -1,0 +1,61 @@
+"""What every ``rayjobs/<stage>.py`` shares: parse ``--config``/``--set``, validate, join Ray, print JSON.
+
+Each entrypoint is submitted with ``ray job submit --working-dir . -- python rayjobs/<stage>.py --config
+FILE``. The job server sets ``RAY_ADDRESS``, so a plain ``ray.init()`` joins the cluster the job was
+submitted to (and, run by hand on a laptop, starts a local one). Exit codes: 0 done, 2 bad config or
+input (one line on stderr, no traceback), 1 anything else (a bug: the traceback is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", metavar="YAML", help="config file (see rayjobs/configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=v",
+                        help="dotted override of any setting, repeatable (value read as YAML)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output folder that holds another run")
+    return parser
+
+
+def run(
+    name: str,
+    argv: Sequence[str] | None,
+    *,
+    model: type,
+    call: Callable[[Any, argparse.Namespace], dict[str, Any]],
+    description: str,
+) -> int:
+    """Validate the config (before Ray starts, so a typo costs no cluster time), ``ray.init()``, call."""
+    from scenecluster.config import load_config, parse_override
+    from scenecluster.errors import SceneClusterError
+
+    args = build_parser(description).parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        overrides = dict(parse_override(text) for text in args.overrides)
+        cfg = load_config(args.config, overrides, model=model)
+    except SceneClusterError as exc:
+        print(f"rayjobs/{name}: error: {exc}", file=sys.stderr)
+        return 2
+
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    try:
+        result = call(cfg, args)
+    except SceneClusterError as exc:
+        print(f"rayjobs/{name}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0

@@ -1,0 +1,75 @@
+"""The example configs of rayjobs/ must stay valid as the config models change."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scenecluster.config import ClusterJobConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "rayjobs" / "configs"
+
+
+def _model(dotted: str, module: str):
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not there yet")
+    mod = importlib.import_module(module)
+    if not hasattr(mod, dotted):
+        pytest.skip(f"{module}.{dotted} is not there yet")
+    return getattr(mod, dotted)
+
+
+@pytest.mark.parametrize("name", ["cluster-local.yaml", "cluster-s3.yaml"])
+def test_cluster_configs_load(name):
+    cfg = load_config(CONFIGS / name, model=ClusterJobConfig)
+    assert cfg.output
+
+
+def test_s3_config_names_an_endpoint():
+    cfg = load_config(CONFIGS / "cluster-s3.yaml", model=ClusterJobConfig)
+    assert cfg.data.input.startswith("s3://") and cfg.data.endpoint_url
+
+
+def test_finetune_config_loads():
+    model = _model("FinetuneConfig", "scenecluster.config")
+    assert load_config(CONFIGS / "finetune.yaml", model=model).sources
+
+
+def test_tune_config_loads():
+    model = _model("TuneJobConfig", "scenecluster.tune")
+    cfg = load_config(CONFIGS / "tune.yaml", model=model)
+    assert cfg.search.covariance_prior_scale == (0.5, 8.0)
+
+
+def test_pipeline_config_loads():
+    model = _model("PipelineConfig", "scenecluster.pipeline")
+    cfg = load_config(CONFIGS / "pipeline.yaml", model=model)
+    assert cfg.finetune.sources and cfg.cluster.data.input
+
+
+def test_every_example_is_tested():
+    assert {p.name for p in CONFIGS.glob("*.yaml")} == {
+        "cluster-local.yaml", "cluster-s3.yaml", "finetune.yaml", "tune.yaml", "pipeline.yaml"}
+
+
+def test_runtime_env_is_a_mapping_with_working_dir():
+    env = yaml.safe_load((ROOT / "rayjobs" / "runtime_env.yaml").read_text())
+    assert env["working_dir"] == "." and "AWS_DEFAULT_REGION" in env["env_vars"]
+
+
+@pytest.mark.parametrize("stage", ["cluster", "tune", "finetune", "pipeline"])
+def test_entrypoint_bad_setting_is_one_line_and_exit_2(stage, tmp_path):
+    # Validation happens before ray.init(), so this runs without Ray.
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "rayjobs" / f"{stage}.py"), "--set", "no_such.setting=1"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"rayjobs/{stage}: error:"), proc.stderr

@@ -293,16 +293,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    import json
-
     from scenecluster.config import ClusterJobConfig, load_config
-    from scenecluster.job import run_cluster_job
-    from scenecluster.train import fit_backbone
+    from scenecluster.pipeline import PipelineConfig, run_pipeline
 
     out = Path(args.output)
     ft_cfg = _finetune_config(args, str(out / "finetune"))
-    backbone = fit_backbone(ft_cfg)
-    ft = json.loads((backbone.parent / "metrics.json").read_text())
     cluster_cfg = load_config(
         None,
         {
@@ -310,7 +305,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
             "data.labels": args.labels,
             "data.endpoint_url": ft_cfg.endpoint_url,
             "output": str(out / "cluster"),
-            "embed.model": str(backbone),
+            "embed.model": "(the fine-tuned backbone)",
             "embed.image_size": ft_cfg.image_size,
             "resources.device": ft_cfg.device,
             "resources.ray_address": ft_cfg.ray_address,
@@ -318,11 +313,12 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         },
         model=ClusterJobConfig,
     )
-    metrics = run_cluster_job(cluster_cfg, overwrite=args.overwrite)
+    result = run_pipeline(PipelineConfig(finetune=ft_cfg, cluster=cluster_cfg), overwrite=args.overwrite)
+    ft, metrics = result["finetune"], result["cluster"]
     acc = ft.get("val_accuracy")
     print(
-        f"finetune: step {ft['step']}, epoch {ft['epoch']}, val accuracy "
-        f"{'n/a' if acc is None else f'{acc:.3f}'}; backbone {backbone}"
+        f"finetune: step {ft.get('step')}, epoch {ft.get('epoch')}, val accuracy "
+        f"{'n/a' if acc is None else f'{acc:.3f}'}; backbone {result['backbone']}"
     )
     summary = f"cluster: {metrics['n_clusters']} clusters from {metrics['n_embedded']} images"
     if "acc" in metrics:

@@ -111,3 +111,48 @@ def test_unknown_model_fails_before_workers(tmp_path, sources):
     with pytest.raises(ModelLoadError, match="no-such-model"):
         fit_backbone(_cfg(tmp_path, [sources[0]], tmp_path / "no-such-model"))
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_pipeline_command_finetunes_then_clusters_with_the_new_backbone(
+    ray_cluster, tmp_path, sources, tiny_model_dir, capsys
+):
+    import yaml
+
+    from scenecluster.cli import main
+
+    target = copy_sample(tmp_path / "target", per_class=6, classes=4)
+    out = tmp_path / "pipe"
+    code = main(
+        [
+            "pipeline",
+            str(sources[0]),
+            "-t",
+            str(target),
+            "-o",
+            str(out),
+            "--labels",
+            "folders",
+            "--model",
+            str(tiny_model_dir),
+            "--image-size",
+            "28",
+            "--epochs",
+            "1",
+            "--workers",
+            "1",
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--torch-threads",
+            "1",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "finetune: step" in printed and "cluster:" in printed and "acc" in printed
+    assert (out / "finetune" / "backbone" / "model.safetensors").is_file()
+    used = yaml.safe_load((out / "cluster" / "config.yaml").read_text())
+    assert used["embed"]["model"] == str(out / "finetune" / "backbone")
+    metrics = json.loads((out / "cluster" / "metrics.json").read_text())
+    assert metrics["n_embedded"] == 24 and "nmi" in metrics

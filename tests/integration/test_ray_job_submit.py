@@ -113,7 +113,6 @@ def test_submit_with_a_bad_setting_fails_the_job(ray_head, s3_scenes, tiny_model
     assert "rayjobs/cluster: error: input 's3://eurosat/no-such-prefix/' does not exist" in output
 
 
-@pytest.mark.xfail(strict=False, reason="pending tar/S3 output support")
 def test_submit_cluster_job_on_tar_shards(ray_head, s3_scenes, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     status, output = _submit(ray_head, s3_scenes,
@@ -124,7 +123,6 @@ def test_submit_cluster_job_on_tar_shards(ray_head, s3_scenes, tiny_model_dir, t
     assert "nmi" in metrics  # the <class>/<image> member names of the shards carried the labels
 
 
-@pytest.mark.xfail(strict=False, reason="pending tar/S3 output support")
 def test_submit_cluster_job_with_s3_output(ray_head, s3_scenes, tiny_model_dir, tmp_path):
     output_uri = f"s3://{BUCKET}/out/run1"
     status, output = _submit(ray_head, s3_scenes,

@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import time
 
 # On a shared machine torch's OpenMP workers spin-wait at every parallel region; when another process holds
@@ -29,6 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402  (after the environment is set)
 import torch  # noqa: E402
+from _hardware import cpu_model  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from sklearn.cluster import KMeans  # noqa: E402
 from sklearn.mixture import BayesianGaussianMixture  # noqa: E402
 from sklearn.utils import check_random_state  # noqa: E402
@@ -143,7 +143,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    cpu = _cpu_model()
+    cpu = cpu_model()
     DPGMM(5, max_iter=2, device=args.device).fit(make_data(2000, args.features, 5))  # warm-up
     for n in args.sizes:
         X = make_data(n, args.features, args.centers)
@@ -183,17 +183,6 @@ def main() -> None:
                 }
             )
         print(json.dumps(row), flush=True)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

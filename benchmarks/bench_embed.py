@@ -12,23 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from datetime import date
 
 import numpy as np
 import torch
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from _hardware import cpu_model  # benchmarks/ is on sys.path when run as a script
 
 
 def forward_rate(
@@ -48,28 +37,20 @@ def forward_rate(
 
 
 def pipeline_rate(
-    listing, model: str, image_size: int, batch_size: int, threads: int, layer: int, pooling: str, out: str
+    listing, model: str, image_size: int, batch_size: int, threads: int, layer: int, pooling: str
 ) -> dict:
-    """Steady-state images/s of the Ray Data pipeline: timed from the first output batch to the last."""
-    import ray
+    """Steady-state images/s of the job's own Ray Data pipeline: from the first output batch to the last."""
+    from scenecluster.embed import build_embedding_dataset
 
-    from scenecluster.data import decode_batch
-    from scenecluster.embed import Embedder
-
-    ds = ray.data.read_binary_files(listing.paths, filesystem=listing.filesystem, include_paths=True, num_cpus=0.25)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=batch_size, num_cpus=0.25)
-    ds = ds.map_batches(
-        Embedder,
-        fn_constructor_kwargs={
-            "model": model,
-            "layer": layer,
-            "pooling": pooling,
-            "device": "cpu",
-            "torch_threads": threads,
-        },
-        compute=ray.data.ActorPoolStrategy(size=1),
+    ds = build_embedding_dataset(
+        listing.paths,
+        listing.filesystem,
+        model=model,
+        layer=layer,
+        pooling=pooling,
+        image_size=image_size,
         batch_size=batch_size,
-        num_cpus=1,
+        torch_threads=threads,
     )
     start = time.perf_counter()
     first = None
@@ -124,7 +105,7 @@ def main() -> None:
     fwd = forward_rate(**common, repeats=args.repeats)
     print(json.dumps({**head, "what": "model forward only", "images_per_s": round(fwd, 2)}), flush=True)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
-    pipe = pipeline_rate(listing, **common, out="")
+    pipe = pipeline_rate(listing, **common)
     print(
         json.dumps(
             {

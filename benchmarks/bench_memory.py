@@ -92,19 +92,34 @@ def main() -> None:
             sampler = PeakSampler()
             sampler.start()
             start = time.perf_counter()
-            result = embed_images(listing, OutputFolder(str(Path(tmp) / f"out{n}")), model=str(model_dir),
-                                  image_size=28, batch_size=args.batch_size, chunk_size=args.chunk_size)
+            result = embed_images(
+                listing,
+                OutputFolder(str(Path(tmp) / f"out{n}")),
+                model=str(model_dir),
+                image_size=28,
+                batch_size=args.batch_size,
+                chunk_size=args.chunk_size,
+            )
             seconds = time.perf_counter() - start
             sampler.stop.set()
             sampler.join()
-            print(json.dumps({
-                "date": date.today().isoformat(), "cores": os.cpu_count(), "scenes": n,
-                "embedded": result.n_images - result.n_skipped, "write_s": round(start - t0, 1),
-                "embed_s": round(seconds, 1), "scenes_per_s": round(n / seconds, 1),
-                "driver_peak_mib": round(sampler.driver_peak / 2**20),
-                "worker_peak_mib": round(sampler.worker_peak / 2**20),
-                "workers_total_peak_mib": round(sampler.workers_total_peak / 2**20),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "date": date.today().isoformat(),
+                        "cores": os.cpu_count(),
+                        "scenes": n,
+                        "embedded": result.n_images - result.n_skipped,
+                        "write_s": round(start - t0, 1),
+                        "embed_s": round(seconds, 1),
+                        "scenes_per_s": round(n / seconds, 1),
+                        "driver_peak_mib": round(sampler.driver_peak / 2**20),
+                        "worker_peak_mib": round(sampler.worker_peak / 2**20),
+                        "workers_total_peak_mib": round(sampler.workers_total_peak / 2**20),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

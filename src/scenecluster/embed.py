@@ -202,6 +202,52 @@ def plan_chunks(sources: list[str], chunk_size: int, feature_identity: dict) -> 
     return chunks
 
 
+def build_embedding_dataset(
+    sources: list[str],
+    filesystem,
+    *,
+    model: str,
+    layer: int = -1,
+    pooling: str = "cls",
+    image_size: int = 224,
+    batch_size: int = 32,
+    num_actors: int = 1,
+    actor_cpus: float = 1.0,
+    actor_gpus: float = 0.0,
+    torch_threads: int | None = None,
+    decode_on_gpu: bool = False,
+):
+    """The Ray Data pipeline from listed sources to ``{"source", "path", "error", "embedding"}`` batches.
+
+    Output order follows ``sources`` (``preserve_order``), so consecutive chunks complete one after another.
+    Reading and decoding run in fractional-CPU tasks that overlap with the model actors.
+    """
+    import ray
+
+    has_archives = any(src.lower().endswith(".tar") for src in sources)
+    n_blocks = len(sources) if has_archives else max(1, len(sources) // batch_size)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ds = ray.data.from_items([{"source": s} for s in sources], override_num_blocks=min(n_blocks, 100_000))
+    ds = ds.map_batches(read_batch, fn_kwargs={"filesystem": filesystem}, batch_size=None, num_cpus=0.25)
+    if not decode_on_gpu:
+        ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=batch_size, num_cpus=0.25)
+    return ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs={
+            "model": model,
+            "layer": layer,
+            "pooling": pooling,
+            "device": "cuda" if actor_gpus > 0 else "cpu",
+            "torch_threads": torch_threads,
+            "image_size": image_size,
+        },
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        batch_size=batch_size,
+        num_cpus=actor_cpus,
+        num_gpus=actor_gpus,
+    )
+
+
 def embed_images(
     listing: SceneListing,
     out: OutputFolder,
@@ -225,8 +271,6 @@ def embed_images(
     end the parts are streamed into ``embeddings.parquet`` (written atomically) and the rows that could
     not be read or decoded are returned in ``EmbedResult.skipped``.
     """
-    import ray
-
     start = time.perf_counter()
     identity = {"model": model, "layer": layer, "pooling": pooling, "image_size": image_size}
     chunks = plan_chunks(listing.paths, chunk_size, identity)
@@ -234,31 +278,19 @@ def embed_images(
     todo = [c for c in chunks if c.part_name not in done]
     result = EmbedResult(n_images=0, chunks_reused=len(chunks) - len(todo), chunks_computed=len(todo))
     if todo:
-        sources = [src for c in todo for src in c.sources]
-        has_archives = any(src.lower().endswith(".tar") for src in sources)
-        n_blocks = len(sources) if has_archives else max(1, len(sources) // batch_size)
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # chunks then complete one after another
-        ds = ray.data.from_items([{"source": s} for s in sources], override_num_blocks=min(n_blocks, 100_000))
-        ds = ds.map_batches(read_batch, fn_kwargs={"filesystem": listing.filesystem}, batch_size=None, num_cpus=0.25)
-        if not decode_on_gpu:
-            ds = ds.map_batches(
-                decode_batch, fn_kwargs={"image_size": image_size}, batch_size=batch_size, num_cpus=0.25
-            )
-        ds = ds.map_batches(
-            Embedder,
-            fn_constructor_kwargs={
-                "model": model,
-                "layer": layer,
-                "pooling": pooling,
-                "device": "cuda" if actor_gpus > 0 else "cpu",
-                "torch_threads": torch_threads,
-                "image_size": image_size,
-            },
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
+        ds = build_embedding_dataset(
+            [src for c in todo for src in c.sources],
+            listing.filesystem,
+            model=model,
+            layer=layer,
+            pooling=pooling,
+            image_size=image_size,
             batch_size=batch_size,
-            num_cpus=actor_cpus,
-            num_gpus=actor_gpus,
+            num_actors=num_actors,
+            actor_cpus=actor_cpus,
+            actor_gpus=actor_gpus,
+            torch_threads=torch_threads,
+            decode_on_gpu=decode_on_gpu,
         )
         _write_parts(ds.iter_batches(batch_size=None, batch_format="numpy"), out, todo)
     result = _combine_parts(out, chunks, with_labels, result)

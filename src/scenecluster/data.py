@@ -52,6 +52,14 @@ def open_filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.
     if parsed.scheme == "s3":
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+            # Explicit keys travel with the (pickled) filesystem to Ray workers, whose environment may
+            # lack them; without keys each node uses its own credential chain (e.g. an instance profile).
+            kwargs.update(
+                access_key=os.environ["AWS_ACCESS_KEY_ID"],
+                secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+                session_token=os.environ.get("AWS_SESSION_TOKEN"),
+            )
         if endpoint:
             ep = urlparse(endpoint)
             kwargs.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")

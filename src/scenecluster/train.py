@@ -244,15 +244,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = train_shard.iter_batches(
             batch_size=bs,
             batch_format="numpy",
-            drop_last=True,
+            drop_last=False,
             local_shuffle_buffer_size=4 * bs,
             local_shuffle_seed=seed + epoch * 1_009 + rank,
         )
         for micro, batch in enumerate(batches):
-            if micro >= micro_per_epoch or step >= total_steps:
+            if step >= total_steps:
                 break
             ok = np.array([not e for e in batch["error"]], dtype=bool)
             n_skipped += float((~ok).sum())
+            if micro >= micro_per_epoch:
+                # The short last batch is not trained on (every worker must take the same number of
+                # steps for DDP), but its unreadable images are still counted: each is counted once.
+                continue
             weight = torch.ones(int(ok.sum()))
             if not ok.any():  # keep DDP in step: one dummy row with zero weight
                 ok[0], weight = True, torch.zeros(1)

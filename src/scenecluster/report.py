@@ -92,7 +92,8 @@ def montage_figure(images: list[np.ndarray | None], title: str) -> str:
         ax.axis("off")
         if img is not None:
             ax.imshow(img)
-    fig.suptitle(title, fontsize=8, x=0.0, ha="left")
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.8, bottom=0.02, wspace=0.05)
+    fig.suptitle(title, fontsize=8, x=0.01, ha="left")
     return _png(fig)
 
 

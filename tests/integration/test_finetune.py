@@ -46,7 +46,7 @@ def sources(tmp_path_factory):
     """Two labelled sources (a shared backbone, two heads); the second has one corrupt image."""
     root = tmp_path_factory.mktemp("sources")
     a = copy_sample(root / "a", per_class=10, classes=3)
-    b = copy_sample(root / "b", per_class=6, classes=2)
+    b = copy_sample(root / "b", per_class=7, classes=2)
     cls = sorted(p for p in b.iterdir() if p.is_dir())[0]
     good = next(cls.glob("*.jpg")).read_bytes()
     (cls / "zz_truncated.jpg").write_bytes(good[: len(good) // 3])
@@ -54,8 +54,9 @@ def sources(tmp_path_factory):
 
 
 def test_two_workers_recover_from_failure_then_resume(ray_cluster, tmp_path, sources, tiny_model_dir):
-    # 3x10 + 2x6 (+1 corrupt) images, 20 % held out per class -> 34 train (incl. the corrupt one) ->
-    # 17 per worker -> 4 micro-batches of 4 per epoch -> 4 steps per epoch, 8 in 2 epochs.
+    # a: 3x10 images, 2 per class held out -> 24 train; b: 7 + 7 (+1 corrupt) images, 2 + 1 held out ->
+    # 12 train. 36 train images split equally (Ray Train's equal split would drop a row of an odd total)
+    # -> 18 per worker -> 4 micro-batches of 4 (+ a short one, counted not trained) -> 8 steps in 2 epochs.
     cfg = _cfg(tmp_path, sources, tiny_model_dir, fail_after_step=4, max_failures=1)
     backbone = fit_backbone(cfg)
 

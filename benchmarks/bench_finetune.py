@@ -13,26 +13,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import time
 
 import numpy as np
 import torch
+from _hardware import cpu_model  # benchmarks/ is on sys.path when run as a script
 
 from scenecluster.augment import augment_batch
 from scenecluster.models import load_backbone
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            lines = fh.readlines()
-        for line in lines:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main() -> None:

@@ -140,7 +140,7 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
         rgb = img.convert("RGB")
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.array(rgb, dtype=np.uint8)  # a writable copy: torch.from_numpy refuses read-only arrays
 
 
 def read_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem) -> dict[str, np.ndarray]:

@@ -169,15 +169,22 @@ def read_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem) -> 
         if not source.lower().endswith(ARCHIVE_SUFFIXES):
             add(source, source, data, "")
             continue
+        members = 0
         try:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
                 for member in tar:
                     if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES):
                         extracted = tar.extractfile(member)
                         add(source, f"{source}/{member.name}", extracted.read() if extracted else b"", "")
+                        members += 1
         except (tarfile.TarError, OSError, EOFError) as exc:
             # members read before the damage are kept; the shard itself is reported once
             add(source, source, b"", f"archive damaged: {type(exc).__name__}: {_first_line(exc)}")
+            continue
+        if members == 0:
+            # Every listed source yields at least one row, so the chunk it belongs to is written and the
+            # empty shard is reported rather than silently lost.
+            add(source, source, b"", "archive holds no images")
     return {
         "source": np.asarray(sources, dtype=object),
         "path": np.asarray(paths, dtype=object),

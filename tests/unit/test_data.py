@@ -62,3 +62,21 @@ def test_decode_batch_marks_bad_rows_and_keeps_good_ones(tmp_path, sample_dir):
     assert out["error"][0] == ""
     assert all(out["error"][1:])
     assert out["image"][0].any() and not out["image"][1:].any()
+
+
+def test_read_batch_reports_an_archive_without_images(tmp_path):
+    import io
+    import tarfile
+
+    import pyarrow.fs as pafs
+
+    from scenecluster.data import read_batch
+
+    shard = tmp_path / "empty.tar"
+    with tarfile.open(shard, "w") as tar:
+        info = tarfile.TarInfo("README.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    out = read_batch({"source": np.array([str(shard)], dtype=object)}, filesystem=pafs.LocalFileSystem())
+    assert out["path"].tolist() == [str(shard)]
+    assert out["error"].tolist() == ["archive holds no images"]

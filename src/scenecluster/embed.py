@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import posixpath
 import time
 from collections.abc import Iterator
@@ -30,8 +29,6 @@ from scenecluster.devices import resolve_torch_device
 from scenecluster.errors import InputError
 from scenecluster.models import image_normalization, load_backbone
 from scenecluster.outputs import OutputFolder
-
-log = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "cls+mean")
 
@@ -143,9 +140,6 @@ class EmbedResult:
         return len(self.skipped)
 
 
-PART_SCHEMA_FIELDS = ("path", "error", "embedding")
-
-
 def embedding_schema(n_features: int, with_labels: bool) -> pa.Schema:
     fields = [pa.field("path", pa.string())]
     if with_labels:
@@ -154,15 +148,19 @@ def embedding_schema(n_features: int, with_labels: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
+def _vector_column(embeddings: np.ndarray) -> pa.FixedSizeListArray:
+    """``(n, d)`` float32 matrix -> a fixed-size list column, without a per-row Python loop."""
+    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, embeddings.shape[1])
+
+
 def embedding_table(paths, embeddings: np.ndarray, labels=None) -> pa.Table:
     """Build the Parquet table: ``path``, optional ``label``, fixed-size float32 ``embedding``."""
-    n, d = embeddings.shape
-    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
     cols = {"path": pa.array(list(paths), pa.string())}
     if labels is not None:
         cols["label"] = pa.array(list(labels), pa.string())
-    cols["embedding"] = pa.FixedSizeListArray.from_arrays(flat, d)
-    return pa.table(cols, schema=embedding_schema(d, labels is not None))
+    cols["embedding"] = _vector_column(embeddings)
+    return pa.table(cols, schema=embedding_schema(embeddings.shape[1], labels is not None))
 
 
 def read_embeddings(path, filesystem=None) -> tuple[list[str], np.ndarray, list[str] | None]:
@@ -299,13 +297,11 @@ def embed_images(
 
 
 def _part_table(paths, errors, embeddings: np.ndarray) -> pa.Table:
-    n, d = embeddings.shape
-    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
     return pa.table(
         {
             "path": pa.array(list(paths), pa.string()),
             "error": pa.array([str(e) for e in errors], pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(flat, d),
+            "embedding": _vector_column(embeddings),
         }
     )
 

@@ -7,11 +7,8 @@ Each stage prints a one-line summary and its wall time lands in ``metrics.json``
 from __future__ import annotations
 
 import json
-import logging
-import os
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,8 +24,6 @@ from scenecluster.outputs import OutputFolder, prepare_output
 from scenecluster.raycluster import ensure_ray
 from scenecluster.reduce import reduce_embeddings
 from scenecluster.report import write_report
-
-log = logging.getLogger(__name__)
 
 
 def make_clusterer(cfg: ClusterConfig, X: np.ndarray, *, device: str = "auto"):
@@ -225,7 +220,3 @@ def _subsample(n: int, k: int, *, seed: int) -> np.ndarray:
     if n <= k:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
-
-
-def default_output_dir(name: str) -> Path:
-    return Path(os.environ.get("SCENECLUSTER_OUTPUT", "scenecluster-runs")) / name

@@ -18,7 +18,7 @@ from sklearn.mixture import BayesianGaussianMixture
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from threadpoolctl import threadpool_limits
 
-import scenecluster.cluster as cluster_mod
+import scenecluster.mixture._features as features_mod
 from scenecluster.cluster import DPGMM
 
 COV_TYPES = ["full", "diag"]
@@ -234,7 +234,7 @@ def test_chunking_and_feature_cache_do_not_change_the_result(monkeypatch):
     X, _ = _blobs(n=500, d=3, centers=4, std=1.5, seed=9)
     resp = _random_resp(len(X), 7, seed=1)
     ref = DPGMM(7, max_iter=10, tol=0.0, device="cpu")._fit_from_resp(X, resp)
-    monkeypatch.setattr(cluster_mod, "_PHI_CACHE_BYTES", 0)
+    monkeypatch.setattr(features_mod, "_PHI_CACHE_BYTES", 0)
     chunked = DPGMM(7, max_iter=10, tol=0.0, device="cpu", chunk_size=33)._fit_from_resp(X, resp)
     np.testing.assert_allclose(chunked.lower_bounds_, ref.lower_bounds_, rtol=1e-10)
     np.testing.assert_allclose(chunked.means_, ref.means_, rtol=1e-9, atol=1e-10)

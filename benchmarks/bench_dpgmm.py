@@ -52,27 +52,28 @@ def step_ours(
     model = DPGMM(k, max_iter=iters, tol=0.0, device=device, dtype=dtype, random_state=0)
     t0 = time.perf_counter()
     Xv = model._validate_X(X, reset=True)
-    model._check_priors(Xv)
+    model._check_parameters(Xv)
     model._setup(Xv)
-    gen = torch.Generator(device=model._device).manual_seed(0)
-    params = model._initialize_from_stats(model._initial_stats(gen, resp))
-    _sync(model._device)
+    fit_device, fit_dtype = model._data.device, model._data.dtype
+    gen = torch.Generator(device=fit_device).manual_seed(0)
+    params = model._initialize_parameters(gen, resp)
+    _sync(fit_device)
     init_s = time.perf_counter() - t0
     times, bound = [], float("nan")
     for _ in range(iters):
         t = time.perf_counter()
-        stats, entropy = model._e_pass(params)
-        params = model._m_step(stats)
-        bound = model._compute_lower_bound(params, stats, entropy)
-        _sync(model._device)
+        stats, entropy = model._e_step(params)
+        params = model._m_step(stats, params)
+        bound = model._compute_lower_bound(params, entropy)
+        _sync(fit_device)
         times.append(time.perf_counter() - t)
     return {
         "init_s": init_s,
         "s_per_iter": float(np.min(times)),
         "median_s_per_iter": float(np.median(times)),
         "lower_bound": bound,
-        "device": str(model._device),
-        "dtype": str(model._dtype).replace("torch.", ""),
+        "device": str(fit_device),
+        "dtype": str(fit_dtype).replace("torch.", ""),
     }
 
 

@@ -26,7 +26,7 @@ def forward_rate(
     """Images/s of Embedder.embed on already-decoded images (no I/O, no decode)."""
     from scenecluster.embed import Embedder
 
-    emb = Embedder(model, layer=layer, pooling=pooling, device="cpu", torch_threads=threads)
+    emb = Embedder.for_model(model, layer=layer, pooling=pooling, device="cpu", torch_threads=threads)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, size=(batch_size, image_size, image_size, 3), dtype=np.uint8)
     emb.embed(images)  # warm-up
@@ -44,18 +44,15 @@ def pipeline_rate(
     Timed from the batch that completes the first quarter of the images to the last batch, so neither
     actor start-up nor batches that finished before the driver asked for the first one inflate the rate.
     """
+    from scenecluster.config import EmbedConfig
+    from scenecluster.devices import decide, local_inventory
     from scenecluster.embed import build_embedding_dataset
+    from scenecluster.features import resolve_feature_spec
 
-    ds = build_embedding_dataset(
-        listing.paths,
-        listing.filesystem,
-        model=model,
-        layer=layer,
-        pooling=pooling,
-        image_size=image_size,
-        batch_size=batch_size,
-        torch_threads=threads,
-    )
+    spec = resolve_feature_spec(model, layer=layer, pooling=pooling, image_size=image_size)
+    resources = decide("cpu", local_inventory(), torch_threads=threads)
+    settings = EmbedConfig(model=model, layer=layer, pooling=pooling, image_size=image_size, batch_size=batch_size)
+    ds = build_embedding_dataset(listing.paths, listing.filesystem, spec, resources=resources, settings=settings)
     start = time.perf_counter()
     arrivals: list[tuple[float, int]] = []
     total = 0

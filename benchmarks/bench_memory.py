@@ -74,8 +74,11 @@ def main() -> None:
     import torch
     from transformers import Dinov2Model
 
+    from scenecluster.config import EmbedConfig
     from scenecluster.data import list_scenes
+    from scenecluster.devices import decide, local_inventory
     from scenecluster.embed import embed_images
+    from scenecluster.features import resolve_feature_spec
     from scenecluster.models import save_backbone, tiny_dinov2_config
     from scenecluster.outputs import OutputFolder
 
@@ -95,10 +98,9 @@ def main() -> None:
             result = embed_images(
                 listing,
                 OutputFolder(str(Path(tmp) / f"out{n}")),
-                model=str(model_dir),
-                image_size=28,
-                batch_size=args.batch_size,
-                chunk_size=args.chunk_size,
+                resolve_feature_spec(str(model_dir), image_size=28),
+                resources=decide("cpu", local_inventory()),
+                settings=EmbedConfig(image_size=28, batch_size=args.batch_size, chunk_size=args.chunk_size),
             )
             seconds = time.perf_counter() - start
             sampler.stop.set()

@@ -35,7 +35,7 @@ def stage_costs(listing, model: str, image_size: int, batch_size: int, threads: 
     t1 = time.perf_counter()
     decoded = decode_batch(read, image_size=image_size)
     t2 = time.perf_counter()
-    emb = Embedder(model, layer=layer, pooling=pooling, device="cpu", torch_threads=threads)
+    emb = Embedder.for_model(model, layer=layer, pooling=pooling, device="cpu", torch_threads=threads)
     emb.embed(decoded["image"][:batch_size])  # warm-up
     t3 = time.perf_counter()
     for i in range(0, len(decoded["image"]), batch_size):
@@ -65,8 +65,11 @@ def main() -> None:
 
     import ray
 
+    from scenecluster.config import EmbedConfig
     from scenecluster.data import list_scenes
+    from scenecluster.devices import decide, local_inventory
     from scenecluster.embed import embed_images
+    from scenecluster.features import resolve_feature_spec
     from scenecluster.outputs import OutputFolder
     from scenecluster.testing.s3server import SeaweedS3
 
@@ -118,15 +121,13 @@ def main() -> None:
                     flush=True,
                 )
             start = time.perf_counter()
+            spec = resolve_feature_spec(args.model, layer=args.layer, pooling=args.pooling, image_size=args.image_size)
             result = embed_images(
                 listing,
                 OutputFolder(str(Path(tmp) / f"out-{layout}")),
-                model=args.model,
-                layer=args.layer,
-                pooling=args.pooling,
-                image_size=args.image_size,
-                batch_size=args.batch_size,
-                torch_threads=args.threads,
+                spec,
+                resources=decide("cpu", local_inventory(), torch_threads=args.threads),
+                settings=EmbedConfig(image_size=args.image_size, batch_size=args.batch_size),
             )
             wall = time.perf_counter() - start
             print(

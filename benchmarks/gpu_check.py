@@ -148,7 +148,7 @@ def check_embed(blobs: list[bytes], image_size: int, tmp: Path, batch_size: int)
 
     for size in ("small", "base"):
         folder = random_backbone_folder(tmp, size)
-        emb = Embedder(folder, device=DEVICE, image_size=image_size)
+        emb = Embedder.for_model(folder, device=DEVICE, image_size=image_size)
         images = torch.randint(0, 256, (batch_size, image_size, image_size, 3), dtype=torch.uint8, device=DEVICE)
         forward_s = timed(lambda emb=emb, images=images: emb.embed(images), repeats=10, warmup=2)
         batches = [blobs[i : i + batch_size] for i in range(0, len(blobs) - batch_size + 1, batch_size)]
@@ -169,7 +169,7 @@ def check_embed(blobs: list[bytes], image_size: int, tmp: Path, batch_size: int)
             "ratio_actor_over_forward": round((n_actor / actor_s) / (batch_size / forward_s), 3),
         }
         if size == "small":  # bf16 against fp32 features of the same images
-            ref = Embedder(folder, device=DEVICE, image_size=image_size)
+            ref = Embedder.for_model(folder, device=DEVICE, image_size=image_size)
             ref.model, ref.dtype = ref.model.float(), torch.float32
             real = emb._decode(batches[0], np.array([""] * len(batches[0]), dtype=object))[0]
             a, b = emb.embed(real), ref.embed(real)

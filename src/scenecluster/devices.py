@@ -1,21 +1,29 @@
-"""The one place that decides CPU or GPU.
+"""The one place that decides where work runs: CPU or GPU, how many GPUs an actor takes, in which dtype, with
+how many torch threads, and whether cuML can project.
 
-Every stage asks here instead of probing CUDA itself, so a run's device choice is made once and can be
-overridden by one setting (``auto``, ``cuda`` or ``cpu``).
+The driver calls :func:`decide` once per run, with the run's ``resources`` settings and what the Ray cluster
+holds (:func:`scenecluster.raycluster.ensure_ray`), and passes the frozen :class:`Resources` down to every
+stage. No stage probes CUDA or counts CPUs itself. Ray-free, so it is tested and used without Ray.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from scenecluster.errors import ConfigError
+
 DeviceName = Literal["auto", "cpu", "cuda"]
+
+__all__ = ["ClusterInventory", "Resources", "decide", "local_inventory", "resolve_torch_device"]
 
 
 def resolve_torch_device(device: str = "auto") -> torch.device:
-    """Turn ``auto``/``cpu``/``cuda``/``cuda:N`` into a ``torch.device``.
+    """Turn ``auto``/``cpu``/``cuda``/``cuda:N`` into a ``torch.device`` for code running in this process.
 
     ``auto`` picks CUDA when this process sees a GPU. Asking for ``cuda`` without one is an error with a
     clear message rather than a failure deep inside torch.
@@ -32,19 +40,110 @@ def resolve_torch_device(device: str = "auto") -> torch.device:
 
 
 @dataclass(frozen=True)
+class ClusterInventory:
+    """What a Ray cluster holds: all its CPUs and GPUs, and the CPUs of its largest node."""
+
+    num_cpus: float
+    num_gpus: float
+    cpus_per_node: float
+
+
+def local_inventory() -> ClusterInventory:
+    """This machine as a one-node cluster, for runs that start no Ray (e.g. reusing finished embeddings)."""
+    cpus = float(os.cpu_count() or 1)
+    return ClusterInventory(num_cpus=cpus, num_gpus=float(torch.cuda.device_count()), cpus_per_node=cpus)
+
+
+@dataclass(frozen=True)
 class Resources:
-    """What the driver decided once for the whole run."""
+    """What the driver decided once for the whole run.
+
+    Attributes
+    ----------
+    use_gpu : bool
+        Actors and workers run on GPUs.
+    device : {"cuda", "cpu"}
+        Where actors and workers run their models.
+    dtype : {"bfloat16", "float32"}
+        Inference dtype of the models on ``device`` (bf16 on GPUs: 4.9x fp32 on an H100, features within
+        cosine 0.9999; see docs/benchmarks.md).
+    gpus_per_actor : float
+        ``num_gpus`` of each embedding actor.
+    torch_threads : int
+        Intra-op threads of each actor or worker, so that actors x threads fits a node.
+    cpus_per_node : float
+    fit_device : {"cuda", "cpu"}
+        Where the driver-side fits (the mixture) run: this process's GPU when it has one and GPUs are allowed.
+    cuml : bool
+        cuML UMAP is importable and ``fit_device`` is a GPU.
+    decode_on_gpu : bool
+        Embedding actors decode JPEGs with nvJPEG rather than PIL tasks decoding them first.
+    """
 
     use_gpu: bool
-    device: torch.device
-    dtype: torch.dtype
+    device: str
+    dtype: str
+    gpus_per_actor: float
+    torch_threads: int
+    cpus_per_node: float
+    fit_device: str
+    cuml: bool
+    decode_on_gpu: bool
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def umap_backend(self, requested: str) -> str:
+        """``auto`` -> ``cuml`` when usable here, else ``umap-learn``; an explicit choice is kept."""
+        if requested != "auto":
+            return requested
+        return "cuml" if self.cuml else "umap-learn"
 
 
-def resolve(device: str = "auto", *, cluster_has_gpu: bool | None = None) -> Resources:
-    """Resolve the run's device. ``cluster_has_gpu`` lets a Ray driver without a GPU target GPU workers."""
-    if device == "auto" and cluster_has_gpu is not None:
-        use_gpu = cluster_has_gpu
-    else:
-        use_gpu = resolve_torch_device(device).type == "cuda" if device != "cuda" else True
-    dev = torch.device("cuda") if use_gpu else torch.device("cpu")
-    return Resources(use_gpu=use_gpu, device=dev, dtype=torch.bfloat16 if use_gpu else torch.float32)
+def decide(
+    device: str,
+    inventory: ClusterInventory,
+    *,
+    actors: int = 1,
+    torch_threads: int | None = None,
+    actor_gpus: float = 0.0,
+    decode: str = "auto",
+) -> Resources:
+    """Decide the run's resources from the ``resources.device`` setting and the cluster's inventory.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda"}
+        ``auto`` uses GPUs when the cluster has any.
+    inventory : ClusterInventory
+    actors : int
+        Actors or workers that share a node's CPUs (for the default thread count).
+    torch_threads : int, optional
+        Explicit threads per actor or worker.
+    actor_gpus : float
+        Explicit GPUs per embedding actor (0: one per actor on GPU runs).
+    decode : {"auto", "cpu", "gpu"}
+        Where JPEGs are decoded; ``auto`` decodes on the GPU on GPU runs.
+
+    Raises
+    ------
+    ConfigError
+        ``resources.device='cuda'`` on a cluster without GPUs.
+    """
+    if device == "cuda" and inventory.num_gpus == 0:
+        raise ConfigError("setting resources.device: 'cuda' was asked for, but the Ray cluster has no GPU")
+    use_gpu = device == "cuda" or (device == "auto" and inventory.num_gpus > 0)
+    gpus_per_actor = actor_gpus or (1.0 if use_gpu else 0.0)
+    fit_device = "cpu" if device == "cpu" or not torch.cuda.is_available() else "cuda"
+    return Resources(
+        use_gpu=use_gpu,
+        device="cuda" if use_gpu else "cpu",
+        dtype="bfloat16" if use_gpu else "float32",
+        gpus_per_actor=gpus_per_actor,
+        torch_threads=torch_threads or max(1, int(inventory.cpus_per_node // max(1, actors))),
+        cpus_per_node=inventory.cpus_per_node,
+        fit_device=fit_device,
+        cuml=fit_device == "cuda" and importlib.util.find_spec("cuml") is not None,
+        decode_on_gpu=decode == "gpu" or (decode == "auto" and gpus_per_actor > 0),
+    )

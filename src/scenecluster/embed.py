@@ -17,6 +17,7 @@ import posixpath
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,66 +25,55 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from scenecluster.config import EmbedConfig
 from scenecluster.data import SceneListing, decode_batch, folder_label, read_batch
-from scenecluster.devices import resolve_torch_device
+from scenecluster.devices import Resources, resolve_torch_device
 from scenecluster.errors import InputError
-from scenecluster.models import image_normalization, load_backbone
+from scenecluster.features import FeatureSpec, resolve_feature_spec
+from scenecluster.models import load_backbone, pool_tokens
 from scenecluster.outputs import OutputFolder
-
-POOLINGS = ("cls", "cls+mean")
 
 
 class Embedder:
     """Holds a DINOv2 backbone and maps a batch of decoded images to feature vectors.
 
-    The feature is the CLS token of hidden layer ``layer`` (1-based; negative counts from the end, ``-1``
-    is the last), passed through the model's final layer norm as the last layer's output is; with
-    ``pooling="cls+mean"`` the mean patch token is concatenated to it.
+    The feature is what ``spec`` names: the tokens of hidden layer ``spec.layer`` (passed through the model's
+    final layer norm, as the last layer's output is), pooled by :func:`scenecluster.models.pool_tokens`.
 
     Parameters
     ----------
-    model : str
-        Hugging Face id or local folder (see :func:`scenecluster.models.load_backbone`).
+    spec : FeatureSpec
+        Resolved in the driver by :func:`scenecluster.features.resolve_feature_spec`.
     device : str
-        ``auto``, ``cpu`` or ``cuda``.
+        ``auto``, ``cpu`` or ``cuda`` (the driver's :class:`scenecluster.devices.Resources` says which).
+    dtype : str, optional
+        ``bfloat16`` or ``float32``; default bf16 on CUDA, fp32 on the CPU.
     torch_threads : int, optional
-        Intra-op threads for CPU inference; set it so that actors x threads does not exceed the cores.
-    image_size : int
-        Square size that undecoded bytes are decoded and resized to (when a batch carries ``bytes``
-        rather than ``image``: the GPU-decode path).
+        Intra-op threads for CPU inference; set so that actors x threads does not exceed the cores.
     """
 
     def __init__(
-        self,
-        model: str,
-        *,
-        layer: int = -1,
-        pooling: str = "cls",
-        device: str = "auto",
-        torch_threads: int | None = None,
-        image_size: int = 224,
+        self, spec: FeatureSpec, *, device: str = "auto", dtype: str | None = None, torch_threads: int | None = None
     ) -> None:
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        self.spec = spec
         self.device = resolve_torch_device(device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = load_backbone(model, torch_dtype=self.dtype).to(self.device).eval()
-        n_layers = self.model.config.num_hidden_layers
-        self.layer = layer if layer > 0 else n_layers + 1 + layer
-        if not 1 <= self.layer <= n_layers:
-            raise ValueError(f"layer must be in 1..{n_layers} or -{n_layers}..-1, not {layer}")
-        self.pooling = pooling
-        self.image_size = image_size
-        mean, std = image_normalization(model)
-        self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self.dtype = getattr(torch, dtype) if dtype else torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = load_backbone(spec.source, torch_dtype=self.dtype).to(self.device).eval()
+        self._mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1) * 255.0
+
+    @classmethod
+    def for_model(
+        cls, model: str, *, layer: int = -1, pooling: str = "cls", image_size: int = 224, **kwargs: Any
+    ) -> Embedder:
+        """Resolve the spec of ``model`` here and build the embedder: for direct use outside a job."""
+        return cls(resolve_feature_spec(model, layer=layer, pooling=pooling, image_size=image_size), **kwargs)
 
     @property
     def n_features(self) -> int:
-        hidden = self.model.config.hidden_size
-        return hidden * (2 if self.pooling == "cls+mean" else 1)
+        return self.spec.n_features
 
     @torch.inference_mode()
     def embed(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -94,13 +84,10 @@ class Embedder:
             images = torch.from_numpy(np.ascontiguousarray(images))
         x = images.to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().sub_(self._mean).div_(self._std).to(self.dtype)
-        last = self.layer == self.model.config.num_hidden_layers
+        last = self.spec.is_last_layer
         out = self.model(pixel_values=x, output_hidden_states=not last)
-        tokens = out.last_hidden_state if last else self.model.layernorm(out.hidden_states[self.layer])
-        feats = tokens[:, 0]
-        if self.pooling == "cls+mean":
-            feats = torch.cat([feats, tokens[:, 1:].mean(dim=1)], dim=1)
-        return feats.float().cpu().numpy()
+        tokens = out.last_hidden_state if last else self.model.layernorm(out.hidden_states[self.spec.layer])
+        return pool_tokens(tokens, self.spec.pooling).float().cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data batch function: ``{"path", "image", "error"}`` -> ``{"path", "error", "embedding"}``.
@@ -122,7 +109,7 @@ class Embedder:
     def _decode(self, blobs, errors: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         from scenecluster.gpudecode import decode_images
 
-        return decode_images(blobs, errors, self.image_size, device=self.device)
+        return decode_images(blobs, errors, self.spec.image_size, device=self.device)
 
 
 @dataclass
@@ -201,66 +188,48 @@ def plan_chunks(sources: list[str], chunk_size: int, feature_identity: dict) -> 
 
 
 def build_embedding_dataset(
-    sources: list[str],
-    filesystem,
-    *,
-    model: str,
-    layer: int = -1,
-    pooling: str = "cls",
-    image_size: int = 224,
-    batch_size: int = 32,
-    num_actors: int = 1,
-    actor_cpus: float = 1.0,
-    actor_gpus: float = 0.0,
-    torch_threads: int | None = None,
-    decode_on_gpu: bool = False,
+    sources: list[str], filesystem, spec: FeatureSpec, *, resources: Resources, settings: EmbedConfig
 ):
     """The Ray Data pipeline from listed sources to ``{"source", "path", "error", "embedding"}`` batches.
 
     Output order follows ``sources`` (``preserve_order``), so consecutive chunks complete one after another.
-    Reading and decoding run in fractional-CPU tasks that overlap with the model actors.
+    Reading and decoding run in fractional-CPU tasks that overlap with the model actors; on GPU runs the actors
+    decode JPEGs themselves (nvJPEG), as ``resources.decode_on_gpu`` says.
     """
     import ray
 
+    batch_size = settings.batch_size
     has_archives = any(src.lower().endswith(".tar") for src in sources)
     n_blocks = len(sources) if has_archives else max(1, len(sources) // batch_size)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = ray.data.from_items([{"source": s} for s in sources], override_num_blocks=min(n_blocks, 100_000))
     ds = ds.map_batches(read_batch, fn_kwargs={"filesystem": filesystem}, batch_size=None, num_cpus=0.25)
-    if not decode_on_gpu:
-        ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, batch_size=batch_size, num_cpus=0.25)
+    if not resources.decode_on_gpu:
+        ds = ds.map_batches(
+            decode_batch, fn_kwargs={"image_size": spec.image_size}, batch_size=batch_size, num_cpus=0.25
+        )
     return ds.map_batches(
         Embedder,
+        fn_constructor_args=(spec,),
         fn_constructor_kwargs={
-            "model": model,
-            "layer": layer,
-            "pooling": pooling,
-            "device": "cuda" if actor_gpus > 0 else "cpu",
-            "torch_threads": torch_threads,
-            "image_size": image_size,
+            "device": resources.device,
+            "dtype": resources.dtype,
+            "torch_threads": resources.torch_threads,
         },
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        compute=ray.data.ActorPoolStrategy(size=settings.num_actors),
         batch_size=batch_size,
-        num_cpus=actor_cpus,
-        num_gpus=actor_gpus,
+        num_cpus=settings.actor_cpus,
+        num_gpus=resources.gpus_per_actor,
     )
 
 
 def embed_images(
     listing: SceneListing,
     out: OutputFolder,
+    spec: FeatureSpec,
     *,
-    model: str,
-    layer: int = -1,
-    pooling: str = "cls",
-    image_size: int = 224,
-    batch_size: int = 32,
-    num_actors: int = 1,
-    actor_cpus: float = 1.0,
-    actor_gpus: float = 0.0,
-    torch_threads: int | None = None,
-    decode_on_gpu: bool = False,
-    chunk_size: int = 4096,
+    resources: Resources,
+    settings: EmbedConfig,
     with_labels: bool = False,
 ) -> EmbedResult:
     """Embed every image of ``listing`` on the current Ray cluster into ``out/embeddings.parquet``.
@@ -270,26 +239,13 @@ def embed_images(
     not be read or decoded are returned in ``EmbedResult.skipped``.
     """
     start = time.perf_counter()
-    identity = {"model": model, "layer": layer, "pooling": pooling, "image_size": image_size}
-    chunks = plan_chunks(listing.paths, chunk_size, identity)
+    chunks = plan_chunks(listing.paths, settings.chunk_size, spec.identity())
     done = set(out.list("embeddings"))
     todo = [c for c in chunks if c.part_name not in done]
     result = EmbedResult(n_images=0, chunks_reused=len(chunks) - len(todo), chunks_computed=len(todo))
     if todo:
-        ds = build_embedding_dataset(
-            [src for c in todo for src in c.sources],
-            listing.filesystem,
-            model=model,
-            layer=layer,
-            pooling=pooling,
-            image_size=image_size,
-            batch_size=batch_size,
-            num_actors=num_actors,
-            actor_cpus=actor_cpus,
-            actor_gpus=actor_gpus,
-            torch_threads=torch_threads,
-            decode_on_gpu=decode_on_gpu,
-        )
+        sources = [src for c in todo for src in c.sources]
+        ds = build_embedding_dataset(sources, listing.filesystem, spec, resources=resources, settings=settings)
         _write_parts(ds.iter_batches(batch_size=None, batch_format="numpy"), out, todo)
     result = _combine_parts(out, chunks, with_labels, result)
     result.seconds = time.perf_counter() - start

@@ -58,3 +58,20 @@ def score_clusters(labels_true: Sequence, labels_pred: Sequence) -> dict[str, fl
         "n_classes": int(len(np.unique(y_true))),
         "n_clusters": int(len(np.unique(y_pred))),
     }
+
+
+def input_silhouette(X: np.ndarray, labels_pred: Sequence, index: np.ndarray, metric: str = "cosine") -> float:
+    """Label-free score of a partition: the silhouette of ``labels_pred`` in the *input* space ``X``.
+
+    Computed on the rows ``index`` (a seeded subsample, the same for every partition compared), with the
+    projection's metric. A partition with one cluster, or one cluster per row, scores -1: the silhouette is
+    undefined there, and -1 ranks it last. Why the input space: partitions fitted in projections of
+    different dimensions are compared there on equal terms (see :mod:`scenecluster.tune`).
+    """
+    from sklearn.metrics import silhouette_score
+
+    sub = np.asarray(labels_pred)[index]
+    n_distinct = len(np.unique(sub))
+    if n_distinct < 2 or n_distinct >= len(sub):
+        return -1.0
+    return float(silhouette_score(X[index], sub, metric=metric))

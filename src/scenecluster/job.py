@@ -1,7 +1,9 @@
-"""The clustering job: list -> embed (Ray Data) -> UMAP -> DP-GMM -> assignments, metrics, report.
+"""The clustering job: list -> embed (Ray Data) -> project -> cluster -> assignments, metrics, report.
 
 :func:`run_cluster_job` is the one public entry; the CLI, ``rayjobs/cluster.py`` and the tests all call it.
-Each stage prints a one-line summary and its wall time lands in ``metrics.json``.
+It resolves the feature (:mod:`scenecluster.features`) and the resources (:mod:`scenecluster.devices`) once,
+then hands them to each stage. Each stage prints a one-line summary and its wall time lands in
+``metrics.json``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,54 +19,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from scenecluster import __version__
-from scenecluster.config import ClusterConfig, ClusterJobConfig, dump_config
-from scenecluster.data import list_scenes, read_image_for_display
+from scenecluster.cluster import make_clusterer
+from scenecluster.config import ClusterJobConfig, dump_config
+from scenecluster.data import SceneListing, list_scenes, read_image_for_display
+from scenecluster.devices import Resources, decide, local_inventory
 from scenecluster.embed import embed_images, read_embeddings
 from scenecluster.evaluate import score_clusters
+from scenecluster.features import FeatureSpec, resolve_feature_spec
 from scenecluster.outputs import OutputFolder, prepare_output
-from scenecluster.raycluster import ensure_ray
 from scenecluster.reduce import reduce_embeddings
 from scenecluster.report import write_report
 
-
-def make_clusterer(cfg: ClusterConfig, X: np.ndarray, *, device: str = "auto"):
-    """The clustering estimator for data ``X``, built from its config section.
-
-    The Wishart prior's scale matrix is ``covariance_prior_scale`` times the data's covariance (1.0 is
-    scikit-learn's default). A UMAP projection packs each class tightly, so the default prior lets the
-    mixture split classes; a somewhat broader prior (2.0, chosen on the source set nwpu12) merges them.
-    """
-    from scenecluster.cluster import DPGMM
-
-    if cfg.covariance_type == "full":
-        covariance_prior = np.atleast_2d(np.cov(X.T)) * cfg.covariance_prior_scale
-    else:
-        covariance_prior = np.var(X, axis=0, ddof=1) * cfg.covariance_prior_scale
-    return DPGMM(
-        covariance_prior=covariance_prior,
-        n_components=cfg.n_components,
-        weight_concentration_prior=cfg.weight_concentration_prior,
-        covariance_type=cfg.covariance_type,
-        max_iter=cfg.max_iter,
-        tol=cfg.tol,
-        n_init=cfg.n_init,
-        init_params=cfg.init_params,
-        random_state=cfg.random_state,
-        device=device,
-    )
+__all__ = ["ClusterResult", "StageTimer", "relabel_by_size", "run_cluster_job", "run_identity"]
 
 
-def run_identity(cfg: ClusterJobConfig) -> dict[str, Any]:
+def run_identity(cfg: ClusterJobConfig, spec: FeatureSpec) -> dict[str, Any]:
     """The settings that determine the embeddings: a rerun with the same identity may reuse them."""
     return {
         "input": cfg.data.input,
         "labels": cfg.data.labels,
         "sample": cfg.data.sample,
         "seed": cfg.data.seed,
-        "model": cfg.embed.model,
-        "layer": cfg.embed.layer,
-        "pooling": cfg.embed.pooling,
-        "image_size": cfg.embed.image_size,
+        **spec.identity(),
     }
 
 
@@ -83,122 +60,65 @@ class StageTimer:
         self.echo(f"[{name}] {note.get('summary', 'done')} ({self.seconds[name]:.1f} s)")
 
 
+@dataclass
+class ClusterResult:
+    """What the clustering stage found for the embedded scenes, in their order."""
+
+    clusters: np.ndarray  # (n,) int32, 0 = largest
+    probability: np.ndarray  # (n,) float32 of the chosen cluster (1.0 for hard clusterers)
+    n_iter: int | None
+    converged: bool
+    lower_bound: float
+
+    @property
+    def n_clusters(self) -> int:
+        return int(len(np.unique(self.clusters)))
+
+
 def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=print) -> dict[str, Any]:
     """Run the whole job and return the metrics (also written to ``OUT/metrics.json``).
 
     Raises
     ------
     scenecluster.errors.SceneClusterError
-        For bad input, settings or output folders, with a one-line message.
+        For bad input, settings or output folders, with a one-line message, before any Ray task starts.
     """
-    from scenecluster.models import load_backbone
-
     timer = StageTimer(echo)
-    with_labels = cfg.data.labels == "folders"
-
+    # The feature is checked against the model's config (not its weights) before anything else, so a bad
+    # layer or model fails in the driver in a second; for the offline model this also builds its folder
+    # once here rather than in every actor.
+    spec = resolve_feature_spec(
+        cfg.embed.model, layer=cfg.embed.layer, pooling=cfg.embed.pooling, image_size=cfg.embed.image_size
+    )
     with timer.stage("list") as note:
         listing = list_scenes(
             cfg.data.input, endpoint_url=cfg.data.endpoint_url, sample=cfg.data.sample, seed=cfg.data.seed
         )
         note["summary"] = f"{len(listing)} images under {cfg.data.input}"
-    # Fail fast, in the driver, on a model that cannot be loaded (and build the offline fallback once here
-    # rather than in every actor), before the output folder is claimed for this run.
-    load_backbone(cfg.embed.model)
     out = prepare_output(
-        OutputFolder(cfg.output, endpoint_url=cfg.data.endpoint_url), run_identity(cfg), overwrite=overwrite
+        OutputFolder(cfg.output, endpoint_url=cfg.data.endpoint_url), run_identity(cfg, spec), overwrite=overwrite
     )
     out.write_text("config.yaml", dump_config(cfg))
+    reuse = out.exists("embeddings.parquet") and out.exists("skipped.txt")
+    resources = _decide_resources(cfg, start_ray=not reuse)
 
     with timer.stage("embed") as note:
-        if out.exists("embeddings.parquet") and out.exists("skipped.txt"):
-            n_ok = pq.read_metadata(out.path("embeddings.parquet"), filesystem=out.fs).num_rows
-            skipped = [line.split("\t", 1) for line in out.read_text("skipped.txt").splitlines() if line]
-            n_images = n_ok + len(skipped)
-            note["summary"] = f"reused {out.display('embeddings.parquet')} ({n_ok} embeddings)"
-        else:
-            resources = ensure_ray(cfg.resources)
-            actor_gpus = cfg.embed.actor_gpus or (1.0 if resources.use_gpu else 0.0)
-            threads = cfg.embed.torch_threads or max(1, int(resources.cpus_per_node // cfg.embed.num_actors))
-            decode_on_gpu = cfg.embed.decode == "gpu" or (cfg.embed.decode == "auto" and actor_gpus > 0)
-            result = embed_images(
-                listing,
-                out,
-                model=cfg.embed.model,
-                layer=cfg.embed.layer,
-                pooling=cfg.embed.pooling,
-                image_size=cfg.embed.image_size,
-                batch_size=cfg.embed.batch_size,
-                num_actors=cfg.embed.num_actors,
-                actor_cpus=cfg.embed.actor_cpus,
-                actor_gpus=actor_gpus,
-                torch_threads=threads,
-                decode_on_gpu=decode_on_gpu,
-                chunk_size=cfg.embed.chunk_size,
-                with_labels=with_labels,
-            )
-            skipped = [list(s) for s in result.skipped]
-            out.write_text("skipped.txt", "".join(f"{p}\t{e}\n" for p, e in skipped))
-            n_images = result.n_images
-            reused = f", {result.chunks_reused} of {result.chunks_reused + result.chunks_computed} parts reused"
-            note["summary"] = (
-                f"{n_images - len(skipped)} embedded, {len(skipped)} skipped, "
-                f"{n_images / max(result.seconds, 1e-9):.1f} images/s" + (reused if result.chunks_reused else "")
-            )
+        n_images, skipped = _embed_stage(cfg, listing, out, spec, resources, note)
     paths, X, labels = read_embeddings(out.path("embeddings.parquet"), filesystem=out.fs)
-
     with timer.stage("reduce") as note:
-        Z = reduce_embeddings(X, **cfg.reduce.model_dump())
-        note["summary"] = f"UMAP {X.shape[1]} -> {Z.shape[1]} dims"
-
+        Z = reduce_embeddings(X, **_reduce_settings(cfg, resources))
+        note["summary"] = f"{cfg.reduce.method} {X.shape[1]} -> {Z.shape[1]} dims"
     with timer.stage("cluster") as note:
-        device = "cpu" if cfg.resources.device == "cpu" else "auto"
-        model = make_clusterer(cfg.cluster, Z, device=device)
-        model.fit(Z)
-        proba = model.predict_proba(Z)
-        raw = proba.argmax(axis=1)
-        clusters = relabel_by_size(raw)
-        probability = proba[np.arange(len(raw)), raw]
-        n_clusters = int(len(np.unique(clusters)))
-        note["summary"] = f"{n_clusters} clusters after {model.n_iter_} iterations"
+        found = fit_clusters(cfg, Z, resources)
+        iterations = f" after {found.n_iter} iterations" if found.n_iter is not None else ""
+        note["summary"] = f"{found.n_clusters} clusters{iterations}"
 
-    metrics: dict[str, Any] = {
-        "n_images": int(n_images),
-        "n_embedded": int(len(paths)),
-        "n_skipped": int(len(skipped)),
-        "n_clusters": n_clusters,
-        "converged": bool(getattr(model, "converged_", True)),
-        "lower_bound": float(getattr(model, "lower_bound_", float("nan"))),
-    }
-    if labels is not None:
-        metrics.update({k: v for k, v in score_clusters(labels, clusters).items() if k != "n_clusters"})
-
+    metrics = _metrics(n_images, len(paths), len(skipped), found, labels)
     with timer.stage("write") as note:
-        table = {
-            "path": pa.array(paths, pa.string()),
-            "cluster": pa.array(clusters, pa.int32()),
-            "probability": pa.array(probability, pa.float32()),
-        }
-        if labels is not None:
-            table["label"] = pa.array(labels, pa.string())
-        out.write_table("assignments.parquet", pa.table(table))
+        out.write_table("assignments.parquet", _assignments_table(paths, found, labels))
         note["summary"] = f"assignments for {len(paths)} images"
-
     with timer.stage("report") as note:
-        xy_index = _subsample(len(paths), cfg.report.scatter_points, seed=cfg.data.seed)
-        xy = reduce_embeddings(X[xy_index], **{**cfg.reduce.model_dump(), "n_components": 2})
-        size = 96
-        html = write_report(
-            out.display("report.html"),
-            paths=paths,
-            clusters=clusters,
-            xy=xy,
-            xy_index=xy_index,
-            metrics={**metrics, "stage_seconds": timer.seconds},
-            read_thumbnail=lambda p: read_image_for_display(listing, p, size),
-            labels=labels,
-            thumbnails_per_cluster=cfg.report.thumbnails_per_cluster,
-            seed=cfg.data.seed,
-        )
+        html = _report(cfg, resources, listing, paths, X, labels, found, {**metrics, "stage_seconds": timer.seconds})
         out.write_text("report.html", html)
         note["summary"] = out.display("report.html")
 
@@ -206,6 +126,119 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
     metrics["scenecluster_version"] = __version__
     out.write_text("metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def _decide_resources(cfg: ClusterJobConfig, *, start_ray: bool) -> Resources:
+    """The run's one resource decision: on the Ray cluster when embedding work remains, else this machine."""
+    if start_ray:
+        from scenecluster.raycluster import ensure_ray
+
+        inventory = ensure_ray(cfg.resources)
+    else:
+        inventory = local_inventory()
+    return decide(
+        cfg.resources.device,
+        inventory,
+        actors=cfg.embed.num_actors,
+        torch_threads=cfg.resources.torch_threads,
+        actor_gpus=cfg.embed.actor_gpus,
+        decode=cfg.embed.decode,
+    )
+
+
+def _embed_stage(
+    cfg: ClusterJobConfig, listing: SceneListing, out: OutputFolder, spec: FeatureSpec, resources: Resources, note
+) -> tuple[int, list[list[str]]]:
+    """Embed (or reuse the embeddings of an earlier run of the same identity); return counts and skipped rows."""
+    if out.exists("embeddings.parquet") and out.exists("skipped.txt"):
+        n_ok = pq.read_metadata(out.path("embeddings.parquet"), filesystem=out.fs).num_rows
+        skipped = [line.split("\t", 1) for line in out.read_text("skipped.txt").splitlines() if line]
+        note["summary"] = f"reused {out.display('embeddings.parquet')} ({n_ok} embeddings)"
+        return n_ok + len(skipped), skipped
+    result = embed_images(
+        listing, out, spec, resources=resources, settings=cfg.embed, with_labels=cfg.data.labels == "folders"
+    )
+    skipped = [list(s) for s in result.skipped]
+    out.write_text("skipped.txt", "".join(f"{p}\t{e}\n" for p, e in skipped))
+    reused = f", {result.chunks_reused} of {result.chunks_reused + result.chunks_computed} parts reused"
+    note["summary"] = (
+        f"{result.n_images - len(skipped)} embedded, {len(skipped)} skipped, "
+        f"{result.n_images / max(result.seconds, 1e-9):.1f} images/s" + (reused if result.chunks_reused else "")
+    )
+    return result.n_images, skipped
+
+
+def _reduce_settings(cfg: ClusterJobConfig, resources: Resources, **changes: Any) -> dict[str, Any]:
+    settings = {**cfg.reduce.model_dump(), **changes}
+    settings["backend"] = resources.umap_backend(cfg.reduce.backend)
+    return settings
+
+
+def fit_clusters(cfg: ClusterJobConfig, Z: np.ndarray, resources: Resources) -> ClusterResult:
+    """Fit the configured clusterer on the projection ``Z``; clusters renumbered from the largest.
+
+    Only ``fit_predict`` is required of the estimator; ``predict_proba``, ``n_iter_``, ``converged_`` and
+    ``lower_bound_`` are used when it has them.
+    """
+    model = make_clusterer(cfg.cluster, Z, device=resources.fit_device)
+    raw = np.asarray(model.fit_predict(Z))
+    if hasattr(model, "predict_proba"):
+        proba = model.predict_proba(Z)
+        raw = proba.argmax(axis=1)
+        probability = proba[np.arange(len(raw)), raw].astype(np.float32)
+    else:
+        probability = np.ones(len(raw), dtype=np.float32)
+    n_iter = getattr(model, "n_iter_", None)
+    return ClusterResult(
+        clusters=relabel_by_size(raw),
+        probability=probability,
+        n_iter=None if n_iter is None else int(n_iter),
+        converged=bool(getattr(model, "converged_", True)),
+        lower_bound=float(getattr(model, "lower_bound_", float("nan"))),
+    )
+
+
+def _metrics(n_images: int, n_embedded: int, n_skipped: int, found: ClusterResult, labels) -> dict[str, Any]:
+    metrics: dict[str, Any] = {
+        "n_images": int(n_images),
+        "n_embedded": int(n_embedded),
+        "n_skipped": int(n_skipped),
+        "n_clusters": found.n_clusters,
+        "converged": found.converged,
+        "lower_bound": found.lower_bound,
+    }
+    if labels is not None:
+        metrics.update({k: v for k, v in score_clusters(labels, found.clusters).items() if k != "n_clusters"})
+    return metrics
+
+
+def _assignments_table(paths: list[str], found: ClusterResult, labels) -> pa.Table:
+    table = {
+        "path": pa.array(paths, pa.string()),
+        "cluster": pa.array(found.clusters, pa.int32()),
+        "probability": pa.array(found.probability, pa.float32()),
+    }
+    if labels is not None:
+        table["label"] = pa.array(labels, pa.string())
+    return pa.table(table)
+
+
+def _report(cfg, resources, listing, paths, X, labels, found: ClusterResult, metrics: dict[str, Any]) -> str:
+    """The HTML report, with a 2-D projection of a subsample for the scatter."""
+    xy_index = _subsample(len(paths), cfg.report.scatter_points, seed=cfg.data.seed)
+    xy = reduce_embeddings(X[xy_index], **_reduce_settings(cfg, resources, n_components=2))
+    size = 96
+    return write_report(
+        paths=paths,
+        clusters=found.clusters,
+        xy=xy,
+        xy_index=xy_index,
+        metrics=metrics,
+        read_thumbnail=lambda p: read_image_for_display(listing, p, size),
+        labels=labels,
+        thumbnails_per_cluster=cfg.report.thumbnails_per_cluster,
+        seed=cfg.data.seed,
+    )
 
 
 def relabel_by_size(raw: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
 """Fine-tune on labelled sources, then cluster a target with that backbone: one config, one call.
 
-The command line's ``scenecluster pipeline`` builds the same two stages from flags; this module gives Ray
-job entrypoints (``rayjobs/pipeline.py``) and tests a Python entry with one validated config, so a
-submitted job is described by a YAML file rather than by a command line.
+``scenecluster pipeline`` and ``rayjobs/pipeline.py`` both build a :class:`scenecluster.config.PipelineConfig`
+(which owns the coupling between the stages: image size, pooling, store and resources) and call
+:func:`run_pipeline`, so the two cannot diverge.
 """
 
 from __future__ import annotations
@@ -11,21 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from scenecluster.config import PipelineConfig
 
-from scenecluster.config import ClusterJobConfig, FinetuneConfig
-
-
-class PipelineConfig(BaseModel):
-    """``finetune`` (a :class:`FinetuneConfig`) then ``cluster`` (a :class:`ClusterJobConfig`).
-
-    ``cluster.embed.model`` is replaced by the fine-tuned backbone folder, so it need not be set.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    finetune: FinetuneConfig
-    cluster: ClusterJobConfig
+__all__ = ["PipelineConfig", "run_pipeline"]
 
 
 def run_pipeline(cfg: PipelineConfig, *, overwrite: bool = False, echo=print) -> dict[str, Any]:
@@ -42,7 +30,5 @@ def run_pipeline(cfg: PipelineConfig, *, overwrite: bool = False, echo=print) ->
     backbone = Path(fit_backbone(cfg.finetune, echo=echo))
     metrics_file = backbone.parent / "metrics.json"
     finetune = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    cluster_cfg = cfg.cluster.model_copy(deep=True)
-    cluster_cfg.embed.model = str(backbone)
-    cluster = run_cluster_job(cluster_cfg, overwrite=overwrite, echo=echo)
+    cluster = run_cluster_job(cfg.cluster_job(backbone), overwrite=overwrite, echo=echo)
     return {"backbone": str(backbone), "finetune": finetune, "cluster": cluster}

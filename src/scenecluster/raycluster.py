@@ -7,26 +7,18 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+
+from scenecluster.devices import ClusterInventory
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ClusterResources:
-    """What the driver decided once: GPU or not, and the CPUs of one node (for thread counts)."""
-
-    use_gpu: bool
-    num_cpus: float
-    num_gpus: float
-    cpus_per_node: float
-
-
-def ensure_ray(resources) -> ClusterResources:
-    """Connect to ``resources.ray_address`` / ``RAY_ADDRESS``, or start a local Ray; resolve the device.
+def ensure_ray(resources) -> ClusterInventory:
+    """Connect to ``resources.ray_address`` / ``RAY_ADDRESS``, or start a local Ray; return what it holds.
 
     ``resources`` is a :class:`scenecluster.config.ResourcesConfig`. A local Ray is started quietly on
-    127.0.0.1 with the dashboard off, since a one-machine run needs neither.
+    127.0.0.1 with the dashboard off, since a one-machine run needs neither. What to do with the hardware is
+    decided in :func:`scenecluster.devices.decide`, not here.
     """
     import ray
 
@@ -40,13 +32,7 @@ def ensure_ray(resources) -> ClusterResources:
         else:
             ray.init(num_cpus=resources.num_cpus, include_dashboard=False, **kwargs)
     total = ray.cluster_resources()
-    num_gpus = float(total.get("GPU", 0.0))
     num_cpus = float(total.get("CPU", 1.0))
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     cpus_per_node = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=num_cpus) or num_cpus
-    if resources.device == "cuda" and num_gpus == 0:
-        from scenecluster.errors import ConfigError
-
-        raise ConfigError("resources.device='cuda' but the Ray cluster has no GPU")
-    use_gpu = resources.device == "cuda" or (resources.device == "auto" and num_gpus > 0)
-    return ClusterResources(use_gpu=use_gpu, num_cpus=num_cpus, num_gpus=num_gpus, cpus_per_node=cpus_per_node)
+    return ClusterInventory(num_cpus=num_cpus, num_gpus=float(total.get("GPU", 0.0)), cpus_per_node=cpus_per_node)

@@ -1,8 +1,9 @@
-"""Project embeddings into a low-dimensional Euclidean space with UMAP.
+"""Project embeddings into a low-dimensional Euclidean space: a registry of projections.
 
-cuML's UMAP runs on a GPU when it is importable and a GPU is present; umap-learn runs on the CPU
-otherwise. Both take the same parameters, so a run's results do not depend on which one was picked
-beyond their numerical differences.
+``umap`` (the method's own): cuML's UMAP on a GPU, umap-learn on the CPU, with the same parameters, so a
+run's result does not depend on which one ran beyond their numerical differences. ``pca``: scikit-learn's
+PCA, a fast linear reference. A new projection is one factory here (``@register``) and its name in
+:attr:`scenecluster.config.ReduceConfig.method`.
 """
 
 from __future__ import annotations
@@ -10,13 +11,28 @@ from __future__ import annotations
 import importlib.util
 import logging
 import warnings
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "umap-learn", "cuml"]
+Factory = Callable[..., Any]
+PROJECTIONS: dict[str, Factory] = {}
+
+__all__ = ["PROJECTIONS", "cuml_available", "make_projection", "make_umap", "reduce_embeddings", "register"]
+
+
+def register(name: str) -> Callable[[Factory], Factory]:
+    """Add a factory ``(n_components, **settings) -> unfitted transformer`` to :data:`PROJECTIONS`."""
+
+    def add(factory: Factory) -> Factory:
+        PROJECTIONS[name] = factory
+        return factory
+
+    return add
 
 
 def cuml_available() -> bool:
@@ -28,8 +44,9 @@ def cuml_available() -> bool:
     return torch.cuda.is_available()
 
 
+@register("umap")
 def make_umap(
-    n_components: int = 10,
+    n_components: int = 5,
     *,
     n_neighbors: int = 30,
     min_dist: float = 0.0,
@@ -40,17 +57,15 @@ def make_umap(
     """Build an unfitted UMAP estimator from the chosen backend.
 
     ``min_dist=0`` packs points of a cluster tightly, which suits a Gaussian mixture downstream; the
-    cosine metric suits transformer features whose norm carries little meaning.
+    cosine metric suits transformer features whose norm carries little meaning. The run's
+    :class:`scenecluster.devices.Resources` resolves ``auto`` before it gets here; a bare ``auto`` checks
+    this process.
     """
     if backend not in ("auto", "umap-learn", "cuml"):
         raise ValueError(f"UMAP backend must be 'auto', 'umap-learn' or 'cuml', not {backend!r}")
     use_cuml = backend == "cuml" or (backend == "auto" and cuml_available())
     kwargs = dict(
-        n_components=n_components,
-        n_neighbors=n_neighbors,
-        min_dist=min_dist,
-        metric=metric,
-        random_state=random_state,
+        n_components=n_components, n_neighbors=n_neighbors, min_dist=min_dist, metric=metric, random_state=random_state
     )
     if use_cuml:
         from cuml.manifold import UMAP as CumlUMAP  # lazy: GPU machines only
@@ -61,21 +76,37 @@ def make_umap(
     return umap.UMAP(**kwargs, low_memory=True)
 
 
-def reduce_embeddings(X: np.ndarray, **umap_params) -> np.ndarray:
-    """Fit UMAP on ``X`` of shape (n_samples, n_features) and return (n_samples, n_components) float32.
+@register("pca")
+def make_pca(n_components: int = 5, *, random_state: int | None = 0, **_umap_settings: Any):
+    """scikit-learn's PCA (the UMAP-only settings are ignored)."""
+    from sklearn.decomposition import PCA
 
-    ``n_neighbors`` is capped at ``n_samples - 1`` so a small input still runs (with a warning).
+    return PCA(n_components=n_components, random_state=random_state)
+
+
+def make_projection(method: str = "umap", **settings: Any):
+    """The unfitted projection that ``method`` names, built from the ``reduce`` section's other settings."""
+    if method not in PROJECTIONS:
+        raise ValueError(f"projection method must be one of {', '.join(PROJECTIONS)}, not {method!r}")
+    return PROJECTIONS[method](**settings)
+
+
+def reduce_embeddings(X: np.ndarray, **settings: Any) -> np.ndarray:
+    """Fit the projection on ``X`` of shape (n_samples, n_features); return (n_samples, n_components) float32.
+
+    ``settings`` are the ``reduce`` section's fields (``method`` defaults to ``umap``). ``n_neighbors`` is
+    capped at ``n_samples - 1`` so a small input still runs (with a warning).
     """
     X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2 or len(X) < 3:
         raise ValueError(f"UMAP needs at least 3 samples in a 2-d array, got shape {X.shape}")
     if not np.isfinite(X).all():
         raise ValueError("embeddings contain NaN or inf; cannot project them")
-    n_neighbors = umap_params.get("n_neighbors", 30)
+    n_neighbors = settings.get("n_neighbors", 30)
     if n_neighbors >= len(X):
         log.warning("n_neighbors=%d >= n_samples=%d; using %d", n_neighbors, len(X), len(X) - 1)
-        umap_params["n_neighbors"] = len(X) - 1
-    reducer = make_umap(**umap_params)
+        settings["n_neighbors"] = len(X) - 1
+    reducer = make_projection(**settings)
     with warnings.catch_warnings():
         # umap-learn warns that a random_state disables parallelism: reproducibility is the point here
         warnings.filterwarnings("ignore", message=".*n_jobs.*overridden.*")

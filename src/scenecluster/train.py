@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scenecluster.augment import augment_batch, normalize, to_tensor
-from scenecluster.config import FinetuneConfig, ResourcesConfig, dump_config
+from scenecluster.config import FinetuneConfig, dump_config
 from scenecluster.data import SceneListing, decode_batch, folder_label, list_scenes, open_filesystem
 from scenecluster.errors import ConfigError, InputError, OutputError
 from scenecluster.models import load_backbone, save_backbone
@@ -167,9 +167,7 @@ def _loss(
     total = logits[0].new_zeros(())
     for s, head_logits in enumerate(logits):
         mask = sources == s
-        ce = F.cross_entropy(
-            head_logits[mask].float(), labels[mask], label_smoothing=smoothing, reduction="none"
-        )
+        ce = F.cross_entropy(head_logits[mask].float(), labels[mask], label_smoothing=smoothing, reduction="none")
         total = total + (ce * weight[mask]).sum()
     return total
 
@@ -196,9 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed = int(config["seed"])
 
     torch.manual_seed(seed)  # same head init on every rank (DDP also broadcasts rank 0's)
-    model = SceneClassifier(
-        load_backbone(config["model"]), [len(c) for c in config["classes"]], config["pooling"]
-    )
+    model = SceneClassifier(load_backbone(config["model"]), [len(c) for c in config["classes"]], config["pooling"])
     freeze_layers(model, int(config["freeze_blocks"]))
     model = ray.train.torch.prepare_model(model)
     core: SceneClassifier = model.module if hasattr(model, "module") else model
@@ -206,9 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         param_groups(core, config["lr"], config["weight_decay"], config["layer_decay"]), betas=(0.9, 0.999)
     )
     total_steps = int(config["total_steps"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(int(config["warmup_steps"]), total_steps)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(int(config["warmup_steps"]), total_steps))
 
     epoch, step, history, resumes = 0, 0, [], []
     checkpoint = ray.train.get_checkpoint()
@@ -221,9 +215,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         epoch, step, history = state["epoch"], state["step"], state["history"]
         resumes = [*state["resumes"], {"epoch": epoch, "step": step}]
         # A new budget (more epochs or max_steps on --resume) stretches the cosine to the new end.
-        scheduler.lr_lambdas = [warmup_cosine(int(config["warmup_steps"]), total_steps)] * len(
-            optimizer.param_groups
-        )
+        scheduler.lr_lambdas = [warmup_cosine(int(config["warmup_steps"]), total_steps)] * len(optimizer.param_groups)
     start_step = step
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -266,11 +258,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             labels = torch.as_tensor(batch["label"][ok]).to(device)
             sources = torch.as_tensor(batch["source"][ok]).to(device)
             last_micro = (micro + 1) % accum == 0
-            sync = (
-                model.no_sync()
-                if (hasattr(model, "no_sync") and not last_micro)
-                else contextlib.nullcontext()
-            )
+            sync = model.no_sync() if (hasattr(model, "no_sync") and not last_micro) else contextlib.nullcontext()
             with sync, torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(x)
                 loss = _loss(logits, labels, sources, weight.to(device), smoothing) / (max(1, len(x)) * accum)
@@ -369,14 +357,10 @@ def class_names(listing: SceneListing) -> list[str]:
     empty = sorted(
         i.base_name
         for i in infos
-        if i.type == pafs.FileType.Directory
-        and not i.base_name.startswith(".")
-        and i.base_name not in classes
+        if i.type == pafs.FileType.Directory and not i.base_name.startswith(".") and i.base_name not in classes
     )
     if empty:
-        raise InputError(
-            f"source {listing.uri!r}: class folder {empty[0]!r} holds no images; remove it or add images"
-        )
+        raise InputError(f"source {listing.uri!r}: class folder {empty[0]!r} holds no images; remove it or add images")
     if len(classes) < 2:
         raise InputError(
             f"source {listing.uri!r} has {len(classes)} class folder ({', '.join(classes)}); "
@@ -408,13 +392,9 @@ def stratified_split(paths: list[str], val_fraction: float, seed: int) -> tuple[
 def _dataset(listing: SceneListing, paths: list[str], classes: list[str], source: int, image_size: int):
     import ray.data
 
-    ds = ray.data.read_binary_files(
-        paths, filesystem=listing.filesystem, include_paths=True, num_cpus=READ_CPUS
-    )
+    ds = ray.data.read_binary_files(paths, filesystem=listing.filesystem, include_paths=True, num_cpus=READ_CPUS)
     ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, num_cpus=READ_CPUS)
-    return ds.map_batches(
-        _attach_labels, fn_kwargs={"classes": classes, "source": source}, num_cpus=READ_CPUS
-    )
+    return ds.map_batches(_attach_labels, fn_kwargs={"classes": classes, "source": source}, num_cpus=READ_CPUS)
 
 
 def _union(datasets: list):
@@ -458,25 +438,27 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from scenecluster.devices import decide
     from scenecluster.models import image_normalization
     from scenecluster.raycluster import ensure_ray
 
     listings = [
-        list_scenes(s, endpoint_url=cfg.endpoint_url, sample=cfg.sample, seed=cfg.seed) for s in cfg.sources
+        list_scenes(s, endpoint_url=cfg.data.endpoint_url, sample=cfg.data.sample, seed=cfg.data.seed)
+        for s in cfg.sources
     ]
     classes = [class_names(lst) for lst in listings]
-    backbone = load_backbone(cfg.model)  # ModelLoadError here, not in every worker
+    backbone = load_backbone(cfg.feature.model)  # ModelLoadError here, not in every worker
     n_layers = backbone.config.num_hidden_layers
     if cfg.freeze_blocks > n_layers:
         raise ConfigError(f"setting freeze_blocks: {cfg.freeze_blocks} exceeds the model's {n_layers} blocks")
     del backbone
-    mean, std = image_normalization(cfg.model)
+    mean, std = image_normalization(cfg.feature.model)
 
     out = Path(cfg.output).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {str(out)!r} is a file, not a folder")
     storage = cfg.storage_path or str(out)
-    exists = _run_exists(storage, cfg.name, cfg.endpoint_url)
+    exists = _run_exists(storage, cfg.name, cfg.data.endpoint_url)
     if exists and not cfg.resume:
         raise OutputError(
             f"{storage}/{cfg.name} holds a previous fine-tuning run; pass --resume to continue it, "
@@ -487,7 +469,7 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
 
-    splits = [stratified_split(lst.paths, cfg.val_fraction, cfg.seed + i) for i, lst in enumerate(listings)]
+    splits = [stratified_split(lst.paths, cfg.val_fraction, cfg.data.seed + i) for i, lst in enumerate(listings)]
     n_train, n_val = sum(len(t) for t, _ in splits), sum(len(v) for _, v in splits)
     micro_per_epoch = n_train // cfg.workers // cfg.batch_size
     micro_per_epoch -= micro_per_epoch % cfg.grad_accum
@@ -499,18 +481,21 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
     steps_per_epoch = micro_per_epoch // cfg.grad_accum
     total_steps = min(cfg.max_steps or 10**12, cfg.epochs * steps_per_epoch)
 
-    resources = ensure_ray(
-        ResourcesConfig(device=cfg.device, ray_address=cfg.ray_address, num_cpus=cfg.num_cpus)
+    resources = decide(
+        cfg.resources.device,
+        ensure_ray(cfg.resources),
+        actors=cfg.workers,
+        torch_threads=cfg.resources.torch_threads,
     )
     if resources.use_gpu:
         cpus_per_worker = cfg.cpus_per_worker or 1.0
     else:  # leave half a CPU for Ray Data's decode tasks, or ingest starves (see environment notes)
         cpus_per_worker = cfg.cpus_per_worker or max(0.25, (resources.cpus_per_node - 0.5) / cfg.workers)
-    threads = cfg.torch_threads or max(1, int(resources.cpus_per_node // cfg.workers))
+    threads = resources.torch_threads
 
     train_ds = _union(
         [
-            _dataset(lst, t, c, i, cfg.image_size)
+            _dataset(lst, t, c, i, cfg.feature.image_size)
             for i, (lst, (t, _), c) in enumerate(zip(listings, splits, classes, strict=True))
         ]
     )
@@ -518,13 +503,16 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
     if n_val:
         datasets["val"] = _union(
             [
-                _dataset(lst, v, c, i, cfg.image_size)
+                _dataset(lst, v, c, i, cfg.feature.image_size)
                 for i, (lst, (_, v), c) in enumerate(zip(listings, splits, classes, strict=True))
                 if v
             ]
         )
     loop_config = {
-        **cfg.model_dump(),
+        **cfg.model_dump(exclude={"data", "feature", "resources"}),
+        "model": cfg.feature.model,
+        "pooling": cfg.feature.pooling,
+        "seed": cfg.data.seed,
         "classes": classes,
         "mean": list(mean),
         "std": list(std),
@@ -534,8 +522,8 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
         "torch_threads": threads,
     }
     storage_fs = None
-    if storage.startswith("s3://") and cfg.endpoint_url:
-        storage_fs, storage = open_filesystem(storage, endpoint_url=cfg.endpoint_url)
+    if storage.startswith("s3://") and cfg.data.endpoint_url:
+        storage_fs, storage = open_filesystem(storage, endpoint_url=cfg.data.endpoint_url)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -562,7 +550,7 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
         raise OutputError(f"fine-tuning {cfg.name!r} finished without a checkpoint under {storage}")
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
-    backbone = load_backbone(cfg.model)
+    backbone = load_backbone(cfg.feature.model)
     prefix = "backbone."
     backbone.load_state_dict({k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)})
     target = save_backbone(backbone, out / "backbone")
@@ -578,7 +566,7 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
         "n_train": n_train,
         "n_val": n_val,
         "workers": cfg.workers,
-        "image_size": cfg.image_size,
+        "image_size": cfg.feature.image_size,
         "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
         "total_steps": total_steps,

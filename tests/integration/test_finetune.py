@@ -26,16 +26,16 @@ def _cfg(tmp_path, sources, model, **overrides) -> FinetuneConfig:
     settings = {
         "sources": [str(s) for s in sources],
         "output": str(tmp_path / "out"),
-        "model": str(model),
-        "image_size": 28,
+        "feature.model": str(model),
+        "feature.image_size": 28,
         "batch_size": 4,
         "epochs": 2,
         "workers": 2,
-        "device": "cpu",
+        "resources.device": "cpu",
         "lr": 1e-3,
         "warmup_steps": 1,
         "val_fraction": 0.2,
-        "torch_threads": 1,
+        "resources.torch_threads": 1,
         **overrides,
     }
     return load_config(None, settings, model=FinetuneConfig)
@@ -90,7 +90,7 @@ def test_two_workers_recover_from_failure_then_resume(ray_cluster, tmp_path, sou
     from scenecluster.embed import Embedder
 
     images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 3), dtype=np.uint8)
-    emb = Embedder(str(backbone), device="cpu").embed(images)
+    emb = Embedder.for_model(str(backbone), device="cpu").embed(images)
     assert emb.shape == (3, 32) and np.isfinite(emb).all()
 
 

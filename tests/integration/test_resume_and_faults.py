@@ -13,9 +13,11 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from scenecluster.config import load_config
+from scenecluster.config import EmbedConfig, load_config
 from scenecluster.data import list_scenes
+from scenecluster.devices import decide, local_inventory
 from scenecluster.embed import embed_images, plan_chunks
+from scenecluster.features import resolve_feature_spec
 from scenecluster.job import run_cluster_job
 from scenecluster.outputs import OutputFolder
 from tests.conftest import copy_sample
@@ -76,7 +78,9 @@ def test_tar_shards_with_a_truncated_member_and_a_damaged_shard(ray_cluster, tmp
 
 
 def _embed(listing, out, model, chunk_size=10):
-    return embed_images(listing, out, model=str(model), image_size=28, batch_size=5, chunk_size=chunk_size)
+    spec = resolve_feature_spec(str(model), image_size=28)
+    settings = EmbedConfig(image_size=28, batch_size=5, chunk_size=chunk_size)
+    return embed_images(listing, out, spec, resources=decide("cpu", local_inventory()), settings=settings)
 
 
 def test_rerun_recomputes_only_missing_parts(ray_cluster, tmp_path, tiny_model_dir):

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from scenecluster.config import EmbedConfig
 from scenecluster.data import list_scenes
+from scenecluster.devices import decide, local_inventory
 from scenecluster.embed import embed_images
 from scenecluster.errors import InputError
+from scenecluster.features import resolve_feature_spec
 from scenecluster.outputs import OutputFolder
 from tests.conftest import copy_sample
 
@@ -32,8 +35,13 @@ def test_object_vanishing_mid_run_is_counted_not_fatal(ray_cluster, s3_env, tmp_
     assert len(listing) == 12
     gone = listing.paths[5]
     s3_env.boto3_client().delete_object(Bucket="vanish", Key=gone.split("/", 1)[1])
+    spec = resolve_feature_spec(str(tiny_model_dir), image_size=28)
     result = embed_images(
-        listing, OutputFolder(str(tmp_path / "out")), model=str(tiny_model_dir), image_size=28, batch_size=4
+        listing,
+        OutputFolder(str(tmp_path / "out")),
+        spec,
+        resources=decide("cpu", local_inventory()),
+        settings=EmbedConfig(image_size=28, batch_size=4),
     )
     assert result.n_images == 12
     assert [p for p, _ in result.skipped] == [gone]

@@ -13,7 +13,7 @@ def _images(sample_dir, n, size=28):
 
 
 def test_embedder_returns_cls_of_last_layer(tiny_model_dir, sample_dir):
-    emb = Embedder(str(tiny_model_dir), device="cpu")
+    emb = Embedder.for_model(str(tiny_model_dir), device="cpu")
     images = _images(sample_dir, 4)
     feats = emb.embed(images)
     assert feats.shape == (4, emb.model.config.hidden_size) and feats.dtype == np.float32
@@ -29,15 +29,15 @@ def test_embedder_returns_cls_of_last_layer(tiny_model_dir, sample_dir):
 
 def test_intermediate_layer_and_mean_pooling(tiny_model_dir, sample_dir):
     images = _images(sample_dir, 3)
-    first = Embedder(str(tiny_model_dir), layer=1, pooling="cls+mean", device="cpu")
-    last = Embedder(str(tiny_model_dir), layer=-1, device="cpu")
+    first = Embedder.for_model(str(tiny_model_dir), layer=1, pooling="cls+mean", device="cpu")
+    last = Embedder.for_model(str(tiny_model_dir), layer=-1, device="cpu")
     f1 = first.embed(images)
     assert f1.shape == (3, 2 * first.model.config.hidden_size)
     assert not np.allclose(f1[:, : f1.shape[1] // 2], last.embed(images))
 
 
 def test_call_skips_failed_rows(tiny_model_dir, sample_dir):
-    emb = Embedder(str(tiny_model_dir), device="cpu")
+    emb = Embedder.for_model(str(tiny_model_dir), device="cpu")
     images = _images(sample_dir, 3)
     batch = {
         "path": np.array(["a", "b", "c"], dtype=object),
@@ -53,7 +53,7 @@ def test_call_skips_failed_rows(tiny_model_dir, sample_dir):
 @pytest.mark.parametrize("layer", [0, 3, -3])
 def test_bad_layer_is_rejected(tiny_model_dir, layer):
     with pytest.raises(ValueError, match="layer must be"):
-        Embedder(str(tiny_model_dir), layer=layer, device="cpu")
+        Embedder.for_model(str(tiny_model_dir), layer=layer, device="cpu")
 
 
 def test_parquet_round_trip(tmp_path):

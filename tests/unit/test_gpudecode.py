@@ -28,7 +28,7 @@ def test_cpu_fallback_matches_pil_and_marks_failures(tmp_path, sample_dir):
 
 def test_embedder_accepts_undecoded_bytes(tiny_model_dir, sample_dir):
     files = sorted(sample_dir.glob("*/*.jpg"))[:2]
-    emb = Embedder(str(tiny_model_dir), device="cpu", image_size=28)
+    emb = Embedder.for_model(str(tiny_model_dir), device="cpu", image_size=28)
     batch = {
         "path": np.array([str(f) for f in files], dtype=object),
         "bytes": np.array([f.read_bytes() for f in files], dtype=object),

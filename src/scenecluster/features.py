@@ -1,0 +1,105 @@
+"""The identity of a feature vector, resolved and checked once in the driver.
+
+A run's feature is fixed by four settings (model, hidden layer, pooling, image size). :func:`resolve_feature_spec`
+turns them into a frozen :class:`FeatureSpec` before any Ray task starts: it reads the model's config (not its
+weights), checks the layer against it, and records what was resolved at run time (the folder or id workers
+load, the layer as a 1-based index, the width and the pixel statistics). The spec then travels whole, from the
+job to the embedding actors, instead of as loose keyword arguments; its :meth:`FeatureSpec.identity` keys the
+resumable embedding parts and the run folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from scenecluster.errors import ConfigError
+from scenecluster.models import POOLINGS, pooled_width, resolve_backbone
+
+__all__ = ["FeatureSpec", "resolve_feature_spec"]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One feature: the ``pooling`` of hidden layer ``layer`` of ``model`` on ``image_size`` px images.
+
+    Attributes
+    ----------
+    model : str
+        The model as the user named it (Hub id or folder); part of the identity.
+    requested_layer : int
+        The layer as configured (``-1`` = last); part of the identity.
+    pooling : {"cls", "cls+mean"}
+    image_size : int
+    source : str
+        What workers pass to :func:`scenecluster.models.load_backbone` (a resolved folder or a cached id).
+    layer : int
+        The hidden layer as a 1-based index, ``1 .. n_layers``.
+    n_layers, hidden_size : int
+        From the model's config.
+    mean, std : tuple of float
+        Pixel normalisation the model expects, in 0..1 units.
+    """
+
+    model: str
+    requested_layer: int
+    pooling: str
+    image_size: int
+    source: str
+    layer: int
+    n_layers: int
+    hidden_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def n_features(self) -> int:
+        """Width of the feature vector."""
+        return pooled_width(self.hidden_size, self.pooling)
+
+    @property
+    def is_last_layer(self) -> bool:
+        return self.layer == self.n_layers
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine the vectors: equal identities may reuse each other's embeddings."""
+        return {
+            "model": self.model,
+            "layer": self.requested_layer,
+            "pooling": self.pooling,
+            "image_size": self.image_size,
+        }
+
+
+def resolve_feature_spec(model: str, *, layer: int = -1, pooling: str = "cls", image_size: int = 224) -> FeatureSpec:
+    """Resolve and check a feature's settings against the model's config, without loading its weights.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``embed.layer`` or ``embed.pooling`` when the model cannot give that feature.
+    scenecluster.models.ModelLoadError
+        When the model cannot be found or read.
+    """
+    if pooling not in POOLINGS:
+        raise ConfigError(f"setting embed.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+    backbone = resolve_backbone(model)
+    n_layers = int(backbone.num_hidden_layers)
+    index = layer if layer > 0 else n_layers + 1 + layer
+    if not 1 <= index <= n_layers:
+        raise ConfigError(
+            f"setting embed.layer: layer must be in 1..{n_layers} or -{n_layers}..-1 ({model} has {n_layers} "
+            f"blocks), not {layer}"
+        )
+    return FeatureSpec(
+        model=str(model),
+        requested_layer=layer,
+        pooling=pooling,
+        image_size=image_size,
+        source=str(backbone.source),
+        layer=index,
+        n_layers=n_layers,
+        hidden_size=int(backbone.hidden_size),
+        mean=tuple(backbone.mean),
+        std=tuple(backbone.std),
+    )

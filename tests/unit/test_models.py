@@ -18,11 +18,14 @@ from scenecluster.models import (
     DEFAULT_MODEL,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    POOLINGS,
     ModelLoadError,
     ResolvedBackbone,
     ensure_offline_dinov2_small,
     image_normalization,
     load_backbone,
+    pool_tokens,
+    pooled_width,
     resolve_backbone,
     save_backbone,
     tiny_dinov2_config,
@@ -361,6 +364,33 @@ def test_resolve_default_model_uses_the_offline_folder(
     assert calls == [1]
     assert resolved.source == str(folder)
     assert resolved.hidden_size == 32
+
+
+# -------------------------------------------------------------------------------------------- pooling
+def test_pool_tokens() -> None:
+    tokens = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    torch.testing.assert_close(pool_tokens(tokens, "cls"), tokens[:, 0])
+    both = pool_tokens(tokens, "cls+mean")
+    assert both.shape == (2, 6)
+    torch.testing.assert_close(both[:, :3], tokens[:, 0])
+    torch.testing.assert_close(both[:, 3:], tokens[:, 1:].mean(dim=1))
+    torch.testing.assert_close(both[0, 3:], torch.tensor([6.0, 7.0, 8.0]))  # mean of rows 1..3 of image 0
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_pooled_width_matches_pool_tokens(pooling: str) -> None:
+    tokens = torch.randn(3, 5, 32)
+    assert pool_tokens(tokens, pooling).shape == (3, pooled_width(32, pooling))
+    assert pooled_width(384, pooling) == {"cls": 384, "cls+mean": 768}[pooling]
+
+
+@pytest.mark.parametrize("func", [lambda p: pool_tokens(torch.zeros(1, 2, 4), p), lambda p: pooled_width(4, p)])
+@pytest.mark.parametrize("pooling", ["mean", "CLS", ""])
+def test_unknown_pooling_raises_naming_the_allowed_values(func, pooling: str) -> None:
+    with pytest.raises(ValueError, match="pooling must be one of") as info:
+        func(pooling)
+    assert all(allowed in str(info.value) for allowed in POOLINGS)
+    assert repr(pooling) in str(info.value)
 
 
 # ------------------------------------------------------------------------ offline fallback, without network

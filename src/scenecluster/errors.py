@@ -19,7 +19,7 @@ class OutputError(SceneClusterError):
     """The output location cannot be used (for example it holds a different run)."""
 
 
-class ConfigError(SceneClusterError):
+class ConfigError(SceneClusterError, ValueError):
     """A setting is invalid."""
 
 

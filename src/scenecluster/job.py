@@ -84,17 +84,17 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
         For bad input, settings or output folders, with a one-line message, before any Ray task starts.
     """
     timer = StageTimer(echo)
-    # The feature is checked against the model's config (not its weights) before anything else, so a bad
-    # layer or model fails in the driver in a second; for the offline model this also builds its folder
-    # once here rather than in every actor.
-    spec = resolve_feature_spec(
-        cfg.embed.model, layer=cfg.embed.layer, pooling=cfg.embed.pooling, image_size=cfg.embed.image_size
-    )
     with timer.stage("list") as note:
         listing = list_scenes(
             cfg.data.input, endpoint_url=cfg.data.endpoint_url, sample=cfg.data.sample, seed=cfg.data.seed
         )
         note["summary"] = f"{len(listing)} images under {cfg.data.input}"
+    # The feature is checked against the model's config (not its weights) before the output is claimed and
+    # Ray starts, so a bad layer or model fails in the driver in a second; for the offline model this also
+    # builds its folder once here rather than in every actor.
+    spec = resolve_feature_spec(
+        cfg.embed.model, layer=cfg.embed.layer, pooling=cfg.embed.pooling, image_size=cfg.embed.image_size
+    )
     out = prepare_output(
         OutputFolder(cfg.output, endpoint_url=cfg.data.endpoint_url), run_identity(cfg, spec), overwrite=overwrite
     )

@@ -416,6 +416,46 @@ def config_flags(model: type[BaseModel], prefix: str = "") -> list[ConfigFlag]:
     return flags
 
 
+def settings_table(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Markdown rows ``| dotted name | flag | default | what |`` for every setting of ``model`` and its sections.
+
+    ``docs/configuration.md`` is this table for each job (``python -m scenecluster.config`` rewrites it; a test
+    keeps it current), so the documentation cannot drift from the defaults.
+    """
+    rows: list[str] = []
+    for name, field in model.model_fields.items():
+        scalar, _ = _scalar_type(field.annotation)
+        if isinstance(scalar, type) and issubclass(scalar, BaseModel):
+            rows += settings_table(scalar, f"{prefix}{name}.")
+            continue
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        default = "(required)" if field.is_required() else f"`{field.get_default()}`"
+        cli = f"`{extra['flag']}`" if "flag" in extra else ""
+        rows.append(f"| `{prefix}{name}` | {cli} | {default} | {(field.description or '').replace('|', '/')} |")
+    return rows
+
+
+def configuration_markdown() -> str:
+    """The whole of ``docs/configuration.md``."""
+    jobs = [
+        ("ClusterJobConfig", "scenecluster cluster / demo, rayjobs/cluster.py"),
+        ("FinetuneConfig", "scenecluster finetune, rayjobs/finetune.py"),
+        ("PipelineConfig", "scenecluster pipeline, rayjobs/pipeline.py"),
+        ("TuneJobConfig", "rayjobs/tune.py"),
+    ]
+    parts = [
+        "# Configuration\n\n",
+        "Generated from `scenecluster.config` by `python -m scenecluster.config` (a test checks it is current).\n",
+        "Every job reads defaults, then a YAML file (`--config`), then dotted overrides (`--set a.b=v`, or a flag).\n",
+    ]
+    for name, used_by in jobs:
+        model = globals()[name]
+        parts.append(f"\n## {name} ({used_by})\n\n{(model.__doc__ or '').strip().splitlines()[0]}\n\n")
+        parts.append("| setting | flag | default | what |\n| --- | --- | --- | --- |\n")
+        parts.append("".join(row + "\n" for row in settings_table(model)))
+    return "".join(parts)
+
+
 def _scalar_type(annotation: Any) -> tuple[Any, tuple[Any, ...] | None]:
     """``int | None`` -> ``(int, None)``; ``Literal["a", "b"]`` -> ``(str, ("a", "b"))``."""
     args = [a for a in get_args(annotation) if a is not type(None)]
@@ -495,3 +535,7 @@ def describe_validation_error(exc: ValidationError, source: str | None = None) -
 def dump_config(cfg: BaseModel) -> str:
     """The resolved configuration as YAML, for ``OUT/config.yaml``."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+if __name__ == "__main__":  # python -m scenecluster.config > docs/configuration.md
+    print(configuration_markdown(), end="")

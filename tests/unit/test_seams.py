@@ -1,0 +1,169 @@
+"""The seams every stage shares: one config tree (and its documentation), one resource decision, one feature
+spec, and the registries a new projection or clusterer plugs into."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scenecluster.cli import build_parser
+from scenecluster.config import (
+    ClusterConfig,
+    ClusterJobConfig,
+    PipelineConfig,
+    ResourcesConfig,
+    config_flags,
+    configuration_markdown,
+    load_config,
+)
+from scenecluster.devices import ClusterInventory, decide
+from scenecluster.errors import ConfigError
+from scenecluster.features import resolve_feature_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_configuration_doc_is_current():
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    assert doc == configuration_markdown(), "run: python -m scenecluster.config > docs/configuration.md"
+
+
+def test_flag_help_shows_the_real_default(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["cluster", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default 5) [reduce.n_components]" in text  # --umap-dims, once documented as 10
+    flags = {f.flag: f.dotted for f in config_flags(ClusterJobConfig)}
+    assert flags["--umap-dims"] == "reduce.n_components" and flags["--torch-threads"] == "resources.torch_threads"
+
+
+def test_finetune_flags_reach_their_sections():
+    args = ["finetune", "src", "-o", "out", "--image-size", "112", "--device", "cpu", "--lr", "0.001", "--resume"]
+    from scenecluster.cli import _overrides
+
+    values = _overrides(build_parser().parse_args(args), "FinetuneConfig")
+    assert values == {"feature.image_size": 112, "resources.device": "cpu", "lr": 0.001, "resume": True}
+
+
+def _pipeline(**cluster_embed):
+    tree = {
+        "finetune": {
+            "sources": ["s"],
+            "output": "f",
+            "feature": {"image_size": 112, "pooling": "cls+mean"},
+            "data": {"endpoint_url": "http://127.0.0.1:9"},
+            "resources": {"device": "cpu"},
+        },
+        "cluster": {"output": "c", "data": {"input": "t"}, "embed": cluster_embed},
+    }
+    return load_config(None, {k: v for k, v in _flatten(tree).items()}, model=PipelineConfig)
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        elif not isinstance(value, dict):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_pipeline_config_owns_the_coupling(tmp_path):
+    cfg = _pipeline()
+    embed = cfg.cluster.embed
+    assert (embed.image_size, embed.pooling) == (112, "cls+mean")
+    assert cfg.cluster.data.endpoint_url == "http://127.0.0.1:9" and cfg.cluster.resources.device == "cpu"
+    job = cfg.cluster_job(tmp_path / "backbone")
+    assert job.embed.model == str(tmp_path / "backbone") and cfg.cluster.embed.model != job.embed.model
+    with pytest.raises(ConfigError, match=r"cluster\.embed\.image_size"):
+        _pipeline(image_size=224)
+    assert _pipeline(image_size=112).cluster.embed.image_size == 112  # the same value may be repeated
+
+
+def test_resources_are_decided_once():
+    cpu_node = ClusterInventory(num_cpus=8, num_gpus=0, cpus_per_node=8)
+    gpu_node = ClusterInventory(num_cpus=16, num_gpus=2, cpus_per_node=16)
+    cpu = decide("auto", cpu_node, actors=2)
+    assert (cpu.use_gpu, cpu.device, cpu.dtype, cpu.gpus_per_actor, cpu.torch_threads) == (
+        False,
+        "cpu",
+        "float32",
+        0,
+        4,
+    )
+    assert not cpu.decode_on_gpu and cpu.umap_backend("auto") in ("umap-learn", "cuml")
+    gpu = decide("auto", gpu_node, actors=2, torch_threads=3)
+    assert (gpu.use_gpu, gpu.device, gpu.dtype, gpu.gpus_per_actor, gpu.torch_threads) == (
+        True,
+        "cuda",
+        "bfloat16",
+        1.0,
+        3,
+    )
+    assert gpu.decode_on_gpu and not decide("auto", gpu_node, decode="cpu").decode_on_gpu
+    assert not decide("cpu", gpu_node).use_gpu
+    with pytest.raises(ConfigError, match="resources.device"):
+        decide("cuda", cpu_node)
+    assert ResourcesConfig().device == "auto"
+
+
+def test_feature_spec_checks_the_layer_without_weights(tiny_model_dir):
+    spec = resolve_feature_spec(str(tiny_model_dir), layer=-1, pooling="cls+mean", image_size=28)
+    assert (spec.layer, spec.n_layers, spec.n_features) == (2, 2, 64)
+    assert spec.identity() == {"model": str(tiny_model_dir), "layer": -1, "pooling": "cls+mean", "image_size": 28}
+    for bad in (0, 3, -3, 40):
+        with pytest.raises(ConfigError, match=r"setting embed\.layer: layer must be in 1\.\.2 or -2\.\.-1"):
+            resolve_feature_spec(str(tiny_model_dir), layer=bad)
+
+
+def test_bad_layer_fails_in_the_driver_before_ray(tmp_path, sample_dir, tiny_model_dir):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scenecluster.cli",
+            "cluster",
+            str(sample_dir),
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--layer",
+            "40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"RAY_ADDRESS": "127.0.0.1:1", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"scenecluster: error: setting embed.layer: layer must be in 1..2 or -2..-1 ({tiny_model_dir} has 2 blocks), "
+        "not 40"
+    ]
+    assert not out.exists()  # nothing claimed, and RAY_ADDRESS points nowhere: Ray was never joined
+
+
+def test_clusterer_registry_and_optional_predict_proba():
+    from scenecluster.cluster import CLUSTERERS, make_clusterer
+    from scenecluster.config import ReduceConfig
+    from scenecluster.job import fit_clusters
+    from scenecluster.reduce import PROJECTIONS, reduce_embeddings
+
+    assert set(CLUSTERERS) == set(ClusterConfig.model_fields["method"].annotation.__args__)
+    assert set(PROJECTIONS) == set(ReduceConfig.model_fields["method"].annotation.__args__)
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(c, 0.1, size=(30, 3)) for c in (0.0, 5.0, 10.0)])
+    km = make_clusterer(ClusterConfig(method="kmeans", n_components=3), X)
+    assert type(km).__name__ == "KMeans" and km.n_clusters == 3
+    cfg = load_config(None, {"output": "o", "data.input": "x", "cluster.method": "kmeans", "cluster.n_components": 3})
+    found = fit_clusters(cfg, X, decide("cpu", ClusterInventory(1, 0, 1)))
+    assert found.n_clusters == 3 and found.n_iter is not None and np.all(found.probability == 1.0)
+    Z = reduce_embeddings(X, method="pca", n_components=2, n_neighbors=5)
+    assert Z.shape == (90, 2) and Z.dtype == np.float32

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from scenecluster.data import decode_image
+from scenecluster.errors import one_line
 
 _JPEG_MAGIC = b"\xff\xd8"
 
@@ -44,7 +45,7 @@ def decode_images(
         try:
             out[i] = torch.from_numpy(decode_image(bytes(blobs[i]), image_size)).to(device)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a skipped image, never fatal
-            errors[i] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            errors[i] = one_line(exc, with_type=True)
     return out, errors
 
 

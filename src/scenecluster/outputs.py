@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from scenecluster.errors import OutputError
+from scenecluster.errors import OutputError, one_line
 
 RUN_FILE = "run.json"
 RESULT_FILES = ("embeddings.parquet", "assignments.parquet", "metrics.json", "report.html", "skipped.txt")
@@ -86,7 +86,7 @@ class OutputFolder:
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         except OSError as exc:
-            raise OutputError(f"cannot read output {self.uri!r}: {str(exc).splitlines()[0]}") from None
+            raise OutputError(f"cannot read output {self.uri!r}: {one_line(exc)}") from None
         return not infos
 
     def read_bytes(self, name: str) -> bytes:

@@ -71,9 +71,7 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 def _crop_box(size: int, scale: tuple[float, float], generator: torch.Generator) -> tuple[int, int, int, int]:
     """Draw a ``(top, left, height, width)`` box covering ``scale`` of the area, aspect ratio 3/4..4/3."""
     area = size * size * (scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=generator)))
-    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * float(
-        torch.rand((), generator=generator)
-    )
+    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * float(torch.rand((), generator=generator))
     ratio = math.exp(log_ratio)
     w = min(size, max(1, round(math.sqrt(area * ratio))))
     h = min(size, max(1, round(math.sqrt(area / ratio))))
@@ -82,18 +80,14 @@ def _crop_box(size: int, scale: tuple[float, float], generator: torch.Generator)
     return top, left, h, w
 
 
-def _random_resized_crop(
-    x: torch.Tensor, scale: tuple[float, float], generator: torch.Generator
-) -> torch.Tensor:
+def _random_resized_crop(x: torch.Tensor, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
     """Crop each image to a random box and resize it back to the input size (bilinear, antialiased)."""
     n, _, height, width = x.shape
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     for i in range(n):
         top, left, h, w = _crop_box(min(height, width), scale, generator)
         crop = x[i : i + 1, :, top : top + h, left : left + w].float()
-        out[i : i + 1] = F.interpolate(
-            crop, size=(height, width), mode="bilinear", align_corners=False, antialias=True
-        )
+        out[i : i + 1] = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
     return out
 
 

@@ -95,7 +95,9 @@ class EmbedConfig(FeatureConfig):
         "auto",
         description="where JPEGs are decoded: 'gpu' (nvJPEG in the actor), 'cpu' (PIL tasks); auto = GPU on GPUs",
     )
-    chunk_size: int = Field(4096, ge=1, description="listing entries per resumable embeddings part")
+    chunk_size: int = Field(
+        512, ge=1, description="scenes per embeddings part: the unit a worker writes and a rerun skips"
+    )
 
 
 class ReduceConfig(_Section):
@@ -161,6 +163,28 @@ class ClusterConfig(_Section):
     random_state: int | None = Field(0, description="seed")
 
 
+class ScaleConfig(_Section):
+    """How the job scales past one machine: the fit sample, the novelty flag and the single-file exports."""
+
+    fit_sample: int = Field(
+        20000,
+        ge=3,
+        description="the projection and mixture are fitted on a seeded sample of at most this many scenes; "
+        "every scene is then assigned",
+        json_schema_extra=flag("--fit-sample"),
+    )
+    novelty_quantile: float = Field(
+        0.01, ge=0, lt=1, description="scenes less likely than this share of the fitted sample are flagged novel"
+    )
+    export: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="also write embeddings.parquet and assignments.parquet as single files "
+        "('auto': when there are at most export_limit scenes)",
+    )
+    export_limit: int = Field(200_000, ge=1, description="most scenes exported as single files by 'auto'")
+    assign_actors: int = Field(1, ge=1, description="assignment actors (each holds the fitted clustering)")
+
+
 class ReportConfig(_Section):
     """What the HTML report shows."""
 
@@ -201,7 +225,23 @@ class ClusterJobConfig(_Section):
     embed: EmbedConfig = EmbedConfig()
     reduce: ReduceConfig = ReduceConfig()
     cluster: ClusterConfig = ClusterConfig()
+    scale: ScaleConfig = ScaleConfig()
     report: ReportConfig = ReportConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+
+class AssignJobConfig(_Section):
+    """Assign new scenes with a saved clustering (``scenecluster assign``, ``rayjobs/assign.py``).
+
+    The feature (backbone, layer, pooling, image size) and the projection come from the saved run, so the new
+    scenes land in the same space and keep its cluster ids.
+    """
+
+    output: str = Field(description="folder for the new scenes' embeddings and assignments")
+    clustering: str = Field(description="the output folder of a clustering run (it holds clustering/)")
+    data: DataConfig
+    embed: EmbedConfig = EmbedConfig()
+    scale: ScaleConfig = ScaleConfig()
     resources: ResourcesConfig = ResourcesConfig()
 
 
@@ -442,6 +482,7 @@ def configuration_markdown() -> str:
         ("FinetuneConfig", "scenecluster finetune, rayjobs/finetune.py"),
         ("PipelineConfig", "scenecluster pipeline, rayjobs/pipeline.py"),
         ("TuneJobConfig", "rayjobs/tune.py"),
+        ("AssignJobConfig", "scenecluster assign, rayjobs/assign.py"),
     ]
     parts = [
         "# Configuration\n\n",

@@ -73,9 +73,9 @@ class Resources:
         Intra-op threads of each actor or worker, so that actors x threads fits a node.
     cpus_per_node : float
     fit_device : {"cuda", "cpu"}
-        Where the driver-side fits (the mixture) run: this process's GPU when it has one and GPUs are allowed.
+        Where the fit task runs the projection and the mixture (it asks Ray for a GPU on GPU runs).
     cuml : bool
-        cuML UMAP is importable and ``fit_device`` is a GPU.
+        cuML UMAP is importable (the nodes run the same image) and the fit runs on a GPU.
     decode_on_gpu : bool
         Embedding actors decode JPEGs with nvJPEG rather than PIL tasks decoding them first.
     """
@@ -135,7 +135,7 @@ def decide(
         raise ConfigError("setting resources.device: 'cuda' was asked for, but the Ray cluster has no GPU")
     use_gpu = device == "cuda" or (device == "auto" and inventory.num_gpus > 0)
     gpus_per_actor = actor_gpus or (1.0 if use_gpu else 0.0)
-    fit_device = "cpu" if device == "cpu" or not torch.cuda.is_available() else "cuda"
+    fit_device = "cuda" if use_gpu else "cpu"  # the fit runs in a Ray task that holds a GPU on GPU runs
     return Resources(
         use_gpu=use_gpu,
         device="cuda" if use_gpu else "cpu",

@@ -11,8 +11,6 @@ sources and the feature settings, so a rerun skips the parts already written and
 
 from __future__ import annotations
 
-import hashlib
-import json
 import posixpath
 import time
 from collections.abc import Iterator
@@ -26,12 +24,15 @@ import pyarrow.parquet as pq
 import torch
 
 from scenecluster.config import EmbedConfig
-from scenecluster.data import SceneListing, decode_batch, folder_label, read_batch
+from scenecluster.data import SceneListing, decode_batch, read_batch
 from scenecluster.devices import Resources, resolve_torch_device
 from scenecluster.errors import InputError
 from scenecluster.features import FeatureSpec, resolve_feature_spec
+from scenecluster.manifest import MANIFEST, part_name, write_manifest_paths
 from scenecluster.models import load_backbone, pool_tokens
 from scenecluster.outputs import OutputFolder
+
+EMBEDDINGS = "embeddings"  # the parts folder inside a run
 
 
 class Embedder:
@@ -174,16 +175,12 @@ class Chunk:
 
 
 def plan_chunks(sources: list[str], chunk_size: int, feature_identity: dict) -> list[Chunk]:
-    """Cut the (sorted) listing into chunks keyed by their sources and the feature settings."""
-    ident = json.dumps(feature_identity, sort_keys=True).encode()
+    """Cut a listing into chunks keyed by their sources and the feature settings (as the manifest does)."""
     chunks = []
     for index, start in enumerate(range(0, len(sources), chunk_size)):
         members = sources[start : start + chunk_size]
-        digest = hashlib.sha1(ident)
-        for src in members:
-            digest.update(src.encode())
-            digest.update(b"\0")
-        chunks.append(Chunk(index=index, sources=members, key=digest.hexdigest()[:16]))
+        name = part_name(index, members, feature_identity)
+        chunks.append(Chunk(index=index, sources=members, key=name.rsplit("-", 1)[1]))
     return chunks
 
 
@@ -232,86 +229,130 @@ def embed_images(
     settings: EmbedConfig,
     with_labels: bool = False,
 ) -> EmbedResult:
-    """Embed every image of ``listing`` on the current Ray cluster into ``out/embeddings.parquet``.
+    """Embed every image of ``listing`` on the current Ray cluster into parts and ``out/embeddings.parquet``.
 
-    Finished chunks land in ``out/embeddings/part-*.parquet`` as they complete; a rerun skips them. At the
-    end the parts are streamed into ``embeddings.parquet`` (written atomically) and the rows that could
-    not be read or decoded are returned in ``EmbedResult.skipped``.
+    The listing's parts go to ``out/manifest/`` and the workers write ``out/embeddings/part-*.parquet`` as they
+    finish (a rerun skips the parts already written); then the parts are exported into one
+    ``embeddings.parquet`` and the rows that could not be read or decoded are returned in ``EmbedResult.skipped``.
     """
     start = time.perf_counter()
-    chunks = plan_chunks(listing.paths, settings.chunk_size, spec.identity())
-    done = set(out.list("embeddings"))
-    todo = [c for c in chunks if c.part_name not in done]
-    result = EmbedResult(n_images=0, chunks_reused=len(chunks) - len(todo), chunks_computed=len(todo))
-    if todo:
-        sources = [src for c in todo for src in c.sources]
-        ds = build_embedding_dataset(sources, listing.filesystem, spec, resources=resources, settings=settings)
-        _write_parts(ds.iter_batches(batch_size=None, batch_format="numpy"), out, todo)
-    result = _combine_parts(out, chunks, with_labels, result)
-    result.seconds = time.perf_counter() - start
-    return result
-
-
-def _part_table(paths, errors, embeddings: np.ndarray) -> pa.Table:
-    return pa.table(
-        {
-            "path": pa.array(list(paths), pa.string()),
-            "error": pa.array([str(e) for e in errors], pa.string()),
-            "embedding": _vector_column(embeddings),
-        }
+    write_manifest_paths(iter(listing.paths), out, identity=spec.identity(), chunk_size=settings.chunk_size)
+    summary = embed_parts(out, listing.filesystem, spec, resources, settings, with_labels=with_labels)
+    export_embeddings(out, summary, with_labels=with_labels)
+    skipped = list(iter_skipped(out))
+    return EmbedResult(
+        n_images=summary.n_images,
+        skipped=skipped,
+        seconds=time.perf_counter() - start,
+        chunks_reused=summary.reused,
+        chunks_computed=summary.computed,
     )
 
 
-def _write_parts(batches: Iterator[dict[str, np.ndarray]], out: OutputFolder, todo: list[Chunk]) -> None:
-    """Group the ordered output rows by chunk and write each chunk's part as soon as it is complete."""
-    chunk_of = {src: i for i, c in enumerate(todo) for src in c.sources}
-    current = 0
-    pending: list[pa.Table] = []
+@dataclass
+class EmbedSummary:
+    """Counts of an embedding pass over parts: what the driver holds instead of the embeddings."""
 
-    def flush(upto: int) -> None:
-        nonlocal current, pending
-        while current < upto:
-            table = pa.concat_tables(pending) if pending else None
-            if table is not None:
-                out.write_table(posixpath.join("embeddings", todo[current].part_name), table)
-            pending = []
-            current += 1
+    n_images: int
+    n_ok: int
+    parts: list[tuple[str, int]]  # (part name, embedded rows), in manifest order
+    reused: int
+    computed: int
+    seconds: float
 
-    for batch in batches:
-        owners = np.array([chunk_of[s] for s in batch["source"]])
-        for idx in np.unique(owners):  # ascending, and never below `current` with preserve_order
-            if idx > current:
-                flush(idx)
-            rows = owners == idx
-            pending.append(_part_table(batch["path"][rows], batch["error"][rows], batch["embedding"][rows]))
-    flush(len(todo))
+    def summary(self) -> str:
+        skipped = self.n_images - self.n_ok
+        if self.computed == 0:
+            return f"reused {self.n_ok} embeddings in {self.reused} parts ({skipped} skipped)"
+        text = f"{self.n_ok} embedded, {skipped} skipped, {self.n_images / max(self.seconds, 1e-9):.1f} images/s"
+        return text + (f", {self.reused} of {self.reused + self.computed} parts reused" if self.reused else "")
 
 
-def _combine_parts(out: OutputFolder, chunks: list[Chunk], with_labels: bool, result: EmbedResult) -> EmbedResult:
-    """Stream the parts, in listing order, into ``embeddings.parquet``; collect the skipped rows."""
+def embed_parts(
+    out: OutputFolder, filesystem, spec: FeatureSpec, resources: Resources, settings: EmbedConfig, *, with_labels: bool
+) -> EmbedSummary:
+    """Run :class:`scenecluster.scale.PartEmbedder` actors over ``out/manifest/``; return the counts.
+
+    Raises
+    ------
+    InputError
+        When not one image could be read and decoded (``skipped.txt`` lists why).
+    """
+    import ray
+
+    from scenecluster.scale import PartEmbedder
+
+    start = time.perf_counter()
+    ds = ray.data.read_parquet(out.path(MANIFEST), filesystem=out.fs, file_extensions=["parquet"])
+    ds = ds.map_batches(
+        PartEmbedder,
+        fn_constructor_args=(spec, out, filesystem, resources),
+        fn_constructor_kwargs={"batch_size": settings.batch_size, "with_labels": with_labels},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=settings.num_actors),
+        num_cpus=settings.actor_cpus,
+        num_gpus=resources.gpus_per_actor,
+    )
+    rows: list[tuple[str, int, int, bool]] = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        rows += zip(
+            batch["name"].tolist(),
+            batch["n_rows"].tolist(),
+            batch["n_ok"].tolist(),
+            batch["reused"].tolist(),
+            strict=True,
+        )
+    rows.sort()
+    summary = EmbedSummary(
+        n_images=sum(r[1] for r in rows),
+        n_ok=sum(r[2] for r in rows),
+        parts=[(name, n_ok) for name, _, n_ok, _ in rows],
+        reused=sum(1 for r in rows if r[3]),
+        computed=sum(1 for r in rows if not r[3]),
+        seconds=time.perf_counter() - start,
+    )
+    if summary.n_ok == 0:
+        write_skipped(out)
+        raise InputError(
+            f"none of the {summary.n_images} images could be read and decoded; see {out.display('skipped.txt')}"
+        )
+    return summary
+
+
+def iter_skipped(out: OutputFolder) -> Iterator[tuple[str, str]]:
+    """``(path, reason)`` of every row the parts hold without an embedding, streamed from their error column."""
+    import pyarrow.dataset as pads
+
+    parts = pads.dataset(out.path(EMBEDDINGS), filesystem=out.fs, format="parquet")
+    for batch in parts.to_batches(columns=["path", "error"], filter=pc.field("error") != ""):
+        yield from zip(batch.column("path").to_pylist(), batch.column("error").to_pylist(), strict=True)
+
+
+def write_skipped(out: OutputFolder) -> int:
+    """Write ``skipped.txt`` (path, tab, reason per line) from the parts, streaming; return the count."""
+    count = 0
+    with out.open_atomic("skipped.txt") as sink:
+        for path, reason in iter_skipped(out):
+            sink.write(f"{path}\t{reason}\n".encode())
+            count += 1
+    return count
+
+
+def export_embeddings(out: OutputFolder, summary: EmbedSummary, *, with_labels: bool) -> None:
+    """Stream the parts' embedded rows, in listing order, into one ``embeddings.parquet`` (kept when unchanged)."""
+    if summary.computed == 0 and out.exists("embeddings.parquet"):
+        return
     writer: pq.ParquetWriter | None = None
     with out.open_atomic("embeddings.parquet") as sink:
-        for chunk in chunks:
-            part = out.read_table(posixpath.join("embeddings", chunk.part_name))
-            result.n_images += part.num_rows
-            bad = pc.not_equal(part.column("error"), "")
-            for p, e in zip(
-                part.filter(bad).column("path").to_pylist(), part.filter(bad).column("error").to_pylist(), strict=True
-            ):
-                result.skipped.append((p, e))
-            good = part.filter(pc.invert(bad))
-            if good.num_rows == 0:
+        for name, n_ok in summary.parts:
+            if n_ok == 0:
                 continue
-            d = good.schema.field("embedding").type.list_size
-            cols = {"path": good.column("path")}
-            if with_labels:
-                cols["label"] = pa.array([folder_label(p) for p in good.column("path").to_pylist()], pa.string())
-            cols["embedding"] = good.column("embedding")
-            table = pa.table(cols, schema=embedding_schema(d, with_labels))
+            part = out.read_table(posixpath.join(EMBEDDINGS, f"{name}.parquet"))
+            good = part.filter(pc.equal(part.column("error"), ""))
+            columns = ["path", "label", "embedding"] if with_labels else ["path", "embedding"]
+            table = good.select(columns)
             if writer is None:
                 writer = pq.ParquetWriter(sink, table.schema)
             writer.write_table(table)
-        if writer is None:
-            raise InputError(f"none of the {result.n_images} images could be read and decoded; see skipped.txt")
-        writer.close()
-    return result
+        if writer is not None:
+            writer.close()

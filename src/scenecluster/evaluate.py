@@ -75,3 +75,42 @@ def input_silhouette(X: np.ndarray, labels_pred: Sequence, index: np.ndarray, me
     if n_distinct < 2 or n_distinct >= len(sub):
         return -1.0
     return float(silhouette_score(X[index], sub, metric=metric))
+
+
+def scores_from_contingency(table: np.ndarray) -> dict[str, float | int]:
+    """``acc``, ``nmi``, ``ari``, ``n_classes`` and ``n_clusters`` from a (cluster x class) count table.
+
+    The same numbers :func:`score_clusters` gives from the two label vectors, but from counts that workers
+    add up part by part, so an archive of any size is scored without its labels in one place. NMI uses the
+    arithmetic mean of the entropies (scikit-learn's default).
+    """
+    from scipy.special import comb
+
+    table = np.asarray(table, dtype=np.int64)
+    table = table[table.sum(1) > 0][:, table.sum(0) > 0]
+    n = int(table.sum())
+    if n == 0:
+        raise ValueError("cannot score an empty labelling")
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    a, b = table.sum(1), table.sum(0)
+    sum_comb = comb(table, 2).sum()
+    expected = comb(a, 2).sum() * comb(b, 2).sum() / comb(n, 2) if n > 1 else 0.0
+    maximum = (comb(a, 2).sum() + comb(b, 2).sum()) / 2
+    ari = 1.0 if maximum == expected else float((sum_comb - expected) / (maximum - expected))
+    nz = table > 0
+    p = table[nz] / n
+    mi = float((p * (np.log(table[nz] * n) - np.log(np.outer(a, b)[nz]))).sum())
+    h_a, h_b = _entropy(a / n), _entropy(b / n)
+    nmi = 1.0 if h_a == h_b == 0 else float(mi / max((h_a + h_b) / 2, np.finfo(float).eps))
+    return {
+        "acc": float(table[rows, cols].sum() / n),
+        "nmi": nmi,
+        "ari": ari,
+        "n_classes": int(table.shape[1]),
+        "n_clusters": int(table.shape[0]),
+    }
+
+
+def _entropy(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())

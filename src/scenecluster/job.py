@@ -1,39 +1,39 @@
-"""The clustering job: list -> embed (Ray Data) -> project -> cluster -> assignments, metrics, report.
+"""The clustering job: list -> embed -> fit on a sample -> assign every scene -> metrics, exports, report.
 
-:func:`run_cluster_job` is the one public entry; the CLI, ``rayjobs/cluster.py`` and the tests all call it.
-It resolves the feature (:mod:`scenecluster.features`) and the resources (:mod:`scenecluster.devices`) once,
-then hands them to each stage. Each stage prints a one-line summary and its wall time lands in
-``metrics.json``.
+:func:`run_cluster_job` is the one public entry for clustering; the CLI, ``rayjobs/cluster.py`` and the tests
+all call it. :func:`run_assign_job` assigns new scenes with a saved run's clustering. Both resolve the feature
+(:mod:`scenecluster.features`) and the resources (:mod:`scenecluster.devices`) once, and every per-scene
+stage runs on Ray workers over parts (:mod:`scenecluster.scale`): the driver holds counts, the fitted sample
+for the report, and nothing that grows with the archive. Each stage prints a one-line summary and its wall
+time lands in ``metrics.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from scenecluster import __version__
-from scenecluster.cluster import make_clusterer
-from scenecluster.config import ClusterJobConfig, dump_config
-from scenecluster.data import SceneListing, list_scenes, read_image_for_display
-from scenecluster.devices import Resources, decide, local_inventory
-from scenecluster.embed import embed_images, read_embeddings
-from scenecluster.evaluate import score_clusters
+from scenecluster.config import AssignJobConfig, ClusterJobConfig, dump_config
+from scenecluster.data import SceneListing, open_filesystem, read_image_for_display
+from scenecluster.devices import Resources, decide
+from scenecluster.embed import embed_parts, export_embeddings, write_skipped
+from scenecluster.evaluate import scores_from_contingency
 from scenecluster.features import FeatureSpec, resolve_feature_spec
+from scenecluster.manifest import check_input, write_manifest
 from scenecluster.outputs import OutputFolder, prepare_output
-from scenecluster.reduce import reduce_embeddings
 from scenecluster.report import write_report
+from scenecluster.stages import AssignSummary, assign_parts, export_assignments, fit_remote
 
-__all__ = ["ClusterResult", "StageTimer", "relabel_by_size", "run_cluster_job", "run_identity"]
+__all__ = ["StageTimer", "relabel_by_size", "run_assign_job", "run_cluster_job", "run_identity"]
 
 
-def run_identity(cfg: ClusterJobConfig, spec: FeatureSpec) -> dict[str, Any]:
+def run_identity(cfg: ClusterJobConfig | AssignJobConfig, spec: FeatureSpec) -> dict[str, Any]:
     """The settings that determine the embeddings: a rerun with the same identity may reuse them."""
     return {
         "input": cfg.data.input,
@@ -60,21 +60,6 @@ class StageTimer:
         self.echo(f"[{name}] {note.get('summary', 'done')} ({self.seconds[name]:.1f} s)")
 
 
-@dataclass
-class ClusterResult:
-    """What the clustering stage found for the embedded scenes, in their order."""
-
-    clusters: np.ndarray  # (n,) int32, 0 = largest
-    probability: np.ndarray  # (n,) float32 of the chosen cluster (1.0 for hard clusterers)
-    n_iter: int | None
-    converged: bool
-    lower_bound: float
-
-    @property
-    def n_clusters(self) -> int:
-        return int(len(np.unique(self.clusters)))
-
-
 def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=print) -> dict[str, Any]:
     """Run the whole job and return the metrics (also written to ``OUT/metrics.json``).
 
@@ -84,11 +69,62 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
         For bad input, settings or output folders, with a one-line message, before any Ray task starts.
     """
     timer = StageTimer(echo)
-    with timer.stage("list") as note:
-        listing = list_scenes(
-            cfg.data.input, endpoint_url=cfg.data.endpoint_url, sample=cfg.data.sample, seed=cfg.data.seed
+    spec, out, resources = _prepare(cfg, overwrite, timer)
+    embedded = _embed_stage(cfg, out, spec, resources, timer)
+    with timer.stage("fit") as note:
+        fit = fit_remote(out, embedded.parts, cfg, spec, resources, fit_key=_fit_key(cfg))
+        timer.seconds.update({k: v for k, v in fit["stage_seconds"].items()})
+        note["summary"] = (
+            f"{'reused' if fit['reused'] else 'fitted'} {cfg.reduce.method} + {cfg.cluster.method} on "
+            f"{fit['n_fit']} scenes: {fit['n_clusters']} clusters"
         )
-        note["summary"] = f"{len(listing)} images under {cfg.data.input}"
+    with timer.stage("assign") as note:
+        assigned = assign_parts(out, out, resources, cfg.scale.assign_actors, cfg.data.labels == "folders")
+        note["summary"] = f"{assigned.n} scenes in {assigned.n_clusters} clusters, {assigned.novel} novel"
+    metrics = _metrics(embedded, assigned, fit)
+    _exports(cfg, out, embedded, timer)
+    with timer.stage("report") as note:
+        html = _report(cfg, fit["report"], {**metrics, "stage_seconds": timer.seconds})
+        out.write_text("report.html", html)
+        note["summary"] = out.display("report.html")
+    return _finish(out, metrics, timer)
+
+
+def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print) -> dict[str, Any]:
+    """Embed the scenes of ``cfg.data.input`` with a saved run's feature and assign them with its clustering.
+
+    Cluster ids are the saved run's; scenes less likely than the run's calibrated threshold are ``novel``.
+    """
+    from scenecluster.fitted import read_clustering_meta
+
+    timer = StageTimer(echo)
+    source = OutputFolder(cfg.clustering, endpoint_url=cfg.data.endpoint_url)
+    feature = read_clustering_meta(source)["feature"]
+    cfg = cfg.model_copy(update={"embed": cfg.embed.model_copy(update=_feature_settings(feature))}, deep=True)
+    spec, out, resources = _prepare(cfg, overwrite, timer)
+    embedded = _embed_stage(cfg, out, spec, resources, timer)
+    with timer.stage("assign") as note:
+        assigned = assign_parts(out, source, resources, cfg.scale.assign_actors, cfg.data.labels == "folders")
+        note["summary"] = f"{assigned.n} scenes in {assigned.n_clusters} clusters, {assigned.novel} novel"
+    metrics = {**_metrics(embedded, assigned, None), "clustering": source.display("clustering")}
+    _exports(cfg, out, embedded, timer)
+    return _finish(out, metrics, timer)
+
+
+def _feature_settings(feature: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": feature["model"],
+        "layer": feature["layer"],
+        "pooling": feature["pooling"],
+        "image_size": feature["image_size"],
+    }
+
+
+def _prepare(cfg, overwrite: bool, timer: StageTimer) -> tuple[FeatureSpec, OutputFolder, Resources]:
+    """Check the input, resolve the feature, claim the output, decide the resources: all before heavy work."""
+    from scenecluster.raycluster import ensure_ray
+
+    check_input(cfg.data.input, endpoint_url=cfg.data.endpoint_url)
     # The feature is checked against the model's config (not its weights) before the output is claimed and
     # Ray starts, so a bad layer or model fails in the driver in a second; for the offline model this also
     # builds its folder once here rather than in every actor.
@@ -99,146 +135,103 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
         OutputFolder(cfg.output, endpoint_url=cfg.data.endpoint_url), run_identity(cfg, spec), overwrite=overwrite
     )
     out.write_text("config.yaml", dump_config(cfg))
-    reuse = out.exists("embeddings.parquet") and out.exists("skipped.txt")
-    resources = _decide_resources(cfg, start_ray=not reuse)
-
-    with timer.stage("embed") as note:
-        n_images, skipped = _embed_stage(cfg, listing, out, spec, resources, note)
-    paths, X, labels = read_embeddings(out.path("embeddings.parquet"), filesystem=out.fs)
-    with timer.stage("reduce") as note:
-        Z = reduce_embeddings(X, **_reduce_settings(cfg, resources))
-        note["summary"] = f"{cfg.reduce.method} {X.shape[1]} -> {Z.shape[1]} dims"
-    with timer.stage("cluster") as note:
-        found = fit_clusters(cfg, Z, resources)
-        iterations = f" after {found.n_iter} iterations" if found.n_iter is not None else ""
-        note["summary"] = f"{found.n_clusters} clusters{iterations}"
-
-    metrics = _metrics(n_images, len(paths), len(skipped), found, labels)
-    with timer.stage("write") as note:
-        out.write_table("assignments.parquet", _assignments_table(paths, found, labels))
-        note["summary"] = f"assignments for {len(paths)} images"
-    with timer.stage("report") as note:
-        html = _report(cfg, resources, listing, paths, X, labels, found, {**metrics, "stage_seconds": timer.seconds})
-        out.write_text("report.html", html)
-        note["summary"] = out.display("report.html")
-
-    metrics["stage_seconds"] = timer.seconds
-    metrics["scenecluster_version"] = __version__
-    out.write_text("metrics.json", json.dumps(metrics, indent=2))
-    return metrics
-
-
-def _decide_resources(cfg: ClusterJobConfig, *, start_ray: bool) -> Resources:
-    """The run's one resource decision: on the Ray cluster when embedding work remains, else this machine."""
-    if start_ray:
-        from scenecluster.raycluster import ensure_ray
-
-        inventory = ensure_ray(cfg.resources)
-    else:
-        inventory = local_inventory()
-    return decide(
+    resources = decide(
         cfg.resources.device,
-        inventory,
+        ensure_ray(cfg.resources),
         actors=cfg.embed.num_actors,
         torch_threads=cfg.resources.torch_threads,
         actor_gpus=cfg.embed.actor_gpus,
         decode=cfg.embed.decode,
     )
+    return spec, out, resources
 
 
-def _embed_stage(
-    cfg: ClusterJobConfig, listing: SceneListing, out: OutputFolder, spec: FeatureSpec, resources: Resources, note
-) -> tuple[int, list[list[str]]]:
-    """Embed (or reuse the embeddings of an earlier run of the same identity); return counts and skipped rows."""
-    if out.exists("embeddings.parquet") and out.exists("skipped.txt"):
-        n_ok = pq.read_metadata(out.path("embeddings.parquet"), filesystem=out.fs).num_rows
-        skipped = [line.split("\t", 1) for line in out.read_text("skipped.txt").splitlines() if line]
-        note["summary"] = f"reused {out.display('embeddings.parquet')} ({n_ok} embeddings)"
-        return n_ok + len(skipped), skipped
-    result = embed_images(
-        listing, out, spec, resources=resources, settings=cfg.embed, with_labels=cfg.data.labels == "folders"
-    )
-    skipped = [list(s) for s in result.skipped]
-    out.write_text("skipped.txt", "".join(f"{p}\t{e}\n" for p, e in skipped))
-    reused = f", {result.chunks_reused} of {result.chunks_reused + result.chunks_computed} parts reused"
-    note["summary"] = (
-        f"{result.n_images - len(skipped)} embedded, {len(skipped)} skipped, "
-        f"{result.n_images / max(result.seconds, 1e-9):.1f} images/s" + (reused if result.chunks_reused else "")
-    )
-    return result.n_images, skipped
+def _embed_stage(cfg, out: OutputFolder, spec: FeatureSpec, resources: Resources, timer: StageTimer):
+    with timer.stage("list") as note:
+        manifest = write_manifest(
+            cfg.data.input,
+            out,
+            identity=spec.identity(),
+            chunk_size=cfg.embed.chunk_size,
+            endpoint_url=cfg.data.endpoint_url,
+            sample=cfg.data.sample,
+            seed=cfg.data.seed,
+        )
+        note["summary"] = f"{manifest.n_sources} images under {cfg.data.input} in {manifest.n_parts} parts"
+    with timer.stage("embed") as note:
+        filesystem = open_filesystem(cfg.data.input, endpoint_url=cfg.data.endpoint_url)[0]
+        embedded = embed_parts(out, filesystem, spec, resources, cfg.embed, with_labels=cfg.data.labels == "folders")
+        write_skipped(out)
+        note["summary"] = embedded.summary()
+    return embedded
 
 
-def _reduce_settings(cfg: ClusterJobConfig, resources: Resources, **changes: Any) -> dict[str, Any]:
-    settings = {**cfg.reduce.model_dump(), **changes}
-    settings["backend"] = resources.umap_backend(cfg.reduce.backend)
-    return settings
-
-
-def fit_clusters(cfg: ClusterJobConfig, Z: np.ndarray, resources: Resources) -> ClusterResult:
-    """Fit the configured clusterer on the projection ``Z``; clusters renumbered from the largest.
-
-    Only ``fit_predict`` is required of the estimator; ``predict_proba``, ``n_iter_``, ``converged_`` and
-    ``lower_bound_`` are used when it has them.
-    """
-    model = make_clusterer(cfg.cluster, Z, device=resources.fit_device)
-    raw = np.asarray(model.fit_predict(Z))
-    if hasattr(model, "predict_proba"):
-        proba = model.predict_proba(Z)
-        raw = proba.argmax(axis=1)
-        probability = proba[np.arange(len(raw)), raw].astype(np.float32)
-    else:
-        probability = np.ones(len(raw), dtype=np.float32)
-    n_iter = getattr(model, "n_iter_", None)
-    return ClusterResult(
-        clusters=relabel_by_size(raw),
-        probability=probability,
-        n_iter=None if n_iter is None else int(n_iter),
-        converged=bool(getattr(model, "converged_", True)),
-        lower_bound=float(getattr(model, "lower_bound_", float("nan"))),
-    )
-
-
-def _metrics(n_images: int, n_embedded: int, n_skipped: int, found: ClusterResult, labels) -> dict[str, Any]:
-    metrics: dict[str, Any] = {
-        "n_images": int(n_images),
-        "n_embedded": int(n_embedded),
-        "n_skipped": int(n_skipped),
-        "n_clusters": found.n_clusters,
-        "converged": found.converged,
-        "lower_bound": found.lower_bound,
+def _fit_key(cfg: ClusterJobConfig) -> str:
+    """What decides the fitted clustering besides the embeddings: a change refits and reassigns."""
+    settings = {
+        "reduce": cfg.reduce.model_dump(),
+        "cluster": cfg.cluster.model_dump(),
+        "fit_sample": cfg.scale.fit_sample,
+        "novelty_quantile": cfg.scale.novelty_quantile,
+        "seed": cfg.data.seed,
     }
-    if labels is not None:
-        metrics.update({k: v for k, v in score_clusters(labels, found.clusters).items() if k != "n_clusters"})
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _metrics(embedded, assigned: AssignSummary, fit: dict[str, Any] | None) -> dict[str, Any]:
+    metrics: dict[str, Any] = {
+        "n_images": int(embedded.n_images),
+        "n_embedded": int(embedded.n_ok),
+        "n_skipped": int(embedded.n_images - embedded.n_ok),
+        "n_clusters": assigned.n_clusters,
+        "n_novel": assigned.novel,
+    }
+    if fit is not None:
+        metrics.update(n_fit=fit["n_fit"], converged=fit["info"]["converged"], lower_bound=fit["info"]["lower_bound"])
+    if assigned.contingency is not None:
+        scores = scores_from_contingency(assigned.contingency)
+        metrics.update({k: v for k, v in scores.items() if k != "n_clusters"})
     return metrics
 
 
-def _assignments_table(paths: list[str], found: ClusterResult, labels) -> pa.Table:
-    table = {
-        "path": pa.array(paths, pa.string()),
-        "cluster": pa.array(found.clusters, pa.int32()),
-        "probability": pa.array(found.probability, pa.float32()),
-    }
-    if labels is not None:
-        table["label"] = pa.array(labels, pa.string())
-    return pa.table(table)
+def _exports(cfg, out: OutputFolder, embedded, timer: StageTimer) -> None:
+    """Single-file copies of the part datasets, for runs small enough to want them."""
+    export = cfg.scale.export == "always" or (cfg.scale.export == "auto" and embedded.n_ok <= cfg.scale.export_limit)
+    if not export:
+        return
+    with timer.stage("write") as note:
+        export_embeddings(out, embedded, with_labels=cfg.data.labels == "folders")
+        export_assignments(out)
+        note["summary"] = f"{out.display('embeddings.parquet')} and assignments.parquet"
 
 
-def _report(cfg, resources, listing, paths, X, labels, found: ClusterResult, metrics: dict[str, Any]) -> str:
-    """The HTML report, with a 2-D projection of a subsample for the scatter."""
-    xy_index = _subsample(len(paths), cfg.report.scatter_points, seed=cfg.data.seed)
-    xy = reduce_embeddings(X[xy_index], **_reduce_settings(cfg, resources, n_components=2))
+def _report(cfg: ClusterJobConfig, sample: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """The HTML report, drawn from the fitted sample (at most ``scale.fit_sample`` scenes)."""
+    fs, root = open_filesystem(cfg.data.input, endpoint_url=cfg.data.endpoint_url)
+    listing = SceneListing(uri=cfg.data.input, root=root, paths=[], filesystem=fs)
     size = 96
     return write_report(
-        paths=paths,
-        clusters=found.clusters,
-        xy=xy,
-        xy_index=xy_index,
+        paths=sample["paths"],
+        clusters=np.asarray(sample["clusters"]),
+        xy=np.asarray(sample["xy"]),
+        xy_index=np.asarray(sample["xy_index"]),
         metrics=metrics,
         read_thumbnail=lambda p: read_image_for_display(listing, p, size),
-        labels=labels,
+        labels=sample["labels"],
         thumbnails_per_cluster=cfg.report.thumbnails_per_cluster,
         seed=cfg.data.seed,
     )
+
+
+def _finish(out: OutputFolder, metrics: dict[str, Any], timer: StageTimer) -> dict[str, Any]:
+    metrics["stage_seconds"] = timer.seconds
+    metrics["scenecluster_version"] = __version__
+    out.write_text("metrics.json", json.dumps(metrics, indent=2, default=_plain))
+    return metrics
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
 
 
 def relabel_by_size(raw: np.ndarray) -> np.ndarray:
@@ -249,7 +242,8 @@ def relabel_by_size(raw: np.ndarray) -> np.ndarray:
     return np.array([mapping[c] for c in raw], dtype=np.int32)
 
 
-def _subsample(n: int, k: int, *, seed: int) -> np.ndarray:
+def subsample(n: int, k: int, *, seed: int) -> np.ndarray:
     if n <= k:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+

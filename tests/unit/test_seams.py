@@ -153,7 +153,7 @@ def test_bad_layer_fails_in_the_driver_before_ray(tmp_path, sample_dir, tiny_mod
 def test_clusterer_registry_and_optional_predict_proba():
     from scenecluster.cluster import CLUSTERERS, make_clusterer
     from scenecluster.config import ReduceConfig
-    from scenecluster.job import fit_clusters
+    from scenecluster.fitted import fit_clustering
     from scenecluster.reduce import PROJECTIONS, reduce_embeddings
 
     assert set(CLUSTERERS) == set(ClusterConfig.model_fields["method"].annotation.__args__)
@@ -162,8 +162,15 @@ def test_clusterer_registry_and_optional_predict_proba():
     X = np.concatenate([rng.normal(c, 0.1, size=(30, 3)) for c in (0.0, 5.0, 10.0)])
     km = make_clusterer(ClusterConfig(method="kmeans", n_components=3), X)
     assert type(km).__name__ == "KMeans" and km.n_clusters == 3
-    cfg = load_config(None, {"output": "o", "data.input": "x", "cluster.method": "kmeans", "cluster.n_components": 3})
-    found = fit_clusters(cfg, X, decide("cpu", ClusterInventory(1, 0, 1)))
-    assert found.n_clusters == 3 and found.n_iter is not None and np.all(found.probability == 1.0)
+    fitted, clusters, coords = fit_clustering(
+        X,
+        feature={},
+        reduce={"method": "pca", "n_components": 2},
+        cluster=ClusterConfig(method="kmeans", n_components=3),
+    )
+    assert len(np.unique(clusters)) == 3 and coords.shape == (90, 2) and fitted.info["n_iter"] is not None
+    assigned = fitted.assign(X)  # k-means has no predict_proba or score_samples: both are optional
+    assert np.array_equal(assigned["cluster"], clusters) and np.all(assigned["probability"] == 1.0)
+    assert not assigned["novel"].any()
     Z = reduce_embeddings(X, method="pca", n_components=2, n_neighbors=5)
     assert Z.shape == (90, 2) and Z.dtype == np.float32

@@ -1,0 +1,210 @@
+"""Stream an archive's listing into a manifest of parts, so the driver never holds the whole listing.
+
+A folder is walked (sorted, one directory at a time; symbolic links to folders are not followed, so a link
+loop cannot make it hang or list a file twice) and an S3 prefix is paged (1,000 keys a request, in key
+order) lazily. The driver groups consecutive entries into *parts* of ``chunk_size`` and writes them, a few
+hundred parts per file, to ``OUT/manifest/``; Ray Data reads that folder, so what the driver holds is one
+part and the counts. A part's name carries a hash of its sources and the feature identity, so a rerun that
+finds ``embeddings/<part>.parquet`` knows that part is done. With ``sample``, a seeded reservoir keeps a
+uniform sample (memory grows with the sample, not the archive).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import os
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from scenecluster.data import ARCHIVE_SUFFIXES, IMAGE_SUFFIXES, open_filesystem
+from scenecluster.errors import InputError, one_line
+from scenecluster.outputs import OutputFolder
+
+__all__ = [
+    "Manifest",
+    "check_input",
+    "iter_scene_paths",
+    "part_name",
+    "write_manifest",
+    "write_manifest_paths",
+]
+
+MANIFEST = "manifest"
+DONE_FILE = "manifest/_manifest.json"
+PARTS_PER_FILE = 256
+_SUFFIXES = IMAGE_SUFFIXES + ARCHIVE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the listing found: counts only (the parts themselves are in ``OUT/manifest/``)."""
+
+    n_sources: int
+    n_parts: int
+    root: str
+
+
+def _wanted(name: str) -> bool:
+    return name.lower().endswith(_SUFFIXES) and not posixpath.basename(name).startswith(".")
+
+
+def _walk_local(root: str) -> Iterator[str]:
+    """Files under ``root`` in sorted order, depth first, never following a link to a folder."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subfolders.append(entry.path)
+            elif _wanted(entry.name) and entry.is_file():
+                yield entry.path
+        stack.extend(reversed(subfolders))
+
+
+def _walk_s3(root: str, endpoint_url: str | None) -> Iterator[str]:
+    """Keys under ``bucket/prefix`` in key order, one page of 1,000 at a time (boto3's paginator)."""
+    import boto3
+    from botocore.config import Config
+
+    bucket, _, prefix = root.partition("/")
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
+        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        config=Config(s3={"addressing_style": "path"}),
+    )
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/" if prefix else ""):
+        for item in page.get("Contents", []):
+            if _wanted(item["Key"]):
+                yield f"{bucket}/{item['Key']}"
+
+
+def iter_scene_paths(uri: str, *, endpoint_url: str | None = None) -> Iterator[str]:
+    """The images and ``.tar`` shards under ``uri``, lazily, as paths of its pyarrow filesystem.
+
+    Raises
+    ------
+    InputError
+        When the location does not exist, is a file, or cannot be read.
+    """
+    fs, root = open_filesystem(uri, endpoint_url=endpoint_url)
+    try:
+        info = fs.get_file_info(root)
+    except OSError as exc:
+        raise InputError(f"cannot read input {uri!r}: {one_line(exc)}") from None
+    if info.type == pafs.FileType.NotFound and not (urlparse(uri).scheme == "s3" and root.count("/") == 0):
+        raise InputError(f"input {uri!r} does not exist")
+    if info.type == pafs.FileType.File:
+        raise InputError(f"input {uri!r} is a file; give the folder (or prefix) that holds the images")
+    if isinstance(fs, pafs.LocalFileSystem):
+        return _walk_local(root)
+    return _walk_s3(root, endpoint_url)
+
+
+def part_name(index: int, sources: list[str], identity: dict) -> str:
+    """``part-<index>-<hash of identity and sources>``: equal names mean equal work."""
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode())
+    for src in sources:
+        digest.update(src.encode())
+        digest.update(b"\0")
+    return f"part-{index:06d}-{digest.hexdigest()[:16]}"
+
+
+def _sampled(paths: Iterator[str], sample: int, seed: int) -> Iterator[str]:
+    """A seeded uniform sample of ``sample`` paths (keys drawn per path, the smallest kept), sorted."""
+    rng = np.random.default_rng(seed)
+    heap: list[tuple[float, str]] = []
+    for path in paths:
+        key = -float(rng.random())
+        if len(heap) < sample:
+            heapq.heappush(heap, (key, path))
+        elif key > heap[0][0]:
+            heapq.heapreplace(heap, (key, path))
+    return iter(sorted(p for _, p in heap))
+
+
+def write_manifest(
+    uri: str,
+    out: OutputFolder,
+    *,
+    identity: dict,
+    chunk_size: int,
+    endpoint_url: str | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+) -> Manifest:
+    """List ``uri`` into ``out/manifest/`` (reused when a finished one with the same identity is there)."""
+    key = {**identity, "chunk_size": chunk_size, "sample": sample, "seed": seed, "input": uri}
+    if out.exists(DONE_FILE):
+        done = json.loads(out.read_text(DONE_FILE))
+        if done.get("key") == key:
+            return Manifest(done["n_sources"], done["n_parts"], done["root"])
+    paths = iter_scene_paths(uri, endpoint_url=endpoint_url)
+    if sample is not None:
+        paths = _sampled(paths, sample, seed)
+    manifest = write_manifest_paths(paths, out, identity=identity, chunk_size=chunk_size)
+    if manifest.n_sources == 0:
+        raise InputError(f"input {uri!r} holds no images ({', '.join(_SUFFIXES)})")
+    root = open_filesystem(uri, endpoint_url=endpoint_url)[1]
+    done = {"key": key, "n_sources": manifest.n_sources, "n_parts": manifest.n_parts, "root": root}
+    out.write_text(DONE_FILE, json.dumps(done))
+    return Manifest(manifest.n_sources, manifest.n_parts, root)
+
+
+def write_manifest_paths(paths: Iterator[str], out: OutputFolder, *, identity: dict, chunk_size: int) -> Manifest:
+    """Write the parts of an already listed sequence of ``paths`` to ``out/manifest/`` (replacing any there)."""
+    for stale in out.list(MANIFEST):
+        out.delete(posixpath.join(MANIFEST, stale))
+    n_sources, n_parts = _write_parts(paths, out, identity, chunk_size)
+    return Manifest(n_sources, n_parts, "")
+
+
+def check_input(uri: str, *, endpoint_url: str | None = None) -> None:
+    """Fail now, with one line, on an input that is missing, a file, or holds no images (reads one entry)."""
+    if next(iter_scene_paths(uri, endpoint_url=endpoint_url), None) is None:
+        raise InputError(f"input {uri!r} holds no images ({', '.join(_SUFFIXES)})")
+
+
+def _write_parts(paths: Iterator[str], out: OutputFolder, identity: dict, chunk_size: int) -> tuple[int, int]:
+    """Group ``paths`` into parts and write them, ``PARTS_PER_FILE`` parts per manifest file."""
+    rows: dict[str, list] = {"name": [], "sources": []}
+    n_sources = n_parts = 0
+    current: list[str] = []
+
+    def close_part() -> None:
+        nonlocal current, n_parts
+        rows["name"].append(part_name(n_parts, current, identity))
+        rows["sources"].append(current)
+        n_parts, current = n_parts + 1, []
+        if len(rows["name"]) == PARTS_PER_FILE:
+            flush()
+
+    def flush() -> None:
+        if rows["name"]:
+            table = pa.table({"name": rows["name"], "sources": pa.array(rows["sources"], pa.list_(pa.string()))})
+            out.write_table(f"{MANIFEST}/manifest-{n_parts:08d}.parquet", table)
+            rows["name"], rows["sources"] = [], []
+
+    for path in paths:
+        current.append(path)
+        n_sources += 1
+        if len(current) == chunk_size:
+            close_part()
+    if current:
+        close_part()
+    flush()
+    return n_sources, n_parts

@@ -1,0 +1,304 @@
+"""The archive-scale stages on Ray: workers embed and write parts, a GPU task fits, actors assign every part.
+
+No per-scene data passes through the driver. Each stage maps over *parts* (see :mod:`scenecluster.manifest`):
+
+* :class:`PartEmbedder` (Ray Data actors, a GPU each on GPU clusters) reads a part's scenes with a pool of I/O
+  threads, decodes them (nvJPEG on a GPU, PIL otherwise), embeds them and writes ``embeddings/<part>.parquet``
+  itself, atomically; it returns counts. A part whose file exists is skipped, so a rerun recomputes only what
+  is missing, and parts finish in any order (nothing waits for an earlier part).
+* :func:`fit_on_sample` runs in one Ray task (with a GPU when the cluster has one: cuML UMAP and the DP-GMM on
+  CUDA) on a seeded sample of at most ``fit_sample`` embeddings read straight from the parts, and saves the
+  fitted clustering to ``clustering/``.
+* :class:`PartAssigner` (Ray Data actors) loads the saved clustering and writes ``assignments/<part>.parquet``
+  (coordinates, cluster, probability, log-likelihood, novel) for every part, returning per-cluster counts
+  and the (cluster, label) contingency, from which the driver scores the whole archive.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from scenecluster.data import decode_batch, folder_label, read_batch
+from scenecluster.outputs import OutputFolder
+
+__all__ = ["PartAssigner", "PartEmbedder", "fit_on_sample", "ok_rows", "sample_embeddings"]
+
+EMBEDDINGS = "embeddings"
+ASSIGNMENTS = "assignments"
+SAMPLE_FILE = "clustering/fit_sample.parquet"
+
+
+def _vector_column(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
+
+
+def ok_rows(table: pa.Table) -> pa.Table:
+    """The rows of an embeddings part that were read and embedded."""
+    return table.filter(pc.equal(table.column("error"), ""))
+
+
+def matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
+    col = table.column(column).combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+
+
+class PartEmbedder:
+    """Ray Data actor: embeds whole parts and writes each as ``embeddings/<part>.parquet``.
+
+    Parameters
+    ----------
+    spec : FeatureSpec
+    out : OutputFolder
+        The run folder (local or S3); parts are written there by this actor.
+    filesystem : pyarrow FileSystem
+        Where the scenes are read from.
+    resources : Resources
+        The driver's decision: device, dtype, threads, and whether JPEGs are decoded on the GPU.
+    batch_size : int
+        Images per model call.
+    with_labels : bool
+        Store each scene's folder name as ``label``.
+    io_threads : int
+        Reads in flight while the model runs, so storage latency overlaps with compute.
+    """
+
+    def __init__(
+        self, spec, out: OutputFolder, filesystem, resources, *, batch_size: int, with_labels: bool, io_threads: int = 8
+    ) -> None:
+        from scenecluster.embed import Embedder
+
+        self.embedder = Embedder(
+            spec, device=resources.device, dtype=resources.dtype, torch_threads=resources.torch_threads
+        )
+        self.out, self.fs = out, filesystem
+        self.decode_here = not resources.decode_on_gpu
+        self.batch_size, self.with_labels = batch_size, with_labels
+        self.pool = ThreadPoolExecutor(io_threads)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        counts = [
+            self._one_part(str(name), list(sources))
+            for name, sources in zip(batch["name"], batch["sources"], strict=True)
+        ]
+        return {key: np.array([c[key] for c in counts]) for key in ("name", "n_rows", "n_ok", "reused")}
+
+    def _one_part(self, name: str, sources: list[str]) -> dict[str, Any]:
+        target = posixpath.join(EMBEDDINGS, f"{name}.parquet")
+        if self.out.exists(target):
+            errors = pq.read_table(self.out.path(target), columns=["error"], filesystem=self.out.fs).column("error")
+            return {
+                "name": name,
+                "n_rows": len(errors),
+                "n_ok": int(pc.sum(pc.equal(errors, "")).as_py() or 0),
+                "reused": True,
+            }
+        reads = self.pool.map(
+            lambda s: read_batch({"source": np.array([s], dtype=object)}, filesystem=self.fs), sources
+        )
+        rows = {"path": [], "bytes": [], "error": []}
+        for r in reads:
+            for key in rows:
+                rows[key].extend(r[key])
+        table = self._embed_rows(rows)
+        self.out.write_table(target, table)
+        n_ok = int(pc.sum(pc.equal(table.column("error"), "")).as_py() or 0)
+        return {"name": name, "n_rows": table.num_rows, "n_ok": n_ok, "reused": False}
+
+    def _embed_rows(self, rows: dict[str, list]) -> pa.Table:
+        paths, errors, vectors = [], [], []
+        for start in range(0, len(rows["path"]), self.batch_size):
+            batch = {k: np.asarray(v[start : start + self.batch_size], dtype=object) for k, v in rows.items()}
+            if self.decode_here:
+                batch = decode_batch(batch, image_size=self.embedder.spec.image_size)
+            result = self.embedder(batch)
+            paths += list(result["path"])
+            errors += [str(e) for e in result["error"]]
+            vectors.append(result["embedding"])
+        width = self.embedder.n_features
+        cols: dict[str, Any] = {"path": pa.array(paths, pa.string())}
+        if self.with_labels:
+            cols["label"] = pa.array([folder_label(p) for p in paths], pa.string())
+        cols["error"] = pa.array(errors, pa.string())
+        cols["embedding"] = _vector_column(np.concatenate(vectors) if vectors else np.zeros((0, width), np.float32))
+        return pa.table(cols)
+
+
+def sample_embeddings(out: OutputFolder, parts: list[tuple[str, int]], size: int, seed: int) -> pa.Table:
+    """A seeded uniform sample of ``size`` embedded rows across ``parts`` (name, number of embedded rows).
+
+    Row indices are drawn once over all embedded rows, so the sample does not depend on how the archive was
+    cut into parts beyond their order; a sample as large as the archive is the archive, in part order.
+    """
+    counts = np.array([n for _, n in parts], dtype=np.int64)
+    total = int(counts.sum())
+    chosen = np.arange(total) if size >= total else np.sort(np.random.default_rng(seed).choice(total, size, False))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    tables = []
+    for i, (name, _) in enumerate(parts):
+        local = chosen[(chosen >= starts[i]) & (chosen < starts[i + 1])] - starts[i]
+        if len(local):
+            table = ok_rows(out.read_table(posixpath.join(EMBEDDINGS, f"{name}.parquet")))
+            tables.append(table.take(pa.array(local)))
+    return pa.concat_tables(tables)
+
+
+def fit_on_sample(
+    out: OutputFolder,
+    parts: list[tuple[str, int]],
+    *,
+    fit_sample: int,
+    seed: int,
+    feature: dict,
+    reduce: dict,
+    cluster,
+    device: str,
+    novelty_quantile: float,
+    scatter_points: int,
+    fit_key: str = "",
+) -> dict[str, Any]:
+    """Fit and save the clustering on a sample of the run's embeddings (runs as a Ray task).
+
+    Saves ``clustering/`` (see :mod:`scenecluster.fitted`) and ``clustering/fit_sample.parquet`` (the fitted
+    rows' path, coordinates, cluster, probability and log-likelihood, so the assignment pass gives those rows
+    exactly what the fit gave them); returns the fit's summary and, for the report, up to ``scatter_points``
+    sampled rows with a 2-D projection.
+    """
+    from scenecluster.fitted import fit_clustering, save_clustering
+
+    sample = sample_embeddings(out, parts, fit_sample, seed)
+    X = matrix(sample)
+    fitted, clusters, coords = fit_clustering(
+        X, feature=feature, reduce=reduce, cluster=cluster, device=device, novelty_quantile=novelty_quantile
+    )
+    proba, loglik = _fitted_scores(fitted, coords, len(X))
+    fitted_rows = {
+        "path": sample.column("path"),
+        "coords": _vector_column(coords),
+        "cluster": pa.array(clusters, pa.int32()),
+        "probability": pa.array(proba, pa.float32()),
+        "log_likelihood": pa.array(loglik, pa.float32()),
+    }
+    out.write_table(SAMPLE_FILE, pa.table(fitted_rows))
+    summary = {
+        "info": fitted.info,
+        "n_clusters": fitted.n_clusters,
+        "n_fit": len(X),
+        "novelty_threshold": fitted.novelty_threshold,
+    }
+    save_clustering(fitted, out, fit_key=fit_key, summary=summary)  # clustering.json last: it marks the fit done
+    report = _report_sample(sample, X, clusters, reduce, scatter_points, seed)
+    return {**summary, "report": report, "stage_seconds": fitted.info["seconds"]}
+
+
+def _fitted_scores(fitted, coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    clusterer = fitted.clusterer
+    if hasattr(clusterer, "predict_proba"):
+        proba = clusterer.predict_proba(coords)
+        proba = proba[np.arange(n), proba.argmax(axis=1)]
+    else:
+        proba = np.ones(n)
+    loglik = clusterer.score_samples(coords) if hasattr(clusterer, "score_samples") else np.zeros(n)
+    return proba, loglik
+
+
+def _report_sample(
+    sample: pa.Table, X: np.ndarray, clusters: np.ndarray, reduce: dict, points: int, seed: int
+) -> dict[str, Any]:
+    """The rows the report draws: paths, labels, clusters and a 2-D projection of up to ``points`` of them."""
+    from scenecluster.reduce import reduce_embeddings
+
+    n = len(X)
+    index = np.arange(n) if n <= points else np.sort(np.random.default_rng(seed).choice(n, points, replace=False))
+    xy = reduce_embeddings(X[index], **{**reduce, "n_components": 2})
+    labels = sample.column("label").to_pylist() if "label" in sample.column_names else None
+    return {
+        "paths": sample.column("path").to_pylist(),
+        "labels": labels,
+        "clusters": clusters,
+        "xy": xy,
+        "xy_index": index,
+    }
+
+
+class PartAssigner:
+    """Ray Data actor: assigns every embedded row of whole parts with the run's saved clustering."""
+
+    def __init__(self, out: OutputFolder, clustering_from: OutputFolder, *, device: str, with_labels: bool) -> None:
+        from scenecluster.fitted import load_clustering
+
+        self.out, self.with_labels = out, with_labels
+        self.fitted = load_clustering(clustering_from, device=device)
+        self.known: dict[str, int] = {}
+        self.known_rows: pa.Table | None = None
+        if clustering_from.exists(SAMPLE_FILE) and clustering_from.uri == out.uri:
+            self.known_rows = clustering_from.read_table(SAMPLE_FILE)
+            self.known = {p: i for i, p in enumerate(self.known_rows.column("path").to_pylist())}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        counts = [self._one_part(str(name)) for name in batch["name"]]
+        return {"name": np.array([str(n) for n in batch["name"]]), "counts": np.array(counts, dtype=object)}
+
+    def _one_part(self, name: str) -> str:
+        target = posixpath.join(ASSIGNMENTS, f"{name}.parquet")
+        if self.out.exists(target):
+            table = self.out.read_table(target)
+        else:
+            table = self._assign(ok_rows(self.out.read_table(posixpath.join(EMBEDDINGS, f"{name}.parquet"))))
+            self.out.write_table(target, table)
+        return json.dumps(_part_counts(table))
+
+    def _assign(self, part: pa.Table) -> pa.Table:
+        X = matrix(part)
+        result = self.fitted.assign(X) if len(X) else _empty_assignment(self.fitted)
+        paths = part.column("path").to_pylist()
+        for i, p in enumerate(paths):  # rows the fit saw keep exactly what the fit gave them
+            j = self.known.get(p)
+            if j is not None:
+                for key in ("cluster", "probability", "log_likelihood"):
+                    result[key][i] = self.known_rows.column(key)[j].as_py()
+                result["coords"][i] = self.known_rows.column("coords")[j].as_py()
+        result["novel"] = result["log_likelihood"] < self.fitted.novelty_threshold
+        cols: dict[str, Any] = {
+            "path": part.column("path"),
+            "cluster": pa.array(result["cluster"], pa.int32()),
+            "probability": pa.array(result["probability"], pa.float32()),
+        }
+        if "label" in part.column_names:
+            cols["label"] = part.column("label")
+        cols["log_likelihood"] = pa.array(result["log_likelihood"], pa.float32())
+        cols["novel"] = pa.array(result["novel"], pa.bool_())
+        cols["coords"] = _vector_column(result["coords"])
+        return pa.table(cols)
+
+
+def _empty_assignment(fitted) -> dict[str, np.ndarray]:
+    d = int(fitted.reduce.get("n_components", 2))
+    return {
+        "coords": np.zeros((0, d), np.float32),
+        "cluster": np.zeros(0, np.int32),
+        "probability": np.zeros(0, np.float32),
+        "log_likelihood": np.zeros(0, np.float32),
+    }
+
+
+def _part_counts(table: pa.Table) -> dict[str, Any]:
+    clusters = table.column("cluster").to_numpy()
+    pairs: Counter = Counter()
+    if "label" in table.column_names:
+        pairs.update(zip(clusters.tolist(), table.column("label").to_pylist(), strict=True))
+    return {
+        "n": table.num_rows,
+        "novel": int(np.asarray(table.column("novel")).sum()),
+        "sizes": dict(Counter(clusters.tolist())),
+        "pairs": [[c, lab, n] for (c, lab), n in pairs.items()],
+    }

@@ -1,0 +1,160 @@
+"""Driver side of the fit and assignment stages: start the Ray work of :mod:`scenecluster.scale`, add up counts.
+
+The driver asks for one fit task (a GPU when the run has GPUs) and an actor pool for assignment, and keeps
+only what they return: the fit's summary with the report's sample, and per-part counts that add up to the
+cluster sizes, the novel count and the (cluster x label) table the archive is scored from.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from scenecluster.outputs import OutputFolder
+
+__all__ = ["AssignSummary", "assign_parts", "export_assignments", "fit_remote"]
+
+CLUSTERING = "clustering"
+ASSIGNMENTS = "assignments"
+REPORT_SAMPLE = "clustering/report_sample.parquet"
+
+
+def fit_remote(
+    out: OutputFolder, parts: list[tuple[str, int]], cfg, spec, resources, *, fit_key: str
+) -> dict[str, Any]:
+    """Fit (or reuse) the run's clustering in one Ray task; a changed ``fit_key`` refits and drops assignments."""
+    import ray
+
+    from scenecluster.scale import fit_on_sample
+
+    previous = _saved_fit(out)
+    if previous is not None and previous["fit_key"] == fit_key and out.exists(REPORT_SAMPLE):
+        return {**previous["summary"], "reused": True, "report": _read_report_sample(out), "stage_seconds": {}}
+    for folder in (ASSIGNMENTS, CLUSTERING):
+        for name in out.list(folder):
+            out.delete(posixpath.join(folder, name))
+    reduce = {**cfg.reduce.model_dump(), "backend": resources.umap_backend(cfg.reduce.backend)}
+    task = ray.remote(fit_on_sample).options(num_cpus=1, num_gpus=1 if resources.use_gpu else 0)
+    result = ray.get(
+        task.remote(
+            out,
+            parts,
+            fit_sample=cfg.scale.fit_sample,
+            seed=cfg.data.seed,
+            feature=spec.identity(),
+            reduce=reduce,
+            cluster=cfg.cluster,
+            device=resources.fit_device,
+            novelty_quantile=cfg.scale.novelty_quantile,
+            scatter_points=cfg.report.scatter_points,
+            fit_key=fit_key,
+        )
+    )
+    _write_report_sample(out, result["report"])
+    return {**result, "reused": False}
+
+
+def _saved_fit(out: OutputFolder) -> dict[str, Any] | None:
+    if not out.exists(f"{CLUSTERING}/clustering.json"):
+        return None
+    meta = json.loads(out.read_text(f"{CLUSTERING}/clustering.json"))
+    return {"fit_key": meta.get("fit_key"), "summary": meta.get("summary", {})}
+
+
+def _write_report_sample(out: OutputFolder, report: dict[str, Any]) -> None:
+    n = len(report["paths"])
+    xy = np.full((n, 2), np.nan, dtype=np.float32)
+    xy[np.asarray(report["xy_index"], dtype=np.int64)] = report["xy"]
+    table = {"path": pa.array(report["paths"], pa.string()), "cluster": pa.array(report["clusters"], pa.int32())}
+    if report["labels"] is not None:
+        table["label"] = pa.array(report["labels"], pa.string())
+    table.update(x=pa.array(xy[:, 0]), y=pa.array(xy[:, 1]))
+    out.write_table(REPORT_SAMPLE, pa.table(table))
+
+
+def _read_report_sample(out: OutputFolder) -> dict[str, Any]:
+    table = out.read_table(REPORT_SAMPLE)
+    xy = np.stack([table.column("x").to_numpy(), table.column("y").to_numpy()], axis=1)
+    index = np.flatnonzero(~np.isnan(xy[:, 0]))
+    return {
+        "paths": table.column("path").to_pylist(),
+        "labels": table.column("label").to_pylist() if "label" in table.column_names else None,
+        "clusters": table.column("cluster").to_numpy(),
+        "xy": xy[index],
+        "xy_index": index,
+    }
+
+
+@dataclass
+class AssignSummary:
+    """Counts added up over every assigned part."""
+
+    n: int
+    novel: int
+    sizes: dict[int, int]
+    contingency: np.ndarray | None  # (clusters x labels) when the scenes have labels
+
+    @property
+    def n_clusters(self) -> int:
+        return sum(1 for v in self.sizes.values() if v > 0)
+
+
+def assign_parts(
+    out: OutputFolder, clustering_from: OutputFolder, resources, actors: int, with_labels: bool
+) -> AssignSummary:
+    """Run :class:`scenecluster.scale.PartAssigner` actors over the run's parts; add up their counts."""
+    import ray
+
+    from scenecluster.scale import PartAssigner
+
+    ds = ray.data.read_parquet(out.path("manifest"), filesystem=out.fs, file_extensions=["parquet"]).select_columns(
+        ["name"]
+    )
+    ds = ds.map_batches(
+        PartAssigner,
+        fn_constructor_args=(out, clustering_from),
+        fn_constructor_kwargs={"device": resources.device, "with_labels": with_labels},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=0.5,
+        num_gpus=resources.gpus_per_actor if resources.use_gpu else 0,
+    )
+    n = novel = 0
+    sizes: Counter = Counter()
+    pairs: Counter = Counter()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for text in batch["counts"]:
+            counts = json.loads(text)
+            n, novel = n + counts["n"], novel + counts["novel"]
+            sizes.update({int(k): v for k, v in counts["sizes"].items()})
+            pairs.update({(int(c), lab): k for c, lab, k in counts["pairs"]})
+    return AssignSummary(n=n, novel=novel, sizes=dict(sizes), contingency=_table(pairs) if pairs else None)
+
+
+def _table(pairs: Counter) -> np.ndarray:
+    clusters = sorted({c for c, _ in pairs})
+    labels = sorted({lab for _, lab in pairs})
+    table = np.zeros((len(clusters), len(labels)), dtype=np.int64)
+    for (c, lab), k in pairs.items():
+        table[clusters.index(c), labels.index(lab)] = k
+    return table
+
+
+def export_assignments(out: OutputFolder) -> None:
+    """Stream the assignment parts, in listing order, into one ``assignments.parquet``."""
+    writer: pq.ParquetWriter | None = None
+    with out.open_atomic("assignments.parquet") as sink:
+        for name in out.list(ASSIGNMENTS):
+            table = out.read_table(posixpath.join(ASSIGNMENTS, name))
+            if writer is None:
+                writer = pq.ParquetWriter(sink, table.schema)
+            writer.write_table(table)
+        if writer is not None:
+            writer.close()

@@ -72,8 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more, including Ray's messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_cluster_commands(sub)
+    _add_assign_command(sub)
     _add_finetune_commands(sub)
     return parser
+
+
+def _add_assign_command(sub) -> None:
+    a = sub.add_parser(
+        "assign",
+        help="assign new scenes to the clusters of a finished run, flagging the novel ones",
+        description="Embed the images under INPUT with the saved run's feature, project them with its fitted "
+        "projection and assign them to its clusters (same ids); scenes less likely than its calibrated "
+        "threshold are flagged novel. Writes embeddings, assignments and metrics.json to --output.",
+    )
+    a.add_argument("input", metavar="INPUT", help="local folder or s3://bucket/prefix of new scenes")
+    a.add_argument("--clustering", required=True, metavar="RUN", help="output folder of a clustering run")
+    a.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder for the new scenes")
+    _add_overwrite(a)
+    _add_config_options(a, "AssignJobConfig")
 
 
 def _add_cluster_commands(sub) -> None:
@@ -234,7 +250,20 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_assign(args: argparse.Namespace) -> int:
+    from scenecluster.config import AssignJobConfig, load_config
+    from scenecluster.job import run_assign_job
+
+    overrides = {"data.input": args.input, "output": args.output, "clustering": args.clustering}
+    overrides.update(_overrides(args, "AssignJobConfig"))
+    metrics = run_assign_job(load_config(args.config, overrides, model=AssignJobConfig), overwrite=args.overwrite)
+    print(f"{_cluster_summary(metrics)}; {metrics['n_novel']} novel")
+    return 0
+
+
 def _run_command(args: argparse.Namespace) -> int:
+    if args.command == "assign":
+        return _cmd_assign(args)
     if args.command == "cluster":
         return _cmd_cluster(args, input_uri=args.input)
     if args.command == "demo":

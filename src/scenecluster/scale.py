@@ -152,6 +152,9 @@ def sample_embeddings(out: OutputFolder, parts: list[tuple[str, int]], size: int
     return pa.concat_tables(tables)
 
 
+CALIBRATION_MIN = 200  # below this many sampled scenes the novelty threshold comes from the fit itself
+
+
 def fit_on_sample(
     out: OutputFolder,
     parts: list[tuple[str, int]],
@@ -168,36 +171,61 @@ def fit_on_sample(
 ) -> dict[str, Any]:
     """Fit and save the clustering on a sample of the run's embeddings (runs as a Ray task).
 
-    Saves ``clustering/`` (see :mod:`scenecluster.fitted`) and ``clustering/fit_sample.parquet`` (the fitted
-    rows' path, coordinates, cluster, probability and log-likelihood, so the assignment pass gives those rows
-    exactly what the fit gave them); returns the fit's summary and, for the report, up to ``scatter_points``
-    sampled rows with a 2-D projection.
+    The novelty threshold is calibrated the way new scenes are assigned: on a held-out tenth of the sample
+    (at most 5,000 scenes), projected with ``transform`` rather than fitted, since a projection packs its own
+    training points more tightly than any new point and would flag most new scenes. Saves ``clustering/``
+    (see :mod:`scenecluster.fitted`) and ``clustering/fit_sample.parquet`` (the fitted rows' coordinates,
+    cluster, probability and log-likelihood, so the assignment pass gives them exactly what the fit gave);
+    returns the fit's summary and, for the report, the sample with a 2-D projection of up to
+    ``scatter_points`` of it.
     """
     from scenecluster.fitted import fit_clustering, save_clustering
 
     sample = sample_embeddings(out, parts, fit_sample, seed)
     X = matrix(sample)
-    fitted, clusters, coords = fit_clustering(
-        X, feature=feature, reduce=reduce, cluster=cluster, device=device, novelty_quantile=novelty_quantile
+    fit_index, calibration = _calibration_split(len(X), seed)
+    fitted, fit_clusters, coords = fit_clustering(
+        X[fit_index], feature=feature, reduce=reduce, cluster=cluster, device=device, novelty_quantile=novelty_quantile
     )
-    proba, loglik = _fitted_scores(fitted, coords, len(X))
-    fitted_rows = {
-        "path": sample.column("path"),
-        "coords": _vector_column(coords),
-        "cluster": pa.array(clusters, pa.int32()),
-        "probability": pa.array(proba, pa.float32()),
-        "log_likelihood": pa.array(loglik, pa.float32()),
-    }
-    out.write_table(SAMPLE_FILE, pa.table(fitted_rows))
+    clusters = np.empty(len(X), dtype=np.int32)
+    clusters[fit_index] = fit_clusters
+    if len(calibration):
+        held_out = fitted.assign(X[calibration])
+        clusters[calibration] = held_out["cluster"]
+        fitted.novelty_threshold = float(np.quantile(held_out["log_likelihood"], novelty_quantile))
+        fitted.info["novelty_calibration"] = f"{len(calibration)} held-out scenes, projected with transform"
+    _write_fitted_rows(out, sample.take(pa.array(fit_index)), fitted, fit_clusters, coords)
     summary = {
         "info": fitted.info,
         "n_clusters": fitted.n_clusters,
-        "n_fit": len(X),
+        "n_fit": len(fit_index),
         "novelty_threshold": fitted.novelty_threshold,
     }
     save_clustering(fitted, out, fit_key=fit_key, summary=summary)  # clustering.json last: it marks the fit done
     report = _report_sample(sample, X, clusters, reduce, scatter_points, seed)
     return {**summary, "report": report, "stage_seconds": fitted.info["seconds"]}
+
+
+def _calibration_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices to fit on and indices held out to calibrate the novelty threshold (none for small samples)."""
+    if n < CALIBRATION_MIN:
+        return np.arange(n), np.zeros(0, dtype=np.int64)
+    held = np.random.default_rng([seed, 1]).choice(n, size=min(5000, n // 10), replace=False)
+    mask = np.zeros(n, dtype=bool)
+    mask[held] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def _write_fitted_rows(out: OutputFolder, rows: pa.Table, fitted, clusters: np.ndarray, coords: np.ndarray) -> None:
+    proba, loglik = _fitted_scores(fitted, coords, len(coords))
+    table = {
+        "path": rows.column("path"),
+        "coords": _vector_column(coords),
+        "cluster": pa.array(clusters, pa.int32()),
+        "probability": pa.array(proba, pa.float32()),
+        "log_likelihood": pa.array(loglik, pa.float32()),
+    }
+    out.write_table(SAMPLE_FILE, pa.table(table))
 
 
 def _fitted_scores(fitted, coords: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

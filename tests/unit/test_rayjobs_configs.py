@@ -53,9 +53,15 @@ def test_pipeline_config_loads():
     assert cfg.finetune.sources and cfg.cluster.data.input
 
 
+def test_assign_config_loads():
+    model = _model("AssignJobConfig", "scenecluster.config")
+    cfg = load_config(CONFIGS / "assign.yaml", model=model)
+    assert cfg.clustering and cfg.data.input
+
+
 def test_every_example_is_tested():
     assert {p.name for p in CONFIGS.glob("*.yaml")} == {
-        "cluster-local.yaml", "cluster-s3.yaml", "finetune.yaml", "tune.yaml", "pipeline.yaml"}
+        "cluster-local.yaml", "cluster-s3.yaml", "finetune.yaml", "tune.yaml", "pipeline.yaml", "assign.yaml"}
 
 
 def test_runtime_env_is_a_mapping_with_working_dir():
@@ -63,7 +69,7 @@ def test_runtime_env_is_a_mapping_with_working_dir():
     assert env["working_dir"] == "." and "AWS_DEFAULT_REGION" in env["env_vars"]
 
 
-@pytest.mark.parametrize("stage", ["cluster", "tune", "finetune", "pipeline"])
+@pytest.mark.parametrize("stage", ["cluster", "tune", "finetune", "pipeline", "assign"])
 def test_entrypoint_bad_setting_is_one_line_and_exit_2(stage, tmp_path):
     # Validation happens before ray.init(), so this runs without Ray.
     proc = subprocess.run(

@@ -1,0 +1,156 @@
+"""Archive scale on a local Ray: part datasets on S3, a killed assignment actor and a rerun that recomputes only
+what is missing, and a saved clustering that assigns held-out scenes and flags a withheld class as novel."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from scenecluster.config import AssignJobConfig, load_config
+from scenecluster.job import run_assign_job, run_cluster_job
+from tests.conftest import copy_sample
+
+pytestmark = pytest.mark.integration
+
+
+def _cfg(input_dir, out, model, **extra):
+    overrides = {
+        "data.input": str(input_dir),
+        "output": str(out),
+        "data.labels": "folders",
+        "embed.model": str(model),
+        "embed.image_size": 28,
+        "embed.batch_size": 8,
+        "embed.chunk_size": 10,
+        "reduce.n_neighbors": 10,
+        "cluster.n_components": 10,
+        **extra,
+    }
+    return load_config(None, overrides)
+
+
+def test_parts_are_parquet_datasets_on_s3(ray_cluster, s3_env, tmp_path, tiny_model_dir):
+    s3_env.create_bucket("runs")
+    scenes = copy_sample(tmp_path / "scenes", per_class=8, classes=3)
+    cfg = _cfg(scenes, "s3://runs/run1", tiny_model_dir, **{"scale.export": "never"})
+    metrics = run_cluster_job(cfg, echo=lambda s: None)
+    keys = [o["Key"] for o in s3_env.boto3_client().list_objects_v2(Bucket="runs", Prefix="run1/")["Contents"]]
+    parts = sorted(k for k in keys if k.startswith("run1/embeddings/part-"))
+    assigned = sorted(k for k in keys if k.startswith("run1/assignments/part-"))
+    assert len(parts) == 3 and [k.split("/")[-1] for k in parts] == [k.split("/")[-1] for k in assigned]
+    assert {"run1/clustering/clustering.json", "run1/clustering/mixture.safetensors", "run1/metrics.json"} <= set(keys)
+    assert not any(k.endswith(("embeddings.parquet", "assignments.parquet")) for k in keys)  # export: never
+    assert metrics["n_embedded"] == 24 and metrics["n_clusters"] >= 1 and "acc" in metrics
+
+
+def _assigner_pids() -> list[int]:
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if "PartAssigner" in " ".join(proc.info["cmdline"] or []) and proc.pid != os.getpid():
+            found.append(proc.pid)
+    return found
+
+
+def test_killed_assignment_actor_then_rerun_recomputes_only_missing_parts(ray_cluster, tmp_path, tiny_model_dir):
+    scenes = copy_sample(tmp_path / "scenes", per_class=12, classes=5)  # 60 scenes, 6 parts
+    out = tmp_path / "out"
+    cfg = _cfg(scenes, out, tiny_model_dir)
+    parts_dir = out / "assignments"
+    killed: list[int] = []
+
+    def kill_when_first_part_lands() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not killed:
+            if parts_dir.is_dir() and any(parts_dir.glob("part-*.parquet")):
+                for pid in _assigner_pids():
+                    psutil.Process(pid).kill()
+                    killed.append(pid)
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_when_first_part_lands)
+    killer.start()
+    try:
+        first = run_cluster_job(cfg, echo=lambda s: None)
+    except Exception:  # the run may fail outright, or Ray may restart the actor and finish
+        first = None
+    killer.join()
+    assert killed, "the assignment actor was never seen, so nothing was killed"
+    done_before = {p.name: p.stat().st_mtime_ns for p in parts_dir.glob("part-*.parquet")}
+    clustering_before = (out / "clustering" / "clustering.json").stat().st_mtime_ns
+
+    lines: list[str] = []
+    second = run_cluster_job(cfg, echo=lines.append)
+    assert second["n_embedded"] == 60 and len(list(parts_dir.glob("part-*.parquet"))) == 6
+    for name, stamp in done_before.items():
+        assert (parts_dir / name).stat().st_mtime_ns == stamp, f"{name} was recomputed"
+    assert (out / "clustering" / "clustering.json").stat().st_mtime_ns == clustering_before  # no refit
+    assert any(line.startswith("[embed] reused") for line in lines) and any(
+        "reused" in s for s in lines if "[fit]" in s
+    )
+    assert pq.read_table(out / "assignments.parquet").num_rows == 60
+    if first is not None:
+        assert first["n_clusters"] == second["n_clusters"] and first["acc"] == second["acc"]
+
+
+def test_saved_clustering_assigns_held_out_scenes_and_flags_a_withheld_class(ray_cluster, tmp_path, sample_dir):
+    classes = sorted(p.name for p in sample_dir.iterdir() if p.is_dir())
+    seen, withheld = classes[:6], classes[6:8]
+    fit_dir, new_dir, all_dir = tmp_path / "fit", tmp_path / "new", tmp_path / "all"
+    for cls in seen:
+        images = sorted((sample_dir / cls).glob("*.jpg"))
+        for dest, chosen in ((fit_dir, images[:20]), (new_dir, images[20:]), (all_dir, images)):
+            (dest / cls).mkdir(parents=True)
+            for img in chosen:
+                shutil.copy(img, dest / cls / img.name)
+    for cls in withheld:
+        shutil.copytree(sample_dir / cls, new_dir / cls)
+    feature = {
+        "embed.model": "facebook/dinov2-small",
+        "embed.image_size": 112,
+        "embed.layer": 8,
+        "embed.pooling": "cls+mean",
+        "embed.chunk_size": 64,
+        "reduce.n_neighbors": 15,
+    }
+    run_cluster_job(_cfg(fit_dir, tmp_path / "run", "unused", **feature), echo=lambda s: None)
+    one_shot = run_cluster_job(_cfg(all_dir, tmp_path / "one-shot", "unused", **feature), echo=lambda s: None)
+
+    assign_cfg = load_config(
+        None,
+        {
+            "data.input": str(new_dir),
+            "data.labels": "folders",
+            "output": str(tmp_path / "assigned"),
+            "clustering": str(tmp_path / "run"),
+            "embed.chunk_size": 64,
+        },
+        model=AssignJobConfig,
+    )
+    metrics = run_assign_job(assign_cfg, echo=lambda s: None)
+    assert metrics["n_embedded"] == 6 * 10 + 2 * 30
+    table = pq.read_table(tmp_path / "assigned" / "assignments.parquet").to_pandas()
+    fitted_ids = set(pq.read_table(tmp_path / "run" / "assignments.parquet").column("cluster").to_pylist())
+    assert set(table["cluster"]) <= fitted_ids  # the saved run's ids, never new ones
+    novel_withheld = table[table["label"].isin(withheld)]["novel"].mean()
+    novel_seen = table[table["label"].isin(seen)]["novel"].mean()
+    assert novel_withheld > novel_seen, (novel_withheld, novel_seen)
+
+    # Agreement with clustering the seen classes in one shot, on the held-out scenes of those classes.
+    reference = pq.read_table(tmp_path / "one-shot" / "assignments.parquet").to_pandas()
+    reference["name"] = reference["path"].str.rsplit("/", n=1).str[-1]
+    held = table[table["label"].isin(seen)].assign(name=lambda t: t["path"].str.rsplit("/", n=1).str[-1])
+    merged = held.merge(reference[["name", "cluster"]], on="name", suffixes=("", "_one_shot"))
+    ari = adjusted_rand_score(merged["cluster_one_shot"], merged["cluster"])
+    print(
+        f"assign vs one-shot ARI {ari:.3f}; novel: withheld {novel_withheld:.2f}, seen {novel_seen:.2f}; "
+        f"one-shot acc {one_shot['acc']:.3f}"
+    )
+    assert ari > 0.3 and np.isfinite(table["log_likelihood"]).all()

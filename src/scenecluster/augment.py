@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scenecluster.models import IMAGENET_MEAN, IMAGENET_STD
+from scenecluster.models import IMAGENET_MEAN, IMAGENET_STD, normalize
 
+# ``normalize`` lives in models (the embedder normalises with it too) and is re-exported here.
 __all__ = ["augment_batch", "normalize", "random_dihedral", "to_tensor"]
 
 # ITU-R 601 luma weights, the grey level that colour-jitter's saturation and contrast pull towards.
@@ -32,19 +33,6 @@ def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected uint8 images of shape (n, H, W, 3), got {tuple(x.shape)} {x.dtype}")
     return x.permute(0, 3, 1, 2).contiguous()
-
-
-def normalize(
-    x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> torch.Tensor:
-    """Scale ``(n, 3, H, W)`` pixels in 0..255 (any dtype) to float32 and normalise per channel.
-
-    ``mean``/``std`` are in 0..1 units, as in ``preprocessor_config.json``; ImageNet's by default because
-    every published DINOv2 checkpoint was trained with them.
-    """
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * 255.0
-    return (x.float() - m) / s
 
 
 def random_dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -71,9 +59,7 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 def _crop_box(size: int, scale: tuple[float, float], generator: torch.Generator) -> tuple[int, int, int, int]:
     """Draw a ``(top, left, height, width)`` box covering ``scale`` of the area, aspect ratio 3/4..4/3."""
     area = size * size * (scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=generator)))
-    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * float(
-        torch.rand((), generator=generator)
-    )
+    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * float(torch.rand((), generator=generator))
     ratio = math.exp(log_ratio)
     w = min(size, max(1, round(math.sqrt(area * ratio))))
     h = min(size, max(1, round(math.sqrt(area / ratio))))
@@ -82,18 +68,14 @@ def _crop_box(size: int, scale: tuple[float, float], generator: torch.Generator)
     return top, left, h, w
 
 
-def _random_resized_crop(
-    x: torch.Tensor, scale: tuple[float, float], generator: torch.Generator
-) -> torch.Tensor:
+def _random_resized_crop(x: torch.Tensor, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
     """Crop each image to a random box and resize it back to the input size (bilinear, antialiased)."""
     n, _, height, width = x.shape
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     for i in range(n):
         top, left, h, w = _crop_box(min(height, width), scale, generator)
         crop = x[i : i + 1, :, top : top + h, left : left + w].float()
-        out[i : i + 1] = F.interpolate(
-            crop, size=(height, width), mode="bilinear", align_corners=False, antialias=True
-        )
+        out[i : i + 1] = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
     return out
 
 

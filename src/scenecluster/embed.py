@@ -30,7 +30,7 @@ from scenecluster.data import SceneListing, decode_batch, folder_label, read_bat
 from scenecluster.devices import Resources, resolve_torch_device
 from scenecluster.errors import InputError
 from scenecluster.features import FeatureSpec, resolve_feature_spec
-from scenecluster.models import load_backbone, pool_tokens
+from scenecluster.models import load_backbone, normalize, pool_tokens
 from scenecluster.outputs import OutputFolder
 
 
@@ -61,8 +61,6 @@ class Embedder:
         self.device = resolve_torch_device(device)
         self.dtype = getattr(torch, dtype) if dtype else torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = load_backbone(spec.source, torch_dtype=self.dtype).to(self.device).eval()
-        self._mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1) * 255.0
 
     @classmethod
     def for_model(
@@ -83,7 +81,7 @@ class Embedder:
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(np.ascontiguousarray(images))
         x = images.to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().sub_(self._mean).div_(self._std).to(self.dtype)
+        x = normalize(x.permute(0, 3, 1, 2), self.spec.mean, self.spec.std).to(self.dtype)
         last = self.spec.is_last_layer
         out = self.model(pixel_values=x, output_hidden_states=not last)
         tokens = out.last_hidden_state if last else self.model.layernorm(out.hidden_states[self.spec.layer])

@@ -39,7 +39,7 @@ from scenecluster.augment import augment_batch, normalize, to_tensor
 from scenecluster.config import FinetuneConfig, dump_config
 from scenecluster.data import SceneListing, decode_batch, folder_label, list_scenes, open_filesystem
 from scenecluster.errors import ConfigError, InputError, OutputError
-from scenecluster.models import load_backbone, save_backbone
+from scenecluster.models import load_backbone, pool_tokens, pooled_width, save_backbone
 from scenecluster.outputs import atomic_write_text
 
 __all__ = ["SceneClassifier", "fit_backbone", "train_loop_per_worker"]
@@ -63,17 +63,14 @@ class SceneClassifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
-        width = backbone.config.hidden_size * (2 if pooling == "cls+mean" else 1)
+        width = pooled_width(backbone.config.hidden_size, pooling)
         self.heads = nn.ModuleList(nn.Linear(width, n) for n in n_classes)
         for head in self.heads:
             nn.init.trunc_normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        tokens = self.backbone(pixel_values=pixel_values).last_hidden_state
-        feats = tokens[:, 0]
-        if self.pooling == "cls+mean":
-            feats = torch.cat([feats, tokens[:, 1:].mean(dim=1)], dim=1)
+        feats = pool_tokens(self.backbone(pixel_values=pixel_values).last_hidden_state, self.pooling)
         return tuple(head(feats) for head in self.heads)
 
 

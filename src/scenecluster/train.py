@@ -1,8 +1,12 @@
 """Fine-tune a DINOv2 backbone on labelled source scenes with Ray Train, for better clustering features.
 
 The driver (:func:`fit_backbone`) lists and splits the sources, checks them and the model before any worker
-starts, and builds Ray Data pipelines from the same readers as the clustering job (read bytes -> decode in
-tasks), so a scene that the clustering job can read is one training can read. Each Ray Train worker
+starts, and builds its Ray Data pipelines with the clustering job's reader (:func:`scenecluster.ingest.read_scenes`:
+image files or ``.tar`` shards, read then decoded in tasks), so a scene that the clustering job can read is one
+training can read, and labels them with the clustering job's rule (:func:`scenecluster.data.folder_label`).
+Classes come from the listing, before anything is read, so tar shards must sit in ``<class>/`` folders (one
+class per shard; a member stored at the shard's top level takes the shard's folder); a shard is read once more
+up front to count its images for the step budget. Each Ray Train worker
 (:func:`train_loop_per_worker`) holds one replica of the backbone plus one linear head per source; several
 sources train jointly, each batch row carrying its source index.
 
@@ -37,8 +41,9 @@ from torch import nn
 
 from scenecluster.augment import augment_batch, normalize, to_tensor
 from scenecluster.config import FinetuneConfig, dump_config
-from scenecluster.data import SceneListing, decode_batch, folder_label, list_scenes, open_filesystem
+from scenecluster.data import SceneListing, folder_label, list_scenes, open_filesystem
 from scenecluster.errors import ConfigError, InputError, OutputError
+from scenecluster.ingest import READ_CPUS, count_scenes, read_scenes
 from scenecluster.models import load_backbone, pool_tokens, pooled_width, save_backbone
 from scenecluster.outputs import atomic_write_text
 
@@ -48,7 +53,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # what Ray Train V2 writes in a run folder
-READ_CPUS = 0.25  # per Ray Data read/decode task: fractional, so 2 cores fit workers and ingest (no deadlock)
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -135,10 +139,20 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 # ------------------------------------------------------------------------------------------------ worker
 def _attach_labels(batch: dict[str, np.ndarray], *, classes: list[str], source: int) -> dict[str, np.ndarray]:
-    """Ray Data batch function: add ``label`` (index into ``classes``) and ``source`` to decoded rows."""
+    """Ray Data batch function: add ``label`` (index into ``classes``) and ``source`` (the source's index).
+
+    The label name is :func:`scenecluster.data.folder_label` of the row's path, the rule the embedding stage
+    labels with. A row whose name is not among ``classes`` (a shard member stored under a folder that is no class
+    folder of the listing) becomes an error row, dropped from the loss and counted like an unreadable file.
+    """
     index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[folder_label(str(p))] for p in batch["path"]], dtype=np.int64)
-    return {**batch, "label": labels, "source": np.full(len(labels), source, dtype=np.int64)}
+    names = [folder_label(str(p)) for p in batch["path"]]
+    errors = np.array(batch["error"], dtype=object)
+    for i, name in enumerate(names):
+        if name not in index and not errors[i]:
+            errors[i] = f"label {name!r} is not a class folder of its source"
+    labels = np.array([index.get(name, 0) for name in names], dtype=np.int64)
+    return {**batch, "error": errors, "label": labels, "source": np.full(len(labels), source, dtype=np.int64)}
 
 
 def _all_reduce(values: list[float]) -> list[float]:
@@ -344,7 +358,7 @@ def class_names(listing: SceneListing) -> list[str]:
     if loose:
         raise InputError(
             f"source {listing.uri!r} has images directly in it ({loose[0]!r}); fine-tuning needs "
-            "<class>/<image> folders"
+            "<class>/<image> folders (or <class>/<shard>.tar)"
         )
     classes = sorted({folder_label(p) for p in listing.paths})
     try:
@@ -386,12 +400,18 @@ def stratified_split(paths: list[str], val_fraction: float, seed: int) -> tuple[
     return train, sorted(val)
 
 
-def _dataset(listing: SceneListing, paths: list[str], classes: list[str], source: int, image_size: int):
-    import ray.data
-
-    ds = ray.data.read_binary_files(paths, filesystem=listing.filesystem, include_paths=True, num_cpus=READ_CPUS)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, num_cpus=READ_CPUS)
+def _dataset(
+    listing: SceneListing, paths: list[str], classes: list[str], source: int, image_size: int, batch_size: int
+):
+    """The clustering job's reader (:func:`scenecluster.ingest.read_scenes`: files or tar shards), plus labels."""
+    ds = read_scenes(paths, listing.filesystem, image_size=image_size, batch_size=batch_size)
     return ds.map_batches(_attach_labels, fn_kwargs={"classes": classes, "source": source}, num_cpus=READ_CPUS)
+
+
+def _count_rows(listing: SceneListing, splits: tuple[list[str], list[str]]) -> tuple[int, int]:
+    """Rows ``(train, val)`` the reader yields: one per image file; a tar shard's members, counted by reading it."""
+    counts = count_scenes(listing.paths, listing.filesystem)
+    return sum(counts[p] for p in splits[0]), sum(counts[p] for p in splits[1])
 
 
 def _union(datasets: list):
@@ -466,8 +486,15 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
 
+    resources = decide(
+        cfg.resources.device,
+        ensure_ray(cfg.resources),
+        actors=cfg.workers,
+        torch_threads=cfg.resources.torch_threads,
+    )
     splits = [stratified_split(lst.paths, cfg.val_fraction, cfg.data.seed + i) for i, lst in enumerate(listings)]
-    n_train, n_val = sum(len(t) for t, _ in splits), sum(len(v) for _, v in splits)
+    rows = [_count_rows(lst, split) for lst, split in zip(listings, splits, strict=True)]
+    n_train, n_val = sum(t for t, _ in rows), sum(v for _, v in rows)
     micro_per_epoch = n_train // cfg.workers // cfg.batch_size
     micro_per_epoch -= micro_per_epoch % cfg.grad_accum
     if micro_per_epoch == 0:
@@ -478,12 +505,6 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
     steps_per_epoch = micro_per_epoch // cfg.grad_accum
     total_steps = min(cfg.max_steps or 10**12, cfg.epochs * steps_per_epoch)
 
-    resources = decide(
-        cfg.resources.device,
-        ensure_ray(cfg.resources),
-        actors=cfg.workers,
-        torch_threads=cfg.resources.torch_threads,
-    )
     if resources.use_gpu:
         cpus_per_worker = cfg.cpus_per_worker or 1.0
     else:  # leave half a CPU for Ray Data's decode tasks, or ingest starves (see environment notes)
@@ -492,7 +513,7 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
 
     train_ds = _union(
         [
-            _dataset(lst, t, c, i, cfg.feature.image_size)
+            _dataset(lst, t, c, i, cfg.feature.image_size, cfg.batch_size)
             for i, (lst, (t, _), c) in enumerate(zip(listings, splits, classes, strict=True))
         ]
     )
@@ -500,7 +521,7 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
     if n_val:
         datasets["val"] = _union(
             [
-                _dataset(lst, v, c, i, cfg.feature.image_size)
+                _dataset(lst, v, c, i, cfg.feature.image_size, cfg.batch_size)
                 for i, (lst, (_, v), c) in enumerate(zip(listings, splits, classes, strict=True))
                 if v
             ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -92,6 +93,28 @@ def test_two_workers_recover_from_failure_then_resume(ray_cluster, tmp_path, sou
     images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 3), dtype=np.uint8)
     emb = Embedder.for_model(str(backbone), device="cpu").embed(images)
     assert emb.shape == (3, 32) and np.isfinite(emb).all()
+
+
+def test_tar_shards_in_class_folders_train_like_loose_files(ray_cluster, tmp_path, tiny_model_dir):
+    # Two classes, each two shards of 4 images stored at the shard's top level (labelled by the shard's folder);
+    # half the shards of each class held out -> 8 train / 8 val rows, counted before training -> 2 steps.
+    loose = copy_sample(tmp_path / "loose", per_class=8, classes=2)
+    src = tmp_path / "shards"
+    for cls in sorted(p for p in loose.iterdir() if p.is_dir()):
+        images = sorted(cls.glob("*.jpg"))
+        (src / cls.name).mkdir(parents=True)
+        for n, chunk in enumerate((images[:4], images[4:])):
+            with tarfile.open(src / cls.name / f"shard-{n}.tar", "w") as tar:
+                for image in chunk:
+                    tar.add(image, arcname=image.name)
+    fit_backbone(_cfg(tmp_path, [src], tiny_model_dir, workers=1, epochs=1, val_fraction=0.5))
+
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["classes"] == [sorted(p.name for p in loose.iterdir() if p.is_dir())]
+    assert metrics["n_train"] == 8 and metrics["n_val"] == 8
+    assert metrics["total_steps"] == 2 and metrics["step"] == 2
+    assert metrics["skipped_train"] == 0 and metrics["skipped_val"] == 0
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0
 
 
 def test_one_class_source_fails_before_workers(tmp_path, tiny_model_dir):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tarfile
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 from scenecluster.config import FinetuneConfig, load_config
 from scenecluster.errors import InputError, OutputError
 from scenecluster.models import ModelLoadError
-from scenecluster.train import fit_backbone
+from scenecluster.train import fit_backbone, train_loop_per_worker
 from tests.conftest import copy_sample
 
 pytestmark = pytest.mark.integration
@@ -42,6 +43,28 @@ def _cfg(tmp_path, sources, model, **overrides) -> FinetuneConfig:
     return load_config(None, settings, model=FinetuneConfig)
 
 
+def _fail_once_after_step_4(config: dict) -> None:
+    """The worker function with an injected fault, passed as ``fit_backbone(train_loop=...)``.
+
+    Rank 0 raises once, right after reporting the first checkpoint at or beyond step 4 of a run that has not been
+    restarted yet (``resumes == 0``), so the restarted worker group must resume from that checkpoint.
+    """
+    import ray.train
+
+    report = ray.train.report
+
+    def report_then_fail(metrics, checkpoint=None, **kwargs):
+        report(metrics, checkpoint=checkpoint, **kwargs)
+        if ray.train.get_context().get_world_rank() == 0 and metrics["resumes"] == 0 and metrics["step"] >= 4:
+            raise RuntimeError(f"injected failure after the checkpoint at step {metrics['step']} (test only)")
+
+    ray.train.report = report_then_fail  # this worker process only; train_loop_per_worker looks it up per call
+    try:
+        train_loop_per_worker(config)
+    finally:
+        ray.train.report = report
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """Two labelled sources (a shared backbone, two heads); the second has one corrupt image."""
@@ -58,8 +81,15 @@ def test_two_workers_recover_from_failure_then_resume(ray_cluster, tmp_path, sou
     # a: 3x10 images, 2 per class held out -> 24 train; b: 7 + 7 (+1 corrupt) images, 2 + 1 held out ->
     # 12 train. 36 train images split equally (Ray Train's equal split would drop a row of an odd total)
     # -> 18 per worker -> 4 micro-batches of 4 (+ a short one, counted not trained) -> 8 steps in 2 epochs.
-    cfg = _cfg(tmp_path, sources, tiny_model_dir, fail_after_step=4, max_failures=1)
-    backbone = fit_backbone(cfg)
+    cfg = _cfg(tmp_path, sources, tiny_model_dir, max_failures=1)
+    # pytest imports this file as a top-level module that Ray's workers cannot import: ship the wrapper by value.
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        backbone = fit_backbone(cfg, train_loop=_fail_once_after_step_4)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["total_steps"] == 8

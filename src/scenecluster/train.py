@@ -3,20 +3,24 @@
 The driver (:func:`fit_backbone`) lists and splits the sources, checks them and the model before any worker
 starts, and builds its Ray Data pipelines with the clustering job's reader (:func:`scenecluster.ingest.read_scenes`:
 image files or ``.tar`` shards, read then decoded in tasks), so a scene that the clustering job can read is one
-training can read, and labels them with the clustering job's rule (:func:`scenecluster.data.folder_label`).
-Classes come from the listing, before anything is read, so tar shards must sit in ``<class>/`` folders (one
-class per shard; a member stored at the shard's top level takes the shard's folder); a shard is read once more
-up front to count its images for the step budget. Each Ray Train worker
-(:func:`train_loop_per_worker`) holds one replica of the backbone plus one linear head per source; several
-sources train jointly, each batch row carrying its source index.
+training can read; rows are labelled by the clustering job's rule (:func:`scenecluster.data.folder_label`). Each
+Ray Train worker (:func:`train_loop_per_worker`) holds one replica of the backbone plus one linear head per
+source; several sources train jointly, each batch row carrying its source index.
 
-Checkpoints hold the whole training state (model, heads, optimizer, scheduler, epoch, step and the metric
-history). Ray Train V2 (Ray >= 2.50) reloads the latest one in two cases: a worker-group restart under
+Classes come from the listing, before anything is read, so tar shards must sit in ``<class>/`` folders, one
+class per shard, with their images at the shard's top level (which takes the shard's folder as its label; a
+member under a folder that is no class of the listing is skipped and counted). Shards are read once more up
+front to count their images for the step budget.
+
+Checkpoints hold the whole training state, and no pickles: the backbone as a transformers folder ``backbone/``
+(:func:`scenecluster.models.save_backbone`), and the heads, optimizer, scheduler, epoch, step and metric
+history in ``state.pt`` as tensors and plain data, read back with ``torch.load(..., weights_only=True)``. Ray
+Train V2 (Ray >= 2.50) reloads the latest one in two cases: a worker-group restart under
 ``FailureConfig(max_failures)``, and a new ``TorchTrainer`` with the same ``RunConfig(name, storage_path)``,
 whose checkpoint manager finds the run's ``checkpoint_manager_snapshot.json`` there. ``resume=True`` relies
 on the latter; without it, an existing run folder is refused rather than silently continued.
 
-The result is a transformers folder ``OUTPUT/backbone`` (heads dropped), which
+The result is the last checkpoint's ``backbone/`` saved as ``OUTPUT/backbone`` (heads dropped), which
 ``scenecluster cluster --model OUTPUT/backbone`` loads like any other model.
 """
 
@@ -69,7 +73,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
+STATE_FILE = "state.pt"  # in a checkpoint: heads, optimizer, scheduler, counters (tensors and plain data only)
+BACKBONE_DIR = "backbone"  # in a checkpoint and in OUTPUT: the backbone as a transformers folder
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # what Ray Train V2 writes in a run folder
 
 
@@ -306,12 +311,36 @@ def _build_state(cfg: LoopConfig) -> TrainState:
     return TrainState(model=model, core=core, optimizer=optimizer, scheduler=scheduler)
 
 
+def _training_state(state: TrainState, cfg: LoopConfig) -> dict[str, Any]:
+    """Everything a checkpoint holds besides the backbone: the heads, optimizer, scheduler, counters and history.
+
+    Only tensors, numbers, strings, lists and dicts, so that ``torch.load(..., weights_only=True)`` reads it: a
+    checkpoint is data, never code to unpickle. The backbone goes beside it as a transformers folder.
+    """
+    return {
+        "heads": state.core.heads.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "epoch": state.epoch,
+        "step": state.step,
+        "history": state.history,
+        "resumes": state.resumes,
+        "classes": cfg.classes,
+    }
+
+
 def _restore(state: TrainState, checkpoint, cfg: LoopConfig) -> None:
     """Continue from ``checkpoint`` (a worker-group restart, or a resumed run): weights, optimizer, scheduler,
-    epoch, step and history; training goes on at the next epoch."""
+    epoch, step and history; training goes on at the next epoch.
+
+    The backbone comes from the checkpoint's ``backbone/`` transformers folder, the rest from ``state.pt``
+    (:func:`_training_state`), read with ``weights_only=True``.
+    """
     with checkpoint.as_directory() as folder:
-        saved = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
-    state.core.load_state_dict(saved["model"])
+        saved = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        backbone = load_backbone(Path(folder) / BACKBONE_DIR)
+    state.core.backbone.load_state_dict(backbone.state_dict())
+    state.core.heads.load_state_dict(saved["heads"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
     state.epoch, state.step, state.history = saved["epoch"], saved["step"], saved["history"]
@@ -440,25 +469,18 @@ def _epoch_metrics(state: TrainState, sums: _EpochSums, world: int) -> dict[str,
 
 
 def _report(state: TrainState, metrics: dict[str, Any], cfg: LoopConfig, worker: _Worker) -> None:
-    """Every rank reports the epoch's metrics; rank 0 attaches the checkpoint of the whole training state."""
+    """Every rank reports the epoch's metrics; rank 0 attaches the checkpoint of the whole training state.
+
+    The checkpoint holds ``backbone/`` (:func:`scenecluster.models.save_backbone`, what the driver exports) and
+    ``state.pt`` (:func:`_training_state`).
+    """
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="scenecluster-ckpt-") as folder:
         checkpoint = None
         if worker.rank == 0:
-            torch.save(
-                {
-                    "model": state.core.state_dict(),
-                    "optimizer": state.optimizer.state_dict(),
-                    "scheduler": state.scheduler.state_dict(),
-                    "epoch": state.epoch,
-                    "step": state.step,
-                    "history": state.history,
-                    "resumes": state.resumes,
-                    "classes": cfg.classes,
-                },
-                Path(folder) / STATE_FILE,
-            )
+            save_backbone(state.core.backbone, Path(folder) / BACKBONE_DIR)
+            torch.save(_training_state(state, cfg), Path(folder) / STATE_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report({**metrics, "resumes": len(state.resumes)}, checkpoint=checkpoint)
 
@@ -743,11 +765,9 @@ def _export(
     if result.checkpoint is None:
         raise OutputError(f"fine-tuning {cfg.name!r} finished without a checkpoint under {storage}")
     with result.checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
-    backbone = load_backbone(inputs.backbone.source)
-    prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)})
-    target = save_backbone(backbone, out / "backbone")
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        # Loaded and saved again (not copied) so that OUTPUT/backbone is replaced atomically, as save_backbone does.
+        target = save_backbone(load_backbone(Path(folder) / BACKBONE_DIR), out / BACKBONE_DIR)
     last = state["history"][-1] if state["history"] else {}
     metrics = {
         "run": cfg.name,

@@ -758,7 +758,7 @@ def _trainer(cfg: FinetuneConfig, train_loop, loop_config: LoopConfig, datasets,
 
 
 def _export(
-    result, cfg: FinetuneConfig, out: Path, storage: str, inputs: _Inputs, plan: StepPlan, seconds: float
+    result, cfg: FinetuneConfig, out: Path, storage: str, inputs: _Inputs, plan: StepPlan, start: float
 ) -> dict[str, Any]:
     """Save the last checkpoint's backbone as ``OUTPUT/backbone`` and write ``OUTPUT/metrics.json``; return those."""
     storage = _storage(cfg, storage)[1]
@@ -789,7 +789,7 @@ def _export(
         "val_accuracy": last.get("val_accuracy"),
         "skipped_train": last.get("skipped_train", 0),
         "skipped_val": last.get("skipped_val", 0),
-        "seconds": round(seconds, 1),
+        "seconds": round(time.perf_counter() - start, 1),
         "history": state["history"],
     }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -809,8 +809,9 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print, train_loop=train_loop_per_w
     echo : callable
         Where progress lines go (``print`` for the CLI).
     train_loop : callable, default :func:`train_loop_per_worker`
-        The function each Ray Train worker runs, given the :class:`LoopConfig` as a dict. The seam tests use
-        to wrap the worker (e.g. to inject a failure); runs in production keep the default.
+        The function each Ray Train worker runs, given the :class:`LoopConfig` as a dict. This is the seam the
+        tests use: they pass a wrapper of :func:`train_loop_per_worker` (one that injects a worker failure, for
+        instance) instead of a test-only setting in the loop. Production runs keep the default.
 
     Returns
     -------
@@ -844,7 +845,7 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print, train_loop=train_loop_per_w
     )
     start = time.perf_counter()
     result = trainer.fit()
-    metrics = _export(result, cfg, out, storage, inputs, plan, time.perf_counter() - start)
+    metrics = _export(result, cfg, out, storage, inputs, plan, start)
     acc = metrics["val_accuracy"]
     echo(
         f"[finetune] step {metrics['step']}/{plan.total_steps}, epoch {metrics['epoch']}, val accuracy "

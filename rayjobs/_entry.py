@@ -17,12 +17,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def build_parser(description: str, *, overwrite: bool = False) -> argparse.ArgumentParser:
+    """``--config`` and ``--set`` for every entrypoint; ``--overwrite`` only for those whose call uses it."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", metavar="YAML", help="config file (see rayjobs/configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="a.b=v",
-                        help="dotted override of any setting, repeatable (value read as YAML)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an output folder that holds another run")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="a.b=v",
+        help="dotted override of any setting, repeatable (value read as YAML)",
+    )
+    if overwrite:
+        parser.add_argument("--overwrite", action="store_true", help="replace an output folder that holds another run")
     return parser
 
 
@@ -33,12 +41,16 @@ def run(
     model: type,
     call: Callable[[Any, argparse.Namespace], dict[str, Any]],
     description: str,
+    overwrite: bool = False,
 ) -> int:
-    """Validate the config (before Ray starts, so a typo costs no cluster time), ``ray.init()``, call."""
+    """Validate the config (before Ray starts, so a typo costs no cluster time), ``ray.init()``, call.
+
+    ``overwrite=True`` adds the ``--overwrite`` flag (``args.overwrite``), for entrypoints whose call takes it.
+    """
     from scenecluster.config import load_config, parse_override
     from scenecluster.errors import SceneClusterError
 
-    args = build_parser(description).parse_args(argv)
+    args = build_parser(description, overwrite=overwrite).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         overrides = dict(parse_override(text) for text in args.overrides)

@@ -15,8 +15,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from scenecluster.config import AssignJobConfig
     from scenecluster.job import run_assign_job
 
-    return run("assign", argv, model=AssignJobConfig, description=__doc__,
-               call=lambda cfg, args: run_assign_job(cfg, overwrite=args.overwrite))
+    return run(
+        "assign",
+        argv,
+        model=AssignJobConfig,
+        description=__doc__,
+        call=lambda cfg, args: run_assign_job(cfg, overwrite=args.overwrite),
+        overwrite=True,
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Ray job: cluster a folder or S3 prefix (:func:`scenecluster.job.run_cluster_job`).
 
-    ray job submit --working-dir . -- python rayjobs/cluster.py --config rayjobs/configs/cluster-local.yaml
+ray job submit --working-dir . -- python rayjobs/cluster.py --config rayjobs/configs/cluster-local.yaml
 """
 
 from __future__ import annotations
@@ -15,8 +15,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from scenecluster.config import ClusterJobConfig
     from scenecluster.job import run_cluster_job
 
-    return run("cluster", argv, model=ClusterJobConfig, description=__doc__,
-               call=lambda cfg, args: run_cluster_job(cfg, overwrite=args.overwrite))
+    return run(
+        "cluster",
+        argv,
+        model=ClusterJobConfig,
+        description=__doc__,
+        overwrite=True,
+        call=lambda cfg, args: run_cluster_job(cfg, overwrite=args.overwrite),
+    )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scenecluster.models import IMAGENET_MEAN, IMAGENET_STD
+from scenecluster.models import IMAGENET_MEAN, IMAGENET_STD, normalize
 
+# ``normalize`` lives in models (the embedder normalises with it too) and is re-exported here.
 __all__ = ["augment_batch", "normalize", "random_dihedral", "to_tensor"]
 
 # ITU-R 601 luma weights, the grey level that colour-jitter's saturation and contrast pull towards.
@@ -32,19 +33,6 @@ def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected uint8 images of shape (n, H, W, 3), got {tuple(x.shape)} {x.dtype}")
     return x.permute(0, 3, 1, 2).contiguous()
-
-
-def normalize(
-    x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> torch.Tensor:
-    """Scale ``(n, 3, H, W)`` pixels in 0..255 (any dtype) to float32 and normalise per channel.
-
-    ``mean``/``std`` are in 0..1 units, as in ``preprocessor_config.json``; ImageNet's by default because
-    every published DINOv2 checkpoint was trained with them.
-    """
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * 255.0
-    return (x.float() - m) / s
 
 
 def random_dihedral(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -124,9 +124,24 @@ def list_scenes(
     return SceneListing(uri=uri, root=root, paths=paths, filesystem=fs)
 
 
+def is_archive(path: str) -> bool:
+    """Whether a listed path is a ``.tar`` shard (read as many images) rather than one image file."""
+    return path.lower().endswith(ARCHIVE_SUFFIXES)
+
+
 def folder_label(path: str) -> str:
-    """The ground-truth label of a ``<class>/<image>`` layout: the image's parent folder name."""
-    return posixpath.basename(posixpath.dirname(path.replace(os.sep, "/")))
+    """The ground-truth label of a scene in a ``<class>/<image>`` layout: the folder the image sits in.
+
+    The one labelling rule of every stage (embedding's ``label`` column, fine-tuning's classes and targets), applied
+    to a listed path or to a row's path. A member of a ``.tar`` shard has the path ``<shard>/<member>``
+    (:func:`read_batch`): a member stored as ``<class>/<image>`` takes its own folder, and a member at the shard's
+    top level takes the folder the shard sits in, so ``Forest/shard-0.tar`` holding ``a.jpg`` labels it ``Forest``
+    (never ``shard-0.tar``). A real folder whose name ends in ``.tar`` is read as a shard here.
+    """
+    parent = posixpath.dirname(path.replace(os.sep, "/"))
+    if is_archive(parent):  # a member at the top level of a shard
+        parent = posixpath.dirname(parent)
+    return posixpath.basename(parent)
 
 
 def decode_image(data: bytes, image_size: int) -> np.ndarray:
@@ -147,7 +162,7 @@ def read_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem) -> 
     """Ray Data batch function: ``{"source"}`` -> ``{"source", "path", "bytes", "error"}``.
 
     Reads each listed file, and expands each ``.tar`` shard into one row per image member (its path is
-    ``<shard>/<member>``, so a ``<class>/<image>`` member keeps its folder label). A file that cannot be
+    ``<shard>/<member>``, which :func:`folder_label` labels). A file that cannot be
     read (it vanished, or access was refused) or a shard that is cut short becomes a row with the reason
     in ``error`` instead of failing the job: one bad object in a million is counted, not fatal.
     """
@@ -166,7 +181,7 @@ def read_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem) -> 
         except (OSError, ValueError) as exc:
             add(source, source, b"", f"read failed: {one_line(exc, with_type=True)}")
             continue
-        if not source.lower().endswith(ARCHIVE_SUFFIXES):
+        if not is_archive(source):
             add(source, source, data, "")
             continue
         members = 0

@@ -24,12 +24,13 @@ import pyarrow.parquet as pq
 import torch
 
 from scenecluster.config import EmbedConfig
-from scenecluster.data import SceneListing, decode_batch, read_batch
+from scenecluster.data import SceneListing
 from scenecluster.devices import Resources, resolve_torch_device
 from scenecluster.errors import InputError
 from scenecluster.features import FeatureSpec, resolve_feature_spec
+from scenecluster.ingest import read_scenes
 from scenecluster.manifest import MANIFEST, part_name, write_manifest_paths
-from scenecluster.models import load_backbone, pool_tokens
+from scenecluster.models import load_backbone, normalize, pool_tokens
 from scenecluster.outputs import OutputFolder
 
 EMBEDDINGS = "embeddings"  # the parts folder inside a run
@@ -62,8 +63,6 @@ class Embedder:
         self.device = resolve_torch_device(device)
         self.dtype = getattr(torch, dtype) if dtype else torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = load_backbone(spec.source, torch_dtype=self.dtype).to(self.device).eval()
-        self._mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1) * 255.0
 
     @classmethod
     def for_model(
@@ -84,7 +83,7 @@ class Embedder:
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(np.ascontiguousarray(images))
         x = images.to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().sub_(self._mean).div_(self._std).to(self.dtype)
+        x = normalize(x.permute(0, 3, 1, 2), self.spec.mean, self.spec.std).to(self.dtype)
         last = self.spec.is_last_layer
         out = self.model(pixel_values=x, output_hidden_states=not last)
         tokens = out.last_hidden_state if last else self.model.layernorm(out.hidden_states[self.spec.layer])
@@ -189,22 +188,18 @@ def build_embedding_dataset(
 ):
     """The Ray Data pipeline from listed sources to ``{"source", "path", "error", "embedding"}`` batches.
 
-    Output order follows ``sources`` (``preserve_order``), so consecutive chunks complete one after another.
-    Reading and decoding run in fractional-CPU tasks that overlap with the model actors; on GPU runs the actors
-    decode JPEGs themselves (nvJPEG), as ``resources.decode_on_gpu`` says.
+    Output order follows ``sources`` (``preserve_order``, which :func:`_write_parts` relies on), so consecutive
+    chunks complete one after another. Reading and decoding are :func:`scenecluster.ingest.read_scenes`, in
+    fractional-CPU tasks that overlap with the model actors; on GPU runs the actors decode JPEGs themselves
+    (nvJPEG), as ``resources.decode_on_gpu`` says.
     """
     import ray
 
     batch_size = settings.batch_size
-    has_archives = any(src.lower().endswith(".tar") for src in sources)
-    n_blocks = len(sources) if has_archives else max(1, len(sources) // batch_size)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = ray.data.from_items([{"source": s} for s in sources], override_num_blocks=min(n_blocks, 100_000))
-    ds = ds.map_batches(read_batch, fn_kwargs={"filesystem": filesystem}, batch_size=None, num_cpus=0.25)
-    if not resources.decode_on_gpu:
-        ds = ds.map_batches(
-            decode_batch, fn_kwargs={"image_size": spec.image_size}, batch_size=batch_size, num_cpus=0.25
-        )
+    ds = read_scenes(
+        sources, filesystem, image_size=spec.image_size, batch_size=batch_size, decode=not resources.decode_on_gpu
+    )
     return ds.map_batches(
         Embedder,
         fn_constructor_args=(spec,),

@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,6 +49,7 @@ __all__ = [
     "ensure_offline_dinov2_small",
     "image_normalization",
     "load_backbone",
+    "normalize",
     "pool_tokens",
     "pooled_width",
     "resolve_backbone",
@@ -515,6 +516,22 @@ def image_normalization(
     if mean is None or std is None:
         return IMAGENET_MEAN, IMAGENET_STD
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def normalize(
+    x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """Scale ``(n, 3, H, W)`` pixels in 0..255 (any dtype) to float32 and normalise per channel.
+
+    The one pixel normalisation of the project: training (:func:`scenecluster.augment.augment_batch`, the
+    validation pass) and embedding (:class:`scenecluster.embed.Embedder`) both use it, so a backbone sees the
+    same numbers for the same image in either stage. ``mean``/``std`` are in 0..1 units, as in
+    ``preprocessor_config.json`` (:func:`image_normalization`); ImageNet's by default because every published
+    DINOv2 checkpoint was trained with them.
+    """
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * 255.0
+    return (x.float() - m) / s
 
 
 # ----------------------------------------------------------------------------------------------- pooling

@@ -152,7 +152,7 @@ def sample_embeddings(out: OutputFolder, parts: list[tuple[str, int]], size: int
     return pa.concat_tables(tables)
 
 
-CALIBRATION_MIN = 200  # below this many sampled scenes the novelty threshold comes from the fit itself
+CALIBRATION_MIN = 100  # below this many sampled scenes the novelty threshold comes from the fit itself
 
 
 def fit_on_sample(
@@ -210,7 +210,7 @@ def _calibration_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices to fit on and indices held out to calibrate the novelty threshold (none for small samples)."""
     if n < CALIBRATION_MIN:
         return np.arange(n), np.zeros(0, dtype=np.int64)
-    held = np.random.default_rng([seed, 1]).choice(n, size=min(5000, n // 10), replace=False)
+    held = np.random.default_rng([seed, 1]).choice(n, size=min(5000, max(10, n // 10)), replace=False)
     mask = np.zeros(n, dtype=bool)
     mask[held] = True
     return np.flatnonzero(~mask), np.flatnonzero(mask)

@@ -1,18 +1,26 @@
 """Fine-tune a DINOv2 backbone on labelled source scenes with Ray Train, for better clustering features.
 
 The driver (:func:`fit_backbone`) lists and splits the sources, checks them and the model before any worker
-starts, and builds Ray Data pipelines from the same readers as the clustering job (read bytes -> decode in
-tasks), so a scene that the clustering job can read is one training can read. Each Ray Train worker
-(:func:`train_loop_per_worker`) holds one replica of the backbone plus one linear head per source; several
-sources train jointly, each batch row carrying its source index.
+starts, and builds its Ray Data pipelines with the clustering job's reader (:func:`scenecluster.ingest.read_scenes`:
+image files or ``.tar`` shards, read then decoded in tasks), so a scene that the clustering job can read is one
+training can read; rows are labelled by the clustering job's rule (:func:`scenecluster.data.folder_label`). Each
+Ray Train worker (:func:`train_loop_per_worker`) holds one replica of the backbone plus one linear head per
+source; several sources train jointly, each batch row carrying its source index.
 
-Checkpoints hold the whole training state (model, heads, optimizer, scheduler, epoch, step and the metric
-history). Ray Train V2 (Ray >= 2.50) reloads the latest one in two cases: a worker-group restart under
+Classes come from the listing, before anything is read, so tar shards must sit in ``<class>/`` folders, one
+class per shard, with their images at the shard's top level (which takes the shard's folder as its label; a
+member under a folder that is no class of the listing is skipped and counted). Shards are read once more up
+front to count their images for the step budget.
+
+Checkpoints hold the whole training state, and no pickles: the backbone as a transformers folder ``backbone/``
+(:func:`scenecluster.models.save_backbone`), and the heads, optimizer, scheduler, epoch, step and metric
+history in ``state.pt`` as tensors and plain data, read back with ``torch.load(..., weights_only=True)``. Ray
+Train V2 (Ray >= 2.50) reloads the latest one in two cases: a worker-group restart under
 ``FailureConfig(max_failures)``, and a new ``TorchTrainer`` with the same ``RunConfig(name, storage_path)``,
 whose checkpoint manager finds the run's ``checkpoint_manager_snapshot.json`` there. ``resume=True`` relies
 on the latter; without it, an existing run folder is refused rather than silently continued.
 
-The result is a transformers folder ``OUTPUT/backbone`` (heads dropped), which
+The result is the last checkpoint's ``backbone/`` saved as ``OUTPUT/backbone`` (heads dropped), which
 ``scenecluster cluster --model OUTPUT/backbone`` loads like any other model.
 """
 
@@ -26,6 +34,7 @@ import random
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +44,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scenecluster.augment import augment_batch, normalize, to_tensor
+from scenecluster.augment import augment_batch, to_tensor
 from scenecluster.config import FinetuneConfig, dump_config
-from scenecluster.data import SceneListing, decode_batch, folder_label, list_scenes, open_filesystem
+from scenecluster.data import SceneListing, folder_label, list_scenes, open_filesystem
+from scenecluster.devices import Resources
 from scenecluster.errors import ConfigError, InputError, OutputError
-from scenecluster.models import load_backbone, save_backbone
+from scenecluster.ingest import READ_CPUS, count_scenes, read_scenes
+from scenecluster.models import (
+    ResolvedBackbone,
+    load_backbone,
+    normalize,
+    pool_tokens,
+    pooled_width,
+    resolve_backbone,
+    save_backbone,
+)
 from scenecluster.outputs import atomic_write_text
 
-__all__ = ["SceneClassifier", "fit_backbone", "train_loop_per_worker"]
+__all__ = [
+    "LoopConfig",
+    "SceneClassifier",
+    "StepPlan",
+    "TrainState",
+    "fit_backbone",
+    "plan_steps",
+    "train_loop_per_worker",
+]
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
+STATE_FILE = "state.pt"  # in a checkpoint: heads, optimizer, scheduler, counters (tensors and plain data only)
+BACKBONE_DIR = "backbone"  # in a checkpoint and in OUTPUT: the backbone as a transformers folder
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # what Ray Train V2 writes in a run folder
-READ_CPUS = 0.25  # per Ray Data read/decode task: fractional, so 2 cores fit workers and ingest (no deadlock)
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -63,17 +90,14 @@ class SceneClassifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
-        width = backbone.config.hidden_size * (2 if pooling == "cls+mean" else 1)
+        width = pooled_width(backbone.config.hidden_size, pooling)
         self.heads = nn.ModuleList(nn.Linear(width, n) for n in n_classes)
         for head in self.heads:
             nn.init.trunc_normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        tokens = self.backbone(pixel_values=pixel_values).last_hidden_state
-        feats = tokens[:, 0]
-        if self.pooling == "cls+mean":
-            feats = torch.cat([feats, tokens[:, 1:].mean(dim=1)], dim=1)
+        feats = pool_tokens(self.backbone(pixel_values=pixel_values).last_hidden_state, self.pooling)
         return tuple(head(feats) for head in self.heads)
 
 
@@ -138,10 +162,20 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 # ------------------------------------------------------------------------------------------------ worker
 def _attach_labels(batch: dict[str, np.ndarray], *, classes: list[str], source: int) -> dict[str, np.ndarray]:
-    """Ray Data batch function: add ``label`` (index into ``classes``) and ``source`` to decoded rows."""
+    """Ray Data batch function: add ``label`` (index into ``classes``) and ``source`` (the source's index).
+
+    The label name is :func:`scenecluster.data.folder_label` of the row's path, the rule the embedding stage
+    labels with. A row whose name is not among ``classes`` (a shard member stored under a folder that is no class
+    folder of the listing) becomes an error row, dropped from the loss and counted like an unreadable file.
+    """
     index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[folder_label(str(p))] for p in batch["path"]], dtype=np.int64)
-    return {**batch, "label": labels, "source": np.full(len(labels), source, dtype=np.int64)}
+    names = [folder_label(str(p)) for p in batch["path"]]
+    errors = np.array(batch["error"], dtype=object)
+    for i, name in enumerate(names):
+        if name not in index and not errors[i]:
+            errors[i] = f"label {name!r} is not a class folder of its source"
+    labels = np.array([index.get(name, 0) for name in names], dtype=np.int64)
+    return {**batch, "error": errors, "label": labels, "source": np.full(len(labels), source, dtype=np.int64)}
 
 
 def _all_reduce(values: list[float]) -> list[float]:
@@ -172,163 +206,314 @@ def _loss(
     return total
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker: train the shared backbone and per-source heads, validate and checkpoint each epoch.
+@dataclass(frozen=True)
+class LoopConfig:
+    """What every worker needs, fixed once by :func:`fit_backbone` (``train_loop_config`` is its ``asdict``).
 
-    ``config`` is built by :func:`fit_backbone` (the validated :class:`FinetuneConfig` fields plus the class
-    lists, the step budget and the thread count). The loop runs exactly ``micro_per_epoch`` micro-batches
-    per epoch on every worker (shards are split equally and the last partial batch dropped), so DDP's
-    collectives stay in step. Decode failures are dropped from the loss and counted. A checkpoint from
-    ``ray.train.get_checkpoint()`` (a restart, or a resumed run) restores model, optimizer, scheduler,
-    epoch, step and history; training continues at the next epoch.
+    ``classes`` holds one class list per source (one head each); ``micro_per_epoch`` and ``total_steps`` are the
+    driver's step budget (:class:`StepPlan`), the same on every worker so that DDP's collectives stay in step;
+    ``n_val`` says whether there is a validation split.
     """
+
+    model: str
+    pooling: str
+    classes: list[list[str]]
+    mean: list[float]
+    std: list[float]
+    seed: int
+    freeze_blocks: int
+    lr: float
+    weight_decay: float
+    layer_decay: float
+    warmup_steps: int
+    label_smoothing: float
+    batch_size: int
+    grad_accum: int
+    epochs: int
+    micro_per_epoch: int
+    total_steps: int
+    n_val: int
+    torch_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class _Worker:
+    """This worker's place in the group and where it computes."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def use_amp(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        """bf16 autocast on GPUs; a no-op on the CPU."""
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.use_amp)
+
+
+@dataclass
+class TrainState:
+    """The model being trained and everything a checkpoint carries from one epoch (or one attempt) to the next.
+
+    ``model`` is what :func:`ray.train.torch.prepare_model` returned (DDP-wrapped with several workers), ``core``
+    the :class:`SceneClassifier` inside it. ``resumes`` lists ``{"epoch", "step"}`` of every restart or resume.
+    """
+
+    model: nn.Module
+    core: SceneClassifier
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    epoch: int = 0
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumes: list[dict[str, int]] = field(default_factory=list)
+
+
+@dataclass
+class _EpochSums:
+    """One worker's sums over an epoch (training and validation), added over the group by :func:`_epoch_metrics`."""
+
+    n_sources: int
+    loss_sum: float = 0.0
+    n_images: float = 0.0
+    skipped_train: float = 0.0
+    skipped_val: float = 0.0
+    seconds: float = 0.0
+    correct: list[float] = field(default_factory=list)
+    seen: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.correct = self.correct or [0.0] * self.n_sources
+        self.seen = self.seen or [0.0] * self.n_sources
+
+
+def _this_worker() -> _Worker:
     import ray.train
     import ray.train.torch
 
-    if config.get("torch_threads"):
-        torch.set_num_threads(int(config["torch_threads"]))
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    use_amp = device.type == "cuda"
-    seed = int(config["seed"])
+    return _Worker(rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=ray.train.torch.get_device())
 
-    torch.manual_seed(seed)  # same head init on every rank (DDP also broadcasts rank 0's)
-    model = SceneClassifier(load_backbone(config["model"]), [len(c) for c in config["classes"]], config["pooling"])
-    freeze_layers(model, int(config["freeze_blocks"]))
+
+def _build_state(cfg: LoopConfig) -> TrainState:
+    """Build the model (backbone + one head per source, early blocks frozen), AdamW and the LR schedule."""
+    import ray.train.torch
+
+    torch.manual_seed(cfg.seed)  # same head init on every rank (DDP also broadcasts rank 0's)
+    model = SceneClassifier(load_backbone(cfg.model), [len(c) for c in cfg.classes], cfg.pooling)
+    freeze_layers(model, cfg.freeze_blocks)
     model = ray.train.torch.prepare_model(model)
     core: SceneClassifier = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW(
-        param_groups(core, config["lr"], config["weight_decay"], config["layer_decay"]), betas=(0.9, 0.999)
-    )
-    total_steps = int(config["total_steps"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(int(config["warmup_steps"]), total_steps))
+    optimizer = torch.optim.AdamW(param_groups(core, cfg.lr, cfg.weight_decay, cfg.layer_decay), betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.total_steps))
+    return TrainState(model=model, core=core, optimizer=optimizer, scheduler=scheduler)
 
-    epoch, step, history, resumes = 0, 0, [], []
+
+def _training_state(state: TrainState, cfg: LoopConfig) -> dict[str, Any]:
+    """Everything a checkpoint holds besides the backbone: the heads, optimizer, scheduler, counters and history.
+
+    Only tensors, numbers, strings, lists and dicts, so that ``torch.load(..., weights_only=True)`` reads it: a
+    checkpoint is data, never code to unpickle. The backbone goes beside it as a transformers folder.
+    """
+    return {
+        "heads": state.core.heads.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "epoch": state.epoch,
+        "step": state.step,
+        "history": state.history,
+        "resumes": state.resumes,
+        "classes": cfg.classes,
+    }
+
+
+def _restore(state: TrainState, checkpoint, cfg: LoopConfig) -> None:
+    """Continue from ``checkpoint`` (a worker-group restart, or a resumed run): weights, optimizer, scheduler,
+    epoch, step and history; training goes on at the next epoch.
+
+    The backbone comes from the checkpoint's ``backbone/`` transformers folder, the rest from ``state.pt``
+    (:func:`_training_state`), read with ``weights_only=True``.
+    """
+    with checkpoint.as_directory() as folder:
+        saved = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        backbone = load_backbone(Path(folder) / BACKBONE_DIR)
+    state.core.backbone.load_state_dict(backbone.state_dict())
+    state.core.heads.load_state_dict(saved["heads"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.epoch, state.step, state.history = saved["epoch"], saved["step"], saved["history"]
+    state.resumes = [*saved["resumes"], {"epoch": state.epoch, "step": state.step}]
+    # A new budget (more epochs or max_steps on --resume) stretches the cosine to the new end.
+    lr_lambda = warmup_cosine(cfg.warmup_steps, cfg.total_steps)
+    state.scheduler.lr_lambdas = [lr_lambda] * len(state.optimizer.param_groups)
+
+
+def _readable(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Mask of the rows that were read and decoded (no ``error``)."""
+    return np.array([not e for e in batch["error"]], dtype=bool)
+
+
+def _train_micro_batch(
+    state: TrainState,
+    batch: dict[str, np.ndarray],
+    ok: np.ndarray,
+    gen: torch.Generator,
+    *,
+    last: bool,
+    cfg: LoopConfig,
+    worker: _Worker,
+) -> tuple[float, float]:
+    """Forward and backward one micro-batch (an optimizer step when ``last`` of its accumulation group).
+
+    Returns the summed loss of its readable rows and their number. A batch with none keeps DDP in step with
+    one dummy row of zero weight.
+    """
+    weight = torch.ones(int(ok.sum()))
+    if not ok.any():
+        ok[0], weight = True, torch.zeros(1)
+    # Augment on the worker's device: on a GPU the CPU path ran at 18% of the model's step rate.
+    images = torch.as_tensor(batch["image"][ok]).to(worker.device, non_blocking=True)
+    x = augment_batch(images, gen, mean=cfg.mean, std=cfg.std)
+    labels = torch.as_tensor(batch["label"][ok]).to(worker.device)
+    sources = torch.as_tensor(batch["source"][ok]).to(worker.device)
+    sync = state.model.no_sync() if hasattr(state.model, "no_sync") and not last else contextlib.nullcontext()
+    with sync, worker.autocast():
+        logits = state.model(x)
+        loss = _loss(logits, labels, sources, weight.to(worker.device), cfg.label_smoothing)
+        loss = loss / (max(1, len(x)) * cfg.grad_accum)
+        loss.backward()
+    if last:
+        torch.nn.utils.clip_grad_norm_(state.core.parameters(), 1.0)
+        state.optimizer.step()
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+    return float(loss) * cfg.grad_accum * float(weight.sum()), float(weight.sum())
+
+
+def _train_epoch(state: TrainState, shard, cfg: LoopConfig, worker: _Worker, sums: _EpochSums) -> None:
+    """One pass over this worker's shard, into ``sums``.
+
+    Exactly ``micro_per_epoch`` micro-batches train on every worker (shards are split equally and the last
+    partial batch is dropped), so DDP's collectives stay in step; unreadable rows are dropped from the loss and
+    counted.
+    """
+    state.model.train()
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.epoch * 1_009 + worker.rank)
+    start = time.perf_counter()
+    batches = shard.iter_batches(
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        drop_last=False,
+        local_shuffle_buffer_size=4 * cfg.batch_size,
+        local_shuffle_seed=cfg.seed + state.epoch * 1_009 + worker.rank,
+    )
+    for micro, batch in enumerate(batches):
+        if state.step >= cfg.total_steps:
+            break
+        ok = _readable(batch)
+        sums.skipped_train += float((~ok).sum())
+        if micro >= cfg.micro_per_epoch:
+            # The short last batch is not trained on (every worker must take the same number of
+            # steps for DDP), but its unreadable images are still counted: each is counted once.
+            continue
+        last = (micro + 1) % cfg.grad_accum == 0
+        loss, n_images = _train_micro_batch(state, batch, ok, gen, last=last, cfg=cfg, worker=worker)
+        sums.loss_sum += loss
+        sums.n_images += n_images
+    sums.seconds = time.perf_counter() - start
+
+
+def _validate(state: TrainState, shard, cfg: LoopConfig, worker: _Worker, sums: _EpochSums) -> None:
+    """Count correct predictions per source on this worker's validation shard (no augmentation), into ``sums``."""
+    state.model.eval()
+    with torch.no_grad(), worker.autocast():
+        for batch in shard.iter_batches(batch_size=2 * cfg.batch_size, batch_format="numpy"):
+            ok = _readable(batch)
+            sums.skipped_val += float((~ok).sum())
+            if not ok.any():
+                continue
+            x = normalize(to_tensor(batch["image"][ok]), cfg.mean, cfg.std).to(worker.device)
+            logits = state.core(x)
+            for s in range(sums.n_sources):
+                mask = batch["source"][ok] == s
+                if mask.any():
+                    pred = logits[s][torch.as_tensor(mask, device=worker.device)].argmax(1).cpu().numpy()
+                    sums.correct[s] += float((pred == batch["label"][ok][mask]).sum())
+                    sums.seen[s] += float(mask.sum())
+
+
+def _epoch_metrics(state: TrainState, sums: _EpochSums, world: int) -> dict[str, Any]:
+    """The group's metrics of the epoch just finished: every worker's sums added (an all-reduce)."""
+    n = sums.n_sources
+    totals = _all_reduce(
+        [sums.loss_sum, sums.n_images, sums.skipped_train, sums.skipped_val, sums.seconds, *sums.correct, *sums.seen]
+    )
+    loss_sum, n_images, skipped_train, skipped_val, seconds = totals[:5]
+    correct, seen = totals[5 : 5 + n], totals[5 + n : 5 + 2 * n]
+    slowest = seconds / world  # mean worker time; images/s is for the whole group
+    return {
+        "epoch": state.epoch,
+        "step": state.step,
+        "train_loss": loss_sum / max(n_images, 1.0),
+        "val_accuracy": sum(correct) / sum(seen) if sum(seen) else None,
+        "val_accuracy_per_source": [c / t if t else None for c, t in zip(correct, seen, strict=True)],
+        "images_per_s": n_images / max(slowest, 1e-9),
+        "train_images": int(n_images),
+        "skipped_train": int(skipped_train),
+        "skipped_val": int(skipped_val),
+        "lr": state.scheduler.get_last_lr()[-1],
+    }
+
+
+def _report(state: TrainState, metrics: dict[str, Any], cfg: LoopConfig, worker: _Worker) -> None:
+    """Every rank reports the epoch's metrics; rank 0 attaches the checkpoint of the whole training state.
+
+    The checkpoint holds ``backbone/`` (:func:`scenecluster.models.save_backbone`, what the driver exports) and
+    ``state.pt`` (:func:`_training_state`).
+    """
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="scenecluster-ckpt-") as folder:
+        checkpoint = None
+        if worker.rank == 0:
+            save_backbone(state.core.backbone, Path(folder) / BACKBONE_DIR)
+            torch.save(_training_state(state, cfg), Path(folder) / STATE_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report({**metrics, "resumes": len(state.resumes)}, checkpoint=checkpoint)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: train the shared backbone and per-source heads, validate and checkpoint each epoch.
+
+    ``config`` is :class:`LoopConfig` as a dict, built by :func:`fit_backbone`. The steps follow Ray's
+    ``TorchTrainer`` examples: build the model, optimizer and schedule; restore from ``ray.train.get_checkpoint()``
+    (a restart, or a resumed run); then per epoch one training pass, one validation pass, and a report with a
+    checkpoint.
+    """
+    import ray.train
+
+    cfg = LoopConfig(**config)
+    if cfg.torch_threads:
+        torch.set_num_threads(int(cfg.torch_threads))
+    worker = _this_worker()
+    state = _build_state(cfg)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
-        core.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        epoch, step, history = state["epoch"], state["step"], state["history"]
-        resumes = [*state["resumes"], {"epoch": epoch, "step": step}]
-        # A new budget (more epochs or max_steps on --resume) stretches the cosine to the new end.
-        scheduler.lr_lambdas = [warmup_cosine(int(config["warmup_steps"]), total_steps)] * len(optimizer.param_groups)
-    start_step = step
-
+        _restore(state, checkpoint, cfg)
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if config["n_val"] else None
-    bs, accum, smoothing = (
-        int(config["batch_size"]),
-        int(config["grad_accum"]),
-        float(config["label_smoothing"]),
-    )
-    micro_per_epoch = int(config["micro_per_epoch"])
-    n_sources = len(config["classes"])
-
-    while epoch < int(config["epochs"]) and step < total_steps:
-        model.train()
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
-        loss_sum = n_images = n_skipped = 0.0
-        start = time.perf_counter()
-        batches = train_shard.iter_batches(
-            batch_size=bs,
-            batch_format="numpy",
-            drop_last=False,
-            local_shuffle_buffer_size=4 * bs,
-            local_shuffle_seed=seed + epoch * 1_009 + rank,
-        )
-        for micro, batch in enumerate(batches):
-            if step >= total_steps:
-                break
-            ok = np.array([not e for e in batch["error"]], dtype=bool)
-            n_skipped += float((~ok).sum())
-            if micro >= micro_per_epoch:
-                # The short last batch is not trained on (every worker must take the same number of
-                # steps for DDP), but its unreadable images are still counted: each is counted once.
-                continue
-            weight = torch.ones(int(ok.sum()))
-            if not ok.any():  # keep DDP in step: one dummy row with zero weight
-                ok[0], weight = True, torch.zeros(1)
-            # Augment on the worker's device: on a GPU the CPU path ran at 18% of the model's step rate.
-            images = torch.as_tensor(batch["image"][ok]).to(device, non_blocking=True)
-            x = augment_batch(images, gen, mean=config["mean"], std=config["std"])
-            labels = torch.as_tensor(batch["label"][ok]).to(device)
-            sources = torch.as_tensor(batch["source"][ok]).to(device)
-            last_micro = (micro + 1) % accum == 0
-            sync = model.no_sync() if (hasattr(model, "no_sync") and not last_micro) else contextlib.nullcontext()
-            with sync, torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(x)
-                loss = _loss(logits, labels, sources, weight.to(device), smoothing) / (max(1, len(x)) * accum)
-                loss.backward()
-            loss_sum += float(loss) * accum * float(weight.sum())
-            n_images += float(weight.sum())
-            if last_micro:
-                torch.nn.utils.clip_grad_norm_(core.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-        seconds = time.perf_counter() - start
-
-        correct, seen, val_skipped = [0.0] * n_sources, [0.0] * n_sources, 0.0
+    val_shard = ray.train.get_dataset_shard("val") if cfg.n_val else None
+    while state.epoch < cfg.epochs and state.step < cfg.total_steps:
+        sums = _EpochSums(n_sources=len(cfg.classes))
+        _train_epoch(state, train_shard, cfg, worker, sums)
         if val_shard is not None:
-            model.eval()
-            with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
-                for batch in val_shard.iter_batches(batch_size=2 * bs, batch_format="numpy"):
-                    ok = np.array([not e for e in batch["error"]], dtype=bool)
-                    val_skipped += float((~ok).sum())
-                    if not ok.any():
-                        continue
-                    x = normalize(to_tensor(batch["image"][ok]), config["mean"], config["std"]).to(device)
-                    logits = core(x)
-                    for s in range(n_sources):
-                        mask = batch["source"][ok] == s
-                        if mask.any():
-                            pred = logits[s][torch.as_tensor(mask, device=device)].argmax(1).cpu().numpy()
-                            correct[s] += float((pred == batch["label"][ok][mask]).sum())
-                            seen[s] += float(mask.sum())
-        totals = _all_reduce([loss_sum, n_images, n_skipped, val_skipped, *correct, *seen, seconds])
-        loss_sum, n_images, n_skipped, val_skipped = totals[:4]
-        correct, seen = totals[4 : 4 + n_sources], totals[4 + n_sources : 4 + 2 * n_sources]
-        slowest = totals[-1] / world  # mean worker time; images/s is for the whole group
-        epoch += 1
-        metrics = {
-            "epoch": epoch,
-            "step": step,
-            "train_loss": loss_sum / max(n_images, 1.0),
-            "val_accuracy": sum(correct) / sum(seen) if sum(seen) else None,
-            "val_accuracy_per_source": [c / t if t else None for c, t in zip(correct, seen, strict=True)],
-            "images_per_s": n_images / max(slowest, 1e-9),
-            "train_images": int(n_images),
-            "skipped_train": int(n_skipped),
-            "skipped_val": int(val_skipped),
-            "lr": scheduler.get_last_lr()[-1],
-        }
-        history.append(metrics)
-        with tempfile.TemporaryDirectory(prefix="scenecluster-ckpt-") as folder:
-            ckpt = None
-            if rank == 0:
-                torch.save(
-                    {
-                        "model": core.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch,
-                        "step": step,
-                        "history": history,
-                        "resumes": resumes,
-                        "classes": config["classes"],
-                    },
-                    Path(folder) / STATE_FILE,
-                )
-                ckpt = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report({**metrics, "resumes": len(resumes)}, checkpoint=ckpt)
-        fail_after = config.get("fail_after_step")
-        if rank == 0 and fail_after and start_step < fail_after <= step:
-            raise RuntimeError(f"fail_after_step={fail_after}: injected failure at step {step} (test only)")
+            _validate(state, val_shard, cfg, worker, sums)
+        state.epoch += 1
+        metrics = _epoch_metrics(state, sums, worker.world)
+        state.history.append(metrics)
+        _report(state, metrics, cfg, worker)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -347,7 +532,7 @@ def class_names(listing: SceneListing) -> list[str]:
     if loose:
         raise InputError(
             f"source {listing.uri!r} has images directly in it ({loose[0]!r}); fine-tuning needs "
-            "<class>/<image> folders"
+            "<class>/<image> folders (or <class>/<shard>.tar)"
         )
     classes = sorted({folder_label(p) for p in listing.paths})
     try:
@@ -389,12 +574,18 @@ def stratified_split(paths: list[str], val_fraction: float, seed: int) -> tuple[
     return train, sorted(val)
 
 
-def _dataset(listing: SceneListing, paths: list[str], classes: list[str], source: int, image_size: int):
-    import ray.data
-
-    ds = ray.data.read_binary_files(paths, filesystem=listing.filesystem, include_paths=True, num_cpus=READ_CPUS)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size}, num_cpus=READ_CPUS)
+def _dataset(
+    listing: SceneListing, paths: list[str], classes: list[str], source: int, image_size: int, batch_size: int
+):
+    """The clustering job's reader (:func:`scenecluster.ingest.read_scenes`: files or tar shards), plus labels."""
+    ds = read_scenes(paths, listing.filesystem, image_size=image_size, batch_size=batch_size)
     return ds.map_batches(_attach_labels, fn_kwargs={"classes": classes, "source": source}, num_cpus=READ_CPUS)
+
+
+def _count_rows(listing: SceneListing, splits: tuple[list[str], list[str]]) -> tuple[int, int]:
+    """Rows ``(train, val)`` the reader yields: one per image file; a tar shard's members, counted by reading it."""
+    counts = count_scenes(listing.paths, listing.filesystem)
+    return sum(counts[p] for p in splits[0]), sum(counts[p] for p in splits[1])
 
 
 def _union(datasets: list):
@@ -409,51 +600,52 @@ def _run_exists(storage_path: str, name: str, endpoint_url: str | None) -> bool:
         return False
 
 
-def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
-    """Fine-tune ``cfg.model`` on ``cfg.sources`` with Ray Train and save the backbone; return its folder.
+@dataclass(frozen=True)
+class _Inputs:
+    """The checked sources and model: one listing and one sorted class list per source."""
 
-    Everything that can be checked without workers is checked first (sources, classes, model, output), so
-    a bad setting fails in seconds with a one-line error.
+    listings: list[SceneListing]
+    classes: list[list[str]]
+    backbone: ResolvedBackbone
 
-    Parameters
-    ----------
-    cfg : FinetuneConfig
-        Validated settings.
-    echo : callable
-        Where progress lines go (``print`` for the CLI).
 
-    Returns
-    -------
-    pathlib.Path
-        ``OUTPUT/backbone``: ``config.json``, ``model.safetensors`` and ``preprocessor_config.json``.
-        ``OUTPUT/metrics.json`` holds the per-epoch history.
+@dataclass(frozen=True)
+class StepPlan:
+    """The step budget, fixed by the driver so that every worker runs the same number of micro-batches.
 
-    Raises
-    ------
-    InputError, ConfigError, OutputError, scenecluster.models.ModelLoadError
-        Before any worker starts.
-    ray.train.TrainingFailedError
-        When training fails more often than ``cfg.max_failures`` allows; rerun with ``resume=True``.
+    ``n_train``/``n_val`` count the rows the reader yields (a tar shard's members, unreadable files included).
     """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from scenecluster.devices import decide
-    from scenecluster.models import image_normalization
-    from scenecluster.raycluster import ensure_ray
+    n_train: int
+    n_val: int
+    micro_per_epoch: int
+    total_steps: int
 
+
+def _check_inputs(cfg: FinetuneConfig) -> _Inputs:
+    """List the sources and check their classes, and check the model and ``freeze_blocks`` against it.
+
+    Only the model's config is read (:func:`scenecluster.models.resolve_backbone`), not its weights.
+    """
     listings = [
         list_scenes(s, endpoint_url=cfg.data.endpoint_url, sample=cfg.data.sample, seed=cfg.data.seed)
         for s in cfg.sources
     ]
     classes = [class_names(lst) for lst in listings]
-    backbone = load_backbone(cfg.feature.model)  # ModelLoadError here, not in every worker
-    n_layers = backbone.config.num_hidden_layers
-    if cfg.freeze_blocks > n_layers:
-        raise ConfigError(f"setting freeze_blocks: {cfg.freeze_blocks} exceeds the model's {n_layers} blocks")
-    del backbone
-    mean, std = image_normalization(cfg.feature.model)
+    backbone = resolve_backbone(cfg.feature.model)  # ModelLoadError here, not in every worker
+    if cfg.freeze_blocks > backbone.num_hidden_layers:
+        raise ConfigError(
+            f"setting freeze_blocks: {cfg.freeze_blocks} exceeds the model's {backbone.num_hidden_layers} blocks"
+        )
+    return _Inputs(listings=listings, classes=classes, backbone=backbone)
 
+
+def _claim_output(cfg: FinetuneConfig, echo) -> tuple[Path, str]:
+    """Check the output folder and the run's storage, create the folder and write ``config.yaml`` there.
+
+    Returns ``(output folder, storage path)``. A finished or interrupted run of the same name is refused
+    unless ``cfg.resume``.
+    """
     out = Path(cfg.output).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {str(out)!r} is a file, not a folder")
@@ -468,9 +660,17 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
         echo(f"[finetune] nothing to resume at {storage}/{cfg.name}; starting from scratch")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
+    return out, storage
 
-    splits = [stratified_split(lst.paths, cfg.val_fraction, cfg.data.seed + i) for i, lst in enumerate(listings)]
-    n_train, n_val = sum(len(t) for t, _ in splits), sum(len(v) for _, v in splits)
+
+def plan_steps(cfg: FinetuneConfig, n_train: int, n_val: int) -> StepPlan:
+    """Micro-batches per epoch per worker (whole accumulation groups) and the total optimizer steps.
+
+    Raises
+    ------
+    ConfigError
+        When the training rows over the workers do not fill one optimizer step.
+    """
     micro_per_epoch = n_train // cfg.workers // cfg.batch_size
     micro_per_epoch -= micro_per_epoch % cfg.grad_accum
     if micro_per_epoch == 0:
@@ -480,55 +680,70 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
         )
     steps_per_epoch = micro_per_epoch // cfg.grad_accum
     total_steps = min(cfg.max_steps or 10**12, cfg.epochs * steps_per_epoch)
+    return StepPlan(n_train=n_train, n_val=n_val, micro_per_epoch=micro_per_epoch, total_steps=total_steps)
 
-    resources = decide(
-        cfg.resources.device,
-        ensure_ray(cfg.resources),
-        actors=cfg.workers,
-        torch_threads=cfg.resources.torch_threads,
-    )
+
+def _datasets(cfg: FinetuneConfig, inputs: _Inputs, splits: list[tuple[list[str], list[str]]]) -> dict[str, Any]:
+    """``{"train"[, "val"]}``: each the union over sources of the reader's rows, labelled per source."""
+    parts: dict[str, list] = {"train": [], "val": []}
+    for i, (listing, classes, split) in enumerate(zip(inputs.listings, inputs.classes, splits, strict=True)):
+        for name, paths in zip(("train", "val"), split, strict=True):
+            if paths:
+                parts[name].append(_dataset(listing, paths, classes, i, cfg.feature.image_size, cfg.batch_size))
+    return {name: _union(found) for name, found in parts.items() if found}
+
+
+def _cpus_per_worker(cfg: FinetuneConfig, resources: Resources) -> float:
     if resources.use_gpu:
-        cpus_per_worker = cfg.cpus_per_worker or 1.0
-    else:  # leave half a CPU for Ray Data's decode tasks, or ingest starves (see environment notes)
-        cpus_per_worker = cfg.cpus_per_worker or max(0.25, (resources.cpus_per_node - 0.5) / cfg.workers)
-    threads = resources.torch_threads
+        return cfg.cpus_per_worker or 1.0
+    # leave half a CPU for Ray Data's decode tasks, or ingest starves (see environment notes)
+    return cfg.cpus_per_worker or max(0.25, (resources.cpus_per_node - 0.5) / cfg.workers)
 
-    train_ds = _union(
-        [
-            _dataset(lst, t, c, i, cfg.feature.image_size)
-            for i, (lst, (t, _), c) in enumerate(zip(listings, splits, classes, strict=True))
-        ]
+
+def _loop_config(cfg: FinetuneConfig, inputs: _Inputs, plan: StepPlan, resources: Resources) -> LoopConfig:
+    return LoopConfig(
+        model=inputs.backbone.source,
+        pooling=cfg.feature.pooling,
+        classes=inputs.classes,
+        mean=list(inputs.backbone.mean),
+        std=list(inputs.backbone.std),
+        seed=cfg.data.seed,
+        freeze_blocks=cfg.freeze_blocks,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        layer_decay=cfg.layer_decay,
+        warmup_steps=cfg.warmup_steps,
+        label_smoothing=cfg.label_smoothing,
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        epochs=cfg.epochs,
+        micro_per_epoch=plan.micro_per_epoch,
+        total_steps=plan.total_steps,
+        n_val=plan.n_val,
+        torch_threads=resources.torch_threads,
     )
-    datasets = {"train": train_ds}
-    if n_val:
-        datasets["val"] = _union(
-            [
-                _dataset(lst, v, c, i, cfg.feature.image_size)
-                for i, (lst, (_, v), c) in enumerate(zip(listings, splits, classes, strict=True))
-                if v
-            ]
-        )
-    loop_config = {
-        **cfg.model_dump(exclude={"data", "feature", "resources"}),
-        "model": cfg.feature.model,
-        "pooling": cfg.feature.pooling,
-        "seed": cfg.data.seed,
-        "classes": classes,
-        "mean": list(mean),
-        "std": list(std),
-        "n_val": n_val,
-        "micro_per_epoch": micro_per_epoch,
-        "total_steps": total_steps,
-        "torch_threads": threads,
-    }
-    storage_fs = None
+
+
+def _storage(cfg: FinetuneConfig, storage: str) -> tuple[pafs.FileSystem | None, str]:
+    """Ray Train's ``(storage_filesystem, storage_path)``: an S3 store at ``cfg.data.endpoint_url`` needs its own."""
     if storage.startswith("s3://") and cfg.data.endpoint_url:
-        storage_fs, storage = open_filesystem(storage, endpoint_url=cfg.data.endpoint_url)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
+        return open_filesystem(storage, endpoint_url=cfg.data.endpoint_url)
+    return None, storage
+
+
+def _trainer(cfg: FinetuneConfig, train_loop, loop_config: LoopConfig, datasets, resources: Resources, storage: str):
+    """The ``TorchTrainer``: ``cfg.workers`` workers, a named run under ``storage``, restarts from checkpoints."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage_fs, storage = _storage(cfg, storage)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=asdict(loop_config),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.workers, use_gpu=resources.use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+            num_workers=cfg.workers,
+            use_gpu=resources.use_gpu,
+            resources_per_worker={"CPU": _cpus_per_worker(cfg, resources)},
         ),
         torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
         datasets=datasets,
@@ -540,21 +755,19 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
     )
-    echo(
-        f"[finetune] {n_train} train / {n_val} val images from {len(listings)} source(s), {cfg.workers} "
-        f"worker(s) x {cpus_per_worker:g} CPU{' + GPU' if resources.use_gpu else ''}, {total_steps} steps"
-    )
-    start = time.perf_counter()
-    result = trainer.fit()
+
+
+def _export(
+    result, cfg: FinetuneConfig, out: Path, storage: str, inputs: _Inputs, plan: StepPlan, start: float
+) -> dict[str, Any]:
+    """Save the last checkpoint's backbone as ``OUTPUT/backbone`` and write ``OUTPUT/metrics.json``; return those."""
+    storage = _storage(cfg, storage)[1]
     if result.checkpoint is None:
         raise OutputError(f"fine-tuning {cfg.name!r} finished without a checkpoint under {storage}")
     with result.checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
-    backbone = load_backbone(cfg.feature.model)
-    prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)})
-    target = save_backbone(backbone, out / "backbone")
-
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+        # Loaded and saved again (not copied) so that OUTPUT/backbone is replaced atomically, as save_backbone does.
+        target = save_backbone(load_backbone(Path(folder) / BACKBONE_DIR), out / BACKBONE_DIR)
     last = state["history"][-1] if state["history"] else {}
     metrics = {
         "run": cfg.name,
@@ -562,14 +775,14 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
         "checkpoint": result.checkpoint.path,
         "backbone": str(target),
         "sources": cfg.sources,
-        "classes": classes,
-        "n_train": n_train,
-        "n_val": n_val,
+        "classes": inputs.classes,
+        "n_train": plan.n_train,
+        "n_val": plan.n_val,
         "workers": cfg.workers,
         "image_size": cfg.feature.image_size,
         "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
-        "total_steps": total_steps,
+        "total_steps": plan.total_steps,
         "step": state["step"],
         "epoch": state["epoch"],
         "resumes": state["resumes"],
@@ -580,9 +793,62 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print) -> Path:
         "history": state["history"],
     }
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def fit_backbone(cfg: FinetuneConfig, *, echo=print, train_loop=train_loop_per_worker) -> Path:
+    """Fine-tune ``cfg.feature.model`` on ``cfg.sources`` with Ray Train and save the backbone; return its folder.
+
+    Everything that can be checked without workers is checked first (sources, classes, model, output), so
+    a bad setting fails in seconds with a one-line error.
+
+    Parameters
+    ----------
+    cfg : FinetuneConfig
+        Validated settings.
+    echo : callable
+        Where progress lines go (``print`` for the CLI).
+    train_loop : callable, default :func:`train_loop_per_worker`
+        The function each Ray Train worker runs, given the :class:`LoopConfig` as a dict. This is the seam the
+        tests use: they pass a wrapper of :func:`train_loop_per_worker` (one that injects a worker failure, for
+        instance) instead of a test-only setting in the loop. Production runs keep the default.
+
+    Returns
+    -------
+    pathlib.Path
+        ``OUTPUT/backbone``: ``config.json``, ``model.safetensors`` and ``preprocessor_config.json``.
+        ``OUTPUT/metrics.json`` holds the per-epoch history.
+
+    Raises
+    ------
+    InputError, ConfigError, OutputError, scenecluster.models.ModelLoadError
+        Before any worker starts.
+    ray.train.TrainingFailedError
+        When training fails more often than ``cfg.max_failures`` allows; rerun with ``resume=True``.
+    """
+    from scenecluster.devices import decide
+    from scenecluster.raycluster import ensure_ray
+
+    inputs = _check_inputs(cfg)
+    out, storage = _claim_output(cfg, echo)
+    inventory = ensure_ray(cfg.resources)
+    resources = decide(cfg.resources.device, inventory, actors=cfg.workers, torch_threads=cfg.resources.torch_threads)
+    splits = [stratified_split(lst.paths, cfg.val_fraction, cfg.data.seed + i) for i, lst in enumerate(inputs.listings)]
+    rows = [_count_rows(lst, split) for lst, split in zip(inputs.listings, splits, strict=True)]
+    plan = plan_steps(cfg, n_train=sum(t for t, _ in rows), n_val=sum(v for _, v in rows))
+    loop_config = _loop_config(cfg, inputs, plan, resources)
+    trainer = _trainer(cfg, train_loop, loop_config, _datasets(cfg, inputs, splits), resources, storage)
+    echo(
+        f"[finetune] {plan.n_train} train / {plan.n_val} val images from {len(inputs.listings)} source(s), "
+        f"{cfg.workers} worker(s) x {_cpus_per_worker(cfg, resources):g} CPU{' + GPU' if resources.use_gpu else ''}, "
+        f"{plan.total_steps} steps"
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    metrics = _export(result, cfg, out, storage, inputs, plan, start)
     acc = metrics["val_accuracy"]
     echo(
-        f"[finetune] step {state['step']}/{total_steps}, epoch {state['epoch']}, val accuracy "
-        f"{'n/a' if acc is None else f'{acc:.3f}'}; backbone: {target}"
+        f"[finetune] step {metrics['step']}/{plan.total_steps}, epoch {metrics['epoch']}, val accuracy "
+        f"{'n/a' if acc is None else f'{acc:.3f}'}; backbone: {metrics['backbone']}"
     )
-    return target
+    return Path(metrics["backbone"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ import pytest
 from scenecluster.config import FinetuneConfig, load_config
 from scenecluster.errors import InputError, OutputError
 from scenecluster.models import ModelLoadError
-from scenecluster.train import fit_backbone
+from scenecluster.train import fit_backbone, train_loop_per_worker
 from tests.conftest import copy_sample
 
 pytestmark = pytest.mark.integration
@@ -41,6 +43,28 @@ def _cfg(tmp_path, sources, model, **overrides) -> FinetuneConfig:
     return load_config(None, settings, model=FinetuneConfig)
 
 
+def _fail_once_after_step_4(config: dict) -> None:
+    """The worker function with an injected fault, passed as ``fit_backbone(train_loop=...)``.
+
+    Rank 0 raises once, right after reporting the first checkpoint at or beyond step 4 of a run that has not been
+    restarted yet (``resumes == 0``), so the restarted worker group must resume from that checkpoint.
+    """
+    import ray.train
+
+    report = ray.train.report
+
+    def report_then_fail(metrics, checkpoint=None, **kwargs):
+        report(metrics, checkpoint=checkpoint, **kwargs)
+        if ray.train.get_context().get_world_rank() == 0 and metrics["resumes"] == 0 and metrics["step"] >= 4:
+            raise RuntimeError(f"injected failure after the checkpoint at step {metrics['step']} (test only)")
+
+    ray.train.report = report_then_fail  # this worker process only; train_loop_per_worker looks it up per call
+    try:
+        train_loop_per_worker(config)
+    finally:
+        ray.train.report = report
+
+
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """Two labelled sources (a shared backbone, two heads); the second has one corrupt image."""
@@ -57,8 +81,15 @@ def test_two_workers_recover_from_failure_then_resume(ray_cluster, tmp_path, sou
     # a: 3x10 images, 2 per class held out -> 24 train; b: 7 + 7 (+1 corrupt) images, 2 + 1 held out ->
     # 12 train. 36 train images split equally (Ray Train's equal split would drop a row of an odd total)
     # -> 18 per worker -> 4 micro-batches of 4 (+ a short one, counted not trained) -> 8 steps in 2 epochs.
-    cfg = _cfg(tmp_path, sources, tiny_model_dir, fail_after_step=4, max_failures=1)
-    backbone = fit_backbone(cfg)
+    cfg = _cfg(tmp_path, sources, tiny_model_dir, max_failures=1)
+    # pytest imports this file as a top-level module that Ray's workers cannot import: ship the wrapper by value.
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        backbone = fit_backbone(cfg, train_loop=_fail_once_after_step_4)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["total_steps"] == 8
@@ -92,6 +123,28 @@ def test_two_workers_recover_from_failure_then_resume(ray_cluster, tmp_path, sou
     images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 3), dtype=np.uint8)
     emb = Embedder.for_model(str(backbone), device="cpu").embed(images)
     assert emb.shape == (3, 32) and np.isfinite(emb).all()
+
+
+def test_tar_shards_in_class_folders_train_like_loose_files(ray_cluster, tmp_path, tiny_model_dir):
+    # Two classes, each two shards of 4 images stored at the shard's top level (labelled by the shard's folder);
+    # half the shards of each class held out -> 8 train / 8 val rows, counted before training -> 2 steps.
+    loose = copy_sample(tmp_path / "loose", per_class=8, classes=2)
+    src = tmp_path / "shards"
+    for cls in sorted(p for p in loose.iterdir() if p.is_dir()):
+        images = sorted(cls.glob("*.jpg"))
+        (src / cls.name).mkdir(parents=True)
+        for n, chunk in enumerate((images[:4], images[4:])):
+            with tarfile.open(src / cls.name / f"shard-{n}.tar", "w") as tar:
+                for image in chunk:
+                    tar.add(image, arcname=image.name)
+    fit_backbone(_cfg(tmp_path, [src], tiny_model_dir, workers=1, epochs=1, val_fraction=0.5))
+
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["classes"] == [sorted(p.name for p in loose.iterdir() if p.is_dir())]
+    assert metrics["n_train"] == 8 and metrics["n_val"] == 8
+    assert metrics["total_steps"] == 2 and metrics["step"] == 2
+    assert metrics["skipped_train"] == 0 and metrics["skipped_val"] == 0
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0
 
 
 def test_one_class_source_fails_before_workers(tmp_path, tiny_model_dir):

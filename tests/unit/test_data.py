@@ -80,3 +80,24 @@ def test_read_batch_reports_an_archive_without_images(tmp_path):
     out = read_batch({"source": np.array([str(shard)], dtype=object)}, filesystem=pafs.LocalFileSystem())
     assert out["path"].tolist() == [str(shard)]
     assert out["error"].tolist() == ["archive holds no images"]
+
+
+@pytest.mark.parametrize(
+    "path, label",
+    [
+        ("/d/Forest/a.jpg", "Forest"),  # a loose image: its folder
+        ("/d/Forest/shard-0.tar", "Forest"),  # a listed shard (or its error row): the shard's folder
+        ("/d/Forest/shard-0.tar/a.jpg", "Forest"),  # a member at the shard's top level: the shard's folder
+        ("/d/shards/shard-0.tar/River/a.jpg", "River"),  # a <class>/<image> member: its own folder
+        ("bucket/p/Forest/SHARD.TAR/a.png", "Forest"),
+    ],
+)
+def test_folder_label_is_the_one_rule_for_files_and_shard_members(path, label):
+    assert folder_label(path) == label
+
+
+def test_rows_per_source_counts_each_source_of_a_batch():
+    from scenecluster.ingest import _rows_per_source
+
+    out = _rows_per_source({"source": np.array(["b.tar", "a.jpg", "b.tar", "b.tar"], dtype=object)})
+    assert dict(zip(out["source"].tolist(), out["n_rows"].tolist(), strict=True)) == {"a.jpg": 1, "b.tar": 3}

@@ -1,0 +1,108 @@
+"""The Ray-free pieces of fine-tuning: labels, the step budget, the worker's settings and the checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from scenecluster.config import FinetuneConfig, load_config
+from scenecluster.errors import ConfigError
+from scenecluster.models import load_backbone, save_backbone
+from scenecluster.train import (
+    BACKBONE_DIR,
+    STATE_FILE,
+    LoopConfig,
+    SceneClassifier,
+    TrainState,
+    _attach_labels,
+    _restore,
+    _training_state,
+    param_groups,
+    plan_steps,
+    warmup_cosine,
+)
+
+
+def _cfg(**overrides) -> FinetuneConfig:
+    return load_config(None, {"sources": ["/s"], "output": "/o", **overrides}, model=FinetuneConfig)
+
+
+def test_labels_come_from_the_row_path_and_unknown_ones_become_error_rows():
+    batch = {
+        "path": np.array(["/s/Forest/a.jpg", "/s/River/x.tar/b.jpg", "/s/x.tar/Lake/c.jpg", "/s/River/d.jpg"], object),
+        "error": np.array(["", "", "", "decode failed"], dtype=object),
+        "image": np.zeros((4, 2, 2, 3), dtype=np.uint8),
+        "source": np.array(["/s/Forest/a.jpg", "/s/River/x.tar", "/s/x.tar", "/s/River/d.jpg"], dtype=object),
+    }
+    out = _attach_labels(batch, classes=["Forest", "River"], source=1)
+    assert out["label"][:2].tolist() == [0, 1] and out["label"][3] == 1
+    assert out["error"].tolist()[:2] == ["", ""] and out["error"][3] == "decode failed"
+    assert "'Lake' is not a class folder" in out["error"][2]
+    assert out["source"].tolist() == [1, 1, 1, 1]
+
+
+def test_step_plan_counts_whole_accumulation_groups_and_caps_at_max_steps():
+    plan = plan_steps(_cfg(workers=2, batch_size=4, grad_accum=3, epochs=2), n_train=100, n_val=7)
+    # 100 rows / 2 workers / 4 -> 12 micro-batches -> 4 steps per epoch
+    assert (plan.micro_per_epoch, plan.total_steps, plan.n_val) == (12, 8, 7)
+    assert plan_steps(_cfg(workers=2, batch_size=4, epochs=2, max_steps=5), n_train=100, n_val=0).total_steps == 5
+    with pytest.raises(ConfigError, match="batch_size"):
+        plan_steps(_cfg(workers=2, batch_size=32), n_train=40, n_val=0)
+
+
+def _loop_config(**overrides) -> LoopConfig:
+    settings = dict(
+        model="m", pooling="cls", classes=[["a", "b", "c"], ["d", "e"]], mean=[0.5] * 3, std=[0.2] * 3, seed=0,
+        freeze_blocks=0, lr=1e-3, weight_decay=0.05, layer_decay=0.9, warmup_steps=1, label_smoothing=0.1,
+        batch_size=4, grad_accum=1, epochs=1, micro_per_epoch=2, total_steps=10, n_val=0,
+    )  # fmt: skip
+    return LoopConfig(**{**settings, **overrides})
+
+
+def test_loop_config_travels_as_a_plain_dict():
+    cfg = _loop_config()
+    assert LoopConfig(**asdict(cfg)) == cfg
+
+
+class _Checkpoint:
+    """What _restore uses of a ray.train.Checkpoint."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+
+    @contextlib.contextmanager
+    def as_directory(self):
+        yield str(self.folder)
+
+
+def _state(model_dir, cfg: LoopConfig, seed: int) -> TrainState:
+    torch.manual_seed(seed)
+    core = SceneClassifier(load_backbone(model_dir), [len(c) for c in cfg.classes])
+    optimizer = torch.optim.AdamW(param_groups(core, cfg.lr, cfg.weight_decay, cfg.layer_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, cfg.total_steps))
+    return TrainState(model=core, core=core, optimizer=optimizer, scheduler=scheduler)
+
+
+def test_checkpoint_is_a_backbone_folder_plus_plain_state_that_restores_everything(tmp_path, tiny_model_dir):
+    cfg = _loop_config()
+    trained = _state(tiny_model_dir, cfg, seed=0)
+    sum(logits.sum() for logits in trained.core(torch.randn(2, 3, 28, 28))).backward()
+    trained.optimizer.step()
+    trained.scheduler.step()
+    trained.epoch, trained.step, trained.history = 1, 1, [{"epoch": 1, "step": 1, "val_accuracy": None}]
+    save_backbone(trained.core.backbone, tmp_path / BACKBONE_DIR)
+    torch.save(_training_state(trained, cfg), tmp_path / STATE_FILE)
+    torch.load(tmp_path / STATE_FILE, weights_only=True)  # no pickled objects in it
+
+    restored = _state(tiny_model_dir, _loop_config(total_steps=20), seed=1)
+    _restore(restored, _Checkpoint(tmp_path), _loop_config(total_steps=20))
+    for (name, a), b in zip(trained.core.state_dict().items(), restored.core.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert restored.optimizer.state_dict()["state"].keys() == trained.optimizer.state_dict()["state"].keys()
+    assert restored.scheduler.last_epoch == 1
+    assert (restored.epoch, restored.step, restored.history) == (1, 1, trained.history)
+    assert restored.resumes == [{"epoch": 1, "step": 1}]

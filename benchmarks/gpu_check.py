@@ -321,6 +321,56 @@ def check_finetune(tmp: Path, image_size: int, batch_size: int, steps: int) -> N
     )
 
 
+def check_parts(folder: Path, image_size: int, tmp: Path, batch_size: int) -> None:
+    """The job's embedding actor (``PartEmbedder``) on whole parts read from disk, and the assignment maths on
+    the GPU: DP-GMM ``predict_proba`` + ``score_samples`` of 1M projected rows."""
+    import pyarrow.fs as pafs
+
+    from scenecluster.devices import ClusterInventory, decide
+    from scenecluster.features import resolve_feature_spec
+    from scenecluster.outputs import OutputFolder
+    from scenecluster.scale import PartEmbedder
+
+    spec = resolve_feature_spec(random_backbone_folder(tmp, "small"), image_size=image_size)
+    resources = decide(DEVICE, ClusterInventory(16, 1 if DEVICE == "cuda" else 0, 16), torch_threads=4)
+    out = OutputFolder(str(tmp / "run"))
+    actor = PartEmbedder(spec, out, pafs.LocalFileSystem(), resources, batch_size=batch_size, with_labels=True)
+    files = sorted(str(p) for p in folder.rglob("*.jpg"))
+    parts = [files[i : i + 512] for i in range(0, len(files), 512)]
+    actor({"name": np.array(["warm"]), "sources": np.array([parts[0][:batch_size]], dtype=object)})
+    start = time.perf_counter()
+    for i, sources in enumerate(parts):
+        actor({"name": np.array([f"part-{i:06d}"]), "sources": np.array([sources], dtype=object)})
+    sync()
+    seconds = time.perf_counter() - start
+    emit(
+        "parts",
+        what="PartEmbedder: read (8 threads) + decode + embed + write parquet, parts of 512",
+        device=DEVICE,
+        decode_on_gpu=resources.decode_on_gpu,
+        images=len(files),
+        img_s=round(len(files) / seconds),
+    )
+
+    from bench_dpgmm import make_data
+
+    from scenecluster.cluster import DPGMM
+
+    X = make_data(1_000_000, 5, 12)
+    model = DPGMM(50, max_iter=100, random_state=0, device=DEVICE).fit(X[:100_000])
+    model.predict_proba(X[:1000])
+    start = time.perf_counter()
+    model.predict_proba(X)
+    model.score_samples(X)
+    sync()
+    emit(
+        "parts",
+        what="DP-GMM predict_proba + score_samples, 1M x 5, K=50",
+        device=DEVICE,
+        rows_s=round(len(X) / (time.perf_counter() - start)),
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", required=True, help="folder of real JPEG scenes")
@@ -357,6 +407,7 @@ def main() -> None:
             "decode": lambda: check_decode(blobs, args.image_size),
             "embed": lambda: check_embed(blobs, args.image_size, Path(tmp), args.batch_size),
             "umap": lambda: check_umap(args.umap_n, 10_000),
+            "parts": lambda: check_parts(Path(args.images), args.image_size, Path(tmp), args.batch_size),
             "dpgmm": lambda: check_dpgmm(args.dpgmm_n, args.dpgmm_iters),
             "finetune": lambda: check_finetune(Path(tmp), args.image_size, args.finetune_batch, args.finetune_steps),
         }

@@ -70,6 +70,27 @@ def open_filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.
     return pafs.LocalFileSystem(), path
 
 
+def open_input(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and root of an input folder or prefix, checked to exist and not to be a file.
+
+    Raises
+    ------
+    InputError
+        With one line naming ``uri`` and what is wrong with it.
+    """
+    fs, root = open_filesystem(uri, endpoint_url=endpoint_url)
+    try:
+        info = fs.get_file_info(root)
+    except OSError as exc:
+        raise InputError(f"cannot read input {uri!r}: {one_line(exc)}") from None
+    bucket_root = isinstance(fs, pafs.S3FileSystem) and "/" not in root
+    if info.type == pafs.FileType.NotFound and not bucket_root:
+        raise InputError(f"input {uri!r} does not exist")
+    if info.type == pafs.FileType.File:
+        raise InputError(f"input {uri!r} is a file; give the folder (or prefix) that holds the images")
+    return fs, root
+
+
 def list_scenes(
     uri: str,
     *,
@@ -94,15 +115,7 @@ def list_scenes(
     InputError
         When the location does not exist, cannot be listed, or holds no images.
     """
-    fs, root = open_filesystem(uri, endpoint_url=endpoint_url)
-    try:
-        info = fs.get_file_info(root)
-    except OSError as exc:
-        raise InputError(f"cannot read input {uri!r}: {one_line(exc)}") from None
-    if info.type == pafs.FileType.NotFound:
-        raise InputError(f"input {uri!r} does not exist")
-    if info.type == pafs.FileType.File:
-        raise InputError(f"input {uri!r} is a file; give the folder (or prefix) that holds the images")
+    fs, root = open_input(uri, endpoint_url=endpoint_url)
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except OSError as exc:

@@ -18,14 +18,13 @@ import os
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from scenecluster.data import ARCHIVE_SUFFIXES, IMAGE_SUFFIXES, open_filesystem
-from scenecluster.errors import InputError, one_line
+from scenecluster.data import ARCHIVE_SUFFIXES, IMAGE_SUFFIXES, open_filesystem, open_input
+from scenecluster.errors import InputError
 from scenecluster.outputs import OutputFolder
 
 __all__ = [
@@ -101,15 +100,7 @@ def iter_scene_paths(uri: str, *, endpoint_url: str | None = None) -> Iterator[s
     InputError
         When the location does not exist, is a file, or cannot be read.
     """
-    fs, root = open_filesystem(uri, endpoint_url=endpoint_url)
-    try:
-        info = fs.get_file_info(root)
-    except OSError as exc:
-        raise InputError(f"cannot read input {uri!r}: {one_line(exc)}") from None
-    if info.type == pafs.FileType.NotFound and not (urlparse(uri).scheme == "s3" and root.count("/") == 0):
-        raise InputError(f"input {uri!r} does not exist")
-    if info.type == pafs.FileType.File:
-        raise InputError(f"input {uri!r} is a file; give the folder (or prefix) that holds the images")
+    fs, root = open_input(uri, endpoint_url=endpoint_url)
     if isinstance(fs, pafs.LocalFileSystem):
         return _walk_local(root)
     return _walk_s3(root, endpoint_url)

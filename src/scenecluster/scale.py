@@ -30,7 +30,15 @@ import pyarrow.parquet as pq
 from scenecluster.data import decode_batch, folder_label, read_batch
 from scenecluster.outputs import OutputFolder
 
-__all__ = ["PartAssigner", "PartEmbedder", "fit_on_sample", "ok_rows", "sample_embeddings"]
+__all__ = [
+    "PartAssigner",
+    "PartEmbedder",
+    "calibration_split",
+    "fit_on_sample",
+    "matrix",
+    "ok_rows",
+    "sample_embeddings",
+]
 
 EMBEDDINGS = "embeddings"
 ASSIGNMENTS = "assignments"
@@ -102,34 +110,42 @@ class PartEmbedder:
                 "n_ok": int(pc.sum(pc.equal(errors, "")).as_py() or 0),
                 "reused": True,
             }
+        # All reads are submitted at once; micro-batches are embedded as soon as their rows have arrived, so
+        # storage latency overlaps with the model instead of preceding it.
         reads = self.pool.map(
             lambda s: read_batch({"source": np.array([s], dtype=object)}, filesystem=self.fs), sources
         )
-        rows = {"path": [], "bytes": [], "error": []}
+        pending: dict[str, list] = {"path": [], "bytes": [], "error": []}
+        done: list[dict[str, np.ndarray]] = []
         for r in reads:
-            for key in rows:
-                rows[key].extend(r[key])
-        table = self._embed_rows(rows)
+            for key in pending:
+                pending[key].extend(r[key])
+            while len(pending["path"]) >= self.batch_size:
+                done.append(self._embed_batch({k: v[: self.batch_size] for k, v in pending.items()}))
+                pending = {k: v[self.batch_size :] for k, v in pending.items()}
+        if pending["path"]:
+            done.append(self._embed_batch(pending))
+        table = self._part_table(done)
         self.out.write_table(target, table)
         n_ok = int(pc.sum(pc.equal(table.column("error"), "")).as_py() or 0)
         return {"name": name, "n_rows": table.num_rows, "n_ok": n_ok, "reused": False}
 
-    def _embed_rows(self, rows: dict[str, list]) -> pa.Table:
-        paths, errors, vectors = [], [], []
-        for start in range(0, len(rows["path"]), self.batch_size):
-            batch = {k: np.asarray(v[start : start + self.batch_size], dtype=object) for k, v in rows.items()}
-            if self.decode_here:
-                batch = decode_batch(batch, image_size=self.embedder.spec.image_size)
-            result = self.embedder(batch)
-            paths += list(result["path"])
-            errors += [str(e) for e in result["error"]]
-            vectors.append(result["embedding"])
+    def _embed_batch(self, rows: dict[str, list]) -> dict[str, np.ndarray]:
+        batch = {k: np.asarray(v, dtype=object) for k, v in rows.items()}
+        if self.decode_here:
+            batch = decode_batch(batch, image_size=self.embedder.spec.image_size)
+        return self.embedder(batch)
+
+    def _part_table(self, results: list[dict[str, np.ndarray]]) -> pa.Table:
+        paths = [str(p) for r in results for p in r["path"]]
+        errors = [str(e) for r in results for e in r["error"]]
         width = self.embedder.n_features
+        vectors = np.concatenate([r["embedding"] for r in results]) if results else np.zeros((0, width), np.float32)
         cols: dict[str, Any] = {"path": pa.array(paths, pa.string())}
         if self.with_labels:
             cols["label"] = pa.array([folder_label(p) for p in paths], pa.string())
         cols["error"] = pa.array(errors, pa.string())
-        cols["embedding"] = _vector_column(np.concatenate(vectors) if vectors else np.zeros((0, width), np.float32))
+        cols["embedding"] = _vector_column(vectors)
         return pa.table(cols)
 
 
@@ -183,7 +199,7 @@ def fit_on_sample(
 
     sample = sample_embeddings(out, parts, fit_sample, seed)
     X = matrix(sample)
-    fit_index, calibration = _calibration_split(len(X), seed)
+    fit_index, calibration = calibration_split(len(X), seed)
     fitted, fit_clusters, coords = fit_clustering(
         X[fit_index], feature=feature, reduce=reduce, cluster=cluster, device=device, novelty_quantile=novelty_quantile
     )
@@ -206,7 +222,7 @@ def fit_on_sample(
     return {**summary, "report": report, "stage_seconds": fitted.info["seconds"]}
 
 
-def _calibration_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def calibration_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices to fit on and indices held out to calibrate the novelty threshold (none for small samples)."""
     if n < CALIBRATION_MIN:
         return np.arange(n), np.zeros(0, dtype=np.int64)

@@ -1,0 +1,122 @@
+"""Fit on a sample, assign everything: does it agree with fitting on everything, and does it flag what it never saw?
+
+Works on the embeddings of a finished run (``embeddings.parquet`` with labels), in one process, with the same
+functions the Ray job runs (:func:`scenecluster.fitted.fit_clustering`, :meth:`FittedClustering.assign`, the
+held-out novelty calibration of :mod:`scenecluster.scale`):
+
+1. the clustering fitted on every scene, against one fitted on a seeded ``--fit-sample`` and assigned to every
+   scene: ARI between the two partitions, and the number of clusters of each;
+2. with ``--withhold``: fitted on a sample of the other classes only, then every scene assigned: the share of
+   each withheld class flagged novel, against the share of the classes it saw, and the ARI of the seen classes'
+   assignments with their labels.
+
+    python benchmarks/bench_fit_sample.py --embeddings runs/eurosat-all/embeddings.parquet --fit-sample 5000 \\
+        --withhold Highway,River
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+
+import numpy as np
+from _hardware import cpu_model  # benchmarks/ is on sys.path when run as a script
+from sklearn.metrics import adjusted_rand_score
+
+from scenecluster.config import ClusterConfig, ReduceConfig
+from scenecluster.embed import read_embeddings
+from scenecluster.evaluate import score_clusters
+from scenecluster.fitted import fit_clustering
+from scenecluster.scale import calibration_split
+
+
+def fit_and_assign(X: np.ndarray, fit_rows: np.ndarray, *, seed: int, quantile: float) -> tuple[np.ndarray, dict]:
+    """Fit on ``X[fit_rows]`` (minus a calibration tenth, as the job does), assign all of ``X``."""
+    reduce = {**ReduceConfig().model_dump(), "backend": "umap-learn"}
+    fit_index, calibration = calibration_split(len(fit_rows), seed)
+    start = time.perf_counter()
+    fitted, _, _ = fit_clustering(
+        X[fit_rows[fit_index]], feature={}, reduce=reduce, cluster=ClusterConfig(), novelty_quantile=quantile
+    )
+    fit_s = time.perf_counter() - start
+    if len(calibration):
+        fitted.novelty_threshold = float(
+            np.quantile(fitted.assign(X[fit_rows[calibration]])["log_likelihood"], quantile)
+        )
+    start = time.perf_counter()
+    result = fitted.assign(X)
+    return result, {
+        "fit_s": round(fit_s, 1),
+        "assign_s": round(time.perf_counter() - start, 1),
+        "n_fit": len(fit_index),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--embeddings", required=True)
+    p.add_argument("--fit-sample", type=int, default=5000)
+    p.add_argument("--withhold", default="", help="comma-separated classes left out of the fit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--novelty-quantile", type=float, default=0.01)
+    args = p.parse_args()
+    _, X, labels = read_embeddings(args.embeddings)
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(args.seed)
+    head = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(), "n": len(X)}
+
+    reduce = {**ReduceConfig().model_dump(), "backend": "umap-learn"}
+    start = time.perf_counter()
+    _, full_clusters, _ = fit_clustering(X, feature={}, reduce=reduce, cluster=ClusterConfig())
+    full = {**score_clusters(labels, full_clusters), "fit_s": round(time.perf_counter() - start, 1)}
+
+    rows = np.sort(rng.choice(len(X), size=min(args.fit_sample, len(X)), replace=False))
+    assigned, timing = fit_and_assign(X, rows, seed=args.seed, quantile=args.novelty_quantile)
+    sampled = score_clusters(labels, assigned["cluster"])
+    print(
+        json.dumps(
+            {
+                **head,
+                "what": "fit on a sample, assign all vs fit on all",
+                "fit_sample": args.fit_sample,
+                "ari_between": round(adjusted_rand_score(full_clusters, assigned["cluster"]), 4),
+                "k_full": full["n_clusters"],
+                "k_sample": sampled["n_clusters"],
+                "full": _round(full),
+                "sample": _round({**sampled, **timing}),
+            }
+        ),
+        flush=True,
+    )
+
+    withheld = [c for c in args.withhold.split(",") if c]
+    if withheld:
+        seen = ~np.isin(labels, withheld)
+        pool = np.flatnonzero(seen)
+        rows = np.sort(rng.choice(pool, size=min(args.fit_sample, len(pool)), replace=False))
+        assigned, timing = fit_and_assign(X, rows, seed=args.seed, quantile=args.novelty_quantile)
+        novel = {c: round(float(assigned["novel"][labels == c].mean()), 4) for c in withheld}
+        print(
+            json.dumps(
+                {
+                    **head,
+                    "what": "classes withheld from the fit, all assigned",
+                    "withheld": withheld,
+                    "novel_share_withheld": novel,
+                    "novel_share_seen": round(float(assigned["novel"][seen].mean()), 4),
+                    "seen": _round({**score_clusters(labels[seen], assigned["cluster"][seen]), **timing}),
+                }
+            ),
+            flush=True,
+        )
+
+
+def _round(d: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+
+
+if __name__ == "__main__":
+    main()

@@ -135,7 +135,7 @@ def embedding_schema(n_features: int, with_labels: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
-def _vector_column(embeddings: np.ndarray) -> pa.FixedSizeListArray:
+def vector_column(embeddings: np.ndarray) -> pa.FixedSizeListArray:
     """``(n, d)`` float32 matrix -> a fixed-size list column, without a per-row Python loop."""
     flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
     return pa.FixedSizeListArray.from_arrays(flat, embeddings.shape[1])
@@ -146,16 +146,20 @@ def embedding_table(paths, embeddings: np.ndarray, labels=None) -> pa.Table:
     cols = {"path": pa.array(list(paths), pa.string())}
     if labels is not None:
         cols["label"] = pa.array(list(labels), pa.string())
-    cols["embedding"] = _vector_column(embeddings)
+    cols["embedding"] = vector_column(embeddings)
     return pa.table(cols, schema=embedding_schema(embeddings.shape[1], labels is not None))
+
+
+def vector_matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
+    """A fixed-size list column -> ``(n, d)`` float32 matrix, without a per-row Python loop."""
+    col = table.column(column).combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
 
 
 def read_embeddings(path, filesystem=None) -> tuple[list[str], np.ndarray, list[str] | None]:
     """Read ``embeddings.parquet`` back: paths, ``(n, d)`` float32 matrix and labels (or ``None``)."""
     table = pq.read_table(path, filesystem=filesystem)
-    col = table.column("embedding").combine_chunks()
-    d = col.type.list_size
-    X = col.values.to_numpy(zero_copy_only=False).reshape(-1, d)
+    X = vector_matrix(table)
     labels = table.column("label").to_pylist() if "label" in table.column_names else None
     return table.column("path").to_pylist(), X, labels
 

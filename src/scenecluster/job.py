@@ -240,10 +240,3 @@ def relabel_by_size(raw: np.ndarray) -> np.ndarray:
     order = ids[np.argsort(-counts, kind="stable")]
     mapping = {old: new for new, old in enumerate(order)}
     return np.array([mapping[c] for c in raw], dtype=np.int32)
-
-
-def subsample(n: int, k: int, *, seed: int) -> np.ndarray:
-    if n <= k:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
-

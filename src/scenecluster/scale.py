@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from scenecluster.data import decode_batch, folder_label, read_batch
+from scenecluster.embed import vector_column, vector_matrix
 from scenecluster.outputs import OutputFolder
 
 __all__ = [
@@ -45,19 +46,13 @@ ASSIGNMENTS = "assignments"
 SAMPLE_FILE = "clustering/fit_sample.parquet"
 
 
-def _vector_column(matrix: np.ndarray) -> pa.FixedSizeListArray:
-    flat = pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1])
-
-
 def ok_rows(table: pa.Table) -> pa.Table:
     """The rows of an embeddings part that were read and embedded."""
     return table.filter(pc.equal(table.column("error"), ""))
 
 
 def matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
-    col = table.column(column).combine_chunks()
-    return col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+    return vector_matrix(table, column)
 
 
 class PartEmbedder:
@@ -145,7 +140,7 @@ class PartEmbedder:
         if self.with_labels:
             cols["label"] = pa.array([folder_label(p) for p in paths], pa.string())
         cols["error"] = pa.array(errors, pa.string())
-        cols["embedding"] = _vector_column(vectors)
+        cols["embedding"] = vector_column(vectors)
         return pa.table(cols)
 
 
@@ -236,7 +231,7 @@ def _write_fitted_rows(out: OutputFolder, rows: pa.Table, fitted, clusters: np.n
     proba, loglik = _fitted_scores(fitted, coords, len(coords))
     table = {
         "path": rows.column("path"),
-        "coords": _vector_column(coords),
+        "coords": vector_column(coords),
         "cluster": pa.array(clusters, pa.int32()),
         "probability": pa.array(proba, pa.float32()),
         "log_likelihood": pa.array(loglik, pa.float32()),
@@ -321,7 +316,7 @@ class PartAssigner:
             cols["label"] = part.column("label")
         cols["log_likelihood"] = pa.array(result["log_likelihood"], pa.float32())
         cols["novel"] = pa.array(result["novel"], pa.bool_())
-        cols["coords"] = _vector_column(result["coords"])
+        cols["coords"] = vector_column(result["coords"])
         return pa.table(cols)
 
 

@@ -14,6 +14,9 @@ flag) and is saved as one folder:
     the fitted UMAP (or PCA) in its library's own serialisation (pickle). Loading it runs code, so a saved
     clustering is trusted input, like any pickle: load only folders you or your pipeline wrote. The library
     and its version are recorded, and a different version is refused rather than silently mis-projecting.
+``clusterer.pkl``
+    instead of the two mixture files, for a clusterer that is not ours (``cluster.method: kmeans``, a
+    scikit-learn ``KMeans``): pickled, with scikit-learn's version recorded and checked like the projection's.
 
 Cluster ids are those of the fit (0 = largest on the sample) and never change when more scenes are assigned.
 """
@@ -39,6 +42,8 @@ __all__ = ["FittedClustering", "fit_clustering", "load_clustering", "read_cluste
 
 FORMAT = "scenecluster-clustering/1"
 _LIBRARIES = {"umap": "umap-learn", "pca": "scikit-learn"}
+_MIXTURE = "dpgmm"  # clustering.json "clusterer": our DP-GMM as safetensors + JSON
+_PICKLED = "pickle"  # any other estimator, in its library's own serialisation
 
 
 @dataclass
@@ -158,33 +163,65 @@ def fit_clustering(
 
 
 def save_clustering(fitted: FittedClustering, out, folder: str = "clustering", **extra: Any) -> None:
-    """Write ``fitted`` under ``out/folder`` (an :class:`scenecluster.outputs.OutputFolder`), each file atomically."""
-    import tempfile
-    from pathlib import Path
+    """Write ``fitted`` under ``out/folder`` (an :class:`scenecluster.outputs.OutputFolder`), each file atomically.
 
+    The DP-GMM is written as plain arrays and JSON; any other clusterer (k-means) is pickled, the same trusted
+    input as the projection.
+    """
     from scenecluster.mixture import DPGMM
-    from scenecluster.mixture._persist import ARRAYS_FILE, META_FILE, save_dpgmm
 
-    if not isinstance(fitted.clusterer, DPGMM):
-        raise InputError(f"only a DP-GMM clustering can be saved, not {type(fitted.clusterer).__name__}")
-    with tempfile.TemporaryDirectory() as tmp:
-        save_dpgmm(fitted.clusterer, tmp)
-        for name in (ARRAYS_FILE, META_FILE):
-            out.write_bytes(f"{folder}/{name}", (Path(tmp) / name).read_bytes())
-    buffer = io.BytesIO()
-    pickle.dump(fitted.projection, buffer, protocol=pickle.HIGHEST_PROTOCOL)
-    out.write_bytes(f"{folder}/projection.pkl", buffer.getvalue())
+    if isinstance(fitted.clusterer, DPGMM):
+        kind = _MIXTURE
+        _save_mixture(fitted.clusterer, out, folder)
+    else:
+        kind = _PICKLED
+        out.write_bytes(f"{folder}/clusterer.pkl", _pickled(fitted.clusterer))
+    out.write_bytes(f"{folder}/projection.pkl", _pickled(fitted.projection))
+    versions = dict(fitted.info.get("versions", {}))
+    if kind == _PICKLED:
+        versions.update(_versions("pca", "scikit-learn"))
     meta = {
         "format": FORMAT,
         "feature": fitted.feature,
+        "clusterer": kind,
         "cluster_ids": fitted.cluster_ids.tolist(),
         "novelty_threshold": fitted.novelty_threshold,
         "novelty_quantile": fitted.novelty_quantile,
         "reduce": fitted.reduce,
-        "info": fitted.info,
+        "info": {**fitted.info, "versions": versions},
         **extra,
     }
     out.write_text(f"{folder}/clustering.json", json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def _save_mixture(mixture: Any, out, folder: str) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from scenecluster.mixture._persist import ARRAYS_FILE, META_FILE, save_dpgmm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_dpgmm(mixture, tmp)
+        for name in (ARRAYS_FILE, META_FILE):
+            out.write_bytes(f"{folder}/{name}", (Path(tmp) / name).read_bytes())
+
+
+def _load_mixture(out, folder: str, device: str) -> Any:
+    import tempfile
+    from pathlib import Path
+
+    from scenecluster.mixture._persist import ARRAYS_FILE, META_FILE, load_dpgmm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (ARRAYS_FILE, META_FILE):
+            (Path(tmp) / name).write_bytes(out.read_bytes(f"{folder}/{name}"))
+        return load_dpgmm(tmp, device=device)
+
+
+def _pickled(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    pickle.dump(obj, buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    return buffer.getvalue()
 
 
 def read_clustering_meta(out, folder: str = "clustering") -> dict[str, Any]:
@@ -199,17 +236,15 @@ def read_clustering_meta(out, folder: str = "clustering") -> dict[str, Any]:
 
 def load_clustering(out, folder: str = "clustering", *, device: str = "auto") -> FittedClustering:
     """Read a clustering saved by :func:`save_clustering` (trusted input: the projection is a pickle)."""
-    import tempfile
-    from pathlib import Path
-
-    from scenecluster.mixture._persist import ARRAYS_FILE, META_FILE, load_dpgmm
-
     meta = read_clustering_meta(out, folder)
     _check_versions(meta["info"].get("versions", {}), out.display(folder))
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in (ARRAYS_FILE, META_FILE):
-            (Path(tmp) / name).write_bytes(out.read_bytes(f"{folder}/{name}"))
-        clusterer = load_dpgmm(tmp, device=device)
+    kind = meta.get("clusterer", _MIXTURE)
+    if kind == _MIXTURE:
+        clusterer = _load_mixture(out, folder, device)
+    elif kind == _PICKLED:
+        clusterer = pickle.loads(out.read_bytes(f"{folder}/clusterer.pkl"))  # trusted input, see module docstring
+    else:
+        raise InputError(f"{out.display(folder)} holds a clusterer of unknown kind {kind!r}")
     projection = pickle.loads(out.read_bytes(f"{folder}/projection.pkl"))  # trusted input, see module docstring
     return FittedClustering(
         feature=meta["feature"],

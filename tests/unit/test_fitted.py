@@ -1,0 +1,92 @@
+"""A fitted clustering is a model: it saves, loads and assigns the same way for each clusterer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+from scenecluster.config import ClusterConfig, ReduceConfig
+from scenecluster.errors import InputError
+from scenecluster.evaluate import contingency, score_clusters, scores_from_contingency
+from scenecluster.fitted import fit_clustering, load_clustering, save_clustering
+from scenecluster.outputs import OutputFolder
+
+FEATURE = {"model": "tiny", "layer": -1, "pooling": "cls", "image_size": 28}
+
+
+def blobs(n_per: int = 80, centres: int = 3, dim: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    means = rng.normal(scale=8.0, size=(centres, dim))
+    X = np.concatenate([m + rng.normal(size=(n_per, dim)) for m in means]).astype(np.float32)
+    return X, np.repeat(np.arange(centres), n_per)
+
+
+def fit(method: str, X: np.ndarray):
+    reduce = ReduceConfig(method="pca", n_components=3, backend="umap-learn")
+    cluster = ClusterConfig(method=method, n_components=6 if method == "dpgmm" else 3, n_init=2)
+    return fit_clustering(X, feature=FEATURE, reduce=reduce, cluster=cluster, device="cpu", novelty_quantile=0.02)
+
+
+@pytest.mark.parametrize("method", ["dpgmm", "kmeans"])
+def test_saved_clustering_assigns_exactly_as_the_fitted_one(tmp_path, method):
+    X, truth = blobs()
+    fitted, clusters, _ = fit(method, X)
+    assert adjusted_rand_score(truth, clusters) > 0.95
+    out = OutputFolder(str(tmp_path))
+    save_clustering(fitted, out, run="test")
+    loaded = load_clustering(out, device="cpu")
+    before, after = fitted.assign(X), loaded.assign(X)
+    for key in ("cluster", "coords", "probability", "log_likelihood", "novel"):
+        np.testing.assert_allclose(after[key], before[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(after["cluster"], clusters)
+    assert loaded.feature == FEATURE
+    meta = json.loads((tmp_path / "clustering" / "clustering.json").read_text())
+    assert meta["clusterer"] == ("dpgmm" if method == "dpgmm" else "pickle")
+    assert meta["run"] == "test"
+    # ours is plain arrays; k-means is pickled with its library's version recorded for the load-time check
+    assert (tmp_path / "clustering" / "mixture.safetensors").exists() == (method == "dpgmm")
+    assert (tmp_path / "clustering" / "clusterer.pkl").exists() == (method == "kmeans")
+    assert "scikit-learn" in meta["info"]["versions"]
+
+
+def test_points_far_from_every_cluster_are_flagged_novel():
+    X, _ = blobs()
+    fitted, _, _ = fit("dpgmm", X)
+    far = X[:20] + 60.0
+    assert fitted.assign(far)["novel"].mean() > 0.9
+    # the threshold is the fitted sample's 2% quantile, so the sample itself is rarely novel
+    assert fitted.assign(X)["novel"].mean() <= 0.05
+
+
+def test_a_projection_pickled_by_another_library_version_is_refused(tmp_path):
+    X, _ = blobs(n_per=30)
+    fitted, _, _ = fit("dpgmm", X)
+    out = OutputFolder(str(tmp_path))
+    save_clustering(fitted, out)
+    path = tmp_path / "clustering" / "clustering.json"
+    meta = json.loads(path.read_text())
+    meta["info"]["versions"]["scikit-learn"] = "0.0.1"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"scikit-learn 0\.0\.1"):
+        load_clustering(out, device="cpu")
+
+
+def test_a_folder_without_a_clustering_says_so(tmp_path):
+    with pytest.raises(InputError, match="clustering.json is missing"):
+        load_clustering(OutputFolder(str(tmp_path)), device="cpu")
+
+
+def test_scores_from_counts_equal_scores_from_labels():
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 5, size=500)
+    pred = np.where(rng.random(500) < 0.7, truth, rng.integers(0, 7, size=500))
+    table, _, _ = contingency(truth, pred)
+    from_counts = scores_from_contingency(table)
+    from_labels = score_clusters(truth, pred)
+    assert from_counts["acc"] == pytest.approx(from_labels["acc"])
+    assert from_counts["ari"] == pytest.approx(adjusted_rand_score(truth, pred))
+    assert from_counts["nmi"] == pytest.approx(normalized_mutual_info_score(truth, pred))
+    assert (from_counts["n_clusters"], from_counts["n_classes"]) == (7, 5)

@@ -6,7 +6,7 @@
 #   - optionally, a role for the Kubernetes service account `scenecluster-ray` (IRSA) of cluster_configs/kuberay/.
 #   terraform init && terraform apply -var bucket_name=my-scenecluster
 #
-# checkov runs on this file in tests/unit/test_cluster_files.py; each check it skips is justified where it is skipped.
+# checkov runs on this file in tests/unit/test_cluster_lint.py; each check it skips is justified where it is skipped.
 terraform {
   required_version = ">= 1.5"
   required_providers {

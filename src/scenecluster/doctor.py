@@ -189,7 +189,7 @@ def _probe_cuda() -> dict[str, Any]:
         import torch
 
         x = torch.ones(256, 256, device="cuda")
-        assert float((x @ x).sum()) == 256.0**3
+        assert float((x @ x).sum()) == 256.0**3, "a 256 x 256 matrix product on the GPU came out wrong"
         found["torch"] = f"torch {torch.__version__} CUDA {torch.version.cuda} on {torch.cuda.get_device_name(0)}"
     except Exception as exc:
         found["torch_error"] = _line(exc)
@@ -200,7 +200,7 @@ def _probe_cuda() -> dict[str, Any]:
 
         points = cupy.concatenate([cupy.zeros((50, 2)), cupy.ones((50, 2))]).astype(cupy.float32)
         labels = KMeans(n_clusters=2, random_state=0).fit_predict(points)
-        assert len(set(cupy.asnumpy(labels).tolist())) == 2
+        assert len(set(cupy.asnumpy(labels).tolist())) == 2, "k-means on the GPU did not find two clusters"
         found["cuml"] = f"cuML {cuml.__version__}, CuPy {cupy.__version__}: k-means ran on the GPU"
     except Exception as exc:
         found["cuml_error"] = _line(exc)

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_commands(sub)
     _add_assign_command(sub)
     _add_finetune_commands(sub)
+    _add_doctor_command(sub)
     return parser
 
 
@@ -163,6 +164,36 @@ def _add_finetune_commands(sub) -> None:
     _add_overwrite(pl)
     pl.add_argument("--use-gpu", action="store_true", help="train on GPUs (same as --device cuda)")
     _add_config_options(pl, "FinetuneConfig", "finetune.", with_config=False)
+
+
+def _add_doctor_command(sub) -> None:
+    """``scenecluster doctor``: the checks of :mod:`scenecluster.doctor`, printed as a table."""
+    d = sub.add_parser(
+        "doctor",
+        help="check a Ray cluster, the S3 prefixes and the model before a long run",
+        description="Check that Ray answers at ADDR with this client's version, list the nodes it sees, run a "
+        "probe on one node of each node type (package at this version; CUDA torch and cuML on GPU nodes), and "
+        "check the input readable, the output writable (with this shell's AWS_* credentials) and the model "
+        "loadable. Prints a table; exits 1 when a check failed.",
+    )
+    d.add_argument("--address", metavar="ADDR", help="Ray cluster (host:6379, ray://host:10001; default "
+                   "RAY_ADDRESS, else the cluster started on this machine)")
+    d.add_argument("--input", metavar="URI", help="input folder or s3://bucket/prefix that a job will read")
+    d.add_argument("--output", metavar="URI", help="output folder or s3://bucket/prefix that a job will write")
+    d.add_argument("--model", metavar="MODEL", help="Hugging Face id or folder of the backbone a job will load")
+    d.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for non-AWS stores (else AWS_ENDPOINT_URL)")
+    d.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="seconds to wait for the probe tasks on the nodes (default 120)")
+    d.set_defaults(run=_cmd_doctor)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from scenecluster.doctor import DoctorOptions, exit_code, format_table, run_doctor
+
+    checks = run_doctor(DoctorOptions(address=args.address, input=args.input, output=args.output,
+                                      model=args.model, endpoint_url=args.endpoint_url, timeout=args.timeout))
+    print(format_table(checks))
+    return exit_code(checks)
 
 
 def sample_data_dir() -> Path:
@@ -262,6 +293,8 @@ def _cmd_assign(args: argparse.Namespace) -> int:
 
 
 def _run_command(args: argparse.Namespace) -> int:
+    if getattr(args, "run", None):
+        return args.run(args)
     if args.command == "assign":
         return _cmd_assign(args)
     if args.command == "cluster":

@@ -41,11 +41,17 @@ class LocalRayHead:
         The job server address for ``ray job submit --address``.
     """
 
-    def __init__(self, num_cpus: int = 2, *, startup_timeout: float = 90.0) -> None:
+    def __init__(self, num_cpus: int = 2, *, startup_timeout: float = 90.0, multi_node: bool = False) -> None:
         self.num_cpus = num_cpus
+        self.multi_node = multi_node
+        # With multi-node allowed, Ray replaces the literal 127.0.0.1 (and localhost) by the machine's network
+        # address, but leaves other loopback addresses alone: a head that takes a second node listens on 127.0.0.2
+        # and the node on 127.0.0.3, so the cluster stays on loopback. The dashboard stays on 127.0.0.1.
+        self.node_ip = "127.0.0.2" if multi_node else "127.0.0.1"
         self.startup_timeout = startup_timeout
         self.token = secrets.token_hex(32)
         self.ports: dict[str, int] = {}
+        self.worker_ports: tuple[int, int] = (0, 0)  # the range its worker processes listen in
         self.temp_dir: Path | None = None
         self._proc: subprocess.Popen | None = None
 
@@ -55,14 +61,15 @@ class LocalRayHead:
 
     @property
     def gcs_address(self) -> str:
-        return f"127.0.0.1:{self.ports['port']}"
+        return f"{self.node_ip}:{self.ports['port']}"
 
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """Environment for the head and for ``ray job`` commands: loopback, token auth, this venv first."""
         env = dict(os.environ if base is None else base)
         env.pop("RAY_ADDRESS", None)
         env.update({
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keep a one-node cluster on 127.0.0.1
+            # "0" keeps a one-node cluster on 127.0.0.1, and refuses a second node
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if self.multi_node else "0",
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": self.token,
@@ -90,18 +97,7 @@ class LocalRayHead:
     def start(self) -> LocalRayHead:
         # Short: Ray puts unix sockets under it, and their paths are limited to about 100 characters.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rayh-", dir="/tmp"))
-        ports = free_ports(len(_PORT_FLAGS) + 1)
-        self.ports = dict(zip(_PORT_FLAGS, ports, strict=False))
-        worker_lo = 20000 + (ports[-1] % 20000)
-        cmd = [
-            self._ray_bin(), "start", "--head", "--block",
-            f"--num-cpus={self.num_cpus}", "--num-gpus=0",
-            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-            "--disable-usage-stats", "--include-dashboard=true",
-            f"--temp-dir={self.temp_dir}",
-            f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 999}",
-            *(f"--{flag}={port}" for flag, port in self.ports.items()),
-        ]
+        cmd = self._command()
         self._log = open(self.temp_dir / "ray-start.log", "wb")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(cmd, env=self.env(), stdout=self._log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
@@ -111,6 +107,29 @@ class LocalRayHead:
             self.stop()
             raise
         return self
+
+    def _command(self) -> list[str]:
+        ports = free_ports(len(_PORT_FLAGS) + 1)
+        self.ports = dict(zip(_PORT_FLAGS, ports, strict=False))
+        worker_lo = 20000 + (ports[-1] % 19000)
+        self.worker_ports = (worker_lo, worker_lo + 999)
+        return [
+            self._ray_bin(), "start", "--head", "--block",
+            f"--num-cpus={self.num_cpus}", "--num-gpus=0",
+            f"--node-ip-address={self.node_ip}", "--dashboard-host=127.0.0.1",
+            "--disable-usage-stats", "--include-dashboard=true",
+            f"--temp-dir={self.temp_dir}",
+            f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 999}",
+            *(f"--{flag}={port}" for flag, port in self.ports.items()),
+        ]
+
+    def alive_nodes(self) -> list[dict[str, Any]]:
+        """The alive nodes from Ray's state API (``/api/v0/nodes``): ``node_id``, ``resources_total``, ..."""
+        req = urllib.request.Request(f"{self.dashboard_url}/api/v0/nodes?limit=1000&detail=true",
+                                     headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            nodes = json.loads(resp.read())["data"]["result"]["result"]
+        return [n for n in nodes if n.get("state") == "ALIVE"]
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -179,3 +198,66 @@ class LocalRayHead:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+# Ports a node that joins a cluster opens (the GCS, dashboard and client ports are the head's alone).
+_NODE_PORT_FLAGS = (
+    "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+    "runtime-env-agent-port", "metrics-export-port",
+)
+
+
+class LocalRayNode(LocalRayHead):
+    """A second Ray node on this machine, ``ray start --address`` joined to a :class:`LocalRayHead`; a context
+    manager. It has its own CPUs, custom ``resources`` (so tests can tell its work from the head's), ports and
+    temp dir, uses the head's token, and is stopped the same way: its own process group, never ``ray stop``.
+    """
+
+    def __init__(self, head: LocalRayHead, num_cpus: int = 1, *, resources: dict[str, float] | None = None,
+                 startup_timeout: float = 90.0) -> None:
+        if not head.multi_node:
+            raise ValueError("a second node needs its head started with LocalRayHead(multi_node=True)")
+        super().__init__(num_cpus, startup_timeout=startup_timeout, multi_node=True)
+        self.head = head
+        self.node_ip = "127.0.0.3"
+        self.token = head.token
+        self.resources = dict(resources or {})
+        self.node_id: str | None = None
+
+    @property
+    def dashboard_url(self) -> str:
+        return self.head.dashboard_url
+
+    def _command(self) -> list[str]:
+        self.ports = dict(zip(_NODE_PORT_FLAGS, free_ports(len(_NODE_PORT_FLAGS)), strict=True))
+        head_lo = self.head.worker_ports[0]  # the next thousand ports, so the two nodes' workers never collide
+        worker_lo = head_lo + 1000 if head_lo + 1999 < 40000 else head_lo - 1000
+        self.worker_ports = (worker_lo, worker_lo + 999)
+        return [
+            self._ray_bin(), "start", f"--address={self.head.gcs_address}", "--block",
+            f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--resources={json.dumps(self.resources)}",
+            f"--node-ip-address={self.node_ip}", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
+            f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 999}",
+            *(f"--{flag}={port}" for flag, port in self.ports.items()),
+        ]
+
+    def _wait_ready(self) -> None:
+        """Until the head's state API lists an alive node holding this node's custom resources."""
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self._proc.returncode}:\n{self.log_tail()}")
+            try:
+                mine = [n for n in self.head.alive_nodes() if n["node_id"] != self._head_node_id()
+                        and all(n.get("resources_total", {}).get(k) == v for k, v in self.resources.items())]
+            except OSError:
+                mine = []
+            if mine:
+                self.node_id = mine[0]["node_id"]
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"Ray node not ready after {self.startup_timeout} s:\n{self.log_tail()}")
+
+    def _head_node_id(self) -> str | None:
+        heads = [n["node_id"] for n in self.head.alive_nodes() if n.get("is_head_node")]
+        return heads[0] if heads else None

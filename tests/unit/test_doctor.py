@@ -1,0 +1,99 @@
+"""``scenecluster doctor`` without a cluster: the table, the exit status, reading Ray's node list and the probes'
+answers, and the store checks on local folders. (Against a real two-node cluster and S3:
+tests/integration/test_two_node_rehearsal.py.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from scenecluster.cli import main
+from scenecluster.doctor import (
+    FAIL,
+    PASS,
+    SKIP,
+    Check,
+    DoctorOptions,
+    check_input,
+    check_nodes,
+    check_output,
+    check_probes,
+    exit_code,
+    format_table,
+    node_group,
+    run_doctor,
+)
+from scenecluster.testing.s3server import free_ports
+
+HEAD = {"NodeID": "a" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.1",
+        "Resources": {"CPU": 0.0, "memory": 1e9, "node:10.0.0.1": 1.0, "node:__internal_head__": 1.0}}
+EMBED = {"NodeID": "b" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.2",
+         "Resources": {"CPU": 8.0, "GPU": 1.0, "gpu_embed": 1.0, "accelerator_type:L4": 1.0, "node:10.0.0.2": 1.0}}
+PLAIN = {"NodeID": "c" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.3", "Resources": {"CPU": 4.0}}
+GONE = {"NodeID": "d" * 56, "Alive": False, "NodeManagerAddress": "10.0.0.4", "Resources": {"CPU": 4.0}}
+
+
+def test_table_lines_up_and_a_failure_sets_the_exit_status():
+    rows = [Check("ray reachable", "10.0.0.1:6379", PASS, "answers"), Check("model loadable", "-", SKIP, "x")]
+    lines = format_table(rows).splitlines()
+    assert lines[0].split() == ["CHECK", "WHERE", "STATUS", "DETAIL"]
+    assert len({line.index("PASS") for line in lines if "PASS" in line} | {lines[0].index("STATUS")}) == 1
+    assert exit_code(rows) == 0
+    assert exit_code([*rows, Check("cuml", "gpu_embed", FAIL, "ImportError")]) == 1
+
+
+def test_node_types_are_told_apart_by_their_marker_resources():
+    assert [node_group(n) for n in (HEAD, EMBED, PLAIN)] == ["head", "gpu_embed", "cpu-worker"]
+    rows = check_nodes([HEAD, EMBED, PLAIN, GONE])
+    assert [r.where.split()[0] for r in rows[:-1]] == ["head", "cpu-worker", "gpu_embed"]
+    assert "1 GPU" in rows[2].detail and "gpu_embed 1" in rows[2].detail
+    assert rows[-1] == Check("nodes", "cluster", PASS, "3 alive: 12 CPU, 1 GPU in all")
+    assert check_nodes([GONE])[-1].status == FAIL
+
+
+def test_probe_answers_become_rows():
+    probes = {
+        "head": {"ray": "2.60.0", "scenecluster": "0.1.0", "gpu": False},
+        "gpu_embed": {"ray": "2.60.0", "scenecluster": "0.1.0", "gpu": True, "torch": "torch 2.13.0 CUDA 13.0",
+                      "cuml_error": "ModuleNotFoundError: No module named 'cuml'"},
+        "cpu_tune": {"ray": "2.59.0", "scenecluster_error": "ModuleNotFoundError: No module named 'scenecluster'",
+                     "gpu": False},
+        "gpu_train": {"error": "no answer in 120 s (busy, or no worker could start)", "gpu": True},
+    }
+    rows = {(r.name, r.where): r for r in check_probes(probes, "2.60.0", "0.1.0")}
+    assert rows["package", "head"].status == PASS and rows["cuda + cuml", "head"].status == SKIP
+    assert rows["cuda torch", "gpu_embed"].status == PASS and rows["cuml", "gpu_embed"].status == FAIL
+    assert rows["ray version", "cpu_tune"].status == FAIL and "2.59.0" in rows["ray version", "cpu_tune"].detail
+    assert rows["package", "cpu_tune"].status == FAIL
+    assert rows["package", "gpu_train"].status == FAIL and "no answer" in rows["package", "gpu_train"].detail
+
+
+def test_a_newer_package_on_a_node_fails_the_version_check():
+    rows = check_probes({"head": {"ray": "2.60.0", "scenecluster": "0.2.0", "gpu": False}}, "2.60.0", "0.1.0")
+    assert [(r.name, r.status) for r in rows if r.name == "package"] == [("package", FAIL)]
+
+
+def test_store_checks_on_local_folders(tmp_path, sample_dir):
+    assert check_input(str(sample_dir), None).status == PASS
+    assert check_input(str(tmp_path / "missing"), None).status == FAIL
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert check_input(str(tmp_path / "empty"), None).status == FAIL
+    out = tmp_path / "out" / "run1"
+    assert check_output(str(out), None).status == PASS
+    assert not (tmp_path / "out").exists() or not any(out.parent.rglob("*")), "the probe left something behind"
+
+
+def test_unreachable_cluster_fails_fast_and_the_other_checks_still_run(sample_dir, tmp_path, capsys):
+    port = free_ports(1)[0]  # nothing listens there
+    rows = run_doctor(DoctorOptions(address=f"127.0.0.1:{port}", input=str(sample_dir), output=str(tmp_path)))
+    assert [(r.name, r.status) for r in rows] == [
+        ("ray reachable", FAIL), ("input readable", PASS), ("output writable", PASS), ("model loadable", SKIP)]
+    assert main(["doctor", "--address", f"127.0.0.1:{port}"]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["CHECK", "WHERE", "STATUS", "DETAIL"] and "FAIL" in out
+
+
+def test_doctor_imports_without_ray_or_torch():
+    code = "import sys, scenecluster.doctor; assert not {'ray', 'torch'} & set(sys.modules), sys.modules.keys()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr

@@ -123,11 +123,11 @@ def test_kuberay_manifests_are_generated_and_current():
 def test_generator_gives_a_new_entrypoint_a_manifest(tmp_path):
     gen = load_generator()
     (tmp_path / "rayjobs").mkdir()
-    for name in ("_entry.py", "cluster.py", "assign.py"):
+    for name in ("_entry.py", "cluster.py", "relabel.py"):
         (tmp_path / "rayjobs" / name).write_text("")
-    assert gen.stages(tmp_path) == ["assign", "cluster"]
-    job = gen.rayjob("assign", img="img:1", ray="2.60.0")
-    assert job["spec"]["entrypoint"].endswith("rayjobs/assign.py --config /config/assign.yaml")
+    assert gen.stages(tmp_path) == ["cluster", "relabel"]
+    job = gen.rayjob("relabel", img="img:1", ray="2.60.0")  # a stage without an entry in STAGES
+    assert job["spec"]["entrypoint"].endswith("rayjobs/relabel.py --config /config/relabel.yaml")
     assert [g["groupName"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]] == list(gen.GROUPS)
 
 

@@ -9,8 +9,9 @@ a row of random ``--dims``-d vectors around 12 centres. For each size the script
 3. runs the Ray assignment pass (:func:`scenecluster.stages.assign_parts`) and, on the same parts, the same
    ``FittedClustering.assign`` in this process,
 
-sampling this process's resident memory (the driver's) every 20 ms. One JSON line per size: peak driver RSS
-above its start, both rates and their ratio.
+sampling this process's resident memory (the driver's) every 20 ms and the assignment actors' every
+200 ms. One JSON line per size: peak driver RSS above its start, the actors' peak RSS, both rates and
+their ratio.
 
     python benchmarks/bench_scale.py --sizes 100000 2000000 --dims 32
 """
@@ -40,16 +41,30 @@ from scenecluster.stages import assign_parts
 
 
 class PeakRSS(threading.Thread):
-    """Highest resident set size of this process while running."""
+    """Highest resident set size of this process while running, and of the assignment actors' processes."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.proc, self.stop, self.peak = psutil.Process(), threading.Event(), 0
+        self.proc, self.stop, self.peak, self.worker_peak = psutil.Process(), threading.Event(), 0, 0
 
     def run(self) -> None:
+        tick = 0
         while not self.stop.is_set():
             self.peak = max(self.peak, self.proc.memory_info().rss)
+            if tick % 10 == 0:  # scanning every process is slower: every 200 ms
+                self.worker_peak = max(self.worker_peak, _assign_actor_rss())
+            tick += 1
             time.sleep(0.02)
+
+
+def _assign_actor_rss() -> int:
+    """The largest RSS among Ray's assignment actor processes (``ray::MapWorker(MapBatches(PartAssigner))``)."""
+    peak = 0
+    for proc in psutil.process_iter(["cmdline", "memory_info"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "PartAssigner" in cmdline and proc.info["memory_info"] is not None:
+            peak = max(peak, proc.info["memory_info"].rss)
+    return peak
 
 
 def write_manifest(out: OutputFolder, n: int, dims: int, chunk: int) -> None:
@@ -145,6 +160,7 @@ def main() -> None:
                         "n_clusters": summary.n_clusters,
                         "driver_listing_peak_over_start_mib": round((listing.peak - base) / 2**20, 1),
                         "driver_assign_peak_over_start_mib": round((sampler.peak - base_assign) / 2**20, 1),
+                        "assign_actor_peak_rss_mib": round(sampler.worker_peak / 2**20, 1),
                         "ray_assign_rows_per_s": round(ray_rate),
                         "in_process_rows_per_s": round(local_rate),
                         "ratio_ray_over_in_process": round(ray_rate / local_rate, 3),

@@ -64,6 +64,7 @@ STAGES: dict[str, Stage] = {
     "tune": Stage("tune.yaml", ("cpu-tune",)),
     "pipeline": Stage("pipeline.yaml", ("gpu-train", "gpu-embed")),
     "assign": Stage("assign.yaml", ("gpu-embed",)),
+    "benchmark": Stage("benchmark.yaml", ("gpu-train", "gpu-embed")),
 }
 
 # checkov's Kubernetes checks, skipped on every Ray pod, each with its reason (tests/unit/test_cluster_lint.py

@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_assign_command(sub)
     _add_finetune_commands(sub)
     _add_doctor_command(sub)
+    _add_benchmark_command(sub)
     return parser
 
 
@@ -164,6 +165,61 @@ def _add_finetune_commands(sub) -> None:
     _add_overwrite(pl)
     pl.add_argument("--use-gpu", action="store_true", help="train on GPUs (same as --device cuda)")
     _add_config_options(pl, "FinetuneConfig", "finetune.", with_config=False)
+
+
+def _add_benchmark_command(sub) -> None:
+    """``scenecluster benchmark``: the protocol of :mod:`scenecluster.benchmark`."""
+    b = sub.add_parser(
+        "benchmark",
+        help="fine-tune on labelled sources, cluster a labelled target over seeds, score it beside references",
+        description="Fine-tune on --source (or reuse --backbone), cluster --target once per seed with the "
+        "tuned and the untuned backbone, and with k-means told the true number of classes; write "
+        "OUT/benchmark.json and OUT/benchmark.md (mean and spread of acc, NMI, ARI and the cluster count).",
+    )
+    b.add_argument("--source", default="", metavar="SRC[,SRC2]", help="labelled source(s) to fine-tune on")
+    b.add_argument("--target", required=True, metavar="TGT", help="labelled <class>/<image> target to cluster")
+    b.add_argument("--backbone", metavar="CKPT", help="a fine-tuned backbone folder to reuse (no fine-tuning)")
+    b.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    b.add_argument("--seeds", type=int, nargs="+", metavar="N", help="seeds (default 0 1 2)")
+    b.add_argument("--no-references", action="store_true", help="skip the untuned backbone and the oracle-K k-means")
+    b.add_argument("--epochs", type=int, metavar="N", help="fine-tuning epochs [finetune.epochs]")
+    _add_overwrite(b)
+    _add_config_options(b, "ClusterJobConfig", "cluster.")
+    b.set_defaults(run=_cmd_benchmark)
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    """Build the same :class:`BenchmarkConfig` that ``rayjobs/benchmark.py`` reads, then run it."""
+    from scenecluster.benchmark import run_benchmark
+    from scenecluster.config import BenchmarkConfig, load_config
+    from scenecluster.errors import ConfigError
+
+    sources = [s for s in args.source.split(",") if s]
+    if not sources and not args.backbone:
+        raise ConfigError("benchmark needs --source to fine-tune on, or --backbone to reuse")
+    out = Path(args.output)
+    overrides: dict = {"output": str(out), "cluster.data.input": args.target, "cluster.output": str(out / "runs")}
+    if args.backbone:
+        overrides["backbone"] = args.backbone
+    else:
+        overrides.update({"finetune.sources": sources, "finetune.output": str(out / "finetune")})
+        if args.epochs:
+            overrides["finetune.epochs"] = args.epochs
+    if args.seeds:
+        overrides["seeds"] = args.seeds
+    if args.no_references:
+        overrides["references"] = False
+    overrides.update(_overrides(args, "ClusterJobConfig", "cluster."))
+    if not args.backbone:  # the fine-tune owns the feature the target is embedded with (as in the pipeline)
+        for name in ("model", "image_size", "pooling"):
+            if f"cluster.embed.{name}" in overrides:
+                overrides[f"finetune.feature.{name}"] = overrides.pop(f"cluster.embed.{name}")
+    result = run_benchmark(load_config(args.config, overrides, model=BenchmarkConfig), overwrite=args.overwrite)
+    from scenecluster.benchmark import markdown_table
+
+    print(markdown_table(result), end="")
+    print(f"results: {out / 'benchmark.json'}")
+    return 0
 
 
 def _add_doctor_command(sub) -> None:

@@ -419,6 +419,40 @@ class PipelineConfig(_Section):
         return cfg
 
 
+class BenchmarkConfig(_Section):
+    """The benchmark protocol (``scenecluster benchmark``, ``rayjobs/benchmark.py``; see
+    :mod:`scenecluster.benchmark`): the method on a labelled target beside its references, over seeds.
+
+    The backbone is fine-tuned on ``finetune.sources`` (coupled to ``cluster`` as in :class:`PipelineConfig`)
+    unless ``backbone`` names one to reuse. ``cluster`` is the target's clustering job; its ``data.labels``
+    is always ``folders`` (scoring needs them; no choice reads them).
+    """
+
+    output: str = Field(description="folder for finetune/, one clustering run per backbone, benchmark.json/.md")
+    backbone: str | None = Field(None, description="a fine-tuned backbone folder to reuse instead of fine-tuning")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="one clustering per seed, per backbone and method")
+    references: bool = Field(
+        True, description="also cluster with the untuned backbone, and run k-means told the true number of classes"
+    )
+    finetune: FinetuneConfig | None = None
+    cluster: ClusterJobConfig
+
+    @model_validator(mode="after")
+    def _couple(self) -> BenchmarkConfig:
+        if self.backbone is None and self.finetune is None:
+            raise ValueError("give finetune.sources (to fine-tune) or backbone (a fine-tuned folder to reuse)")
+        self.cluster.data.labels = "folders"
+        if self.finetune is not None:
+            coupled = PipelineConfig(finetune=self.finetune, cluster=self.cluster).cluster
+            object.__setattr__(self, "cluster", coupled)  # plain set: assignment would re-run this validator
+        return self
+
+    @property
+    def untuned_model(self) -> str:
+        """The backbone before fine-tuning: the reference every tuned result is set beside."""
+        return self.finetune.feature.model if self.finetune is not None else self.cluster.embed.model
+
+
 @dataclass(frozen=True)
 class ConfigFlag:
     """A command-line flag read off a config field's metadata (see :func:`flag`)."""
@@ -483,6 +517,7 @@ def configuration_markdown() -> str:
         ("PipelineConfig", "scenecluster pipeline, rayjobs/pipeline.py"),
         ("TuneJobConfig", "rayjobs/tune.py"),
         ("AssignJobConfig", "scenecluster assign, rayjobs/assign.py"),
+        ("BenchmarkConfig", "scenecluster benchmark, rayjobs/benchmark.py"),
     ]
     parts = [
         "# Configuration\n\n",

@@ -61,7 +61,8 @@ def test_assign_config_loads():
 
 def test_every_example_is_tested():
     assert {p.name for p in CONFIGS.glob("*.yaml")} == {
-        "cluster-local.yaml", "cluster-s3.yaml", "finetune.yaml", "tune.yaml", "pipeline.yaml", "assign.yaml"}
+        "cluster-local.yaml", "cluster-s3.yaml", "finetune.yaml", "tune.yaml", "pipeline.yaml", "assign.yaml",
+        "benchmark.yaml"}
 
 
 def test_runtime_env_is_a_mapping_with_working_dir():
@@ -69,7 +70,7 @@ def test_runtime_env_is_a_mapping_with_working_dir():
     assert env["working_dir"] == "." and "AWS_DEFAULT_REGION" in env["env_vars"]
 
 
-@pytest.mark.parametrize("stage", ["cluster", "tune", "finetune", "pipeline", "assign"])
+@pytest.mark.parametrize("stage", ["cluster", "tune", "finetune", "pipeline", "assign", "benchmark"])
 def test_entrypoint_bad_setting_is_one_line_and_exit_2(stage, tmp_path):
     # Validation happens before ray.init(), so this runs without Ray.
     proc = subprocess.run(
@@ -79,3 +80,21 @@ def test_entrypoint_bad_setting_is_one_line_and_exit_2(stage, tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"rayjobs/{stage}: error:"), proc.stderr
+
+
+def test_benchmark_config_loads_and_couples_the_feature():
+    from scenecluster.config import BenchmarkConfig
+
+    cfg = load_config(CONFIGS / "benchmark.yaml", model=BenchmarkConfig)
+    assert cfg.finetune.sources and cfg.cluster.data.input and cfg.seeds == [0, 1, 2]
+    # the target is embedded at the fine-tune's size and always scored against its folders
+    assert cfg.cluster.embed.image_size == cfg.finetune.feature.image_size == 224
+    assert cfg.cluster.data.labels == "folders"
+
+
+def test_benchmark_config_needs_sources_or_a_backbone():
+    from scenecluster.config import BenchmarkConfig
+    from scenecluster.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="finetune.sources .* or backbone"):
+        load_config(None, {"output": "o", "cluster.output": "o/runs", "cluster.data.input": "t"}, model=BenchmarkConfig)

@@ -1,0 +1,158 @@
+"""The benchmark protocol: the method on a labelled target, beside the references a reader asks for.
+
+Per backbone (the fine-tuned one; with ``references``, also the untuned one it started from) the target is
+embedded once, then clustered once per seed: a seed moves the fit sample, UMAP and the mixture's
+initialisation, and a rerun with another seed refits on the embeddings already written (see
+:func:`scenecluster.job.run_identity`). With ``references``, k-means told the true number of classes runs on
+the same features: an oracle on K, which shows how much of the gap is the number of clusters. Labels are read
+only to score: every run is the plain clustering job (:func:`scenecluster.job.run_cluster_job`), so the
+figures are what ``scenecluster cluster`` gives.
+
+Writes ``OUT/benchmark.json`` (every run's scores and stage seconds, the summary, the fine-tune's metrics)
+and ``OUT/benchmark.md`` (the summary as a Markdown table: mean and standard deviation over the seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scenecluster import __version__
+from scenecluster.config import BenchmarkConfig, ClusterJobConfig
+from scenecluster.outputs import OutputFolder
+
+__all__ = ["METHOD", "ORACLE", "markdown_table", "run_benchmark", "summarise"]
+
+METHOD = "dpgmm"  # the method as the job runs it: K inferred, no labels
+ORACLE = "kmeans-true-k"  # the reference told the number of classes
+SCORES = ("acc", "nmi", "ari", "n_clusters")
+
+
+def run_benchmark(cfg: BenchmarkConfig, *, overwrite: bool = False, echo: Callable = print) -> dict[str, Any]:
+    """Fine-tune (or reuse ``cfg.backbone``), cluster the target per backbone, method and seed; score each.
+
+    Returns the ``benchmark.json`` content: ``runs`` (one dict per run), ``summary`` (mean/std per backbone and
+    method), ``finetune`` (its metrics, when it ran) and ``seconds``.
+    """
+    start = time.perf_counter()
+    backbones, finetune = _backbones(cfg, echo)
+    runs = []
+    for name, model in backbones.items():
+        job = cfg.cluster.model_copy(deep=True)
+        job.embed.model = model
+        job.output = posixpath.join(cfg.output.rstrip("/"), name)
+        n_classes = None
+        for method in (METHOD, ORACLE) if cfg.references else (METHOD,):
+            for seed in cfg.seeds:
+                echo(f"[benchmark] {name} backbone, {method}, seed {seed}")
+                metrics = _run_variant(job, method, seed, n_classes, overwrite=overwrite, echo=echo)
+                n_classes = metrics["n_classes"]
+                runs.append({"backbone": name, "model": model, "method": method, "seed": seed, **_scores(metrics)})
+    result = {
+        "target": cfg.cluster.data.input,
+        "sources": list(cfg.finetune.sources) if cfg.finetune is not None else [],
+        "backbone": backbones.get("tuned"),
+        "seeds": list(cfg.seeds),
+        "scenecluster_version": __version__,
+        "finetune": finetune,
+        "runs": runs,
+        "summary": summarise(runs),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    out = OutputFolder(cfg.output, endpoint_url=cfg.cluster.data.endpoint_url)
+    out.write_text("benchmark.json", json.dumps(result, indent=2, default=str) + "\n")
+    out.write_text("benchmark.md", markdown_table(result))
+    return result
+
+
+def _backbones(cfg: BenchmarkConfig, echo: Callable) -> tuple[dict[str, str], dict[str, Any]]:
+    """``{"tuned": folder}`` (fine-tuned here or given), and the untuned model with ``references``."""
+    finetune: dict[str, Any] = {}
+    if cfg.backbone is not None:
+        tuned = cfg.backbone
+    else:
+        from scenecluster.train import fit_backbone  # lazy: Ray Train and torch only when fine-tuning
+
+        started = time.perf_counter()
+        folder = Path(fit_backbone(cfg.finetune, echo=echo))
+        metrics_file = folder.parent / "metrics.json"
+        finetune = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        finetune["seconds"] = round(time.perf_counter() - started, 1)
+        tuned = str(folder)
+    backbones = {"tuned": tuned}
+    if cfg.references:
+        backbones["untuned"] = cfg.untuned_model
+    return backbones, finetune
+
+
+def _run_variant(
+    job: ClusterJobConfig, method: str, seed: int, n_classes: int | None, *, overwrite: bool, echo: Callable
+) -> dict[str, Any]:
+    """One clustering of the backbone's run folder; the first embeds, the others refit on its embeddings."""
+    from scenecluster.job import run_cluster_job
+
+    cfg = job.model_copy(deep=True)
+    cfg.data.seed = seed
+    cfg.cluster.random_state = seed
+    cfg.reduce.random_state = seed
+    if method == ORACLE:
+        cfg.cluster.method = "kmeans"
+        cfg.cluster.n_components = int(n_classes)
+    return run_cluster_job(cfg, overwrite=overwrite, echo=echo)
+
+
+def _scores(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "acc": metrics["acc"],
+        "nmi": metrics["nmi"],
+        "ari": metrics["ari"],
+        "n_clusters": metrics["n_clusters"],
+        "n_classes": metrics["n_classes"],
+        "n_scenes": metrics["n_embedded"],
+        "stage_seconds": metrics["stage_seconds"],
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and (population) standard deviation of every score per (backbone, method), in run order."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["backbone"], run["method"]), []).append(run)
+    rows = []
+    for (backbone, method), members in groups.items():
+        row: dict[str, Any] = {"backbone": backbone, "method": method, "n_seeds": len(members)}
+        row["n_classes"] = members[0]["n_classes"]
+        for key in SCORES:
+            values = np.array([m[key] for m in members], dtype=float)
+            row[key] = {"mean": round(float(values.mean()), 4), "std": round(float(values.std()), 4)}
+        seconds: dict[str, float] = {}
+        for m in members:
+            for stage, s in m["stage_seconds"].items():
+                seconds[stage] = round(seconds.get(stage, 0.0) + s, 1)
+        row["stage_seconds"] = seconds
+        rows.append(row)
+    return rows
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The summary as a Markdown table, headed by what was run."""
+    sources = ", ".join(result["sources"]) or f"reused backbone {result['backbone']}"
+    lines = [
+        f"Target `{result['target']}`; backbone fine-tuned on {sources}; seeds {result['seeds']}; "
+        f"scenecluster {result['scenecluster_version']}; {result['seconds']:.0f} s in all.",
+        "",
+        "| backbone | method | clusters (truth) | acc | NMI | ARI |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["summary"]:
+        cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" for k in ("acc", "nmi", "ari")]
+        k = row["n_clusters"]
+        clusters = f"{k['mean']:.1f} ± {k['std']:.1f} ({row['n_classes']})"
+        lines.append(f"| {row['backbone']} | {row['method']} | {clusters} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -145,11 +145,19 @@ class ClusterConfig(_Section):
         description="DP concentration; larger favours more clusters (None: 1 / n_components)",
         json_schema_extra=flag("--concentration"),
     )
-    covariance_prior_scale: float = Field(
-        2.0,
+    covariance_prior_scale: float | None = Field(
+        None,
         gt=0,
-        description="Wishart prior covariance = this x the data's covariance; larger merges more",
+        description="Wishart prior covariance = this x the data's covariance, at any sample size "
+        "(None: prior_per_scene x the number of fitted scenes)",
         json_schema_extra=flag("--prior-scale"),
+    )
+    prior_per_scene: float = Field(
+        0.008,
+        gt=0,
+        description="the prior scale per fitted scene: the same prior strength, and so about the same number of "
+        "clusters, at any sample size; larger merges more (chosen on EuroSAT and nwpu12, docs/benchmarks.md)",
+        json_schema_extra=flag("--prior-per-scene"),
     )
     covariance_type: Literal["full", "diag"] = Field(
         "full", description="covariance of each component", json_schema_extra=flag("--covariance-type")

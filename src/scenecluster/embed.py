@@ -29,7 +29,7 @@ from scenecluster.devices import Resources, resolve_torch_device
 from scenecluster.errors import InputError
 from scenecluster.features import FeatureSpec, resolve_feature_spec
 from scenecluster.ingest import read_scenes
-from scenecluster.manifest import MANIFEST, part_name, write_manifest_paths
+from scenecluster.manifest import part_dataset, part_name, write_manifest_paths
 from scenecluster.models import load_backbone, normalize, pool_tokens
 from scenecluster.outputs import OutputFolder
 
@@ -282,8 +282,7 @@ def embed_parts(
     from scenecluster.scale import PartEmbedder
 
     start = time.perf_counter()
-    ds = ray.data.read_parquet(out.path(MANIFEST), filesystem=out.fs, file_extensions=["parquet"])
-    ds = ds.map_batches(
+    ds = part_dataset(out).map_batches(
         PartEmbedder,
         fn_constructor_args=(spec, out, filesystem, resources),
         fn_constructor_kwargs={"batch_size": settings.batch_size, "with_labels": with_labels},

@@ -31,6 +31,7 @@ __all__ = [
     "Manifest",
     "check_input",
     "iter_scene_paths",
+    "part_dataset",
     "part_name",
     "write_manifest",
     "write_manifest_paths",
@@ -162,6 +163,23 @@ def write_manifest_paths(paths: Iterator[str], out: OutputFolder, *, identity: d
         out.delete(posixpath.join(MANIFEST, stale))
     n_sources, n_parts = _write_parts(paths, out, identity, chunk_size)
     return Manifest(n_sources, n_parts, "")
+
+
+def part_dataset(out: OutputFolder, columns: list[str] | None = None):
+    """``out/manifest/`` as a Ray Dataset of one block per part, so actors take parts one at a time.
+
+    Why not the plain read: a manifest file holds up to ``PARTS_PER_FILE`` parts and Ray Data's Parquet
+    reader packs small files into one read task, so the map over them would be one actor task holding every
+    part. One actor would then embed the whole archive while the others idle, no part's counts would come
+    back before the end, and after 30 minutes without output Ray Data stops the run
+    (``ExecutionTimeoutError``). The part count comes from the files' footers, not their rows.
+    """
+    import pyarrow.dataset as pads
+    import ray
+
+    n_parts = pads.dataset(out.path(MANIFEST), filesystem=out.fs, format="parquet").count_rows()
+    ds = ray.data.read_parquet(out.path(MANIFEST), filesystem=out.fs, file_extensions=["parquet"], columns=columns)
+    return ds.repartition(max(1, n_parts))
 
 
 def check_input(uri: str, *, endpoint_url: str | None = None) -> None:

@@ -112,12 +112,10 @@ def assign_parts(
     """Run :class:`scenecluster.scale.PartAssigner` actors over the run's parts; add up their counts."""
     import ray
 
+    from scenecluster.manifest import part_dataset
     from scenecluster.scale import PartAssigner
 
-    ds = ray.data.read_parquet(out.path("manifest"), filesystem=out.fs, file_extensions=["parquet"]).select_columns(
-        ["name"]
-    )
-    ds = ds.map_batches(
+    ds = part_dataset(out, columns=["name"]).map_batches(
         PartAssigner,
         fn_constructor_args=(out, clustering_from),
         fn_constructor_kwargs={"device": resources.device, "with_labels": with_labels},

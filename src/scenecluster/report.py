@@ -174,8 +174,10 @@ table{border-collapse:collapse}
 th,td{border-bottom:1px solid #e3e3e3;padding:4px 8px;text-align:left;vertical-align:top}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .scroll{overflow-x:auto;max-width:100%}
-table.sortable th{cursor:pointer;white-space:nowrap;background:#f6f6f6}
-table.clusters td.flags{min-width:16em}
+table.sortable th{cursor:pointer;background:#f6f6f6;vertical-align:bottom}
+table.clusters td.flags{min-width:15em}
+table.clusters td.flags .flag{white-space:nowrap}
+nav{scrollbar-width:none}
 table.sortable th[data-dir=asc]::after{content:' ▲'}
 table.sortable th[data-dir=desc]::after{content:' ▼'}
 .sw{display:inline-block;width:.9em;height:.9em;border-radius:2px;margin-right:5px;vertical-align:-1px}

@@ -370,7 +370,7 @@ def cluster_rows(facts: RunFacts) -> list[ClusterRow]:
         _add_label_columns(rows, facts.table, facts.classes)
     for row in rows:
         if row.agreement < DOUBT_AGREEMENT:
-            row.flags.append(f"doubtful: only {row.agreement:.0%} of neighbours share the cluster")
+            row.flags.append(f"doubtful: {row.agreement:.0%} of neighbours agree")
     return rows
 
 

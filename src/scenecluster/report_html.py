@@ -162,7 +162,7 @@ def _cell(value: float | int | str, text: str, cls: str = "num") -> str:
 def _label_cells(r: ClusterRow) -> str:
     if r.majority is None:
         return ""
-    matched = "none (extra cluster)" if r.matched is None else f"{esc(r.matched)} {r.matched_share:.0%}"
+    matched = "none (extra)" if r.matched is None else f"{esc(r.matched)} {r.matched_share:.0%}"
     return (
         _cell(r.majority or "", f"{esc(r.majority)}", "txt")
         + _cell(r.purity, f"{r.purity:.0%}")

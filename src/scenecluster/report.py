@@ -34,6 +34,7 @@ from scenecluster.report_scatter import bokeh_js, palette_for, scatter_component
 __all__ = ["Thumbnails", "build_report", "render_report", "write_report_file"]
 
 THUMB_SIZE = 64  # EuroSAT's own size; shown at 72 CSS px
+HOVER_SIZE = 48  # the scatter's hover thumbnails, shown at 96 CSS px
 DOUBTFUL = 24
 
 
@@ -128,7 +129,8 @@ PROJECTIONS = {
 def _scatter_section(facts: RunFacts, thumb: Thumbnails, colors: dict, class_colors: dict) -> tuple[str, str]:
     if not facts.sample:
         return "<p>No scatter: the run has no sampled positions.</p>", ""
-    script, div = scatter_components(facts.sample, colors, class_colors, thumb)
+    hover = Thumbnails(thumb.read_image, size=HOVER_SIZE)  # smaller: thousands of them ride in the plot's data
+    script, div = scatter_components(facts.sample, colors, class_colors, hover)
     dims = (facts.config.get("reduce") or {}).get("n_components", "?")
     text = PROJECTIONS[facts.projection].format(dims=dims)
     n = len(facts.sample["path"])

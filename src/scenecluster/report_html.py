@@ -260,16 +260,15 @@ def confusion_table(table: np.ndarray, ids: np.ndarray, classes: list[str], colo
 
 def figure(uri: str | None, path: str, caption: list[str]) -> str:
     """One thumbnail with its file name and caption lines as text; the full path on hover."""
+    name = esc(os.path.basename(path))
+    # lazy: off-screen strips are decoded as they scroll in, so they do not hold up the first paint
     img = (
-        f"<img src='{uri}' alt='{esc(os.path.basename(path))}' width='72' height='72'>"
+        f"<img src='{uri}' alt='{name}' width='72' height='72' loading='lazy' decoding='async'>"
         if uri
         else ("<div class='missing'>unreadable</div>")
     )
     lines = "".join(f"<span>{esc(c)}</span>" for c in caption)
-    return (
-        f"<figure title='{esc(path)}'>{img}<figcaption><span class='fn'>{esc(os.path.basename(path))}</span>"
-        f"{lines}</figcaption></figure>"
-    )
+    return f"<figure title='{esc(path)}'>{img}<figcaption><span class='fn'>{name}</span>{lines}</figcaption></figure>"
 
 
 def gallery(scenes: Iterable[dict[str, Any]], thumb: Callable[[str], str | None], *, with_cluster: bool = True) -> str:

@@ -57,6 +57,7 @@ def _columns(sample: dict, cluster_colors: dict, class_colors: dict, thumb: Call
     with_thumb[np.random.default_rng(0).permutation(n)[:HOVER_THUMBNAILS]] = True
     agreement = sample["agreement"]
     c_cluster = [cluster_colors[int(c)] for c in sample["cluster"]]
+    thumbs = [(thumb(str(p)) if w else None) or BLANK for p, w in zip(sample["path"], with_thumb, strict=True)]
     return {
         "x": sample["x"].tolist(),
         "y": sample["y"].tolist(),
@@ -66,7 +67,8 @@ def _columns(sample: dict, cluster_colors: dict, class_colors: dict, thumb: Call
         "path": [str(p) for p in sample["path"]],
         "prob": [f"{p:.3f}" for p in sample["probability"]],
         "agree": ["not checked" if np.isnan(a) else f"{a:.0%}" for a in agreement],
-        "thumb": [(thumb(str(p)) if w else None) or BLANK for p, w in zip(sample["path"], with_thumb, strict=True)],
+        "thumb": thumbs,
+        "tw": [96 if t != BLANK else 0 for t in thumbs],  # dots without a thumbnail show no empty box
         "c_cluster": c_cluster,
         "c_class": [class_colors.get(v, "#888888") for v in sample["label"]],
         "color": c_cluster,
@@ -75,7 +77,7 @@ def _columns(sample: dict, cluster_colors: dict, class_colors: dict, thumb: Call
 
 TOOLTIP = """
 <div style="max-width:260px;font:12px sans-serif">
-  <img src="@thumb" width="96" height="96" style="image-rendering:pixelated;display:block" alt="">
+  <img src="@thumb" width="@tw" height="@tw" style="image-rendering:pixelated;display:block" alt="">
   <div style="word-break:break-all"><b>@name</b></div>
   <div style="word-break:break-all;color:#555">@path</div>
   <div>cluster <b>@cluster</b> &middot; label <b>@label</b></div>

@@ -177,3 +177,14 @@ def test_compare_cells_cannot_break_the_table(tmp_path: Path, value: str) -> Non
     row = next(line for line in compare_runs([str(run)]).splitlines() if "feature: model" in line)
     cells = re.split(r"(?<!\\)\|", row)[1:-1]  # split on pipes not escaped
     assert len(cells) == 3 and "<b>" not in row
+
+
+def test_a_run_without_a_report_sample_is_drawn_in_its_projection(tmp_path: Path) -> None:
+    """An assign run has no 2-D UMAP of its own: the scatter shows the clustered projection's principal axes."""
+    run = make_run(tmp_path)
+    (run / "clustering" / "report_sample.parquet").unlink()
+    facts = gather_run(OutputFolder(str(run)), k=4)
+    assert facts.projection == "pca" and len(facts.sample["path"]) == 24
+    assert np.isfinite(facts.sample["agreement"]).all()
+    page = build_report(OutputFolder(str(run)))
+    assert "first two principal axes of the 5-D projection" in page and "separate 2-D UMAP" not in page

@@ -68,8 +68,15 @@ class _Session:
         """A dialog blocks the page's scripts (and any evaluation) until answered: answer it, keep the event."""
         if msg.get("method") == "Page.javascriptDialogOpening":
             self.next_id += 1
-            await self.ws.send_str(json.dumps({"id": self.next_id + 1_000_000, "method": "Page.handleJavaScriptDialog",
-                                               "params": {"accept": True}}))
+            await self.ws.send_str(
+                json.dumps(
+                    {
+                        "id": self.next_id + 1_000_000,
+                        "method": "Page.handleJavaScriptDialog",
+                        "params": {"accept": True},
+                    }
+                )
+            )
 
     async def wait_event(self, method: str, timeout: float) -> dict | None:
         deadline = time.monotonic() + timeout
@@ -106,7 +113,18 @@ def _errors(events: list[dict]) -> list[str]:
     return found
 
 
-async def _visit(port: int, url: str, width: int, height: int, ready: str, expressions: dict, full_page: bool):
+async def _pointer(s: _Session, kind: str, x: float, y: float) -> None:
+    """Move the mouse to (x, y) CSS pixels of the viewport; ``click`` also presses and releases it there."""
+    await s.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+    if kind == "click":
+        for event in ("mousePressed", "mouseReleased"):
+            await s.send("Input.dispatchMouseEvent", type=event, x=x, y=y, button="left", clickCount=1)
+    await asyncio.sleep(0.4)  # let the page redraw (a tooltip, a recoloured plot)
+
+
+async def _visit(
+    port: int, url: str, width: int, height: int, ready: str, expressions: dict, full_page: bool, pointer: list
+):
     import aiohttp
 
     async with aiohttp.ClientSession() as http:
@@ -117,8 +135,9 @@ async def _visit(port: int, url: str, width: int, height: int, ready: str, expre
             for domain in ("Page", "Runtime", "Log"):
                 await s.send(f"{domain}.enable")
             mobile = width < 700
-            await s.send("Emulation.setDeviceMetricsOverride", width=width, height=height,
-                         deviceScaleFactor=1, mobile=mobile)
+            await s.send(
+                "Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=mobile
+            )
             visit = PageVisit()
             start = time.monotonic()
             await s.send("Page.navigate", url=url)
@@ -131,11 +150,15 @@ async def _visit(port: int, url: str, width: int, height: int, ready: str, expre
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)  # let late errors arrive
             visit.values = {k: await s.evaluate(v) for k, v in expressions.items()}
+            for kind, (x, y) in pointer:
+                await _pointer(s, kind, x, y)
             shot: dict[str, Any] = {"format": "png"}
             if full_page:
                 size = (await s.send("Page.getLayoutMetrics"))["cssContentSize"]
-                shot.update(captureBeyondViewport=True, clip={"x": 0, "y": 0, "width": width,
-                                                              "height": min(size["height"], 16000), "scale": 1})
+                shot.update(
+                    captureBeyondViewport=True,
+                    clip={"x": 0, "y": 0, "width": width, "height": min(size["height"], 16000), "scale": 1},
+                )
             visit.screenshot = base64.b64decode((await s.send("Page.captureScreenshot", **shot))["data"])
             visit.errors = _errors(s.events)
             return visit
@@ -149,24 +172,35 @@ def visit(
     ready: str = "document.readyState === 'complete'",
     expressions: dict[str, str] | None = None,
     full_page: bool = False,
+    pointer: list[tuple[str, tuple[float, float]]] | None = None,
     chromium: str | None = None,
 ) -> PageVisit:
     """Open the local file ``page`` in a fresh headless Chromium at ``width`` x ``height`` CSS pixels.
 
     ``ready`` is a JavaScript expression polled until true (the page's scripts have drawn); ``expressions`` are
-    evaluated after that and returned by name.
+    evaluated after that and returned by name; then ``pointer`` actions (``("move"|"click", (x, y))``) run before
+    the screenshot.
     """
     exe = chromium or find_chromium()
     if exe is None:
         raise FileNotFoundError("no chromium executable: apt-get install chromium")
     with tempfile.TemporaryDirectory() as profile:
-        args = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-port=0",
-                f"--user-data-dir={profile}", "--disable-extensions", "about:blank"]
+        args = [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={profile}",
+            "--disable-extensions",
+            "about:blank",
+        ]
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             port = _devtools_port(proc)
             url = Path(page).resolve().as_uri()
-            return asyncio.run(_visit(port, url, width, height, ready, expressions or {}, full_page))
+            return asyncio.run(_visit(port, url, width, height, ready, expressions or {}, full_page, pointer or []))
         finally:
             proc.terminate()
             try:

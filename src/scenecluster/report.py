@@ -177,8 +177,8 @@ th,td{border-bottom:1px solid #e3e3e3;padding:4px 8px;text-align:left;vertical-a
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .scroll{overflow-x:auto;max-width:100%}
 table.sortable th{cursor:pointer;background:#f6f6f6;vertical-align:bottom}
-table.clusters td.flags{min-width:15em}
-table.clusters td.flags .flag{white-space:nowrap}
+table.clusters td.flags{min-width:13em}
+table.clusters td,table.clusters th{padding:4px 6px}
 nav{scrollbar-width:none}
 table.sortable th[data-dir=asc]::after{content:' ▲'}
 table.sortable th[data-dir=desc]::after{content:' ▼'}

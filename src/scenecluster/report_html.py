@@ -162,7 +162,10 @@ def _cell(value: float | int | str, text: str, cls: str = "num") -> str:
 def _label_cells(r: ClusterRow) -> str:
     if r.majority is None:
         return ""
-    matched = "none (extra)" if r.matched is None else f"{esc(r.matched)} {r.matched_share:.0%}"
+    if r.matched is None:
+        matched = "none (extra)"
+    else:
+        matched = "same" if r.matched == r.majority else f"{esc(r.matched)} {r.matched_share:.0%}"
     return (
         _cell(r.majority or "", f"{esc(r.majority)}", "txt")
         + _cell(r.purity, f"{r.purity:.0%}")
@@ -178,7 +181,7 @@ CLUSTER_HELP = [
     (
         "matched class",
         "the class Hungarian matching paired with this cluster (the pairing matched accuracy "
-        "scores), and its share of the cluster; an extra cluster has none",
+        'scores), and its share of the cluster ("same" when it is the majority class); an extra cluster has none',
     ),
     (
         "mean p, lowest p",
@@ -188,7 +191,8 @@ CLUSTER_HELP = [
     (
         "neighbours agree",
         "of 10 nearest neighbours in the model's feature space (cosine, among the sampled "
-        "scenes), the share in the same cluster; low means the cluster boundary is not in the features",
+        "scenes; hover for how many were checked), the share in the same cluster; low means the cluster boundary "
+        "is not in the features",
     ),
     ("novel", "scenes less likely under the mixture than the run's novelty threshold"),
     (
@@ -208,7 +212,9 @@ def cluster_table(rows: list[ClusterRow], colors: dict, with_labels: bool) -> st
     head = "".join(f"<th scope='col' tabindex='0'>{h}</th>" for h in heads)
     body = []
     for r in rows:
-        checked = f"{_num(r.agreement, '.0%')} <small>of {r.n_checked}</small>" if r.n_checked else "–"
+        checked = (
+            f"<span title='of {r.n_checked} sampled scenes'>{_num(r.agreement, '.0%')}</span>" if r.n_checked else "–"
+        )
         body.append(
             f"<tr id='row-{r.cluster}'>"
             + _cell(r.cluster, f"{swatch(colors[r.cluster])}<a href='#cluster-{r.cluster}'>{r.cluster}</a>")
@@ -300,10 +306,13 @@ def timing_table(metrics: dict[str, Any], n_scenes: int, report_pending: bool) -
     stages = dict(metrics.get("stage_seconds") or {})
     total = total_seconds(stages)
     nested = FIT_PARTS if "fit" in stages else ()
+    order = [k for k in stages if k not in nested]
+    if nested:
+        order[order.index("fit") + 1 : order.index("fit") + 1] = [k for k in nested if k in stages]
     rows = "".join(
-        f"<tr><th scope='row'>{'&emsp;of which ' if k in nested else ''}{esc(k)}</th><td class='num'>{v:,.1f} s</td>"
-        f"<td class='num'>{v / total:.0%}</td></tr>"
-        for k, v in stages.items()
+        f"<tr><th scope='row'>{'&emsp;of which ' if k in nested else ''}{esc(k)}</th>"
+        f"<td class='num'>{stages[k]:,.1f} s</td><td class='num'>{stages[k] / total:.0%}</td></tr>"
+        for k in order
         if total
     )
     if report_pending and "report" not in stages:

@@ -41,13 +41,24 @@ def main() -> None:
         visits = [visit(page, width=width, height=height, ready=READY) for _ in range(args.repeats)]
         errors = sorted({e for v in visits for e in v.errors})
         loads, readies = [v.load_seconds for v in visits], [v.ready_seconds for v in visits]
-        print(json.dumps({
-            "page": page, "bytes": os.path.getsize(page), "build_s": round(build, 1), "width": width,
-            "load_s_median": round(statistics.median(loads), 2), "load_s_max": round(max(loads), 2),
-            "drawn_s_median": round(statistics.median(readies), 2), "drawn_s_max": round(max(readies), 2),
-            "repeats": args.repeats, "errors": errors, "cpus": os.cpu_count(), "machine": platform.processor()
-            or platform.machine(),
-        }))
+        print(
+            json.dumps(
+                {
+                    "page": page,
+                    "bytes": os.path.getsize(page),
+                    "build_s": round(build, 1),
+                    "width": width,
+                    "load_s_median": round(statistics.median(loads), 2),
+                    "load_s_max": round(max(loads), 2),
+                    "drawn_s_median": round(statistics.median(readies), 2),
+                    "drawn_s_max": round(max(readies), 2),
+                    "repeats": args.repeats,
+                    "errors": errors,
+                    "cpus": os.cpu_count(),
+                    "machine": platform.processor() or platform.machine(),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -85,10 +85,7 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
         note["summary"] = f"{assigned.n} scenes in {assigned.n_clusters} clusters, {assigned.novel} novel"
     metrics = {**_metrics(embedded, assigned, fit), **_run_facts(resources, started)}
     _exports(cfg, out, embedded, timer)
-    with timer.stage("report") as note:
-        page_metrics = {**metrics, "stage_seconds": dict(timer.seconds), "scenecluster_version": __version__}
-        out.write_text("report.html", build_report(out, metrics=page_metrics, report_pending=True))
-        note["summary"] = out.display("report.html")
+    _report_stage(out, metrics, timer)
     return _finish(out, metrics, timer)
 
 
@@ -115,10 +112,7 @@ def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print)
         **_run_facts(resources, started),
     }
     _exports(cfg, out, embedded, timer)
-    with timer.stage("report") as note:
-        page_metrics = {**metrics, "stage_seconds": dict(timer.seconds), "scenecluster_version": __version__}
-        out.write_text("report.html", build_report(out, metrics=page_metrics, report_pending=True))
-        note["summary"] = out.display("report.html")
+    _report_stage(out, metrics, timer)
     return _finish(out, metrics, timer)
 
 
@@ -214,6 +208,19 @@ def _exports(cfg, out: OutputFolder, embedded, timer: StageTimer) -> None:
         export_embeddings(out, embedded, with_labels=cfg.data.labels == "folders")
         export_assignments(out)
         note["summary"] = f"{out.display('embeddings.parquet')} and assignments.parquet"
+
+
+def _report_stage(out: OutputFolder, metrics: dict[str, Any], timer: StageTimer) -> None:
+    """Write report.html from the run folder (as ``scenecluster report`` would), with the metrics so far."""
+    with timer.stage("report") as note:
+        page_metrics = {
+            **metrics,
+            "stage_seconds": dict(timer.seconds),
+            "scenecluster_version": __version__,
+            "finished_at": _now(),
+        }
+        out.write_text("report.html", build_report(out, metrics=page_metrics, report_pending=True))
+        note["summary"] = out.display("report.html")
 
 
 def _now() -> str:

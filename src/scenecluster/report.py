@@ -131,7 +131,7 @@ def _scatter_section(facts: RunFacts, thumb: Thumbnails, colors: dict, class_col
         return "<p>No scatter: the run has no sampled positions.</p>", ""
     hover = Thumbnails(thumb.read_image, size=HOVER_SIZE)  # smaller: thousands of them ride in the plot's data
     script, div = scatter_components(facts.sample, colors, class_colors, hover)
-    dims = (facts.config.get("reduce") or {}).get("n_components", "?")
+    dims = facts.projection_dims or "n"
     text = PROJECTIONS[facts.projection].format(dims=dims)
     n = len(facts.sample["path"])
     caption = (

@@ -70,6 +70,7 @@ class RunFacts:
     novel_scenes: pa.Table  # lowest log-likelihood scenes flagged novel
     sample: dict[str, np.ndarray] = field(default_factory=dict)  # scatter + neighbour-check sample
     projection: str = ""
+    projection_dims: int | None = None  # dimensions of the space the scenes were clustered or assigned in
     skipped: tuple[int, list[tuple[str, str]]] = (0, [])
 
     @property
@@ -221,7 +222,9 @@ def gather_run(out: OutputFolder, *, metrics: dict[str, Any] | None = None, k: i
         novel_scenes=totals.novel_rows if totals.novel_rows is not None else empty,
         skipped=read_skipped(out),
     )
-    facts.sample, facts.projection = _sample(out, parts, totals, xy_rows, projection, cap, seed)
+    facts.sample, projection = _sample(out, parts, totals, xy_rows, projection, cap, seed)
+    facts.projection, _, dims = projection.partition(":")
+    facts.projection_dims = int(dims) if dims else (config.get("reduce") or {}).get("n_components")
     return facts
 
 
@@ -243,6 +246,7 @@ def _sample(
         from sklearn.decomposition import PCA
 
         coords = np.asarray(rows.column("coords").to_pylist(), dtype=np.float64)
+        projection = f"pca:{coords.shape[1]}"
         positions = PCA(n_components=2, random_state=seed).fit_transform(coords) if coords.shape[1] > 2 else coords
     sample = {c: np.asarray(rows.column(c).to_pylist(), dtype=object) for c in ("path", "label")}
     for c in ("cluster", "probability", "log_likelihood"):

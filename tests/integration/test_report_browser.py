@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from scenecluster.config import load_config
-from scenecluster.job import run_cluster_job
+from scenecluster.config import AssignJobConfig, load_config
+from scenecluster.job import run_assign_job, run_cluster_job
 from scenecluster.testing.browser import find_chromium, visit
 from tests.conftest import copy_sample
 
@@ -45,10 +45,13 @@ def chromium() -> str:
     return exe
 
 
-def test_report_opens_clean_in_chromium(ray_cluster, tmp_path: Path, tiny_model_dir: Path, chromium: str) -> None:
-    scenes = copy_sample(tmp_path / "scenes", per_class=6, classes=4)
+@pytest.fixture(scope="module")
+def small_run(ray_cluster, tmp_path_factory, tiny_model_dir: Path) -> tuple[Path, Path, dict]:
+    """A real clustering run of 25 scenes (one named like markup) with the tiny model: (scenes, run, metrics)."""
+    root = tmp_path_factory.mktemp("report-run")
+    scenes = copy_sample(root / "scenes", per_class=6, classes=4)
     shutil.copy(next((scenes / "Forest").iterdir()), scenes / "Forest" / XSS)
-    out = tmp_path / "out"
+    out = root / "out"
     overrides = {
         "data.input": str(scenes),
         "output": str(out),
@@ -59,7 +62,11 @@ def test_report_opens_clean_in_chromium(ray_cluster, tmp_path: Path, tiny_model_
         "reduce.n_neighbors": 10,
         "cluster.n_components": 10,
     }
-    metrics = run_cluster_job(load_config(None, overrides), echo=lambda s: None)
+    return scenes, out, run_cluster_job(load_config(None, overrides), echo=lambda s: None)
+
+
+def test_report_opens_clean_in_chromium(small_run, tmp_path: Path, tiny_model_dir: Path, chromium: str) -> None:
+    _, out, metrics = small_run
     shots = Path(os.environ.get("SCENECLUSTER_SCREENSHOTS") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     expressions = {
@@ -121,3 +128,30 @@ def test_the_browser_check_sees_injected_script_and_errors(tmp_path: Path, chrom
     assert seen.values["injected"] == 1
     assert any(e.startswith("dialog: alert") for e in seen.errors), seen.errors
     assert any("boom" in e for e in seen.errors) and any("undefinedCall" in e for e in seen.errors), seen.errors
+
+
+def test_assign_run_writes_a_report_with_its_novel_scenes(small_run, tmp_path: Path, chromium: str) -> None:
+    """``assign`` writes a report too: the saved run's clusters, drawn in the projection, novel scenes listed."""
+    scenes, run, _ = small_run
+    cfg = load_config(
+        None,
+        {"data.input": str(scenes), "data.labels": "folders", "output": str(tmp_path / "new"), "clustering": str(run)},
+        model=AssignJobConfig,
+    )
+    metrics = run_assign_job(cfg, echo=lambda s: None)
+    page = (tmp_path / "new" / "report.html").read_text()
+    assert "first two principal axes of the 5-D projection" in page and "clustering from" in page
+    seen = visit(
+        tmp_path / "new" / "report.html",
+        width=1280,
+        height=900,
+        ready=BOKEH_READY,
+        chromium=chromium,
+        expressions={
+            "rows": "document.querySelectorAll('table.clusters tbody tr').length",
+            "novel": "document.querySelectorAll('#novel figure').length",
+        },
+    )
+    assert seen.errors == [], seen.errors
+    assert seen.values["rows"] == metrics["n_clusters"]
+    assert seen.values["novel"] == min(metrics["n_novel"], 3 * 8)

@@ -179,6 +179,8 @@ td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 table.sortable th{cursor:pointer;background:#f6f6f6;vertical-align:bottom}
 table.clusters td.flags{min-width:13em}
 table.clusters td,table.clusters th{padding:4px 6px}
+table.clusters tr>:first-child{position:sticky;left:0;background:#fff;z-index:1}
+table.clusters thead tr>:first-child{background:#f6f6f6}
 nav{scrollbar-width:none}
 table.sortable th[data-dir=asc]::after{content:' ▲'}
 table.sortable th[data-dir=desc]::after{content:' ▼'}
@@ -208,10 +210,11 @@ figure{margin:0;width:96px;font-size:11px;line-height:1.25}
 figure img,.missing{width:72px;height:72px;display:block;image-rendering:pixelated;background:#eee}
 figcaption span{display:block;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
 figcaption .fn{color:#777}
+@media (max-width:600px){figcaption span:not(.fn){white-space:normal;overflow-wrap:anywhere}}
 section.cl{border-top:1px solid #eee}
 @media (max-width:600px){
   body{font-size:14px}
-  figure{width:80px}
+  figure{width:80px;font-size:10px}
   figure img,.missing{width:64px;height:64px}
   th,td{padding:3px 5px}
 }

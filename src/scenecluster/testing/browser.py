@@ -150,6 +150,7 @@ async def _visit(
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.3)  # let late errors arrive
             visit.values = {k: await s.evaluate(v) for k, v in expressions.items()}
+            await asyncio.sleep(0.5)  # lazy images scrolled into view by an expression decode before the screenshot
             for kind, (x, y) in pointer:
                 await _pointer(s, kind, x, y)
             shot: dict[str, Any] = {"format": "png"}

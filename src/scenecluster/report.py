@@ -74,15 +74,9 @@ def _least_certain(facts: RunFacts, cid: int, k: int) -> list[dict[str, Any]]:
         for i in members[np.lexsort((s["probability"][members], s["agreement"][members]))][:k]:
             picked.append({c: s[c][i] for c in ("path", "label", "probability", "agreement")})
     seen = {p["path"] for p in picked}
-    unsure = (
-        facts.unsure.filter(np.asarray(facts.unsure.column("cluster").to_pylist()) == cid)
-        if len(facts.unsure)
-        else facts.unsure
-    )
-    for r in sorted(_records(unsure), key=lambda r: r["probability"]):
-        if len(picked) < k and r["path"] not in seen:
-            picked.append(r)
-    return picked
+    # clusters with few sampled members are filled up with their lowest-probability scenes from every part
+    unsure = [r for r in _records(facts.unsure) if r["cluster"] == cid and r["path"] not in seen]
+    return picked + sorted(unsure, key=lambda r: r["probability"])[: k - len(picked)]
 
 
 def _typical(facts: RunFacts, cid: int, k: int) -> list[dict[str, Any]]:

@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune_commands(sub)
     _add_doctor_command(sub)
     _add_benchmark_command(sub)
+    _add_report_commands(sub)
     return parser
 
 
@@ -240,7 +241,7 @@ def _add_doctor_command(sub) -> None:
     d.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for non-AWS stores (else AWS_ENDPOINT_URL)")
     d.add_argument("--timeout", type=float, default=120.0, metavar="S",
                    help="seconds to wait for the probe tasks on the nodes (default 120)")
-    d.set_defaults(run=_cmd_doctor)
+    d.set_defaults(run_fn=_cmd_doctor)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -250,6 +251,52 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
                                       model=args.model, endpoint_url=args.endpoint_url, timeout=args.timeout))
     print(format_table(checks))
     return exit_code(checks)
+
+
+def _add_report_commands(sub) -> None:
+    """``scenecluster report RUN`` and ``scenecluster compare RUN RUN ...``: read finished runs, run nothing."""
+    r = sub.add_parser(
+        "report",
+        help="regenerate the HTML report of a finished run from its output folder",
+        description="Read a finished run's folder (config, metrics, assignments, the fitted sample, embeddings) "
+        "and write its self-contained report.html; thumbnails are read from the run's input.",
+    )
+    r.add_argument("run", metavar="RUN", help="output folder of a clustering or assign run (local or s3://)")
+    r.add_argument("-o", "--output", metavar="FILE", help="where to write the page (default RUN/report.html)")
+    r.add_argument("--input", metavar="URI", help="read the scenes' thumbnails from here (default: the run's input)")
+    r.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for non-AWS stores (else AWS_ENDPOINT_URL)")
+    r.set_defaults(run_fn=_cmd_report)
+    c = sub.add_parser(
+        "compare",
+        help="set several runs' settings and scores side by side (a Markdown table)",
+        description="Read each RUN's config.yaml and metrics.json and print one Markdown table, a column per run; "
+        "rows whose values differ are marked.",
+    )
+    c.add_argument("runs", nargs="+", metavar="RUN", help="output folders of finished runs")
+    c.add_argument("-o", "--output", metavar="FILE", help="write the table here instead of printing it")
+    c.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for non-AWS stores (else AWS_ENDPOINT_URL)")
+    c.set_defaults(run_fn=_cmd_compare)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from scenecluster.report import write_report_file
+
+    written = write_report_file(args.run, args.output, input_uri=args.input, endpoint_url=args.endpoint_url)
+    print(f"report: {written}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from scenecluster.outputs import atomic_write_text
+    from scenecluster.report_compare import compare_runs
+
+    table = compare_runs(args.runs, endpoint_url=args.endpoint_url)
+    if args.output:
+        atomic_write_text(args.output, table)
+        print(f"comparison: {args.output}")
+    else:
+        print(table, end="")
+    return 0
 
 
 def sample_data_dir() -> Path:
@@ -349,8 +396,8 @@ def _cmd_assign(args: argparse.Namespace) -> int:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    if getattr(args, "run", None):
-        return args.run(args)
+    if getattr(args, "run_fn", None):  # subcommands that name their own handler
+        return args.run_fn(args)
     if args.command == "assign":
         return _cmd_assign(args)
     if args.command == "cluster":

@@ -14,20 +14,21 @@ import hashlib
 import json
 import time
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
 from scenecluster import __version__
 from scenecluster.config import AssignJobConfig, ClusterJobConfig, dump_config
-from scenecluster.data import SceneListing, open_filesystem, read_image_for_display
+from scenecluster.data import open_filesystem
 from scenecluster.devices import Resources, decide
 from scenecluster.embed import embed_parts, export_embeddings, write_skipped
 from scenecluster.evaluate import scores_from_contingency
 from scenecluster.features import FeatureSpec, resolve_feature_spec
 from scenecluster.manifest import check_input, write_manifest
 from scenecluster.outputs import OutputFolder, prepare_output
-from scenecluster.report import write_report
+from scenecluster.report import build_report
 from scenecluster.stages import AssignSummary, assign_parts, export_assignments, fit_remote
 
 __all__ = ["StageTimer", "relabel_by_size", "run_assign_job", "run_cluster_job", "run_identity"]
@@ -73,6 +74,7 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
         For bad input, settings or output folders, with a one-line message, before any Ray task starts.
     """
     timer = StageTimer(echo)
+    started = _now()
     spec, out, resources = _prepare(cfg, overwrite, timer)
     embedded = _embed_stage(cfg, out, spec, resources, timer)
     with timer.stage("fit") as note:
@@ -85,12 +87,9 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
     with timer.stage("assign") as note:
         assigned = assign_parts(out, out, resources, cfg.scale.assign_actors, cfg.data.labels == "folders")
         note["summary"] = f"{assigned.n} scenes in {assigned.n_clusters} clusters, {assigned.novel} novel"
-    metrics = _metrics(embedded, assigned, fit)
+    metrics = {**_metrics(embedded, assigned, fit), **_run_facts(resources, started)}
     _exports(cfg, out, embedded, timer)
-    with timer.stage("report") as note:
-        html = _report(cfg, fit["report"], {**metrics, "stage_seconds": timer.seconds})
-        out.write_text("report.html", html)
-        note["summary"] = out.display("report.html")
+    _report_stage(out, metrics, timer)
     return _finish(out, metrics, timer)
 
 
@@ -102,6 +101,7 @@ def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print)
     from scenecluster.fitted import read_clustering_meta
 
     timer = StageTimer(echo)
+    started = _now()
     source = OutputFolder(cfg.clustering, endpoint_url=cfg.data.endpoint_url)
     feature = read_clustering_meta(source)["feature"]
     cfg = cfg.model_copy(update={"embed": cfg.embed.model_copy(update=_feature_settings(feature))}, deep=True)
@@ -110,8 +110,13 @@ def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print)
     with timer.stage("assign") as note:
         assigned = assign_parts(out, source, resources, cfg.scale.assign_actors, cfg.data.labels == "folders")
         note["summary"] = f"{assigned.n} scenes in {assigned.n_clusters} clusters, {assigned.novel} novel"
-    metrics = {**_metrics(embedded, assigned, None), "clustering": source.display("clustering")}
+    metrics = {
+        **_metrics(embedded, assigned, None),
+        "clustering": source.display("clustering"),
+        **_run_facts(resources, started),
+    }
     _exports(cfg, out, embedded, timer)
+    _report_stage(out, metrics, timer)
     return _finish(out, metrics, timer)
 
 
@@ -209,27 +214,40 @@ def _exports(cfg, out: OutputFolder, embedded, timer: StageTimer) -> None:
         note["summary"] = f"{out.display('embeddings.parquet')} and assignments.parquet"
 
 
-def _report(cfg: ClusterJobConfig, sample: dict[str, Any], metrics: dict[str, Any]) -> str:
-    """The HTML report, drawn from the fitted sample (at most ``scale.fit_sample`` scenes)."""
-    fs, root = open_filesystem(cfg.data.input, endpoint_url=cfg.data.endpoint_url)
-    listing = SceneListing(uri=cfg.data.input, root=root, paths=[], filesystem=fs)
-    size = 96
-    return write_report(
-        paths=sample["paths"],
-        clusters=np.asarray(sample["clusters"]),
-        xy=np.asarray(sample["xy"]),
-        xy_index=np.asarray(sample["xy_index"]),
-        metrics=metrics,
-        read_thumbnail=lambda p: read_image_for_display(listing, p, size),
-        labels=sample["labels"],
-        thumbnails_per_cluster=cfg.report.thumbnails_per_cluster,
-        seed=cfg.data.seed,
-    )
+def _report_stage(out: OutputFolder, metrics: dict[str, Any], timer: StageTimer) -> None:
+    """Write report.html from the run folder (as ``scenecluster report`` would), with the metrics so far."""
+    with timer.stage("report") as note:
+        page_metrics = {
+            **metrics,
+            "stage_seconds": dict(timer.seconds),
+            "scenecluster_version": __version__,
+            "finished_at": _now(),
+        }
+        out.write_text("report.html", build_report(out, metrics=page_metrics, report_pending=True))
+        note["summary"] = out.display("report.html")
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _run_facts(resources: Resources, started: str) -> dict[str, Any]:
+    """Where and when the run ran, for the report's run card (settings are in config.yaml)."""
+    import platform
+
+    import torch
+
+    device: dict[str, Any] = {"device": resources.device, "dtype": resources.dtype}
+    if resources.use_gpu and torch.cuda.is_available():
+        device["gpu"] = torch.cuda.get_device_name(0)
+    device.update(cpus_per_node=resources.cpus_per_node, host=platform.node(), torch=torch.__version__)
+    return {"device": device, "started_at": started}
 
 
 def _finish(out: OutputFolder, metrics: dict[str, Any], timer: StageTimer) -> dict[str, Any]:
     metrics["stage_seconds"] = timer.seconds
     metrics["scenecluster_version"] = __version__
+    metrics["finished_at"] = _now()
     out.write_text("metrics.json", json.dumps(metrics, indent=2, default=_plain))
     return metrics
 

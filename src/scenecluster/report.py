@@ -1,213 +1,330 @@
-"""A self-contained HTML report of one clustering run.
+"""A self-contained HTML report of one run, read from its output folder.
 
-Every figure is a PNG embedded as base64, so the single file can be mailed or opened from S3 without the
-images it describes.
+The page is one offline file (thumbnails are WebP data URIs, BokehJS is inlined) so it can be mailed or opened
+from S3. It is built from the run's files (:mod:`scenecluster.report_data`), so ``scenecluster report RUN``
+regenerates it from any finished run and two reports can be told apart by the run card and compared by tools
+through the config and metrics embedded as JSON.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from scenecluster.evaluate import contingency  # noqa: E402
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _colors(n: int) -> np.ndarray:
-    cmap = plt.get_cmap("tab20" if n > 10 else "tab10")
-    return np.array([cmap(i % cmap.N) for i in range(max(n, 1))])
-
-
-def scatter_figure(xy: np.ndarray, clusters: np.ndarray) -> str:
-    """2-D UMAP scatter coloured by cluster."""
-    ids = np.unique(clusters)
-    colors = _colors(len(ids))
-    fig, ax = plt.subplots(figsize=(7, 6))
-    size = max(1.0, min(12.0, 20000 / max(len(xy), 1)))
-    for color, cid in zip(colors, ids, strict=True):
-        m = clusters == cid
-        ax.scatter(xy[m, 0], xy[m, 1], s=size, color=color, label=str(cid), linewidths=0)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title("UMAP (2-D) coloured by cluster")
-    if len(ids) <= 30:
-        ax.legend(markerscale=3, fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5), title="cluster")
-    return _png(fig)
-
-
-def sizes_figure(clusters: np.ndarray) -> str:
-    ids, counts = np.unique(clusters, return_counts=True)
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(ids) + 2), 3))
-    ax.bar([str(i) for i in ids], counts, color=_colors(len(ids)))
-    ax.set_xlabel("cluster")
-    ax.set_ylabel("images")
-    ax.set_title("Cluster sizes")
-    return _png(fig)
-
-
-def confusion_figure(labels: Sequence[str], clusters: np.ndarray) -> str:
-    """Cluster x class counts, rows ordered by cluster id."""
-    table, cids, classes = contingency(labels, clusters)
-    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(classes) + 3), max(4, 0.35 * len(cids) + 2)))
-    ax.imshow(table, cmap="Blues", aspect="auto")
-    ax.set_xticks(range(len(classes)), [str(c) for c in classes], rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(cids)), [str(c) for c in cids], fontsize=8)
-    ax.set_xlabel("true class")
-    ax.set_ylabel("cluster")
-    if table.size <= 900:
-        for (i, j), v in np.ndenumerate(table):
-            if v:
-                ax.text(
-                    j,
-                    i,
-                    str(v),
-                    ha="center",
-                    va="center",
-                    fontsize=6,
-                    color="white" if v > table.max() / 2 else "black",
-                )
-    ax.set_title("Confusion matrix")
-    return _png(fig)
-
-
-def montage_figure(images: list[np.ndarray | None], title: str) -> str:
-    n = len(images)
-    fig, axes = plt.subplots(1, n, figsize=(1.2 * n, 1.4), squeeze=False)
-    for ax, img in zip(axes[0], images, strict=True):
-        ax.axis("off")
-        if img is not None:
-            ax.imshow(img)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.8, bottom=0.02, wspace=0.05)
-    fig.suptitle(title, fontsize=8, x=0.01, ha="left")
-    return _png(fig)
-
-
-_STYLE = (
-    "body{font-family:sans-serif;margin:2em;max-width:1100px}"
-    "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:2px 8px;text-align:left}"
-    "img{max-width:100%}"
+from scenecluster.outputs import OutputFolder
+from scenecluster.report_data import RunFacts, cluster_rows, gather_run
+from scenecluster.report_html import (
+    cluster_table,
+    confusion_table,
+    esc,
+    gallery,
+    run_card,
+    scores_table,
+    skipped_section,
+    swatch,
+    timing_table,
 )
+from scenecluster.report_scatter import bokeh_js, palette_for, scatter_components
+
+__all__ = ["Thumbnails", "build_report", "render_report", "write_report_file"]
+
+THUMB_SIZE = 64  # EuroSAT's own size; shown at 72 CSS px
+HOVER_SIZE = 48  # the scatter's hover thumbnails, shown at 96 CSS px
+DOUBTFUL = 24
 
 
-def _montage_title(cid, count: int, members: np.ndarray, labels: Sequence[str] | None) -> str:
-    """``cluster <id>: <n> images``, with its most common true class when labels are known."""
-    title = f"cluster {cid}: {count} images"
-    if labels is not None:
-        names, c = np.unique(np.asarray(labels)[members], return_counts=True)
-        top = names[np.argmax(c)]
-        title += f" (most: {top}, {c.max() / count:.0%})"
-    return title
+class Thumbnails:
+    """``path -> WebP data URI`` (or ``None`` when unreadable), each scene read once."""
+
+    def __init__(self, read_image: Callable[[str, int], np.ndarray | None], size: int = THUMB_SIZE) -> None:
+        self.read_image, self.size = read_image, size
+        self.cache: dict[str, str | None] = {}
+
+    def __call__(self, path: str) -> str | None:
+        if path not in self.cache:
+            self.cache[path] = self._encode(self.read_image(path, self.size))
+        return self.cache[path]
+
+    @staticmethod
+    def _encode(rgb: np.ndarray | None) -> str | None:
+        if rgb is None:
+            return None
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="WEBP", quality=70, method=4)
+        return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _montages(
-    paths: Sequence[str],
-    clusters: np.ndarray,
-    read_thumbnail: Callable[[str], np.ndarray | None],
-    labels: Sequence[str] | None,
-    thumbnails_per_cluster: int,
-    seed: int,
-) -> list[str]:
-    """One montage of randomly picked members per cluster, largest cluster first."""
-    rng = np.random.default_rng(seed)
-    ids, counts = np.unique(clusters, return_counts=True)
-    montages = []
-    for cid, count in sorted(zip(ids, counts, strict=True), key=lambda t: -t[1]):
-        members = np.flatnonzero(clusters == cid)
-        pick = rng.choice(members, size=min(thumbnails_per_cluster, len(members)), replace=False)
-        title = _montage_title(cid, count, members, labels)
-        montages.append(montage_figure([read_thumbnail(paths[i]) for i in pick], title))
-    return montages
+def _records(table, **extra) -> list[dict[str, Any]]:
+    return [{**r, **extra} for r in table.to_pylist()]
 
 
-def _figure_sections(
-    clusters: np.ndarray, xy: np.ndarray, xy_index: np.ndarray, labels: Sequence[str] | None
-) -> list[str]:
-    """The scatter, the cluster sizes and (with labels) the confusion matrix, as ``<img>`` tags."""
-    sections = [
-        f'<img src="{scatter_figure(xy, clusters[xy_index])}" alt="UMAP scatter">',
-        f'<img src="{sizes_figure(clusters)}" alt="cluster sizes">',
-    ]
-    if labels is not None:
-        sections.append(f'<img src="{confusion_figure(labels, clusters)}" alt="confusion matrix">')
-    return sections
+def _least_certain(facts: RunFacts, cid: int, k: int) -> list[dict[str, Any]]:
+    """A cluster's scenes to doubt: sampled members with the least neighbour agreement, then lowest probability."""
+    s = facts.sample
+    picked: list[dict[str, Any]] = []
+    if s:
+        members = np.flatnonzero((s["cluster"] == cid) & ~np.isnan(s["agreement"]))
+        for i in members[np.lexsort((s["probability"][members], s["agreement"][members]))][:k]:
+            picked.append({c: s[c][i] for c in ("path", "label", "probability", "agreement")})
+    seen = {p["path"] for p in picked}
+    # clusters with few sampled members are filled up with their lowest-probability scenes from every part
+    unsure = [r for r in _records(facts.unsure) if r["cluster"] == cid and r["path"] not in seen]
+    return picked + sorted(unsure, key=lambda r: r["probability"])[: k - len(picked)]
 
 
-def _metric_rows(metrics: dict) -> str:
-    """Table rows of the metrics, the per-stage times left out."""
-    shown = {k: v for k, v in metrics.items() if k != "stage_seconds"}
-    return "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in shown.items())
+def _typical(facts: RunFacts, cid: int, k: int) -> list[dict[str, Any]]:
+    rows = [r for r in _records(facts.typical) if r["cluster"] == cid]
+    return sorted(rows, key=lambda r: -r["log_likelihood"])[:k]
 
 
-def _stage_rows(stage_seconds: dict[str, float]) -> str:
-    """Table rows of the seconds each stage took."""
-    return "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.1f} s</td></tr>" for k, v in stage_seconds.items())
+def _strips(facts: RunFacts, rows, thumb: Thumbnails, colors: dict, k: int) -> str:
+    """Per cluster, largest first: its most typical scenes (highest density) and those to doubt."""
+    parts = []
+    for r in sorted(rows, key=lambda r: -r.size):
+        title = f"Cluster {r.cluster}: {r.size:,} scenes ({r.share:.1%})"
+        if r.majority is not None:
+            title += f", {r.purity:.0%} {r.majority}"
+        flags = "".join(f"<span class='flag'>{esc(f)}</span>" for f in r.flags)
+        parts.append(
+            f"<section class='cl' id='cluster-{r.cluster}'><h3>{swatch(colors[r.cluster])}{esc(title)} {flags}</h3>"
+            "<h4>most typical (highest density)</h4>"
+            f"{gallery(_typical(facts, r.cluster, k), thumb, with_cluster=False)}"
+            f"<h4>least certain (fewest neighbours in the cluster, lowest probability)</h4>"
+            f"{gallery(_least_certain(facts, r.cluster, k), thumb, with_cluster=False)}</section>"
+        )
+    return "".join(parts)
 
 
-def _page(body: str) -> str:
-    """The whole HTML document around ``body``."""
+def _doubtful(facts: RunFacts) -> list[dict[str, Any]]:
+    """The run's most doubtful sampled scenes: fewest neighbours in their own cluster, then lowest probability."""
+    s = facts.sample
+    if not s:
+        return []
+    checked = np.flatnonzero(~np.isnan(s["agreement"]))
+    order = checked[np.lexsort((s["probability"][checked], s["agreement"][checked]))][:DOUBTFUL]
+    return [{c: s[c][i] for c in ("path", "label", "probability", "agreement", "cluster")} for i in order]
+
+
+PROJECTIONS = {
+    "umap2d": "Positions come from a separate 2-D UMAP of the model's features (the run's UMAP settings with two "
+    "dimensions), drawn for display only; the clusters were found in the run's {dims}-D projection, so clusters "
+    "that overlap here may be apart there.",
+    "pca": "Positions are the first two principal axes of the {dims}-D projection the scenes were assigned in.",
+}
+
+
+def _scatter_section(facts: RunFacts, thumb: Thumbnails, colors: dict, class_colors: dict) -> tuple[str, str]:
+    if not facts.sample:
+        return "<p>No scatter: the run has no sampled positions.</p>", ""
+    hover = Thumbnails(thumb.read_image, size=HOVER_SIZE)  # smaller: thousands of them ride in the plot's data
+    script, div = scatter_components(facts.sample, colors, class_colors, hover)
+    dims = facts.projection_dims or "n"
+    text = PROJECTIONS[facts.projection].format(dims=dims)
+    n = len(facts.sample["path"])
+    caption = (
+        f"<p class='help'>{n:,} scenes (a seeded sample of {facts.n_scenes:,}). {esc(text)} Cluster numbers "
+        "mark each cluster's median position; hover a dot for the scene.</p>"
+    )
+    return caption + div, script
+
+
+_SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach(function (th, col) {
+  function sort() {
+    var body = th.closest('table').tBodies[0], up = th.dataset.dir !== 'asc';
+    th.closest('tr').querySelectorAll('th').forEach(function (h) { delete h.dataset.dir; });
+    th.dataset.dir = up ? 'asc' : 'desc';
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = a.cells[col].dataset.v, y = b.cells[col].dataset.v, nx = parseFloat(x), ny = parseFloat(y);
+      var c = (isNaN(nx) || isNaN(ny)) ? String(x).localeCompare(String(y)) : nx - ny;
+      return up ? c : -c;
+    });
+    rows.forEach(function (r) { body.appendChild(r); });
+  }
+  th.addEventListener('click', sort);
+  th.addEventListener('keydown', function (e) { if (e.key === 'Enter') sort(); });
+});
+"""
+
+_STYLE = """
+*{box-sizing:border-box}
+body{font:15px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#111}
+header,main{max-width:1200px;margin:0 auto;padding:0 16px}
+header h1{margin:16px 0 0;font-size:1.6em;word-break:break-all}
+nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:6px 16px;z-index:10;overflow-x:auto;
+  white-space:nowrap}
+nav a{margin-right:14px;color:#0b5cad;text-decoration:none}
+h2{margin-top:32px;border-bottom:2px solid #eee}
+h3{font-size:1.05em;margin:18px 0 4px}
+h4{font-size:.85em;font-weight:normal;color:#555;margin:6px 0 2px}
+.help{color:#555;font-size:.85em;font-weight:normal}
+table{border-collapse:collapse}
+th,td{border-bottom:1px solid #e3e3e3;padding:4px 8px;text-align:left;vertical-align:top}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.scroll{overflow-x:auto;max-width:100%}
+table.sortable th{cursor:pointer;background:#f6f6f6;vertical-align:bottom}
+table.clusters td.flags{min-width:13em}
+table.clusters td,table.clusters th{padding:4px 6px}
+table.clusters tr>:first-child{position:sticky;left:0;background:#fff;z-index:1}
+table.clusters thead tr>:first-child{background:#f6f6f6}
+nav{scrollbar-width:none}
+table.sortable th[data-dir=asc]::after{content:' ▲'}
+table.sortable th[data-dir=desc]::after{content:' ▼'}
+.sw{display:inline-block;width:.9em;height:.9em;border-radius:2px;margin-right:5px;vertical-align:-1px}
+.flag{display:inline-block;white-space:normal;
+  background:#fff3cd;border:1px solid #e0c36a;border-radius:3px;padding:0 4px;margin:1px 2px;
+  font-size:.8em;font-weight:normal}
+dl.card{display:grid;grid-template-columns:repeat(auto-fit,minmax(260px,1fr));gap:6px 18px;
+  background:#f7f9fc;
+  border:1px solid #d8e0ea;border-radius:6px;padding:12px}
+dl.card div.wide{grid-column:1/-1}
+dt{font-weight:600;font-size:.8em;color:#445;text-transform:uppercase}
+dd{margin:0;word-break:break-word}
+.kv{display:inline-block;background:#fff;border:1px solid #d8e0ea;border-radius:3px;padding:0 5px;margin:2px 2px;
+  font-size:.88em}
+dl.explain div{margin:2px 0}
+dl.explain dt{display:inline;text-transform:none;font-size:.85em}
+dl.explain dd{display:inline;font-size:.85em;color:#555}
+dl.explain dd::before{content:' — '}
+table.confusion td,table.confusion th{padding:2px 6px;font-size:.85em;border:1px solid #eee}
+table.confusion td.diag{outline:2px solid #111;outline-offset:-2px}
+table.confusion .tot{font-weight:600;background:#fafafa}
+th.rot{height:110px;vertical-align:bottom}
+th.rot span{writing-mode:vertical-rl;transform:rotate(180deg);white-space:nowrap}
+.strip{display:flex;flex-wrap:wrap;gap:6px}
+figure{margin:0;width:96px;font-size:11px;line-height:1.25}
+figure img,.missing{width:72px;height:72px;display:block;image-rendering:pixelated;background:#eee}
+figcaption span{display:block;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+figcaption .fn{color:#777}
+@media (max-width:600px){figcaption span:not(.fn){white-space:normal;overflow-wrap:anywhere}}
+section.cl{border-top:1px solid #eee}
+@media (max-width:600px){
+  body{font-size:14px}
+  figure{width:80px;font-size:10px}
+  figure img,.missing{width:64px;height:64px}
+  th,td{padding:3px 5px}
+}
+"""
+
+SECTIONS = [
+    ("run", "Run"),
+    ("scores", "Scores"),
+    ("clusters", "Clusters"),
+    ("scatter", "Scatter"),
+    ("confusion", "Cluster × class"),
+    ("scenes", "Scenes"),
+    ("doubtful", "Doubtful"),
+    ("novel", "Novel"),
+    ("timing", "Timing"),
+    ("skipped", "Skipped"),
+]
+
+
+def _json_script(element_id: str, value: Any) -> str:
+    """``value`` as JSON in a ``<script>`` that a tool can read and the browser never runs."""
+    text = json.dumps(value, indent=1, default=str, sort_keys=True).replace("<", "\\u003c")
+    return f"<script type='application/json' id='{element_id}'>{text}</script>"
+
+
+def render_report(facts: RunFacts, thumb: Thumbnails, *, k: int = 8, report_pending: bool = False) -> str:
+    """The page's HTML text for ``facts`` (the caller writes it atomically)."""
+    rows = cluster_rows(facts)
+    colors = palette_for(facts.cluster_ids.tolist())
+    class_colors = palette_for(facts.classes) if facts.classes else {}
+    scatter, script = _scatter_section(facts, thumb, colors, class_colors)
+    sections = {
+        "run": run_card(facts),
+        "scores": scores_table(facts.metrics),
+        "clusters": cluster_table(rows, colors, facts.classes is not None),
+        "scatter": scatter,
+        "confusion": confusion_table(facts.table, facts.cluster_ids, facts.classes, colors)
+        if facts.table is not None
+        else "<p>The scenes have no labels.</p>",
+        "scenes": _strips(facts, rows, thumb, colors, k),
+        "doubtful": "<p class='help'>The sampled scenes with the fewest of their 10 nearest neighbours (in the "
+        "model's feature space) in their own cluster, then the lowest probability.</p>"
+        + gallery(_doubtful(facts), thumb),
+        "novel": "<p class='help'>Scenes flagged novel, least likely first.</p>"
+        + gallery(_records(facts.novel_scenes), thumb),
+        "timing": timing_table(facts.metrics, facts.n_scenes, report_pending),
+        "skipped": skipped_section(facts.skipped),
+    }
+    if not len(facts.novel_scenes):
+        sections["novel"] = "<p>No scene was flagged novel.</p>"
+    nav = "".join(f"<a href='#{key}'>{name}</a>" for key, name in SECTIONS)
+    body = "".join(f"<section id='{key}'><h2>{name}</h2>{sections[key]}</section>" for key, name in SECTIONS)
+    subtitle = (
+        f"{facts.n_scenes:,} scenes in {len(facts.cluster_ids)} clusters · finished {facts.finished} · "
+        f"{(facts.config.get('embed') or {}).get('model', '')}"
+    )
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>scenecluster report</title>"
-        f"<style>{_STYLE}</style></head><body>{body}</body></html>"
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{esc(facts.name)} · scenecluster report</title><style>{_STYLE}</style>{bokeh_js()}</head><body>"
+        f"<header><h1>{esc(facts.name)}</h1><p class='help'>{esc(subtitle)}</p></header><nav>{nav}</nav>"
+        f"<main>{body}</main>{_json_script('run-config', facts.config)}{_json_script('run-metrics', facts.metrics)}"
+        f"{_json_script('run-identity', facts.identity)}{script}<script>{_SORT_JS}</script></body></html>"
     )
 
 
-def write_report(
+def build_report(
+    out: OutputFolder,
     *,
-    paths: Sequence[str],
-    clusters: np.ndarray,
-    xy: np.ndarray,
-    xy_index: np.ndarray,
-    metrics: dict,
-    read_thumbnail: Callable[[str], np.ndarray | None],
-    labels: Sequence[str] | None = None,
-    thumbnails_per_cluster: int = 8,
-    seed: int = 0,
+    input_uri: str | None = None,
+    endpoint_url: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    report_pending: bool = False,
 ) -> str:
-    """Render the report and return its HTML text (the caller writes it atomically).
+    """Read the run folder ``out`` and render its report; scenes are read from ``input_uri`` (default: the
+    run's own input) for the thumbnails."""
+    from scenecluster.data import SceneListing, open_filesystem, read_image_for_display
 
-    Parameters
-    ----------
-    xy : ndarray of shape (n_points, 2)
-        2-D projection of the rows ``xy_index`` (a subsample on big runs).
-    read_thumbnail : callable
-        ``path -> uint8 (h, w, 3)`` or ``None`` for an image that cannot be read any more.
+    k = _thumbnails_per_cluster(out)
+    facts = gather_run(out, metrics=metrics, k=k)
+    data = facts.config.get("data") or {}
+    uri = input_uri or data.get("input") or out.root
+    fs, root = open_filesystem(uri, endpoint_url=endpoint_url or data.get("endpoint_url"))
+    listing = SceneListing(uri=uri, root=root, paths=[], filesystem=fs)
+    thumb = Thumbnails(lambda path, size: read_image_for_display(listing, path, size))
+    return render_report(facts, thumb, k=k, report_pending=report_pending)
+
+
+def _thumbnails_per_cluster(out: OutputFolder) -> int:
+    import yaml
+
+    config = yaml.safe_load(out.read_text("config.yaml")) if out.exists("config.yaml") else {}
+    return int((config.get("report") or {}).get("thumbnails_per_cluster") or 8)
+
+
+def write_report_file(
+    run: str, output: str | None = None, *, input_uri: str | None = None, endpoint_url: str | None = None
+) -> str:
+    """Regenerate a finished run's report; write it atomically to ``output`` (default ``RUN/report.html``).
+
+    Returns where it was written.
+
+    Raises
+    ------
+    scenecluster.errors.SceneClusterError
+        When ``run`` holds no finished run (no ``assignments/``).
     """
-    clusters = np.asarray(clusters)
-    montages = _montages(paths, clusters, read_thumbnail, labels, thumbnails_per_cluster, seed)
-    sections = _figure_sections(clusters, xy, xy_index, labels)
-    body = "\n".join(
-        [
-            "<h1>scenecluster report</h1>",
-            f"<table>{_metric_rows(metrics)}</table>",
-            "<h2>Time per stage</h2>",
-            f"<table>{_stage_rows(metrics.get('stage_seconds', {}))}</table>",
-            "<h2>Projection, sizes" + (", confusion" if labels is not None else "") + "</h2>",
-            *sections,
-            "<h2>Scenes per cluster</h2>",
-            *(f'<div><img src="{m}" alt="montage"></div>' for m in montages),
-        ]
-    )
-    return _page(body)
+    from scenecluster.errors import OutputError
+    from scenecluster.outputs import atomic_write_text
 
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    if isinstance(v, dict | list):
-        return json.dumps(v)
-    return str(v)
+    out = OutputFolder(run, endpoint_url=endpoint_url)
+    if not out.list("assignments"):
+        raise OutputError(f"{run!r} holds no finished run: no assignments/ (run `scenecluster cluster` first)")
+    page = build_report(out, input_uri=input_uri, endpoint_url=endpoint_url)
+    if output is None:
+        out.write_text("report.html", page)
+        return out.display("report.html")
+    atomic_write_text(output, page)
+    return output

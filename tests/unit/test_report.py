@@ -1,49 +1,190 @@
-"""``scenecluster.report.write_report``: one self-contained HTML page."""
+"""The report from a run folder: per-cluster figures, orderings, escaping, the embedded JSON, ``compare``.
+
+The run folders here are real files in the layout the job writes (config.yaml, metrics.json, assignment and
+embedding parts, the report sample) around real JPEG scenes, built without Ray so the tests take seconds.
+"""
 
 from __future__ import annotations
 
-import inspect
+import json
+import re
+import shutil
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from scenecluster.report import write_report
+from scenecluster.cli import main, sample_data_dir
+from scenecluster.embed import vector_column
+from scenecluster.outputs import OutputFolder
+from scenecluster.report import build_report, write_report_file
+from scenecluster.report_compare import compare_runs
+from scenecluster.report_data import (
+    cluster_rows,
+    diagonal_order,
+    gather_run,
+    neighbour_agreement,
+    read_skipped,
+    top_per_group,
+)
+from scenecluster.report_scatter import bokeh_js
+
+XSS = "<img src=x onerror=alert(1)>.jpg"
 
 
-def _inputs(n: int = 24) -> dict:
+def make_run(root: Path, *, seed: int = 0, n_neighbors: int = 15) -> Path:
+    """A finished run of 3 clusters over 2 classes: cluster 0 is Forest, 1 and 2 split SeaLake, 2 also mixes."""
+    rng = np.random.default_rng(seed)
+    scenes = root / "scenes"
+    members = {"Forest": 12, "SeaLake": 12}
+    paths, labels = [], []
+    for cls, n in members.items():
+        (scenes / cls).mkdir(parents=True, exist_ok=True)
+        for i, src in enumerate(sorted((sample_data_dir() / cls).iterdir())[:n]):
+            name = XSS if (cls, i) == ("Forest", 0) else src.name
+            shutil.copy(src, scenes / cls / name)
+            paths.append(str(scenes / cls / name))
+            labels.append(cls)
+    clusters = np.array([0] * 10 + [2] * 2 + [1] * 7 + [2] * 5, dtype=np.int32)
+    centres = rng.normal(size=(3, 16)) * 5
+    X = (centres[clusters] + rng.normal(size=(24, 16))).astype(np.float32)
+    out = root / "run"
+    (out / "assignments").mkdir(parents=True)
+    (out / "embeddings").mkdir()
+    (out / "clustering").mkdir()
+    for part, rows in enumerate((slice(0, 13), slice(13, 24))):
+        table = pa.table({
+            "path": paths[rows], "cluster": pa.array(clusters[rows]),
+            "probability": pa.array(rng.uniform(0.9, 1.0, 24)[rows].astype(np.float32)),
+            "label": labels[rows], "log_likelihood": pa.array(rng.normal(size=24)[rows].astype(np.float32)),
+            "novel": pa.array([i == 3 for i in range(24)][rows]), "coords": vector_column(X[rows, :5]),
+        })
+        pq.write_table(table, out / "assignments" / f"part-{part:06d}.parquet")
+        emb = pa.table({"path": paths[rows], "label": labels[rows], "error": [""] * len(paths[rows]),
+                        "embedding": vector_column(X[rows])})
+        pq.write_table(emb, out / "embeddings" / f"part-{part:06d}.parquet")
+    xy = X[:, :2].astype(np.float64)
+    pq.write_table(pa.table({"path": paths, "cluster": pa.array(clusters), "label": labels,
+                             "x": xy[:, 0], "y": xy[:, 1]}), out / "clustering" / "report_sample.parquet")
+    config = {"data": {"input": str(scenes), "labels": "folders", "sample": None, "seed": seed},
+              "embed": {"model": "facebook/dinov2-small", "layer": 8, "pooling": "cls+mean", "image_size": 112},
+              "reduce": {"method": "umap", "n_components": 5, "n_neighbors": n_neighbors},
+              "cluster": {"method": "dpgmm", "n_components": 50}, "scale": {"fit_sample": 5000},
+              "report": {"thumbnails_per_cluster": 4, "scatter_points": 20000}}
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    metrics = {"n_images": 25, "n_embedded": 24, "n_skipped": 1, "n_clusters": 3, "acc": 0.75, "nmi": 0.5,
+               "lower_bound": -3.2, "stage_seconds": {"embed": 2.0, "fit": 3.0, "reduce": 2.5, "report": 1.0},
+               "device": {"device": "cpu"}, "finished_at": "2026-11-27 08:00:00 UTC", "scenecluster_version": "0.1.0"}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    (out / "run.json").write_text(json.dumps({"input": str(scenes)}))
+    (out / "skipped.txt").write_text(f"{scenes}/Forest/{XSS}.broken\tcannot identify image\n")
+    return out
+
+
+def test_top_per_group_keeps_k_best_of_each_group() -> None:
+    t = pa.table({"cluster": [1, 1, 1, 2, 2], "s": [0.1, 0.9, 0.5, 0.3, 0.2], "i": [0, 1, 2, 3, 4]})
+    assert sorted(top_per_group(t, "cluster", "s", 2, descending=True).column("i").to_pylist()) == [1, 2, 3, 4]
+    assert sorted(top_per_group(t, "cluster", "s", 1, descending=False).column("i").to_pylist()) == [0, 4]
+
+
+def test_neighbour_agreement_sees_what_the_partition_does_to_the_features() -> None:
     rng = np.random.default_rng(0)
-    clusters = np.array([0] * 12 + [1] * 8 + [2] * 4)[:n]
-    return {
-        "paths": [f"img{i}.jpg" for i in range(n)],
-        "clusters": clusters,
-        "xy": rng.normal(size=(n // 2, 2)),
-        "xy_index": np.arange(0, n, 2),
-        "metrics": {"n_images": n, "ari": 0.123456, "counts": {"a": 1}, "stage_seconds": {"embed": 2.04}},
-        "read_thumbnail": lambda p: None if p == "img0.jpg" else np.zeros((8, 8, 3), np.uint8),
-        "thumbnails_per_cluster": 3,
-    }
+    X = np.concatenate([rng.normal(size=(50, 8)) + 20, rng.normal(size=(50, 8)) - 20])
+    truth = np.repeat([0, 1], 50)
+    assert neighbour_agreement(X, truth).min() == 1.0
+    # one blob cut in two at random: a partition UMAP could make look clean, the features do not support
+    cut = np.where(truth == 0, rng.integers(0, 2, 100), 2)
+    agreement = neighbour_agreement(X, cut)
+    assert agreement[cut < 2].mean() < 0.7 and agreement[cut == 2].min() == 1.0
 
 
-def test_write_report_takes_no_path() -> None:
-    assert "path" not in inspect.signature(write_report).parameters
-    with pytest.raises(TypeError):
-        write_report("report.html", **_inputs())  # type: ignore[misc]
+def test_diagonal_order_puts_matched_pairs_on_the_diagonal() -> None:
+    table = np.array([[0, 1, 30], [25, 0, 1], [2, 20, 0], [5, 0, 4]])
+    rows, cols = diagonal_order(table)
+    t = table[np.ix_(rows, cols)]
+    assert list(np.diag(t[:3, :3])) == [30, 25, 20]
+    assert rows[-1] == 3 and sorted(rows) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("with_labels", [True, False])
-def test_write_report_page(with_labels: bool) -> None:
-    labels = ["forest"] * 9 + ["sea"] * 15 if with_labels else None
-    page = write_report(**_inputs(), labels=labels)
-    assert page.startswith("<!doctype html>") and page.endswith("</body></html>")
-    assert "<tr><th>ari</th><td>0.1235</td></tr>" in page
-    assert "<tr><th>counts</th><td>{&quot;a&quot;: 1}</td></tr>" in page
-    assert "<tr><th>embed</th><td>2.0 s</td></tr>" in page
-    assert "<th>stage_seconds</th>" not in page
-    assert page.count('alt="montage"') == 3
-    assert ('alt="confusion matrix"' in page) is with_labels
-    assert ("<h2>Projection, sizes, confusion</h2>" in page) is with_labels
-    assert page.count("data:image/png;base64,") == 3 + 2 + with_labels
+def test_cluster_rows_flag_split_and_mixed_clusters(tmp_path: Path) -> None:
+    facts = gather_run(OutputFolder(str(make_run(tmp_path))), k=4)
+    rows = {r.cluster: r for r in cluster_rows(facts)}
+    assert [rows[c].size for c in (0, 1, 2)] == [10, 7, 7]
+    assert rows[0].majority == "Forest" and rows[0].purity == 1.0 and rows[0].majority_recall == 10 / 12
+    assert rows[1].majority == "SeaLake" and rows[1].majority_recall == 7 / 12
+    assert any(f.startswith("split: SeaLake also leads cluster 2") for f in rows[1].flags)
+    assert rows[2].purity == 5 / 7 and rows[2].second == ("Forest", 2 / 7)
+    assert rows[0].matched == "Forest" and {rows[1].matched, rows[2].matched} == {"SeaLake", None}
+    assert rows[0].novel + rows[1].novel + rows[2].novel == 1
+    assert 0.9 <= rows[0].mean_probability <= 1.0 and rows[0].min_probability <= rows[0].mean_probability
+    assert rows[0].n_checked == 10 and 0 <= rows[0].agreement <= 1
+    assert read_skipped(OutputFolder(str(tmp_path / "run")))[0] == 1
 
 
-def test_write_report_is_reproducible() -> None:
-    assert write_report(**_inputs(), seed=3) == write_report(**_inputs(), seed=3)
+def test_report_page_escapes_names_and_embeds_the_run(tmp_path: Path) -> None:
+    page = build_report(OutputFolder(str(make_run(tmp_path))))
+    assert "<meta name='viewport'" in page and "<title>run · scenecluster report</title>" in page
+    assert "<img src=x" not in page and "onerror=alert(1)" not in page.replace("&lt;img src=x onerror=alert(1)&gt;", "")
+    assert "&lt;img src=x onerror=alert(1)&gt;.jpg" in page
+    assert page.count("<tr id='row-") == 3
+    # thumbnails are WebP (the only PNGs are BokehJS's own icons)
+    assert page.count("data:image/png") == bokeh_js().count("data:image/png")
+    assert page.count("data:image/webp;base64,") >= 3 * 4
+    config = json.loads(re.search(r"id='run-config'>(.*?)</script>", page, re.S).group(1))
+    assert config["embed"]["model"] == "facebook/dinov2-small" and config["reduce"]["n_neighbors"] == 15
+    metrics = json.loads(re.search(r"id='run-metrics'>(.*?)</script>", page, re.S).group(1))
+    assert metrics["acc"] == 0.75
+    # the fit's parts are not counted twice: 2 + 3 + 1 s, 24 scenes
+    assert "6.0 s for 24 scenes, 4.0 scenes/s" in page
+    assert "matched accuracy" in page and "every extra cluster lowers it" in page
+    assert "separate 2-D UMAP" in page
+    for section in ("run", "scores", "clusters", "scatter", "confusion", "scenes", "doubtful", "novel", "timing"):
+        assert f"href='#{section}'" in page and f"<section id='{section}'>" in page
+
+
+def test_report_command_writes_atomically_and_refuses_unfinished_runs(tmp_path: Path, capsys) -> None:
+    run = make_run(tmp_path)
+    assert main(["report", str(run), "--output", str(tmp_path / "page.html")]) == 0
+    assert (tmp_path / "page.html").read_text().startswith("<!doctype html>")
+    assert not list(tmp_path.glob("*.tmp*"))
+    assert write_report_file(str(run)) == str(run / "report.html") and (run / "report.html").is_file()
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "no finished run" in capsys.readouterr().err
+
+
+def test_compare_marks_the_settings_that_differ(tmp_path: Path, capsys) -> None:
+    a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b", n_neighbors=30)
+    table = compare_runs([str(a), str(b)])
+    lines = table.splitlines()
+    assert lines[0] == f"| | setting | {a} | {b} |"
+    assert "| ≠ | projection: n_neighbors | 15 | 30 |" in lines
+    assert "|  | feature: model | facebook/dinov2-small | facebook/dinov2-small |" in lines
+    assert "|  | scores: matched accuracy | 0.7500 | 0.7500 |" in lines
+    assert main(["compare", str(a), str(b)]) == 0 and capsys.readouterr().out == table
+    assert main(["compare", str(a), str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("value", ["a|b", "<b>x</b>"])
+def test_compare_cells_cannot_break_the_table(tmp_path: Path, value: str) -> None:
+    run = make_run(tmp_path)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["embed"]["model"] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    row = next(line for line in compare_runs([str(run)]).splitlines() if "feature: model" in line)
+    cells = re.split(r"(?<!\\)\|", row)[1:-1]  # split on pipes not escaped
+    assert len(cells) == 3 and "<b>" not in row
+
+
+def test_a_run_without_a_report_sample_is_drawn_in_its_projection(tmp_path: Path) -> None:
+    """An assign run has no 2-D UMAP of its own: the scatter shows the clustered projection's principal axes."""
+    run = make_run(tmp_path)
+    (run / "clustering" / "report_sample.parquet").unlink()
+    facts = gather_run(OutputFolder(str(run)), k=4)
+    assert facts.projection == "pca" and len(facts.sample["path"]) == 24
+    assert np.isfinite(facts.sample["agreement"]).all()
+    page = build_report(OutputFolder(str(run)))
+    assert "first two principal axes of the 5-D projection" in page and "separate 2-D UMAP" not in page

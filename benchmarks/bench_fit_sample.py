@@ -43,9 +43,7 @@ def fit_and_assign(X: np.ndarray, fit_rows: np.ndarray, *, seed: int, quantile: 
     )
     fit_s = time.perf_counter() - start
     if len(calibration):
-        fitted.novelty_threshold = float(
-            np.quantile(fitted.assign(X[fit_rows[calibration]])["log_likelihood"], quantile)
-        )
+        fitted.calibrate_novelty(X[fit_rows[calibration]], quantile)
     start = time.perf_counter()
     result = fitted.assign(X)
     return result, {

@@ -182,7 +182,11 @@ class ScaleConfig(_Section):
         json_schema_extra=flag("--fit-sample"),
     )
     novelty_quantile: float = Field(
-        0.01, ge=0, lt=1, description="scenes less likely than this share of the fitted sample are flagged novel"
+        0.01,
+        ge=0,
+        lt=1,
+        description="the share of held-out scenes flagged novel: the threshold on the distance to the nearest "
+        "fitted scene",
     )
     export: Literal["auto", "always", "never"] = Field(
         "auto",

@@ -178,7 +178,9 @@ def part_dataset(out: OutputFolder, columns: list[str] | None = None):
     import ray
 
     n_parts = pads.dataset(out.path(MANIFEST), filesystem=out.fs, format="parquet").count_rows()
-    ds = ray.data.read_parquet(out.path(MANIFEST), filesystem=out.fs, file_extensions=["parquet"], columns=columns)
+    ds = ray.data.read_parquet(out.path(MANIFEST), filesystem=out.fs, file_extensions=["parquet"])
+    if columns is not None:
+        ds = ds.select_columns(columns)
     return ds.repartition(max(1, n_parts))
 
 

@@ -201,10 +201,9 @@ def fit_on_sample(
     clusters = np.empty(len(X), dtype=np.int32)
     clusters[fit_index] = fit_clusters
     if len(calibration):
-        held_out = fitted.assign(X[calibration])
+        held_out = fitted.calibrate_novelty(X[calibration], novelty_quantile)
         clusters[calibration] = held_out["cluster"]
-        fitted.novelty_threshold = float(np.quantile(held_out["log_likelihood"], novelty_quantile))
-        fitted.info["novelty_calibration"] = f"{len(calibration)} held-out scenes, projected with transform"
+        fitted.info["novelty_calibration"] = f"{len(calibration)} held-out scenes' nearest-fitted-scene distance"
     _write_fitted_rows(out, sample.take(pa.array(fit_index)), fitted, fit_clusters, coords)
     summary = {
         "info": fitted.info,
@@ -306,7 +305,8 @@ class PartAssigner:
                 for key in ("cluster", "probability", "log_likelihood"):
                     result[key][i] = self.known_rows.column(key)[j].as_py()
                 result["coords"][i] = self.known_rows.column("coords")[j].as_py()
-        result["novel"] = result["log_likelihood"] < self.fitted.novelty_threshold
+                result["neighbour_distance"][i] = 0.0
+        result["novel"] = self.fitted.is_novel(result)
         cols: dict[str, Any] = {
             "path": part.column("path"),
             "cluster": pa.array(result["cluster"], pa.int32()),
@@ -315,6 +315,7 @@ class PartAssigner:
         if "label" in part.column_names:
             cols["label"] = part.column("label")
         cols["log_likelihood"] = pa.array(result["log_likelihood"], pa.float32())
+        cols["neighbour_distance"] = pa.array(result["neighbour_distance"], pa.float32())
         cols["novel"] = pa.array(result["novel"], pa.bool_())
         cols["coords"] = vector_column(result["coords"])
         return pa.table(cols)
@@ -327,6 +328,7 @@ def _empty_assignment(fitted) -> dict[str, np.ndarray]:
         "cluster": np.zeros(0, np.int32),
         "probability": np.zeros(0, np.float32),
         "log_likelihood": np.zeros(0, np.float32),
+        "neighbour_distance": np.zeros(0, np.float32),
     }
 
 

@@ -101,7 +101,8 @@ def test_killed_assignment_actor_then_rerun_recomputes_only_missing_parts(ray_cl
 
 
 @pytest.mark.xfail(
-    reason="novelty on 120 fitted 64 px EuroSAT scenes separates weakly (0.55 vs 0.50 once, 0.08 vs 0.10 once)",
+    reason="with 120 fitted scenes only 12 are held out, so the 1% threshold is their largest distance and "
+    "flags almost nothing; at scale the distance separates (EuroSAT, two classes withheld: 5-6% vs 0.4%)",
     strict=False,
 )
 def test_saved_clustering_assigns_held_out_scenes_and_flags_a_withheld_class(ray_cluster, tmp_path, sample_dir):

@@ -49,10 +49,15 @@ from scenecluster.reduce import make_projection
 CRITERIA = {"silhouette": max, "stability": max, "calinski": max, "davies": min}
 
 
-def cases(sets: dict[str, tuple[np.ndarray, np.ndarray]], sizes: list[int], subsets: int, seed: int) -> Iterator:
-    """(name, X, labels) per case: each full set at each size, class subsets, and the union of all sets."""
+def cases(
+    sets: dict[str, tuple[np.ndarray, np.ndarray]], sizes: list[int], subsets: int, seed: int, only: list[str] | None
+) -> Iterator:
+    """(name, X, labels) per case: each full set (or those in ``only``) at each size, class subsets, and the
+    union of all sets."""
     rng = np.random.default_rng(seed)
     for name, (X, y) in sets.items():
+        if only and name not in only:
+            continue
         for n in sizes:
             if n <= len(X):
                 rows = np.sort(rng.choice(len(X), size=n, replace=False))
@@ -112,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
         sets[name] = (X, np.asarray(y))
     head = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count()}
     for seed in args.seeds:
-        for case, X, y in cases(sets, args.sizes, args.subsets if seed == args.seeds[0] else 0, seed):
+        for case, X, y in cases(sets, args.sizes, args.subsets if seed == args.seeds[0] else 0, seed, args.only):
             start = time.perf_counter()
             Z = project(X, seed, args.fit_cap)
             umap_s = time.perf_counter() - start
@@ -181,6 +186,7 @@ def main() -> None:
     )
     p.add_argument("--absolute", action="store_true", help="the grid is of plain covariance_prior_scale values")
     p.add_argument("--fit-cap", type=int, default=10000, help="UMAP is fitted on at most this many rows")
+    p.add_argument("--only", nargs="+", help="sets whose own cases run (the union always uses every set)")
     p.add_argument("--summary", help="summarise a JSON-lines file of this script instead of running")
     args = p.parse_args()
     if args.summary:

@@ -186,7 +186,7 @@ def _add_benchmark_command(sub) -> None:
     b.add_argument("--epochs", type=int, metavar="N", help="fine-tuning epochs [finetune.epochs]")
     _add_overwrite(b)
     _add_config_options(b, "ClusterJobConfig", "cluster.")
-    b.set_defaults(run=_cmd_benchmark)
+    b.set_defaults(run_fn=_cmd_benchmark)
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scenecluster.errors import ConfigError, one_line
 
@@ -75,6 +75,43 @@ class FeatureConfig(_Section):
         description="images are resized to this square size (px)",
         json_schema_extra=flag("--image-size"),
     )
+    bands: str = Field(
+        "auto",
+        description="1-based bands shown as red,green,blue (e.g. 4,3,2) or one band as grey; 'auto': band 1 as "
+        "grey below three bands, else 1,2,3",
+        json_schema_extra=flag("--bands"),
+    )
+    stretch: Literal["auto", "percentile", "none"] = Field(
+        "auto",
+        description="how bands become 8 bits: 'percentile' maps each band's percentiles to 0..255; 'none' "
+        "rescales the type's range; 'auto': 8-bit scenes as they are, deeper ones by percentile",
+        json_schema_extra=flag("--stretch"),
+    )
+    percentiles: tuple[float, float] = Field(
+        (2.0, 98.0), description="low and high percentile of each band's pixels that the stretch maps to 0 and 255"
+    )
+
+    @field_validator("bands")
+    @classmethod
+    def _check_bands(cls, value: str) -> str:
+        from scenecluster.pixels import parse_bands
+
+        parse_bands(value)
+        return value
+
+    @field_validator("percentiles")
+    @classmethod
+    def _check_percentiles(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"must be (low, high) with 0 <= low < high <= 100, got ({low}, {high})")
+        return value
+
+    def pixel_spec(self):
+        """The :class:`scenecluster.pixels.PixelSpec` these settings describe, for the decoders."""
+        from scenecluster.pixels import PixelSpec, parse_bands
+
+        return PixelSpec(bands=parse_bands(self.bands), stretch=self.stretch, percentiles=tuple(self.percentiles))
 
 
 class EmbedConfig(FeatureConfig):

@@ -109,7 +109,7 @@ class Embedder:
     def _decode(self, blobs, errors: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         from scenecluster.gpudecode import decode_images
 
-        return decode_images(blobs, errors, self.spec.image_size, device=self.device)
+        return decode_images(blobs, errors, self.spec.image_size, device=self.device, pixels=self.spec.pixels)
 
 
 @dataclass
@@ -202,7 +202,12 @@ def build_embedding_dataset(
     batch_size = settings.batch_size
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = read_scenes(
-        sources, filesystem, image_size=spec.image_size, batch_size=batch_size, decode=not resources.decode_on_gpu
+        sources,
+        filesystem,
+        image_size=spec.image_size,
+        batch_size=batch_size,
+        decode=not resources.decode_on_gpu,
+        pixels=spec.pixels,
     )
     return ds.map_batches(
         Embedder,

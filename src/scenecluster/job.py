@@ -112,11 +112,15 @@ def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print)
 
 
 def _feature_settings(feature: dict[str, Any]) -> dict[str, Any]:
+    """The saved run's feature as ``embed`` settings; a run saved before the pixel settings used their defaults."""
     return {
         "model": feature["model"],
         "layer": feature["layer"],
         "pooling": feature["pooling"],
         "image_size": feature["image_size"],
+        "bands": feature.get("bands", "auto"),
+        "stretch": feature.get("stretch", "auto"),
+        "percentiles": tuple(feature.get("percentiles", (2.0, 98.0))),
     }
 
 
@@ -129,7 +133,11 @@ def _prepare(cfg, overwrite: bool, timer: StageTimer) -> tuple[FeatureSpec, Outp
     # Ray starts, so a bad layer or model fails in the driver in a second; for the offline model this also
     # builds its folder once here rather than in every actor.
     spec = resolve_feature_spec(
-        cfg.embed.model, layer=cfg.embed.layer, pooling=cfg.embed.pooling, image_size=cfg.embed.image_size
+        cfg.embed.model,
+        layer=cfg.embed.layer,
+        pooling=cfg.embed.pooling,
+        image_size=cfg.embed.image_size,
+        pixels=cfg.embed.pixel_spec(),
     )
     out = prepare_output(
         OutputFolder(cfg.output, endpoint_url=cfg.data.endpoint_url), run_identity(cfg, spec), overwrite=overwrite
@@ -216,7 +224,7 @@ def _report(cfg: ClusterJobConfig, sample: dict[str, Any], metrics: dict[str, An
         xy=np.asarray(sample["xy"]),
         xy_index=np.asarray(sample["xy_index"]),
         metrics=metrics,
-        read_thumbnail=lambda p: read_image_for_display(listing, p, size),
+        read_thumbnail=lambda p: read_image_for_display(listing, p, size, cfg.embed.pixel_spec()),
         labels=sample["labels"],
         thumbnails_per_cluster=cfg.report.thumbnails_per_cluster,
         seed=cfg.data.seed,

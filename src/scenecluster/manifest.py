@@ -1,12 +1,13 @@
 """Stream an archive's listing into a manifest of parts, so the driver never holds the whole listing.
 
-A folder is walked (sorted, one directory at a time; symbolic links to folders are not followed, so a link
-loop cannot make it hang or list a file twice) and an S3 prefix is paged (1,000 keys a request, in key
+A folder is walked (sorted, one directory at a time) and an S3 prefix is paged (1,000 keys a request, in key
 order) lazily. The driver groups consecutive entries into *parts* of ``chunk_size`` and writes them, a few
 hundred parts per file, to ``OUT/manifest/``; Ray Data reads that folder, so what the driver holds is one
 part and the counts. A part's name carries a hash of its sources and the feature identity, so a rerun that
 finds ``embeddings/<part>.parquet`` knows that part is done. With ``sample``, a seeded reservoir keeps a
 uniform sample (memory grows with the sample, not the archive).
+Symbolic links are followed once (:func:`scenecluster.data.walk_local`), so a loop cannot hang the listing
+and each file is listed once.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from scenecluster.data import ARCHIVE_SUFFIXES, IMAGE_SUFFIXES, open_filesystem, open_input
+from scenecluster.data import ARCHIVE_SUFFIXES, IMAGE_SUFFIXES, open_filesystem, open_input, walk_local, wanted
 from scenecluster.errors import InputError
 from scenecluster.outputs import OutputFolder
 
@@ -51,28 +52,6 @@ class Manifest:
     root: str
 
 
-def _wanted(name: str) -> bool:
-    return name.lower().endswith(_SUFFIXES) and not posixpath.basename(name).startswith(".")
-
-
-def _walk_local(root: str) -> Iterator[str]:
-    """Files under ``root`` in sorted order, depth first, never following a link to a folder."""
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:
-            continue
-        subfolders = []
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                subfolders.append(entry.path)
-            elif _wanted(entry.name) and entry.is_file():
-                yield entry.path
-        stack.extend(reversed(subfolders))
-
-
 def _walk_s3(root: str, endpoint_url: str | None) -> Iterator[str]:
     """Keys under ``bucket/prefix`` in key order, one page of 1,000 at a time (boto3's paginator)."""
     import boto3
@@ -88,7 +67,7 @@ def _walk_s3(root: str, endpoint_url: str | None) -> Iterator[str]:
     paginator = client.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/" if prefix else ""):
         for item in page.get("Contents", []):
-            if _wanted(item["Key"]):
+            if wanted(item["Key"]):
                 yield f"{bucket}/{item['Key']}"
 
 
@@ -102,7 +81,7 @@ def iter_scene_paths(uri: str, *, endpoint_url: str | None = None) -> Iterator[s
     """
     fs, root = open_input(uri, endpoint_url=endpoint_url)
     if isinstance(fs, pafs.LocalFileSystem):
-        return _walk_local(root)
+        return walk_local(root)
     return _walk_s3(root, endpoint_url)
 
 

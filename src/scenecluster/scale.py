@@ -128,7 +128,8 @@ class PartEmbedder:
     def _embed_batch(self, rows: dict[str, list]) -> dict[str, np.ndarray]:
         batch = {k: np.asarray(v, dtype=object) for k, v in rows.items()}
         if self.decode_here:
-            batch = decode_batch(batch, image_size=self.embedder.spec.image_size)
+            spec = self.embedder.spec
+            batch = decode_batch(batch, image_size=spec.image_size, pixels=spec.pixels)
         return self.embedder(batch)
 
     def _part_table(self, results: list[dict[str, np.ndarray]]) -> pa.Table:

@@ -133,7 +133,10 @@ class EmbedConfig(FeatureConfig):
         description="where JPEGs are decoded: 'gpu' (nvJPEG in the actor), 'cpu' (PIL tasks); auto = GPU on GPUs",
     )
     chunk_size: int = Field(
-        512, ge=1, description="scenes per embeddings part: the unit a worker writes and a rerun skips"
+        512,
+        ge=1,
+        description="scenes per embeddings part, the unit a worker writes and a rerun skips (the first parts "
+        "are smaller: 64, 128, ... up to this, so a small run resumes too)",
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,13 +23,13 @@ from scenecluster import __version__
 from scenecluster.config import AssignJobConfig, ClusterJobConfig, dump_config
 from scenecluster.data import SceneListing, open_filesystem, read_image_for_display
 from scenecluster.devices import Resources, decide
-from scenecluster.embed import embed_parts, export_embeddings, write_skipped
+from scenecluster.embed import SKIPPED, embed_parts, export_embeddings, write_skipped
 from scenecluster.evaluate import scores_from_contingency
 from scenecluster.features import FeatureSpec, resolve_feature_spec
 from scenecluster.manifest import check_input, write_manifest
-from scenecluster.outputs import OutputFolder, prepare_output
+from scenecluster.outputs import OutputFolder, check_writable, prepare_output
 from scenecluster.report import write_report
-from scenecluster.stages import AssignSummary, assign_parts, export_assignments, fit_remote
+from scenecluster.stages import AssignSummary, assign_parts, check_enough_scenes, export_assignments, fit_remote
 
 __all__ = ["StageTimer", "relabel_by_size", "run_assign_job", "run_cluster_job", "run_identity"]
 
@@ -70,7 +71,7 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
     """
     timer = StageTimer(echo)
     spec, out, resources = _prepare(cfg, overwrite, timer)
-    embedded = _embed_stage(cfg, out, spec, resources, timer)
+    embedded = _embed_stage(cfg, out, spec, resources, timer, check=lambda n, where: check_enough_scenes(n, cfg, where))
     with timer.stage("fit") as note:
         fit = fit_remote(out, embedded.parts, cfg, spec, resources, fit_key=_fit_key(cfg))
         timer.seconds.update({k: v for k, v in fit["stage_seconds"].items()})
@@ -129,6 +130,7 @@ def _prepare(cfg, overwrite: bool, timer: StageTimer) -> tuple[FeatureSpec, Outp
     from scenecluster.raycluster import ensure_ray
 
     check_input(cfg.data.input, endpoint_url=cfg.data.endpoint_url)
+    check_writable(cfg.output)
     # The feature is checked against the model's config (not its weights) before the output is claimed and
     # Ray starts, so a bad layer or model fails in the driver in a second; for the offline model this also
     # builds its folder once here rather than in every actor.
@@ -143,18 +145,29 @@ def _prepare(cfg, overwrite: bool, timer: StageTimer) -> tuple[FeatureSpec, Outp
         OutputFolder(cfg.output, endpoint_url=cfg.data.endpoint_url), run_identity(cfg, spec), overwrite=overwrite
     )
     out.write_text("config.yaml", dump_config(cfg))
+    inventory = ensure_ray(cfg.resources)
+    timer.echo(f"[ray] {inventory.where}: {inventory.num_cpus:g} CPUs, {inventory.num_gpus:g} GPUs")
     resources = decide(
         cfg.resources.device,
-        ensure_ray(cfg.resources),
+        inventory,
         actors=cfg.embed.num_actors,
         torch_threads=cfg.resources.torch_threads,
         actor_gpus=cfg.embed.actor_gpus,
         decode=cfg.embed.decode,
+        actor_cpus=cfg.embed.actor_cpus,
     )
     return spec, out, resources
 
 
-def _embed_stage(cfg, out: OutputFolder, spec: FeatureSpec, resources: Resources, timer: StageTimer):
+def _embed_stage(
+    cfg,
+    out: OutputFolder,
+    spec: FeatureSpec,
+    resources: Resources,
+    timer: StageTimer,
+    check: Callable[[int, str], None] | None = None,
+):
+    """List, then embed every scene; ``check(n, where)`` may refuse the count before and after the embedding."""
     with timer.stage("list") as note:
         manifest = write_manifest(
             cfg.data.input,
@@ -166,11 +179,15 @@ def _embed_stage(cfg, out: OutputFolder, spec: FeatureSpec, resources: Resources
             seed=cfg.data.seed,
         )
         note["summary"] = f"{manifest.n_sources} images under {cfg.data.input} in {manifest.n_parts} parts"
+    if check is not None and manifest.n_archives == 0:  # a shard's members are only counted when it is read
+        check(manifest.n_sources, f"under {cfg.data.input}")
     with timer.stage("embed") as note:
         filesystem = open_filesystem(cfg.data.input, endpoint_url=cfg.data.endpoint_url)[0]
         embedded = embed_parts(out, filesystem, spec, resources, cfg.embed, with_labels=cfg.data.labels == "folders")
         write_skipped(out)
         note["summary"] = embedded.summary()
+    if check is not None:
+        check(embedded.n_ok, f"of {embedded.n_images} could be read under {cfg.data.input} (see {SKIPPED})")
     return embedded
 
 

@@ -1,7 +1,8 @@
 """Stream an archive's listing into a manifest of parts, so the driver never holds the whole listing.
 
 A folder is walked (sorted, one directory at a time) and an S3 prefix is paged (1,000 keys a request, in key
-order) lazily. The driver groups consecutive entries into *parts* of ``chunk_size`` and writes them, a few
+order) lazily. The driver groups consecutive entries into *parts* (64 sources, then doubling up to ``chunk_size``:
+:func:`part_size`) and writes them, a few
 hundred parts per file, to ``OUT/manifest/``; Ray Data reads that folder, so what the driver holds is one
 part and the counts. A part's name carries a hash of its sources and the feature identity, so a rerun that
 finds ``embeddings/<part>.parquet`` knows that part is done. With ``sample``, a seeded reservoir keeps a
@@ -24,7 +25,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from scenecluster.data import ARCHIVE_SUFFIXES, IMAGE_SUFFIXES, open_filesystem, open_input, walk_local, wanted
+from scenecluster.data import (
+    ARCHIVE_SUFFIXES,
+    IMAGE_SUFFIXES,
+    is_archive,
+    open_filesystem,
+    open_input,
+    walk_local,
+    wanted,
+)
 from scenecluster.errors import InputError
 from scenecluster.outputs import OutputFolder
 
@@ -33,6 +42,7 @@ __all__ = [
     "check_input",
     "iter_scene_paths",
     "part_name",
+    "part_size",
     "write_manifest",
     "write_manifest_paths",
 ]
@@ -40,6 +50,7 @@ __all__ = [
 MANIFEST = "manifest"
 DONE_FILE = "manifest/_manifest.json"
 PARTS_PER_FILE = 256
+FIRST_PART = 64  # sources in the first part; later parts double up to ``embed.chunk_size``
 _SUFFIXES = IMAGE_SUFFIXES + ARCHIVE_SUFFIXES
 
 
@@ -50,6 +61,7 @@ class Manifest:
     n_sources: int
     n_parts: int
     root: str
+    n_archives: int = 0
 
 
 def _walk_s3(root: str, endpoint_url: str | None) -> Iterator[str]:
@@ -122,7 +134,8 @@ def write_manifest(
     if out.exists(DONE_FILE):
         done = json.loads(out.read_text(DONE_FILE))
         if done.get("key") == key:
-            return Manifest(done["n_sources"], done["n_parts"], done["root"])
+            # a manifest written before shards were counted may hold some: -1 says "unknown"
+            return Manifest(done["n_sources"], done["n_parts"], done["root"], done.get("n_archives", -1))
     paths = iter_scene_paths(uri, endpoint_url=endpoint_url)
     if sample is not None:
         paths = _sampled(paths, sample, seed)
@@ -130,17 +143,23 @@ def write_manifest(
     if manifest.n_sources == 0:
         raise InputError(f"input {uri!r} holds no images ({', '.join(_SUFFIXES)})")
     root = open_filesystem(uri, endpoint_url=endpoint_url)[1]
-    done = {"key": key, "n_sources": manifest.n_sources, "n_parts": manifest.n_parts, "root": root}
+    done = {
+        "key": key,
+        "n_sources": manifest.n_sources,
+        "n_parts": manifest.n_parts,
+        "root": root,
+        "n_archives": manifest.n_archives,
+    }
     out.write_text(DONE_FILE, json.dumps(done))
-    return Manifest(manifest.n_sources, manifest.n_parts, root)
+    return Manifest(manifest.n_sources, manifest.n_parts, root, manifest.n_archives)
 
 
 def write_manifest_paths(paths: Iterator[str], out: OutputFolder, *, identity: dict, chunk_size: int) -> Manifest:
     """Write the parts of an already listed sequence of ``paths`` to ``out/manifest/`` (replacing any there)."""
     for stale in out.list(MANIFEST):
         out.delete(posixpath.join(MANIFEST, stale))
-    n_sources, n_parts = _write_parts(paths, out, identity, chunk_size)
-    return Manifest(n_sources, n_parts, "")
+    n_sources, n_parts, n_archives = _write_parts(paths, out, identity, chunk_size)
+    return Manifest(n_sources, n_parts, "", n_archives)
 
 
 def check_input(uri: str, *, endpoint_url: str | None = None) -> None:
@@ -149,10 +168,21 @@ def check_input(uri: str, *, endpoint_url: str | None = None) -> None:
         raise InputError(f"input {uri!r} holds no images ({', '.join(_SUFFIXES)})")
 
 
-def _write_parts(paths: Iterator[str], out: OutputFolder, identity: dict, chunk_size: int) -> tuple[int, int]:
-    """Group ``paths`` into parts and write them, ``PARTS_PER_FILE`` parts per manifest file."""
+def part_size(index: int, chunk_size: int) -> int:
+    """Sources in part ``index``: ``FIRST_PART``, doubling part by part up to ``chunk_size``.
+
+    Small first parts make a small run resumable (a run of 300 scenes is 3 parts, not 1, so a kill loses at
+    most the part in flight), while a large archive still gets parts of ``chunk_size`` and few files.
+    """
+    return min(chunk_size, FIRST_PART << min(index, 20))
+
+
+def _write_parts(
+    paths: Iterator[str], out: OutputFolder, identity: dict, chunk_size: int
+) -> tuple[int, int, int]:
+    """Group ``paths`` into parts and write them, ``PARTS_PER_FILE`` parts per manifest file; return the counts."""
     rows: dict[str, list] = {"name": [], "sources": []}
-    n_sources = n_parts = 0
+    n_sources = n_parts = n_archives = 0
     current: list[str] = []
 
     def close_part() -> None:
@@ -172,9 +202,10 @@ def _write_parts(paths: Iterator[str], out: OutputFolder, identity: dict, chunk_
     for path in paths:
         current.append(path)
         n_sources += 1
-        if len(current) == chunk_size:
+        n_archives += is_archive(path)
+        if len(current) == part_size(n_parts, chunk_size):
             close_part()
     if current:
         close_part()
     flush()
-    return n_sources, n_parts
+    return n_sources, n_parts, n_archives

@@ -35,6 +35,7 @@ __all__ = [
     "PartAssigner",
     "PartEmbedder",
     "calibration_split",
+    "fit_count",
     "fit_on_sample",
     "matrix",
     "ok_rows",
@@ -216,6 +217,12 @@ def fit_on_sample(
     save_clustering(fitted, out, fit_key=fit_key, summary=summary)  # clustering.json last: it marks the fit done
     report = _report_sample(sample, X, clusters, reduce, scatter_points, seed)
     return {**summary, "report": report, "stage_seconds": fitted.info["seconds"]}
+
+
+def fit_count(n: int, fit_sample: int) -> int:
+    """How many of ``n`` embedded scenes the fit itself sees: at most ``fit_sample``, less the held-out tenth."""
+    sampled = min(n, fit_sample)
+    return sampled if sampled < CALIBRATION_MIN else sampled - min(5000, max(10, sampled // 10))
 
 
 def calibration_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -123,3 +123,14 @@ def test_links_are_followed_once_and_loops_end(tmp_path, sample_dir):
     listed = list(walk_local(str(root)))
     assert sorted(listed) == sorted([str(root / "a" / "b" / i.name) for i in images] + [str(root / "linked" / "x.jpg")])
     assert list_scenes(str(root)).paths == sorted(listed)
+
+
+def test_first_parts_are_small_so_small_runs_resume():
+    """Issue 13 case 11: with one 512-scene part, a killed run of 300 scenes recomputed everything."""
+    from scenecluster.embed import plan_chunks
+    from scenecluster.manifest import part_size
+
+    sources = [f"s{i:04d}.jpg" for i in range(300)]
+    assert [len(c.sources) for c in plan_chunks(sources, 512, {})] == [64, 128, 108]
+    assert [part_size(i, 512) for i in range(6)] == [64, 128, 256, 512, 512, 512]
+    assert [part_size(i, 20) for i in range(3)] == [20, 20, 20]  # an explicit small chunk_size is kept

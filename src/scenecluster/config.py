@@ -427,9 +427,10 @@ class PipelineConfig(_Section):
     """``finetune`` then ``cluster`` with the fine-tuned backbone (``scenecluster pipeline``, ``rayjobs/pipeline.py``).
 
     This config owns the coupling between the two, so every way of building it gives the same run: the
-    cluster stage embeds at the fine-tune's ``feature.image_size`` and ``feature.pooling``, and inherits its
-    ``data.endpoint_url`` and ``resources`` unless it sets its own. ``cluster.embed.model`` is replaced by the
-    fine-tuned backbone at run time (:meth:`cluster_job`).
+    cluster stage embeds at the fine-tune's ``feature.image_size`` and ``feature.pooling``, reads pixels as the
+    fine-tune did (``bands``, ``stretch``, ``percentiles``), and inherits its ``data.endpoint_url`` and
+    ``resources`` unless it sets its own. ``cluster.embed.model`` is replaced by the fine-tuned backbone at run
+    time (:meth:`cluster_job`).
     """
 
     finetune: FinetuneConfig
@@ -438,7 +439,7 @@ class PipelineConfig(_Section):
     @model_validator(mode="after")
     def _couple(self) -> PipelineConfig:
         feature, embed = self.finetune.feature, self.cluster.embed
-        for name in ("image_size", "pooling"):
+        for name in ("image_size", "pooling", "bands", "stretch", "percentiles"):
             mine, theirs = getattr(feature, name), getattr(embed, name)
             if name in embed.model_fields_set and theirs != mine:
                 raise ValueError(

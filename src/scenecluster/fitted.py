@@ -6,8 +6,8 @@ assigns new embeddings (projected coordinates, cluster, its probability, the log
 flag) and is saved as one folder:
 
 ``clustering.json``
-    the feature spec (backbone reference, layer, pooling, image size), the cluster ids of the mixture's
-    components, the novelty threshold and the versions that made it;
+    the feature spec (backbone reference, layer, pooling, image size, bands and stretch), the cluster ids of the
+    mixture's components, the novelty threshold and the versions that made it;
 ``mixture.safetensors``, ``mixture.json``
     the DP-GMM's parameters (plain arrays and JSON: no code runs when they are loaded);
 ``projection.pkl``

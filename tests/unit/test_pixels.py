@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from scenecluster.data import decode_batch, decode_image, list_scenes, walk_local
+from scenecluster.data import decode_batch, decode_image
 from scenecluster.pixels import PixelSpec, parse_bands, read_pixels
 
 # GeoTIFF tags: ModelPixelScale, ModelTiepoint and a GeoKey directory saying "projected, UTM 33N (EPSG:32633)".
@@ -101,36 +100,3 @@ def test_parse_bands(text, bands):
 def test_parse_bands_refuses(text):
     with pytest.raises(ValueError, match="bands must"):
         parse_bands(text)
-
-
-def test_links_are_followed_once_and_loops_end(tmp_path, sample_dir):
-    """Two links back to parents (the case that hung) and one to the root list each file once; a link to a
-    folder outside the input is followed, and a loop out there ends too."""
-    images = sorted(sample_dir.glob("Forest/*.jpg"))[:3]
-    root = tmp_path / "in"
-    (root / "a" / "b").mkdir(parents=True)
-    for img in images:
-        (root / "a" / "b" / img.name).write_bytes(img.read_bytes())
-    os.symlink("..", root / "a" / "b" / "up")
-    os.symlink("../..", root / "a" / "b" / "up2")
-    os.symlink(str(root), root / "a" / "root")
-    os.symlink(str(root / "a" / "b" / images[0].name), root / "again.jpg")  # a file link inside: listed once
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    (outside / "x.jpg").write_bytes(images[0].read_bytes())
-    os.symlink(str(outside), outside / "self")
-    os.symlink(str(outside), root / "linked")
-    listed = list(walk_local(str(root)))
-    assert sorted(listed) == sorted([str(root / "a" / "b" / i.name) for i in images] + [str(root / "linked" / "x.jpg")])
-    assert list_scenes(str(root)).paths == sorted(listed)
-
-
-def test_first_parts_are_small_so_small_runs_resume():
-    """Issue 13 case 11: with one 512-scene part, a killed run of 300 scenes recomputed everything."""
-    from scenecluster.embed import plan_chunks
-    from scenecluster.manifest import part_size
-
-    sources = [f"s{i:04d}.jpg" for i in range(300)]
-    assert [len(c.sources) for c in plan_chunks(sources, 512, {})] == [64, 128, 108]
-    assert [part_size(i, 512) for i in range(6)] == [64, 128, 256, 512, 512, 512]
-    assert [part_size(i, 20) for i in range(3)] == [20, 20, 20]  # an explicit small chunk_size is kept

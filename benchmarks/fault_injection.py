@@ -77,11 +77,13 @@ def _parts(out: Path) -> int:
     return len(list((out / "embeddings").glob("part-*.parquet"))) if (out / "embeddings").is_dir() else 0
 
 
-def _actor_pids() -> list[int]:
+def _actor_pids(driver: int) -> list[int]:
+    """Embedding actors of this run only: processes under its driver (its local Ray), never anyone else's."""
     pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if "PartEmbedder" in " ".join(proc.info["cmdline"] or []):
-            pids.append(proc.pid)
+    for proc in psutil.Process(driver).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "PartEmbedder" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
     return pids
 
 
@@ -93,8 +95,9 @@ def disturbed_run(cmd: list[str], out: Path, log: Path, kill_actor_at: int, kill
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         while proc.poll() is None:
             parts = _parts(out)
-            if faults["actor_killed"] is None and parts >= kill_actor_at and _actor_pids():
-                pid = _actor_pids()[0]
+            actors = _actor_pids(proc.pid) if faults["actor_killed"] is None and parts >= kill_actor_at else []
+            if actors:
+                pid = actors[0]
                 psutil.Process(pid).kill()
                 faults["actor_killed"] = {"pid": pid, "parts_done": parts}
             if faults["actor_killed"] and parts >= kill_driver_at:

@@ -101,7 +101,7 @@ def _add_cluster_commands(sub) -> None:
         help="embed, project and cluster a folder or S3 prefix of scene images",
         description="Embed the images under INPUT with DINOv2 on Ray Data, project them with UMAP, "
         "cluster them with a variational DP-GMM, and write embeddings.parquet, assignments.parquet, "
-        "metrics.json, skipped.txt and report.html to --output.",
+        "metrics.json, skipped.jsonl (unreadable scenes and why) and report.html to --output.",
     )
     c.add_argument("input", metavar="INPUT", help="local folder or s3://bucket/prefix of JPEG/PNG/TIFF images")
     c.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created; a rerun resumes)")

@@ -15,7 +15,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scenecluster.errors import ConfigError, one_line
 
@@ -75,6 +75,43 @@ class FeatureConfig(_Section):
         description="images are resized to this square size (px)",
         json_schema_extra=flag("--image-size"),
     )
+    bands: str = Field(
+        "auto",
+        description="1-based bands shown as red,green,blue (e.g. 4,3,2) or one band as grey; 'auto': band 1 as "
+        "grey below three bands, else 1,2,3",
+        json_schema_extra=flag("--bands"),
+    )
+    stretch: Literal["auto", "percentile", "none"] = Field(
+        "auto",
+        description="how bands become 8 bits: 'percentile' maps each band's percentiles to 0..255; 'none' "
+        "rescales the type's range; 'auto': 8-bit scenes as they are, deeper ones by percentile",
+        json_schema_extra=flag("--stretch"),
+    )
+    percentiles: tuple[float, float] = Field(
+        (2.0, 98.0), description="low and high percentile of each band's pixels that the stretch maps to 0 and 255"
+    )
+
+    @field_validator("bands")
+    @classmethod
+    def _check_bands(cls, value: str) -> str:
+        from scenecluster.pixels import parse_bands
+
+        parse_bands(value)
+        return value
+
+    @field_validator("percentiles")
+    @classmethod
+    def _check_percentiles(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"must be (low, high) with 0 <= low < high <= 100, got ({low}, {high})")
+        return value
+
+    def pixel_spec(self):
+        """The :class:`scenecluster.pixels.PixelSpec` these settings describe, for the decoders."""
+        from scenecluster.pixels import PixelSpec, parse_bands
+
+        return PixelSpec(bands=parse_bands(self.bands), stretch=self.stretch, percentiles=tuple(self.percentiles))
 
 
 class EmbedConfig(FeatureConfig):
@@ -96,7 +133,10 @@ class EmbedConfig(FeatureConfig):
         description="where JPEGs are decoded: 'gpu' (nvJPEG in the actor), 'cpu' (PIL tasks); auto = GPU on GPUs",
     )
     chunk_size: int = Field(
-        512, ge=1, description="scenes per embeddings part: the unit a worker writes and a rerun skips"
+        512,
+        ge=1,
+        description="scenes per embeddings part, the unit a worker writes and a rerun skips (the first parts "
+        "are smaller: 64, 128, ... up to this, so a small run resumes too)",
     )
 
 
@@ -153,7 +193,7 @@ class ClusterConfig(_Section):
         json_schema_extra=flag("--prior-scale"),
     )
     prior_per_scene: float = Field(
-        0.008,
+        0.004,
         gt=0,
         description="the prior scale per fitted scene: the same prior strength, and so about the same number of "
         "clusters, at any sample size; larger merges more (chosen on EuroSAT and nwpu12, docs/benchmarks.md)",
@@ -399,9 +439,10 @@ class PipelineConfig(_Section):
     """``finetune`` then ``cluster`` with the fine-tuned backbone (``scenecluster pipeline``, ``rayjobs/pipeline.py``).
 
     This config owns the coupling between the two, so every way of building it gives the same run: the
-    cluster stage embeds at the fine-tune's ``feature.image_size`` and ``feature.pooling``, and inherits its
-    ``data.endpoint_url`` and ``resources`` unless it sets its own. ``cluster.embed.model`` is replaced by the
-    fine-tuned backbone at run time (:meth:`cluster_job`).
+    cluster stage embeds at the fine-tune's ``feature.image_size`` and ``feature.pooling``, reads pixels as the
+    fine-tune did (``bands``, ``stretch``, ``percentiles``), and inherits its ``data.endpoint_url`` and
+    ``resources`` unless it sets its own. ``cluster.embed.model`` is replaced by the fine-tuned backbone at run
+    time (:meth:`cluster_job`).
     """
 
     finetune: FinetuneConfig
@@ -410,7 +451,7 @@ class PipelineConfig(_Section):
     @model_validator(mode="after")
     def _couple(self) -> PipelineConfig:
         feature, embed = self.finetune.feature, self.cluster.embed
-        for name in ("image_size", "pooling"):
+        for name in ("image_size", "pooling", "bands", "stretch", "percentiles"):
             mine, theirs = getattr(feature, name), getattr(embed, name)
             if name in embed.model_fields_set and theirs != mine:
                 raise ValueError(

@@ -8,11 +8,13 @@ so Ray Data can run it in tasks that overlap with the model's compute.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import posixpath
 import random
+import re
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -21,9 +23,12 @@ import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
 from scenecluster.errors import InputError, one_line
+from scenecluster.pixels import PixelSpec, read_pixels
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 ARCHIVE_SUFFIXES = (".tar",)
+log = logging.getLogger(__name__)
+DEFAULT_PIXELS = PixelSpec()
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,56 @@ def open_input(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.FileS
     return fs, root
 
 
+def wanted(name: str) -> bool:
+    """Whether a listed name is an image or a shard (by suffix) and not hidden."""
+    return name.lower().endswith(IMAGE_SUFFIXES + ARCHIVE_SUFFIXES) and not posixpath.basename(name).startswith(".")
+
+
+def walk_local(root: str) -> Iterator[str]:
+    """Files under ``root`` in sorted order, depth first, following symbolic links once.
+
+    A link whose target lies inside the input is skipped: the walk reaches the target through its real path,
+    so each file is listed once and a link to a parent cannot loop. A link that leads outside the input is
+    followed, each real folder at most once, so a loop out there ends too. Archives are often assembled from
+    links to other storage, so not following links at all would silently drop scenes.
+    """
+    real_root = os.path.realpath(root)
+    seen: set[tuple[int, int]] = set()
+    skipped = 0
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            info = os.stat(folder)
+            if (info.st_dev, info.st_ino) in seen:  # a folder outside the input reached twice
+                skipped += 1
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.is_symlink() and _listed_anyway(entry, real_root):
+                skipped += 1
+            elif entry.is_dir():
+                subfolders.append(entry.path)
+            elif wanted(entry.name) and entry.is_file():
+                yield entry.path
+        stack.extend(reversed(subfolders))
+    if skipped:
+        log.info("listing %s: skipped %d links to files or folders listed through their own path", root, skipped)
+
+
+def _listed_anyway(link: os.DirEntry, real_root: str) -> bool:
+    """Whether the walk reaches a link's target through its real path (or the link loops back into the input)."""
+    target = os.path.realpath(link.path)
+    if not (target == real_root or target.startswith(real_root.rstrip(os.sep) + os.sep)):
+        return False
+    # a link to a file is kept when its target is not listed under its own name (a.jpg -> blob.bin)
+    return link.is_dir() or wanted(os.path.basename(target))
+
+
 def list_scenes(
     uri: str,
     *,
@@ -116,17 +171,14 @@ def list_scenes(
         When the location does not exist, cannot be listed, or holds no images.
     """
     fs, root = open_input(uri, endpoint_url=endpoint_url)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    except OSError as exc:
-        raise InputError(f"cannot list input {uri!r}: {one_line(exc)}") from None
-    paths = sorted(
-        i.path
-        for i in infos
-        if i.type == pafs.FileType.File
-        and i.path.lower().endswith(IMAGE_SUFFIXES + ARCHIVE_SUFFIXES)
-        and not posixpath.basename(i.path).startswith(".")
-    )
+    if isinstance(fs, pafs.LocalFileSystem):  # pyarrow's recursive listing follows link loops forever
+        paths = sorted(walk_local(root))
+    else:
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        except OSError as exc:
+            raise InputError(f"cannot list input {uri!r}: {one_line(exc)}") from None
+        paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and wanted(i.path))
     if not paths:
         raise InputError(f"input {uri!r} holds no images ({', '.join(IMAGE_SUFFIXES + ARCHIVE_SUFFIXES)})")
     if sample is not None:
@@ -157,15 +209,14 @@ def folder_label(path: str) -> str:
     return posixpath.basename(parent)
 
 
-def decode_image(data: bytes, image_size: int) -> np.ndarray:
+def decode_image(data: bytes, image_size: int, pixels: PixelSpec = DEFAULT_PIXELS) -> np.ndarray:
     """Decode one image to RGB and resize it to ``image_size`` square (bicubic), as ``uint8 (H, W, 3)``.
 
-    Scenes are tiles, so the whole tile is resized rather than centre-cropped: cropping would throw
-    away the border of a 64-px EuroSAT tile that the label may depend on.
+    Bit depths and band counts other than 8-bit RGB are turned into RGB as ``pixels`` says
+    (:mod:`scenecluster.pixels`). Scenes are tiles, so the whole tile is resized rather than centre-cropped:
+    cropping would throw away the border of a 64-px EuroSAT tile that the label may depend on.
     """
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()  # force the full decode here so a truncated file fails now, not later
-        rgb = img.convert("RGB")
+    rgb = Image.fromarray(read_pixels(data, pixels))
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return np.array(rgb, dtype=np.uint8)  # a writable copy: torch.from_numpy refuses read-only arrays
@@ -221,7 +272,9 @@ def read_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem) -> 
     }
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
+def decode_batch(
+    batch: dict[str, np.ndarray], *, image_size: int, pixels: PixelSpec = DEFAULT_PIXELS
+) -> dict[str, np.ndarray]:
     """Ray Data batch function: ``{"path", "bytes"[, "error", "source"]}`` -> ``{"path", "image", "error", ...}``.
 
     A file that cannot be decoded keeps its row, with an all-zero image and the reason in ``error``, so
@@ -235,19 +288,33 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int) -> dict[str, 
         if errors[i]:
             continue
         try:
-            images[i] = decode_image(data, image_size)
+            images[i] = decode_image(data, image_size, pixels)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-            errors[i] = one_line(exc, with_type=True)
+            errors[i] = decode_failure(exc)
     out = {"path": np.asarray(paths, dtype=object), "image": images, "error": errors}
     if "source" in batch:
         out["source"] = np.asarray(batch["source"], dtype=object)
     return out
 
 
-def read_image_for_display(listing: SceneListing, path: str, size: int) -> np.ndarray | None:
-    """Read one image for a report thumbnail; ``None`` when it cannot be read."""
+def decode_failure(exc: BaseException) -> str:
+    """A skipped scene's reason as a reader wants it: what went wrong, without Python object reprs.
+
+    PIL's "cannot identify image file <_io.BytesIO object at 0x7f...>" names an in-memory buffer, which
+    says nothing about the scene; the reason says what the file is not instead.
+    """
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image: no JPEG, PNG or TIFF decoder recognises the file's contents"
+    text = one_line(exc, with_type=True)
+    return re.sub(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>", "", text)
+
+
+def read_image_for_display(
+    listing: SceneListing, path: str, size: int, pixels: PixelSpec = DEFAULT_PIXELS
+) -> np.ndarray | None:
+    """Read one image for a report thumbnail, as the model saw it; ``None`` when it cannot be read."""
     try:
         with listing.filesystem.open_input_file(path) as f:
-            return decode_image(f.read(), size)
+            return decode_image(f.read(), size, pixels)
     except (OSError, UnidentifiedImageError, ValueError):
         return None

@@ -19,7 +19,7 @@ from scenecluster.errors import ConfigError
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 
-__all__ = ["ClusterInventory", "Resources", "decide", "local_inventory", "resolve_torch_device"]
+__all__ = ["ClusterInventory", "Resources", "check_fits", "decide", "local_inventory", "resolve_torch_device"]
 
 
 def resolve_torch_device(device: str = "auto") -> torch.device:
@@ -41,17 +41,25 @@ def resolve_torch_device(device: str = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class ClusterInventory:
-    """What a Ray cluster holds: all its CPUs and GPUs, and the CPUs of its largest node."""
+    """What a Ray cluster holds: all its CPUs and GPUs, and the CPUs (and GPUs) of its largest node.
+
+    ``fixed`` is true for a Ray the job started itself (nothing will add nodes to it, so a request larger than
+    it can never be granted); ``where`` says which cluster it is, in words.
+    """
 
     num_cpus: float
     num_gpus: float
     cpus_per_node: float
+    gpus_per_node: float | None = None
+    fixed: bool = False
+    where: str = ""
 
 
 def local_inventory() -> ClusterInventory:
     """This machine as a one-node cluster, for runs that start no Ray (e.g. reusing finished embeddings)."""
     cpus = float(os.cpu_count() or 1)
-    return ClusterInventory(num_cpus=cpus, num_gpus=float(torch.cuda.device_count()), cpus_per_node=cpus)
+    gpus = float(torch.cuda.device_count())
+    return ClusterInventory(num_cpus=cpus, num_gpus=gpus, cpus_per_node=cpus, gpus_per_node=gpus, fixed=True)
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,7 @@ def decide(
     torch_threads: int | None = None,
     actor_gpus: float = 0.0,
     decode: str = "auto",
+    actor_cpus: float | None = None,
 ) -> Resources:
     """Decide the run's resources from the ``resources.device`` setting and the cluster's inventory.
 
@@ -125,16 +134,20 @@ def decide(
         Explicit GPUs per embedding actor (0: one per actor on GPU runs).
     decode : {"auto", "cpu", "gpu"}
         Where JPEGs are decoded; ``auto`` decodes on the GPU on GPU runs.
+    actor_cpus : float, optional
+        CPUs each embedding actor asks for, checked against a cluster that cannot grow (see :func:`check_fits`).
 
     Raises
     ------
     ConfigError
-        ``resources.device='cuda'`` on a cluster without GPUs.
+        ``resources.device='cuda'`` on a cluster without GPUs, or actors a fixed cluster can never hold.
     """
     if device == "cuda" and inventory.num_gpus == 0:
         raise ConfigError("setting resources.device: 'cuda' was asked for, but the Ray cluster has no GPU")
     use_gpu = device == "cuda" or (device == "auto" and inventory.num_gpus > 0)
     gpus_per_actor = actor_gpus or (1.0 if use_gpu else 0.0)
+    if actor_cpus is not None:
+        check_fits(inventory, actors=actors, actor_cpus=actor_cpus, actor_gpus=gpus_per_actor if use_gpu else 0.0)
     fit_device = "cuda" if use_gpu else "cpu"  # the fit runs in a Ray task that holds a GPU on GPU runs
     return Resources(
         use_gpu=use_gpu,
@@ -147,3 +160,35 @@ def decide(
         cuml=fit_device == "cuda" and importlib.util.find_spec("cuml") is not None,
         decode_on_gpu=decode == "gpu" or (decode == "auto" and gpus_per_actor > 0),
     )
+
+
+def check_fits(inventory: ClusterInventory, *, actors: int, actor_cpus: float, actor_gpus: float = 0.0) -> None:
+    """Refuse actors that a cluster which cannot grow will never hold, which Ray would wait for forever.
+
+    Only a Ray the job started itself is fixed; a joined cluster may have an autoscaler that adds nodes for a
+    request it cannot hold yet, so there the request is passed on as it is.
+
+    Raises
+    ------
+    ConfigError
+        Naming the setting and the largest value that fits.
+    """
+    if not inventory.fixed:
+        return
+    node = inventory.cpus_per_node
+    if actor_cpus > node:
+        raise ConfigError(
+            f"setting embed.actor_cpus: each embedding actor asks for {actor_cpus:g} CPUs, but this machine's Ray "
+            f"has {node:g}; use --actor-cpus {node:g} or less"
+        )
+    if actors * actor_cpus > inventory.num_cpus:
+        raise ConfigError(
+            f"setting embed.num_actors: {actors} actors x {actor_cpus:g} CPUs need {actors * actor_cpus:g} CPUs, but "
+            f"this machine's Ray has {inventory.num_cpus:g}; use fewer --num-actors or a smaller --actor-cpus"
+        )
+    gpus = inventory.num_gpus if inventory.gpus_per_node is None else inventory.gpus_per_node
+    if actor_gpus > gpus:
+        raise ConfigError(
+            f"setting embed.actor_gpus: each embedding actor asks for {actor_gpus:g} GPUs, but this machine's Ray "
+            f"has {gpus:g}"
+        )

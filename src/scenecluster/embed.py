@@ -11,6 +11,7 @@ sources and the feature settings, so a rerun skips the parts already written and
 
 from __future__ import annotations
 
+import json
 import posixpath
 import time
 from collections.abc import Iterator
@@ -29,11 +30,12 @@ from scenecluster.devices import Resources, resolve_torch_device
 from scenecluster.errors import InputError
 from scenecluster.features import FeatureSpec, resolve_feature_spec
 from scenecluster.ingest import read_scenes
-from scenecluster.manifest import part_dataset, part_name, write_manifest_paths
+from scenecluster.manifest import part_dataset, part_name, part_size, write_manifest_paths
 from scenecluster.models import load_backbone, normalize, pool_tokens
 from scenecluster.outputs import OutputFolder
 
 EMBEDDINGS = "embeddings"  # the parts folder inside a run
+SKIPPED = "skipped.jsonl"  # one JSON object per scene that was not embedded: {"path": ..., "reason": ...}
 
 
 class Embedder:
@@ -109,7 +111,7 @@ class Embedder:
     def _decode(self, blobs, errors: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         from scenecluster.gpudecode import decode_images
 
-        return decode_images(blobs, errors, self.spec.image_size, device=self.device)
+        return decode_images(blobs, errors, self.spec.image_size, device=self.device, pixels=self.spec.pixels)
 
 
 @dataclass
@@ -179,11 +181,13 @@ class Chunk:
 
 def plan_chunks(sources: list[str], chunk_size: int, feature_identity: dict) -> list[Chunk]:
     """Cut a listing into chunks keyed by their sources and the feature settings (as the manifest does)."""
-    chunks = []
-    for index, start in enumerate(range(0, len(sources), chunk_size)):
-        members = sources[start : start + chunk_size]
-        name = part_name(index, members, feature_identity)
-        chunks.append(Chunk(index=index, sources=members, key=name.rsplit("-", 1)[1]))
+    chunks: list[Chunk] = []
+    start = 0
+    while start < len(sources):
+        members = sources[start : start + part_size(len(chunks), chunk_size)]
+        name = part_name(len(chunks), members, feature_identity)
+        chunks.append(Chunk(index=len(chunks), sources=members, key=name.rsplit("-", 1)[1]))
+        start += len(members)
     return chunks
 
 
@@ -202,7 +206,12 @@ def build_embedding_dataset(
     batch_size = settings.batch_size
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = read_scenes(
-        sources, filesystem, image_size=spec.image_size, batch_size=batch_size, decode=not resources.decode_on_gpu
+        sources,
+        filesystem,
+        image_size=spec.image_size,
+        batch_size=batch_size,
+        decode=not resources.decode_on_gpu,
+        pixels=spec.pixels,
     )
     return ds.map_batches(
         Embedder,
@@ -275,7 +284,7 @@ def embed_parts(
     Raises
     ------
     InputError
-        When not one image could be read and decoded (``skipped.txt`` lists why).
+        When not one image could be read and decoded (``skipped.jsonl`` lists why).
     """
     import ray
 
@@ -312,7 +321,7 @@ def embed_parts(
     if summary.n_ok == 0:
         write_skipped(out)
         raise InputError(
-            f"none of the {summary.n_images} images could be read and decoded; see {out.display('skipped.txt')}"
+            f"none of the {summary.n_images} images could be read and decoded; see {out.display(SKIPPED)}"
         )
     return summary
 
@@ -327,13 +336,26 @@ def iter_skipped(out: OutputFolder) -> Iterator[tuple[str, str]]:
 
 
 def write_skipped(out: OutputFolder) -> int:
-    """Write ``skipped.txt`` (path, tab, reason per line) from the parts, streaming; return the count."""
+    """Write ``skipped.jsonl`` from the parts, streaming; return the count.
+
+    One JSON object per line, ``{"path": ..., "reason": ...}``: JSON escapes the tabs and newlines a file name
+    may hold, which a tab-separated text could not carry, and any JSON Lines reader (``pandas.read_json(...,
+    lines=True)``, ``jq``, ``pyarrow.json``) reads it as a table. Written (empty) even when nothing was skipped.
+    """
     count = 0
-    with out.open_atomic("skipped.txt") as sink:
+    with out.open_atomic(SKIPPED) as sink:
         for path, reason in iter_skipped(out):
-            sink.write(f"{path}\t{reason}\n".encode())
+            sink.write((json.dumps({"path": path, "reason": reason}, ensure_ascii=False) + "\n").encode("utf-8"))
             count += 1
     return count
+
+
+def read_skipped(out: OutputFolder) -> list[tuple[str, str]]:
+    """``(path, reason)`` of each line of a run's ``skipped.jsonl`` (empty when there is none)."""
+    if not out.exists(SKIPPED):
+        return []
+    rows = [json.loads(line) for line in out.read_text(SKIPPED).splitlines() if line.strip()]
+    return [(row["path"], row["reason"]) for row in rows]
 
 
 def export_embeddings(out: OutputFolder, summary: EmbedSummary, *, with_labels: bool) -> None:

@@ -1,11 +1,11 @@
 """The identity of a feature vector, resolved and checked once in the driver.
 
-A run's feature is fixed by four settings (model, hidden layer, pooling, image size). :func:`resolve_feature_spec`
-turns them into a frozen :class:`FeatureSpec` before any Ray task starts: it reads the model's config (not its
-weights), checks the layer against it, and records what was resolved at run time (the folder or id workers
-load, the layer as a 1-based index, the width and the pixel statistics). The spec then travels whole, from the
-job to the embedding actors, instead of as loose keyword arguments; its :meth:`FeatureSpec.identity` keys the
-resumable embedding parts and the run folder.
+A run's feature is fixed by the model, hidden layer, pooling, image size and how pixels become 8-bit RGB.
+:func:`resolve_feature_spec` turns them into a frozen :class:`FeatureSpec` before any Ray task starts: it reads
+the model's config (not its weights), checks the layer against it, and records what was resolved at run time
+(the folder or id workers load, the layer as a 1-based index, the width and the pixel statistics). The spec then
+travels whole, from the job to the embedding actors, instead of as loose keyword arguments; its
+:meth:`FeatureSpec.identity` keys the resumable embedding parts and the run folder.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from scenecluster.errors import ConfigError
 from scenecluster.models import POOLINGS, pooled_width, resolve_backbone
+from scenecluster.pixels import PixelSpec
 
 __all__ = ["FeatureSpec", "resolve_feature_spec"]
 
@@ -39,6 +40,8 @@ class FeatureSpec:
         From the model's config.
     mean, std : tuple of float
         Pixel normalisation the model expects, in 0..1 units.
+    pixels : PixelSpec
+        How scenes of other bit depths and band counts become 8-bit RGB; part of the identity.
     """
 
     model: str
@@ -51,6 +54,7 @@ class FeatureSpec:
     hidden_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    pixels: PixelSpec = PixelSpec()
 
     @property
     def n_features(self) -> int:
@@ -68,10 +72,13 @@ class FeatureSpec:
             "layer": self.requested_layer,
             "pooling": self.pooling,
             "image_size": self.image_size,
+            **self.pixels.identity(),
         }
 
 
-def resolve_feature_spec(model: str, *, layer: int = -1, pooling: str = "cls", image_size: int = 224) -> FeatureSpec:
+def resolve_feature_spec(
+    model: str, *, layer: int = -1, pooling: str = "cls", image_size: int = 224, pixels: PixelSpec | None = None
+) -> FeatureSpec:
     """Resolve and check a feature's settings against the model's config, without loading its weights.
 
     Raises
@@ -102,4 +109,5 @@ def resolve_feature_spec(model: str, *, layer: int = -1, pooling: str = "cls", i
         hidden_size=int(backbone.hidden_size),
         mean=tuple(backbone.mean),
         std=tuple(backbone.std),
+        pixels=pixels or PixelSpec(),
     )

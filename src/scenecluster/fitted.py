@@ -6,8 +6,8 @@ assigns new embeddings (projected coordinates, cluster, its probability, the log
 flag) and is saved as one folder:
 
 ``clustering.json``
-    the feature spec (backbone reference, layer, pooling, image size), the cluster ids of the mixture's
-    components, the novelty threshold and the versions that made it;
+    the feature spec (backbone reference, layer, pooling, image size, bands and stretch), the cluster ids of the
+    mixture's components, the novelty threshold and the versions that made it;
 ``mixture.safetensors``, ``mixture.json``
     the DP-GMM's parameters (plain arrays and JSON: no code runs when they are loaded);
 ``projection.pkl``
@@ -162,6 +162,9 @@ def fit_clustering(
     n = len(X)
     if settings.get("n_neighbors", 30) >= n:
         settings["n_neighbors"] = max(2, n - 1)
+    n_distinct = count_distinct(X, limit=cluster.n_components)
+    if n_distinct < cluster.n_components:
+        cluster = cluster.model_copy(update={"n_components": n_distinct})
     start = time.perf_counter()
     projection = make_projection(**settings)
     Z = np.asarray(_as_numpy(projection.fit_transform(np.asarray(X, dtype=np.float32))), dtype=np.float32)
@@ -174,16 +177,16 @@ def fit_clustering(
     cluster_ids[raw] = clusters
     reference = _unit(np.asarray(X, np.float32)).astype(np.float16)
     threshold = _leave_one_out_threshold(reference, novelty_quantile)
+    cluster_end = time.perf_counter()
     info = {
         "n_fit": int(n),
+        "n_distinct": n_distinct,
+        "n_components": cluster.n_components,
         "n_iter": _maybe_int(getattr(clusterer, "n_iter_", None)),
         "converged": bool(getattr(clusterer, "converged_", True)),
         "lower_bound": float(getattr(clusterer, "lower_bound_", float("nan"))),
         "versions": _versions(settings.get("method", "umap"), settings.get("backend", "umap-learn")),
-        "seconds": {
-            "reduce": round(reduce_seconds, 3),
-            "cluster": round(time.perf_counter() - start - reduce_seconds, 3),
-        },
+        "seconds": {"reduce": round(reduce_seconds, 3), "cluster": round(cluster_end - start - reduce_seconds, 3)},
     }
     fitted = FittedClustering(
         feature=dict(feature),
@@ -225,6 +228,28 @@ def _leave_one_out_threshold(reference: np.ndarray, quantile: float, n_probe: in
 
 def _unit(X: np.ndarray) -> np.ndarray:
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+#: Embeddings closer than this in cosine distance are the same scene (two real scenes are 100x further apart),
+#: however differently a batch's arithmetic rounded them.
+SAME_SCENE = 1e-4
+
+
+def count_distinct(X: np.ndarray, *, limit: int, tol: float = SAME_SCENE) -> int:
+    """How many different scenes ``X`` (n_samples, n_features) holds, counting up to ``limit`` (then ``limit``).
+
+    Rows within ``tol`` cosine distance of a group's first row are one scene. The fit caps the mixture's
+    components at this count: a projection spreads even copies of one scene over a layout of its own, in which
+    a mixture would find clusters that are not there (40 copies of one image gave 3), while there cannot be
+    more clusters than different scenes.
+    """
+    rows = np.asarray(X, dtype=np.float64)
+    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    count = 0
+    while len(rows) and count < limit:
+        count += 1
+        rows = rows[1.0 - rows @ rows[0] > tol]
+    return count
 
 
 def save_clustering(fitted: FittedClustering, out, folder: str = "clustering", **extra: Any) -> None:

@@ -15,8 +15,8 @@ import importlib.util
 import numpy as np
 import torch
 
-from scenecluster.data import decode_image
-from scenecluster.errors import one_line
+from scenecluster.data import DEFAULT_PIXELS, decode_failure, decode_image
+from scenecluster.pixels import PixelSpec
 
 _JPEG_MAGIC = b"\xff\xd8"
 
@@ -27,7 +27,7 @@ def gpu_decode_available(device: torch.device) -> bool:
 
 
 def decode_images(
-    blobs, errors: np.ndarray, image_size: int, *, device: torch.device
+    blobs, errors: np.ndarray, image_size: int, *, device: torch.device, pixels: PixelSpec = DEFAULT_PIXELS
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Decode encoded images to ``uint8 (n, image_size, image_size, 3)`` on ``device``.
 
@@ -37,15 +37,15 @@ def decode_images(
     errors = np.array(errors, dtype=object)
     out = torch.zeros((len(errors), image_size, image_size, 3), dtype=torch.uint8, device=device)
     todo = [i for i in range(len(errors)) if not errors[i]]
-    if gpu_decode_available(device):
+    if gpu_decode_available(device) and pixels.plain_8bit:  # nvJPEG decodes 8-bit RGB only
         jpeg = [i for i in todo if bytes(blobs[i][:2]) == _JPEG_MAGIC]
         done = _nvjpeg_into(out, blobs, jpeg, image_size, device)
         todo = [i for i in todo if i not in done]
     for i in todo:
         try:
-            out[i] = torch.from_numpy(decode_image(bytes(blobs[i]), image_size)).to(device)
+            out[i] = torch.from_numpy(decode_image(bytes(blobs[i]), image_size, pixels)).to(device)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a skipped image, never fatal
-            errors[i] = one_line(exc, with_type=True)
+            errors[i] = decode_failure(exc)
     return out, errors
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from scenecluster.data import decode_batch, is_archive, read_batch
+from scenecluster.pixels import PixelSpec
 
 __all__ = ["READ_CPUS", "count_scenes", "read_scenes"]
 
@@ -34,6 +35,7 @@ def read_scenes(
     image_size: int | None,
     batch_size: int,
     decode: bool = True,
+    pixels: PixelSpec | None = None,
 ):
     """The Ray Data dataset of the scenes under ``sources``.
 
@@ -50,6 +52,8 @@ def read_scenes(
     decode : bool
         Decode in CPU tasks here (``{"source", "path", "image", "error"}`` rows, ``image`` uint8
         ``(image_size, image_size, 3)``); False leaves the ``bytes`` for the consumer to decode (e.g. on the GPU).
+    pixels : PixelSpec, optional
+        How scenes that are not 8-bit RGB become RGB (:mod:`scenecluster.pixels`; default: its defaults).
 
     Returns
     -------
@@ -68,7 +72,10 @@ def read_scenes(
     ds = ds.map_batches(read_batch, fn_kwargs={"filesystem": filesystem}, batch_size=None, num_cpus=READ_CPUS)
     if decode:
         ds = ds.map_batches(
-            decode_batch, fn_kwargs={"image_size": image_size}, batch_size=batch_size, num_cpus=READ_CPUS
+            decode_batch,
+            fn_kwargs={"image_size": image_size, "pixels": pixels or PixelSpec()},
+            batch_size=batch_size,
+            num_cpus=READ_CPUS,
         )
     return ds
 

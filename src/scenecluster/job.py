@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -23,13 +24,13 @@ from scenecluster import __version__
 from scenecluster.config import AssignJobConfig, ClusterJobConfig, dump_config
 from scenecluster.data import open_filesystem
 from scenecluster.devices import Resources, decide
-from scenecluster.embed import embed_parts, export_embeddings, write_skipped
+from scenecluster.embed import SKIPPED, embed_parts, export_embeddings, write_skipped
 from scenecluster.evaluate import scores_from_contingency
 from scenecluster.features import FeatureSpec, resolve_feature_spec
 from scenecluster.manifest import check_input, write_manifest
-from scenecluster.outputs import OutputFolder, prepare_output
+from scenecluster.outputs import OutputFolder, check_writable, prepare_output
 from scenecluster.report import build_report
-from scenecluster.stages import AssignSummary, assign_parts, export_assignments, fit_remote
+from scenecluster.stages import AssignSummary, assign_parts, check_enough_scenes, export_assignments, fit_remote
 
 __all__ = ["StageTimer", "relabel_by_size", "run_assign_job", "run_cluster_job", "run_identity"]
 
@@ -76,7 +77,7 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
     timer = StageTimer(echo)
     started = _now()
     spec, out, resources = _prepare(cfg, overwrite, timer)
-    embedded = _embed_stage(cfg, out, spec, resources, timer)
+    embedded = _embed_stage(cfg, out, spec, resources, timer, check=lambda n, where: check_enough_scenes(n, cfg, where))
     with timer.stage("fit") as note:
         fit = fit_remote(out, embedded.parts, cfg, spec, resources, fit_key=_fit_key(cfg))
         timer.seconds.update({k: v for k, v in fit["stage_seconds"].items()})
@@ -121,11 +122,15 @@ def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print)
 
 
 def _feature_settings(feature: dict[str, Any]) -> dict[str, Any]:
+    """The saved run's feature as ``embed`` settings; a run saved before the pixel settings used their defaults."""
     return {
         "model": feature["model"],
         "layer": feature["layer"],
         "pooling": feature["pooling"],
         "image_size": feature["image_size"],
+        "bands": feature.get("bands", "auto"),
+        "stretch": feature.get("stretch", "auto"),
+        "percentiles": tuple(feature.get("percentiles", (2.0, 98.0))),
     }
 
 
@@ -134,28 +139,44 @@ def _prepare(cfg, overwrite: bool, timer: StageTimer) -> tuple[FeatureSpec, Outp
     from scenecluster.raycluster import ensure_ray
 
     check_input(cfg.data.input, endpoint_url=cfg.data.endpoint_url)
+    check_writable(cfg.output)
     # The feature is checked against the model's config (not its weights) before the output is claimed and
     # Ray starts, so a bad layer or model fails in the driver in a second; for the offline model this also
     # builds its folder once here rather than in every actor.
     spec = resolve_feature_spec(
-        cfg.embed.model, layer=cfg.embed.layer, pooling=cfg.embed.pooling, image_size=cfg.embed.image_size
+        cfg.embed.model,
+        layer=cfg.embed.layer,
+        pooling=cfg.embed.pooling,
+        image_size=cfg.embed.image_size,
+        pixels=cfg.embed.pixel_spec(),
     )
     out = prepare_output(
         OutputFolder(cfg.output, endpoint_url=cfg.data.endpoint_url), run_identity(cfg, spec), overwrite=overwrite
     )
     out.write_text("config.yaml", dump_config(cfg))
+    inventory = ensure_ray(cfg.resources)
+    timer.echo(f"[ray] {inventory.where}: {inventory.num_cpus:g} CPUs, {inventory.num_gpus:g} GPUs")
     resources = decide(
         cfg.resources.device,
-        ensure_ray(cfg.resources),
+        inventory,
         actors=cfg.embed.num_actors,
         torch_threads=cfg.resources.torch_threads,
         actor_gpus=cfg.embed.actor_gpus,
         decode=cfg.embed.decode,
+        actor_cpus=cfg.embed.actor_cpus,
     )
     return spec, out, resources
 
 
-def _embed_stage(cfg, out: OutputFolder, spec: FeatureSpec, resources: Resources, timer: StageTimer):
+def _embed_stage(
+    cfg,
+    out: OutputFolder,
+    spec: FeatureSpec,
+    resources: Resources,
+    timer: StageTimer,
+    check: Callable[[int, str], None] | None = None,
+):
+    """List, then embed every scene; ``check(n, where)`` may refuse the count before and after the embedding."""
     with timer.stage("list") as note:
         manifest = write_manifest(
             cfg.data.input,
@@ -167,11 +188,15 @@ def _embed_stage(cfg, out: OutputFolder, spec: FeatureSpec, resources: Resources
             seed=cfg.data.seed,
         )
         note["summary"] = f"{manifest.n_sources} images under {cfg.data.input} in {manifest.n_parts} parts"
+    if check is not None and manifest.n_archives == 0:  # a shard's members are only counted when it is read
+        check(manifest.n_sources, f"under {cfg.data.input}")
     with timer.stage("embed") as note:
         filesystem = open_filesystem(cfg.data.input, endpoint_url=cfg.data.endpoint_url)[0]
         embedded = embed_parts(out, filesystem, spec, resources, cfg.embed, with_labels=cfg.data.labels == "folders")
         write_skipped(out)
         note["summary"] = embedded.summary()
+    if check is not None:
+        check(embedded.n_ok, f"of {embedded.n_images} could be read under {cfg.data.input} (see {SKIPPED})")
     return embedded
 
 

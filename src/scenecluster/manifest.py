@@ -1,12 +1,14 @@
 """Stream an archive's listing into a manifest of parts, so the driver never holds the whole listing.
 
-A folder is walked (sorted, one directory at a time; symbolic links to folders are not followed, so a link
-loop cannot make it hang or list a file twice) and an S3 prefix is paged (1,000 keys a request, in key
-order) lazily. The driver groups consecutive entries into *parts* of ``chunk_size`` and writes them, a few
+A folder is walked (sorted, one directory at a time) and an S3 prefix is paged (1,000 keys a request, in key
+order) lazily. The driver groups consecutive entries into *parts* (64 sources, then doubling up to ``chunk_size``:
+:func:`part_size`) and writes them, a few
 hundred parts per file, to ``OUT/manifest/``; Ray Data reads that folder, so what the driver holds is one
 part and the counts. A part's name carries a hash of its sources and the feature identity, so a rerun that
 finds ``embeddings/<part>.parquet`` knows that part is done. With ``sample``, a seeded reservoir keeps a
 uniform sample (memory grows with the sample, not the archive).
+Symbolic links are followed once (:func:`scenecluster.data.walk_local`), so a loop cannot hang the listing
+and each file is listed once.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from scenecluster.data import ARCHIVE_SUFFIXES, IMAGE_SUFFIXES, open_filesystem, open_input
+from scenecluster.data import (
+    ARCHIVE_SUFFIXES,
+    IMAGE_SUFFIXES,
+    is_archive,
+    open_filesystem,
+    open_input,
+    walk_local,
+    wanted,
+)
 from scenecluster.errors import InputError
 from scenecluster.outputs import OutputFolder
 
@@ -33,6 +43,7 @@ __all__ = [
     "iter_scene_paths",
     "part_dataset",
     "part_name",
+    "part_size",
     "write_manifest",
     "write_manifest_paths",
 ]
@@ -40,6 +51,10 @@ __all__ = [
 MANIFEST = "manifest"
 DONE_FILE = "manifest/_manifest.json"
 PARTS_PER_FILE = 256
+# A manifest file is flushed at this many paths too: the listing holds one file's paths at a time, so with
+# parts of 4,096 scenes, 256 parts would be a million paths (150 MB) in the driver.
+PATHS_PER_FILE = 65_536
+FIRST_PART = 64  # sources in the first part; later parts double up to ``embed.chunk_size``
 _SUFFIXES = IMAGE_SUFFIXES + ARCHIVE_SUFFIXES
 
 
@@ -50,28 +65,7 @@ class Manifest:
     n_sources: int
     n_parts: int
     root: str
-
-
-def _wanted(name: str) -> bool:
-    return name.lower().endswith(_SUFFIXES) and not posixpath.basename(name).startswith(".")
-
-
-def _walk_local(root: str) -> Iterator[str]:
-    """Files under ``root`` in sorted order, depth first, never following a link to a folder."""
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:
-            continue
-        subfolders = []
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                subfolders.append(entry.path)
-            elif _wanted(entry.name) and entry.is_file():
-                yield entry.path
-        stack.extend(reversed(subfolders))
+    n_archives: int = 0
 
 
 def _walk_s3(root: str, endpoint_url: str | None) -> Iterator[str]:
@@ -89,7 +83,7 @@ def _walk_s3(root: str, endpoint_url: str | None) -> Iterator[str]:
     paginator = client.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/" if prefix else ""):
         for item in page.get("Contents", []):
-            if _wanted(item["Key"]):
+            if wanted(item["Key"]):
                 yield f"{bucket}/{item['Key']}"
 
 
@@ -103,7 +97,7 @@ def iter_scene_paths(uri: str, *, endpoint_url: str | None = None) -> Iterator[s
     """
     fs, root = open_input(uri, endpoint_url=endpoint_url)
     if isinstance(fs, pafs.LocalFileSystem):
-        return _walk_local(root)
+        return walk_local(root)
     return _walk_s3(root, endpoint_url)
 
 
@@ -144,7 +138,8 @@ def write_manifest(
     if out.exists(DONE_FILE):
         done = json.loads(out.read_text(DONE_FILE))
         if done.get("key") == key:
-            return Manifest(done["n_sources"], done["n_parts"], done["root"])
+            # a manifest written before shards were counted may hold some: -1 says "unknown"
+            return Manifest(done["n_sources"], done["n_parts"], done["root"], done.get("n_archives", -1))
     paths = iter_scene_paths(uri, endpoint_url=endpoint_url)
     if sample is not None:
         paths = _sampled(paths, sample, seed)
@@ -152,17 +147,23 @@ def write_manifest(
     if manifest.n_sources == 0:
         raise InputError(f"input {uri!r} holds no images ({', '.join(_SUFFIXES)})")
     root = open_filesystem(uri, endpoint_url=endpoint_url)[1]
-    done = {"key": key, "n_sources": manifest.n_sources, "n_parts": manifest.n_parts, "root": root}
+    done = {
+        "key": key,
+        "n_sources": manifest.n_sources,
+        "n_parts": manifest.n_parts,
+        "root": root,
+        "n_archives": manifest.n_archives,
+    }
     out.write_text(DONE_FILE, json.dumps(done))
-    return Manifest(manifest.n_sources, manifest.n_parts, root)
+    return Manifest(manifest.n_sources, manifest.n_parts, root, manifest.n_archives)
 
 
 def write_manifest_paths(paths: Iterator[str], out: OutputFolder, *, identity: dict, chunk_size: int) -> Manifest:
     """Write the parts of an already listed sequence of ``paths`` to ``out/manifest/`` (replacing any there)."""
     for stale in out.list(MANIFEST):
         out.delete(posixpath.join(MANIFEST, stale))
-    n_sources, n_parts = _write_parts(paths, out, identity, chunk_size)
-    return Manifest(n_sources, n_parts, "")
+    n_sources, n_parts, n_archives = _write_parts(paths, out, identity, chunk_size)
+    return Manifest(n_sources, n_parts, "", n_archives)
 
 
 def part_dataset(out: OutputFolder, columns: list[str] | None = None):
@@ -190,32 +191,46 @@ def check_input(uri: str, *, endpoint_url: str | None = None) -> None:
         raise InputError(f"input {uri!r} holds no images ({', '.join(_SUFFIXES)})")
 
 
-def _write_parts(paths: Iterator[str], out: OutputFolder, identity: dict, chunk_size: int) -> tuple[int, int]:
-    """Group ``paths`` into parts and write them, ``PARTS_PER_FILE`` parts per manifest file."""
+def part_size(index: int, chunk_size: int) -> int:
+    """Sources in part ``index``: ``FIRST_PART``, doubling part by part up to ``chunk_size``.
+
+    Small first parts make a small run resumable (a run of 300 scenes is 3 parts, not 1, so a kill loses at
+    most the part in flight), while a large archive still gets parts of ``chunk_size`` and few files.
+    """
+    return min(chunk_size, FIRST_PART << min(index, 20))
+
+
+def _write_parts(
+    paths: Iterator[str], out: OutputFolder, identity: dict, chunk_size: int
+) -> tuple[int, int, int]:
+    """Group ``paths`` into parts and write them, at most ``PARTS_PER_FILE`` parts and about ``PATHS_PER_FILE``
+    paths per manifest file; return the counts."""
     rows: dict[str, list] = {"name": [], "sources": []}
-    n_sources = n_parts = 0
+    n_sources = n_parts = n_archives = held = 0
     current: list[str] = []
 
     def close_part() -> None:
-        nonlocal current, n_parts
+        nonlocal current, n_parts, held
         rows["name"].append(part_name(n_parts, current, identity))
         rows["sources"].append(current)
-        n_parts, current = n_parts + 1, []
-        if len(rows["name"]) == PARTS_PER_FILE:
+        n_parts, held, current = n_parts + 1, held + len(current), []
+        if len(rows["name"]) == PARTS_PER_FILE or held >= PATHS_PER_FILE:
             flush()
 
     def flush() -> None:
+        nonlocal held
         if rows["name"]:
             table = pa.table({"name": rows["name"], "sources": pa.array(rows["sources"], pa.list_(pa.string()))})
             out.write_table(f"{MANIFEST}/manifest-{n_parts:08d}.parquet", table)
-            rows["name"], rows["sources"] = [], []
+            rows["name"], rows["sources"], held = [], [], 0
 
     for path in paths:
         current.append(path)
         n_sources += 1
-        if len(current) == chunk_size:
+        n_archives += is_archive(path)
+        if len(current) == part_size(n_parts, chunk_size):
             close_part()
     if current:
         close_part()
     flush()
-    return n_sources, n_parts
+    return n_sources, n_parts, n_archives

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,15 @@ import pyarrow.parquet as pq
 from scenecluster.errors import OutputError, one_line
 
 RUN_FILE = "run.json"
-RESULT_FILES = ("embeddings.parquet", "assignments.parquet", "metrics.json", "report.html", "skipped.txt")
+# skipped.txt: the tab-separated list that skipped.jsonl replaced, deleted with the rest on --overwrite
+RESULT_FILES = (
+    "embeddings.parquet",
+    "assignments.parquet",
+    "metrics.json",
+    "report.html",
+    "skipped.jsonl",
+    "skipped.txt",
+)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -139,6 +148,36 @@ class OutputFolder:
         return pq.read_table(self.path(name), filesystem=self.fs)
 
 
+def check_writable(uri: str) -> None:
+    """Fail now, with one line, when a local output folder cannot be created or written (before any heavy work).
+
+    Tries what the run will do: makes (and removes) a folder in the output, or in its nearest existing parent
+    when the output does not exist yet, so nothing is left behind. ``/proc/x``, ``/sys/x``, a read-only mount
+    and a path under a file all fail here instead of after the model has loaded. S3 outputs are checked by
+    their first write (``scenecluster doctor --output`` checks them ahead).
+
+    Raises
+    ------
+    OutputError
+        Naming the output and why it cannot be written.
+    """
+    from scenecluster.data import open_filesystem
+
+    fs, root = open_filesystem(uri)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
+    existing = Path(root)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_file() or (existing != Path(root) and not existing.is_dir()):
+        raise OutputError(f"cannot create output {uri!r}: {str(existing)!r} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".scenecluster-probe-", dir=existing))
+    except OSError as exc:
+        reason = exc.strerror or one_line(exc)
+        raise OutputError(f"cannot write output {uri!r}: {reason} in {str(existing)!r}") from None
+
+
 def prepare_output(folder: str | OutputFolder, identity: dict[str, Any], *, overwrite: bool = False) -> OutputFolder:
     """Create the output folder or check that it holds the same run; return it.
 
@@ -164,7 +203,10 @@ def prepare_output(folder: str | OutputFolder, identity: dict[str, Any], *, over
                 f"output folder {out.uri!r} holds a different run (differs in: {', '.join(changed)}); "
                 "choose another --output or pass --overwrite"
             )
-    out.fs.create_dir(out.root, recursive=True)
+    try:
+        out.fs.create_dir(out.root, recursive=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output {out.uri!r}: {one_line(exc)}") from None
     if overwrite and previous is not None and previous != identity:
         for stale in RESULT_FILES:
             out.delete(stale)

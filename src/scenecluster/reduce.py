@@ -22,7 +22,15 @@ Backend = Literal["auto", "umap-learn", "cuml"]
 Factory = Callable[..., Any]
 PROJECTIONS: dict[str, Factory] = {}
 
-__all__ = ["PROJECTIONS", "cuml_available", "make_projection", "make_umap", "reduce_embeddings", "register"]
+__all__ = [
+    "PROJECTIONS",
+    "cuml_available",
+    "make_projection",
+    "make_umap",
+    "min_samples",
+    "reduce_embeddings",
+    "register",
+]
 
 
 def register(name: str) -> Callable[[Factory], Factory]:
@@ -82,6 +90,16 @@ def make_pca(n_components: int = 5, *, random_state: int | None = 0, **_umap_set
     from sklearn.decomposition import PCA
 
     return PCA(n_components=n_components, random_state=random_state)
+
+
+def min_samples(method: str, n_components: int) -> int:
+    """The fewest scenes a projection to ``n_components`` dimensions can be fitted on, and the report's 2-D view.
+
+    UMAP's spectral start solves for ``n_components + 1`` eigenvectors of the neighbour graph, which needs more
+    nodes than that (scipy refuses ``k >= N``); PCA needs as many samples as components. Four is the floor for
+    the report's 2-D UMAP of the same scenes.
+    """
+    return max(4, n_components + 2 if method == "umap" else n_components)
 
 
 def make_projection(method: str = "umap", **settings: Any):

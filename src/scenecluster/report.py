@@ -293,8 +293,17 @@ def build_report(
     uri = input_uri or data.get("input") or out.root
     fs, root = open_filesystem(uri, endpoint_url=endpoint_url or data.get("endpoint_url"))
     listing = SceneListing(uri=uri, root=root, paths=[], filesystem=fs)
-    thumb = Thumbnails(lambda path, size: read_image_for_display(listing, path, size))
+    pixels = _pixel_spec(facts.config)
+    thumb = Thumbnails(lambda path, size: read_image_for_display(listing, path, size, pixels))
     return render_report(facts, thumb, k=k, report_pending=report_pending)
+
+
+def _pixel_spec(config: dict[str, Any]):
+    """Bands and stretch as the run read its scenes, so a 16-bit scene's thumbnail is what the model saw."""
+    from scenecluster.config import FeatureConfig
+
+    embed = config.get("embed") or {}
+    return FeatureConfig(**{k: embed[k] for k in ("bands", "stretch", "percentiles") if k in embed}).pixel_spec()
 
 
 def _thumbnails_per_cluster(out: OutputFolder) -> int:

@@ -151,13 +151,13 @@ def _contingency(pairs: dict[tuple[int, str], int], ids: np.ndarray) -> tuple[li
 def read_skipped(out: OutputFolder, limit: int = 20) -> tuple[int, list[tuple[str, str]]]:
     """How many scenes the run could not read, and the first ``limit`` of them as (path, reason).
 
-    The one place that knows the skipped-scenes file's format (``skipped.txt``: path, tab, reason per line).
+    The skipped-scenes file (``skipped.jsonl``) is read by :func:`scenecluster.embed.read_skipped`, its writer's
+    module, so its format is known in one place.
     """
-    if not out.exists("skipped.txt"):
-        return 0, []
-    lines = [line for line in out.read_text("skipped.txt").splitlines() if line.strip()]
-    rows = [tuple((line.split("\t", 1) + [""])[:2]) for line in lines[:limit]]
-    return len(lines), rows  # type: ignore[return-value]
+    from scenecluster.embed import read_skipped as read_skipped_table
+
+    rows = read_skipped_table(out)
+    return len(rows), rows[:limit]
 
 
 def _read_json(out: OutputFolder, name: str) -> dict[str, Any]:

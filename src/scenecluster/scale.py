@@ -35,6 +35,7 @@ __all__ = [
     "PartAssigner",
     "PartEmbedder",
     "calibration_split",
+    "fit_count",
     "fit_on_sample",
     "matrix",
     "ok_rows",
@@ -128,7 +129,8 @@ class PartEmbedder:
     def _embed_batch(self, rows: dict[str, list]) -> dict[str, np.ndarray]:
         batch = {k: np.asarray(v, dtype=object) for k, v in rows.items()}
         if self.decode_here:
-            batch = decode_batch(batch, image_size=self.embedder.spec.image_size)
+            spec = self.embedder.spec
+            batch = decode_batch(batch, image_size=spec.image_size, pixels=spec.pixels)
         return self.embedder(batch)
 
     def _part_table(self, results: list[dict[str, np.ndarray]]) -> pa.Table:
@@ -214,6 +216,12 @@ def fit_on_sample(
     save_clustering(fitted, out, fit_key=fit_key, summary=summary)  # clustering.json last: it marks the fit done
     report = _report_sample(sample, X, clusters, reduce, scatter_points, seed)
     return {**summary, "report": report, "stage_seconds": fitted.info["seconds"]}
+
+
+def fit_count(n: int, fit_sample: int) -> int:
+    """How many of ``n`` embedded scenes the fit itself sees: at most ``fit_sample``, less the held-out tenth."""
+    sampled = min(n, fit_sample)
+    return sampled if sampled < CALIBRATION_MIN else sampled - min(5000, max(10, sampled // 10))
 
 
 def calibration_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,11 +19,51 @@ import pyarrow.parquet as pq
 
 from scenecluster.outputs import OutputFolder
 
-__all__ = ["AssignSummary", "assign_parts", "export_assignments", "fit_remote"]
+__all__ = [
+    "AssignSummary",
+    "assign_parts",
+    "check_enough_scenes",
+    "export_assignments",
+    "fit_remote",
+    "get_interruptibly",
+]
 
 CLUSTERING = "clustering"
 ASSIGNMENTS = "assignments"
 REPORT_SAMPLE = "clustering/report_sample.parquet"
+
+
+def check_enough_scenes(n: int, cfg, where: str) -> None:
+    """Refuse, in one line that says what to change, a run whose fit could never work on ``n`` scenes.
+
+    ``where`` finishes "too few scenes to cluster: {n} ..." (e.g. "under /data/tiles").
+
+    Called before the embedding when the listing's count is known (no ``.tar`` shards), and again after it,
+    when unreadable scenes may have left fewer.
+
+    Raises
+    ------
+    InputError
+        Starting ``too few scenes to cluster:``.
+    """
+    from scenecluster.errors import InputError
+    from scenecluster.reduce import min_samples
+    from scenecluster.scale import fit_count
+
+    method, dims = cfg.reduce.method, cfg.reduce.n_components
+    need, n_fit = min_samples(method, dims), fit_count(n, cfg.scale.fit_sample)
+    if n_fit >= need:
+        return
+    message = f"too few scenes to cluster: {n} {where}"
+    if n_fit < min_samples(method, 1):
+        raise InputError(f"{message}; clustering needs at least {min_samples(method, 1)}")
+    if n_fit < n:
+        message += f", of which the fit sees {n_fit} (--fit-sample {cfg.scale.fit_sample})"
+    widest = max(d for d in range(1, dims) if min_samples(method, d) <= n_fit)
+    raise InputError(
+        f"{message}; a {dims}-d {method} projection needs at least {need}: use --umap-dims {widest} or fewer, "
+        "or add scenes"
+    )
 
 
 def fit_remote(
@@ -42,7 +82,7 @@ def fit_remote(
             out.delete(posixpath.join(folder, name))
     reduce = {**cfg.reduce.model_dump(), "backend": resources.umap_backend(cfg.reduce.backend)}
     task = ray.remote(fit_on_sample).options(num_cpus=1, num_gpus=1 if resources.use_gpu else 0)
-    result = ray.get(
+    result = get_interruptibly(
         task.remote(
             out,
             parts,
@@ -59,6 +99,24 @@ def fit_remote(
     )
     _write_report_sample(out, result["report"])
     return {**result, "reused": False}
+
+
+def get_interruptibly(ref, poll_s: float = 0.25):
+    """``ray.get(ref)``, but Ctrl-C stops it at once and cancels the task.
+
+    The driver waits in short ``ray.wait`` rounds so that Python handles SIGINT between them (a long blocking
+    get can sit in Ray's C++ code while the interrupt waits), and the task is force-cancelled so that it does not
+    go on, or get retried, after the driver has given up.
+    """
+    import ray
+
+    try:
+        while not ray.wait([ref], timeout=poll_s)[0]:
+            pass
+        return ray.get(ref)
+    except KeyboardInterrupt:
+        ray.cancel(ref, force=True)
+        raise
 
 
 def _saved_fit(out: OutputFolder) -> dict[str, Any] | None:

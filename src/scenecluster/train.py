@@ -60,6 +60,7 @@ from scenecluster.models import (
     save_backbone,
 )
 from scenecluster.outputs import atomic_write_text
+from scenecluster.pixels import PixelSpec
 
 __all__ = [
     "LoopConfig",
@@ -575,10 +576,16 @@ def stratified_split(paths: list[str], val_fraction: float, seed: int) -> tuple[
 
 
 def _dataset(
-    listing: SceneListing, paths: list[str], classes: list[str], source: int, image_size: int, batch_size: int
+    listing: SceneListing,
+    paths: list[str],
+    classes: list[str],
+    source: int,
+    image_size: int,
+    batch_size: int,
+    pixels: PixelSpec | None = None,
 ):
     """The clustering job's reader (:func:`scenecluster.ingest.read_scenes`: files or tar shards), plus labels."""
-    ds = read_scenes(paths, listing.filesystem, image_size=image_size, batch_size=batch_size)
+    ds = read_scenes(paths, listing.filesystem, image_size=image_size, batch_size=batch_size, pixels=pixels)
     return ds.map_batches(_attach_labels, fn_kwargs={"classes": classes, "source": source}, num_cpus=READ_CPUS)
 
 
@@ -689,7 +696,9 @@ def _datasets(cfg: FinetuneConfig, inputs: _Inputs, splits: list[tuple[list[str]
     for i, (listing, classes, split) in enumerate(zip(inputs.listings, inputs.classes, splits, strict=True)):
         for name, paths in zip(("train", "val"), split, strict=True):
             if paths:
-                parts[name].append(_dataset(listing, paths, classes, i, cfg.feature.image_size, cfg.batch_size))
+                parts[name].append(_dataset(
+                    listing, paths, classes, i, cfg.feature.image_size, cfg.batch_size, cfg.feature.pixel_spec()
+                ))
     return {name: _union(found) for name, found in parts.items() if found}
 
 

@@ -42,14 +42,14 @@ def test_tiny_model_job_writes_every_output_and_lists_corrupt_images(ray_cluster
         "assignments.parquet",
         "metrics.json",
         "report.html",
-        "skipped.txt",
+        "skipped.jsonl",
         "config.yaml",
         "run.json",
     ):
         assert (out / name).is_file(), name
     assert not [p for p in out.iterdir() if "tmp" in p.name]
     assert metrics["n_images"] == 26 and metrics["n_skipped"] == 2 and metrics["n_embedded"] == 24
-    skipped = (out / "skipped.txt").read_text()
+    skipped = (out / "skipped.jsonl").read_text()
     for path in bad:
         assert path.name in skipped
     assert json.loads((out / "metrics.json").read_text())["n_skipped"] == 2

@@ -65,7 +65,7 @@ def test_tar_shards_with_a_truncated_member_and_a_damaged_shard(ray_cluster, tmp
         },
     )
     metrics = run_cluster_job(cfg, echo=lambda s: None)
-    skipped = (tmp_path / "out" / "skipped.txt").read_text()
+    skipped = (tmp_path / "out" / "skipped.jsonl").read_text()
     assert "cut.jpg" in skipped
     assert "archive damaged" in skipped and "shard-0001.tar" in skipped
     table = pq.read_table(tmp_path / "out" / "embeddings.parquet")

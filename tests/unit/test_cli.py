@@ -53,3 +53,22 @@ def test_unloadable_model_and_foreign_output(tmp_path, sample_dir):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "data.csv").write_text("x")
     assert main(["cluster", str(sample_dir), "-o", str(tmp_path / "busy"), "--model", "facebook/dinov2-small"]) == 2
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("/proc/scenecluster-out", "cannot write output '/proc/scenecluster-out': "),
+        ("/sys/scenecluster-out", "cannot write output '/sys/scenecluster-out': "),
+        ("{tmp}/a-file/out", "cannot create output '{tmp}/a-file/out': '{tmp}/a-file' is a file, not a folder"),
+    ],
+)
+def test_unwritable_output_is_one_line_before_the_model_loads(tmp_path, sample_dir, output, message):
+    """Issue 13 case 8: /proc, /sys and a path under a file failed with a traceback after the model had loaded;
+    the model here cannot load either, so only an output check that comes first can give this message."""
+    (tmp_path / "a-file").write_text("x")
+    output = output.format(tmp=tmp_path)
+    res = _run("cluster", str(sample_dir), "-o", output, "--model", str(tmp_path / "no-model"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr and res.stdout == ""
+    assert res.stderr.strip().startswith("scenecluster: error: " + message.format(tmp=tmp_path))
+    assert res.stderr.strip().count("\n") == 0

@@ -1,9 +1,10 @@
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from scenecluster.data import decode_batch, decode_image, folder_label, list_scenes
+from scenecluster.data import decode_batch, decode_image, folder_label, list_scenes, walk_local
 from scenecluster.errors import InputError
 from tests.conftest import copy_sample, write_corrupt_images
 
@@ -101,3 +102,36 @@ def test_rows_per_source_counts_each_source_of_a_batch():
 
     out = _rows_per_source({"source": np.array(["b.tar", "a.jpg", "b.tar", "b.tar"], dtype=object)})
     assert dict(zip(out["source"].tolist(), out["n_rows"].tolist(), strict=True)) == {"a.jpg": 1, "b.tar": 3}
+
+
+def test_links_are_followed_once_and_loops_end(tmp_path, sample_dir):
+    """Two links back to parents (the case that hung) and one to the root list each file once; a link to a
+    folder outside the input is followed, and a loop out there ends too."""
+    images = sorted(sample_dir.glob("Forest/*.jpg"))[:3]
+    root = tmp_path / "in"
+    (root / "a" / "b").mkdir(parents=True)
+    for img in images:
+        (root / "a" / "b" / img.name).write_bytes(img.read_bytes())
+    os.symlink("..", root / "a" / "b" / "up")
+    os.symlink("../..", root / "a" / "b" / "up2")
+    os.symlink(str(root), root / "a" / "root")
+    os.symlink(str(root / "a" / "b" / images[0].name), root / "again.jpg")  # a file link inside: listed once
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "x.jpg").write_bytes(images[0].read_bytes())
+    os.symlink(str(outside), outside / "self")
+    os.symlink(str(outside), root / "linked")
+    listed = list(walk_local(str(root)))
+    assert sorted(listed) == sorted([str(root / "a" / "b" / i.name) for i in images] + [str(root / "linked" / "x.jpg")])
+    assert list_scenes(str(root)).paths == sorted(listed)
+
+
+def test_first_parts_are_small_so_small_runs_resume():
+    """Issue 13 case 11: with one 512-scene part, a killed run of 300 scenes recomputed everything."""
+    from scenecluster.embed import plan_chunks
+    from scenecluster.manifest import part_size
+
+    sources = [f"s{i:04d}.jpg" for i in range(300)]
+    assert [len(c.sources) for c in plan_chunks(sources, 512, {})] == [64, 128, 108]
+    assert [part_size(i, 512) for i in range(6)] == [64, 128, 256, 512, 512, 512]
+    assert [part_size(i, 20) for i in range(3)] == [20, 20, 20]  # an explicit small chunk_size is kept

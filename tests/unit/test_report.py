@@ -80,7 +80,8 @@ def make_run(root: Path, *, seed: int = 0, n_neighbors: int = 15) -> Path:
                "device": {"device": "cpu"}, "finished_at": "2026-11-27 08:00:00 UTC", "scenecluster_version": "0.1.0"}
     (out / "metrics.json").write_text(json.dumps(metrics))
     (out / "run.json").write_text(json.dumps({"input": str(scenes)}))
-    (out / "skipped.txt").write_text(f"{scenes}/Forest/{XSS}.broken\tcannot identify image\n")
+    skipped = {"path": f"{scenes}/Forest/{XSS}.broken", "reason": "cannot identify image"}
+    (out / "skipped.jsonl").write_text(json.dumps(skipped) + "\n")
     return out
 
 

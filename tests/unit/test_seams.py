@@ -115,7 +115,15 @@ def test_resources_are_decided_once():
 def test_feature_spec_checks_the_layer_without_weights(tiny_model_dir):
     spec = resolve_feature_spec(str(tiny_model_dir), layer=-1, pooling="cls+mean", image_size=28)
     assert (spec.layer, spec.n_layers, spec.n_features) == (2, 2, 64)
-    assert spec.identity() == {"model": str(tiny_model_dir), "layer": -1, "pooling": "cls+mean", "image_size": 28}
+    assert spec.identity() == {
+        "model": str(tiny_model_dir),
+        "layer": -1,
+        "pooling": "cls+mean",
+        "image_size": 28,
+        "bands": "auto",
+        "stretch": "auto",
+        "percentiles": [2.0, 98.0],
+    }
     for bad in (0, 3, -3, 40):
         with pytest.raises(ConfigError, match=r"setting embed\.layer: layer must be in 1\.\.2 or -2\.\.-1"):
             resolve_feature_spec(str(tiny_model_dir), layer=bad)

@@ -1,0 +1,164 @@
+"""Turn a scene of any bit depth and band count into the 8-bit RGB image the backbone sees.
+
+Satellite archives are mostly 16-bit (or float) GeoTIFFs of one band or many, while DINOv2 expects 8-bit RGB.
+The rule is the one common raster viewers apply by default (QGIS's "cumulative count cut"):
+
+* **bands**: ``auto`` shows band 1 as grey when the scene has fewer than three bands and bands 1, 2, 3 as red,
+  green, blue otherwise; ``embed.bands`` names others (1-based, e.g. ``4,3,2`` for Sentinel-2's true colour).
+* **stretch**: ``auto`` leaves 8-bit scenes as they are and stretches deeper ones band by band between the
+  2nd and 98th percentile of that scene's pixels (``embed.percentiles``), clipping the tails; ``percentile``
+  stretches 8-bit scenes too; ``none`` only rescales the type's range (0..65535 for 16-bit, 0..1 for float).
+
+JPEG, PNG and 8-bit TIFF scenes go through PIL exactly as before, so their embeddings do not change; TIFFs
+that PIL cannot decode whole (many bands, 16 bits per band, LZW/DEFLATE GeoTIFFs) are read with tifffile.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["PixelSpec", "parse_bands", "read_pixels", "to_rgb8"]
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa"}
+
+
+@dataclass(frozen=True)
+class PixelSpec:
+    """How a scene's bands become 8-bit RGB: which bands, and how they are stretched.
+
+    Attributes
+    ----------
+    bands : tuple of int or None
+        1-based band numbers, one (grey) or three (red, green, blue); ``None`` = auto.
+    stretch : {"auto", "percentile", "none"}
+    percentiles : (float, float)
+        Low and high percentile of each band's pixels mapped to 0 and 255.
+    """
+
+    bands: tuple[int, ...] | None = None
+    stretch: str = "auto"
+    percentiles: tuple[float, float] = (2.0, 98.0)
+
+    @property
+    def plain_8bit(self) -> bool:
+        """8-bit scenes are read exactly as PIL's RGB conversion gives them."""
+        return self.bands is None and self.stretch in ("auto", "none")
+
+    def identity(self) -> dict[str, object]:
+        return {
+            "bands": "auto" if self.bands is None else ",".join(map(str, self.bands)),
+            "stretch": self.stretch,
+            "percentiles": list(self.percentiles),
+        }
+
+
+def parse_bands(text: str) -> tuple[int, ...] | None:
+    """``"auto"`` -> None; ``"4,3,2"`` -> (4, 3, 2); one band or three, each at least 1.
+
+    Raises
+    ------
+    ValueError
+        With what a valid value looks like.
+    """
+    text = str(text).strip().lower()
+    if text == "auto":
+        return None
+    if not re.fullmatch(r"\d+(\s*,\s*\d+)*", text):
+        raise ValueError(f"bands must be 'auto' or 1-based band numbers such as '4,3,2', not {text!r}")
+    bands = tuple(int(b) for b in text.split(","))
+    if len(bands) not in (1, 3) or min(bands) < 1:
+        raise ValueError(f"bands must name one band (grey) or three (red,green,blue), each >= 1, not {text!r}")
+    return bands
+
+
+def read_pixels(data: bytes, spec: PixelSpec) -> np.ndarray:
+    """Decode an encoded scene to ``uint8 (H, W, 3)`` following ``spec``.
+
+    Raises
+    ------
+    PIL.UnidentifiedImageError, OSError, ValueError
+        When the bytes are no image this can read, or ask for a band the scene does not have.
+    """
+    if data[:4] in _TIFF_MAGIC:
+        pixels = _read_tiff(data, spec)
+        if pixels is not None:
+            return pixels
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()  # force the full decode here so a truncated file fails now, not later
+        if img.mode in _EIGHT_BIT_MODES and spec.plain_8bit:
+            return np.array(img.convert("RGB"), dtype=np.uint8)
+        if img.mode in _EIGHT_BIT_MODES:
+            array = np.asarray(img.convert("RGB" if img.mode not in ("L", "LA", "1") else "L"))
+        else:  # I;16, I, F: one band deeper than 8 bits
+            array = np.asarray(img)
+    return to_rgb8(array, spec)
+
+
+def _read_tiff(data: bytes, spec: PixelSpec) -> np.ndarray | None:
+    """A TIFF PIL cannot show faithfully (deeper than 8 bits, or not 1 or 3 bands), read with tifffile; else None."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page = tif.pages[0]
+            plain = page.bitspersample <= 8 and page.samplesperpixel in (1, 3, 4)
+            if plain and spec.plain_8bit:
+                return None  # PIL reads it (palettes, YCbCr and all) as it always did
+            array = page.asarray()
+            planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.ndim == 3
+    except tifffile.TiffFileError as exc:
+        raise UnidentifiedImageError(f"not a readable TIFF ({exc})") from None
+    if planar:
+        array = np.moveaxis(array, 0, -1)  # (bands, H, W) -> (H, W, bands)
+    return to_rgb8(array, spec)
+
+
+def to_rgb8(array: np.ndarray, spec: PixelSpec) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, bands)`` of any numeric type -> ``uint8 (H, W, 3)``: pick the bands, stretch them."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3:
+        raise ValueError(f"a scene must be (height, width[, bands]), not an array of shape {array.shape}")
+    n_bands = array.shape[2]
+    bands = spec.bands or ((1, 1, 1) if n_bands < 3 else (1, 2, 3))
+    if max(bands) > n_bands:
+        raise ValueError(f"embed.bands asks for band {max(bands)}, but the scene has {n_bands}")
+    if len(bands) == 1:
+        bands = bands * 3
+    picked = array[:, :, [b - 1 for b in bands]]
+    stretch = spec.stretch
+    if stretch == "auto":
+        stretch = "none" if array.dtype == np.uint8 else "percentile"
+    if stretch == "none":
+        return _scale_type_range(picked)
+    return np.stack([_stretch_band(picked[:, :, i], spec.percentiles) for i in range(3)], axis=-1)
+
+
+def _scale_type_range(picked: np.ndarray) -> np.ndarray:
+    if picked.dtype == np.uint8:
+        return np.ascontiguousarray(picked)
+    if np.issubdtype(picked.dtype, np.integer):
+        info = np.iinfo(picked.dtype)
+        scaled = (picked.astype(np.float64) - info.min) / (float(info.max) - info.min)
+    else:
+        scaled = np.nan_to_num(picked.astype(np.float64), nan=0.0)
+    return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _stretch_band(band: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    """One band between its low and high percentile (NaN pixels ignored and shown black) -> 0..255."""
+    values = band.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.zeros(band.shape, dtype=np.uint8)
+    low, high = np.percentile(finite, percentiles)
+    if high <= low:  # a flat band: no contrast to stretch; show its level as a mid grey rather than noise
+        return np.full(band.shape, 0 if high == 0 else 128, dtype=np.uint8)
+    scaled = np.clip((np.nan_to_num(values, nan=low) - low) / (high - low), 0.0, 1.0)
+    return np.round(scaled * 255.0).astype(np.uint8)

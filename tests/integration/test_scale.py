@@ -101,8 +101,9 @@ def test_killed_assignment_actor_then_rerun_recomputes_only_missing_parts(ray_cl
 
 
 @pytest.mark.xfail(
-    reason="with 120 fitted scenes only 12 are held out, so the 1% threshold is their largest distance and "
-    "flags almost nothing; at scale the distance separates (EuroSAT, two classes withheld: 5-6% vs 0.4%)",
+    reason="too few scenes for the novelty distance to separate reliably: with 120 fitted 64 px EuroSAT scenes "
+    "the withheld classes were flagged 0.10 against 0.08 (flags the 10% farthest); at 27,000 scenes 5-6% against "
+    "0.4% (docs/benchmarks.md)",
     strict=False,
 )
 def test_saved_clustering_assigns_held_out_scenes_and_flags_a_withheld_class(ray_cluster, tmp_path, sample_dir):
@@ -125,7 +126,10 @@ def test_saved_clustering_assigns_held_out_scenes_and_flags_a_withheld_class(ray
         "embed.chunk_size": 64,
         "reduce.n_neighbors": 15,
     }
-    run_cluster_job(_cfg(fit_dir, tmp_path / "run", "unused", **feature), echo=lambda s: None)
+    # 120 fitted scenes hold out only 12 to calibrate on: a 1% threshold would be their largest distance and
+    # flag almost nothing, so this run flags the 10% farthest (the 27,000-scene figures are in docs/benchmarks.md)
+    fit_settings = {**feature, "scale.novelty_quantile": 0.1}
+    run_cluster_job(_cfg(fit_dir, tmp_path / "run", "unused", **fit_settings), echo=lambda s: None)
     one_shot = run_cluster_job(_cfg(all_dir, tmp_path / "one-shot", "unused", **feature), echo=lambda s: None)
 
     assign_cfg = load_config(

@@ -38,6 +38,11 @@ def make_clusterer(cfg: ClusterConfig, X: np.ndarray, *, device: str = "auto") -
     return CLUSTERERS[cfg.method](cfg, X, device)
 
 
+# The per-scene scale is never below this: under 500 scenes it would fall below the fixed scale measured on about
+# 1,000 (docs/benchmarks.md, "Mixture prior"), and a prior that weak splits a few dozen scenes into as many clusters.
+MIN_PRIOR_SCALE = 2.0
+
+
 @register("dpgmm")
 def _dpgmm(cfg: ClusterConfig, X: np.ndarray, device: str) -> DPGMM:
     """The variational DP-GMM.
@@ -46,12 +51,12 @@ def _dpgmm(cfg: ClusterConfig, X: np.ndarray, device: str) -> DPGMM:
     A component of ``n_k`` scenes weighs that prior against ``n_k`` times its own scatter, so at a fixed
     scale the prior weakens as the sample grows and the mixture splits UMAP's non-Gaussian blobs ever finer
     (13 clusters at 1,000 EuroSAT scenes, 44 at 27,000). The scale is therefore ``prior_per_scene`` times the
-    number of scenes fitted, unless ``covariance_prior_scale`` fixes it: the same prior strength, and about
-    the same number of clusters, at any size (``docs/benchmarks.md``).
+    number of scenes fitted (at least ``MIN_PRIOR_SCALE``), unless ``covariance_prior_scale`` fixes it: the same
+    prior strength, and about the same number of clusters, at any size (``docs/benchmarks.md``).
     """
     scale = cfg.covariance_prior_scale
     if scale is None:
-        scale = cfg.prior_per_scene * len(X)
+        scale = max(cfg.prior_per_scene * len(X), MIN_PRIOR_SCALE)
     if cfg.covariance_type == "full":
         covariance_prior = np.atleast_2d(np.cov(X.T)) * scale
     else:

@@ -189,7 +189,7 @@ class ClusterConfig(_Section):
         None,
         gt=0,
         description="Wishart prior covariance = this x the data's covariance, at any sample size "
-        "(None: prior_per_scene x the number of fitted scenes)",
+        "(None: prior_per_scene x the number of fitted scenes, at least 2)",
         json_schema_extra=flag("--prior-scale"),
     )
     prior_per_scene: float = Field(

@@ -191,7 +191,7 @@ def _add_benchmark_command(sub) -> None:
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     """Build the same :class:`BenchmarkConfig` that ``rayjobs/benchmark.py`` reads, then run it."""
-    from scenecluster.benchmark import run_benchmark
+    from scenecluster.benchmark import markdown_table, run_benchmark
     from scenecluster.config import BenchmarkConfig, load_config
     from scenecluster.errors import ConfigError
 
@@ -216,8 +216,6 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
             if f"cluster.embed.{name}" in overrides:
                 overrides[f"finetune.feature.{name}"] = overrides.pop(f"cluster.embed.{name}")
     result = run_benchmark(load_config(args.config, overrides, model=BenchmarkConfig), overwrite=args.overwrite)
-    from scenecluster.benchmark import markdown_table
-
     print(markdown_table(result), end="")
     print(f"results: {out / 'benchmark.json'}")
     return 0

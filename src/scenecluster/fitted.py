@@ -244,7 +244,7 @@ def count_distinct(X: np.ndarray, *, limit: int, tol: float = SAME_SCENE) -> int
     more clusters than different scenes.
     """
     rows = np.asarray(X, dtype=np.float64)
-    rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    rows = _unit(rows)
     count = 0
     while len(rows) and count < limit:
         count += 1

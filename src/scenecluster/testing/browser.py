@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -185,7 +186,9 @@ def visit(
     exe = chromium or find_chromium()
     if exe is None:
         raise FileNotFoundError("no chromium executable: apt-get install chromium")
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes (zygote, crashpad) can still be writing the profile when the browser exits:
+    # the whole process group is stopped below, and a profile file that appears late never fails the visit.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         args = [
             exe,
             "--headless",
@@ -197,17 +200,29 @@ def visit(
             "--disable-extensions",
             "about:blank",
         ]
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
         try:
             port = _devtools_port(proc)
             url = Path(page).resolve().as_uri()
             return asyncio.run(_visit(port, url, width, height, ready, expressions or {}, full_page, pointer or []))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop the browser and every helper it started (they share its new session's process group)."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        time.sleep(0.2)  # helpers leave shortly after the browser itself
 
 
 def _devtools_port(proc: subprocess.Popen) -> int:

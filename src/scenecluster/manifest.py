@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from scenecluster.data import (
@@ -169,20 +170,49 @@ def write_manifest_paths(paths: Iterator[str], out: OutputFolder, *, identity: d
 def part_dataset(out: OutputFolder, columns: list[str] | None = None):
     """``out/manifest/`` as a Ray Dataset of one block per part, so actors take parts one at a time.
 
-    Why not the plain read: a manifest file holds up to ``PARTS_PER_FILE`` parts and Ray Data's Parquet
-    reader packs small files into one read task, so the map over them would be one actor task holding every
-    part. One actor would then embed the whole archive while the others idle, no part's counts would come
-    back before the end, and after 30 minutes without output Ray Data stops the run
-    (``ExecutionTimeoutError``). The part count comes from the files' footers, not their rows.
+    The driver reads only the parts' names (one short string per part, not the sources) and makes one block
+    of ``{file, name}`` per part; fractional-CPU tasks then load each part's columns from its manifest file.
+    Why not ``ray.data.read_parquet``:
+
+    - a manifest file holds up to ``PARTS_PER_FILE`` parts and the Parquet reader packs small files into one
+      read task, so the map over them was one actor task holding every part: one actor embedded the whole
+      archive while the others idled, and after 30 minutes without output Ray Data stopped the run
+      (``ExecutionTimeoutError``);
+    - its file-listing step is a task that asks for a whole CPU. Once the actor pool has started, a cluster
+      whose free CPUs are fractions (two nodes of one CPU, each running a half-CPU actor) can never schedule
+      it, and the job waits forever.
     """
-    import pyarrow.dataset as pads
     import ray
 
-    n_parts = pads.dataset(out.path(MANIFEST), filesystem=out.fs, format="parquet").count_rows()
-    ds = ray.data.read_parquet(out.path(MANIFEST), filesystem=out.fs, file_extensions=["parquet"])
-    if columns is not None:
-        ds = ds.select_columns(columns)
-    return ds.repartition(max(1, n_parts))
+    from scenecluster.ingest import READ_CPUS
+
+    parts = [
+        {"file": name, "name": part}
+        for name in sorted(out.list(MANIFEST))
+        if name.endswith(".parquet")
+        for part in out.read_table(f"{MANIFEST}/{name}", columns=["name"]).column("name").to_pylist()
+    ]
+    ds = ray.data.from_items(parts, override_num_blocks=max(1, len(parts)))
+    wanted = ["name", "sources"] if columns is None else list(columns)
+    return ds.map_batches(
+        _load_parts,
+        fn_kwargs={"out": out, "columns": wanted},
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=READ_CPUS,
+    )
+
+
+def _load_parts(batch: pa.Table, out: OutputFolder, columns: list[str]) -> pa.Table:
+    """The rows of ``batch``'s parts (``file``, ``name``) with ``columns`` read from their manifest files."""
+    if set(columns) <= {"name"}:
+        return batch.select(columns)
+    loaded = []
+    for file in sorted(set(batch.column("file").to_pylist())):
+        table = out.read_table(f"{MANIFEST}/{file}")
+        wanted = pc.is_in(table.column("name"), value_set=batch.column("name"))
+        loaded.append(table.filter(wanted).select(columns))
+    return pa.concat_tables(loaded)
 
 
 def check_input(uri: str, *, endpoint_url: str | None = None) -> None:

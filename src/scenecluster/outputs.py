@@ -144,8 +144,8 @@ class OutputFolder:
         with self.open_atomic(name) as f:
             pq.write_table(table, f)
 
-    def read_table(self, name: str) -> pa.Table:
-        return pq.read_table(self.path(name), filesystem=self.fs)
+    def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(self.path(name), filesystem=self.fs, columns=columns)
 
 
 def check_writable(uri: str) -> None:

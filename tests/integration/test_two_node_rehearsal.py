@@ -10,6 +10,7 @@ back from Ray's state API.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 BUCKET = "rehearsal"
 MARK = "rehearsal_node"  # the second node's custom resource, as a worker group's marker in cluster_configs/
 PER_CLASS = 4  # 40 real EuroSAT scenes
-JOB_TIMEOUT = 420
+JOB_TIMEOUT = int(os.environ.get('REHEARSAL_JOB_TIMEOUT', 420))
 
 # Ray's state API, run as a client of the cluster (its own process: the token is read from its environment).
 # Once the job is over its actors are DEAD, and Ray 2.60 keeps node_id for some of them only; their death record
@@ -94,11 +95,6 @@ def test_doctor_fails_on_a_store_it_may_not_write(two_nodes, s3_scenes):
     assert rows["ray reachable"][2] == "FAIL" and rows["output writable"][2] == "FAIL", proc.stdout
 
 
-@pytest.mark.xfail(
-    reason="the submitted job stopped finishing within 420 s after this session's merges (report, bad-input, "
-    "archive-scale); not yet diagnosed; the test also still names the old 'Embedder' actor class, not PartEmbedder",
-    strict=False,
-)
 def test_cluster_job_embeds_on_both_nodes(two_nodes, s3_scenes, tiny_model_dir, tmp_path):
     head, node = two_nodes
     config = {
@@ -118,8 +114,9 @@ def test_cluster_job_embeds_on_both_nodes(two_nodes, s3_scenes, tiny_model_dir, 
     try:
         proc = head.ray(*submit, timeout=JOB_TIMEOUT)
     except subprocess.TimeoutExpired:
+        logs = head.ray("job", "logs", "--address", head.dashboard_url, job_id, timeout=60)
         head.ray("job", "stop", "--address", head.dashboard_url, job_id, timeout=60)
-        raise
+        pytest.fail(f"the job did not finish in {JOB_TIMEOUT} s; its log ends:\n{logs.stdout[-6000:]}")
     info = head.job_info(job_id)
     assert info["status"] == "SUCCEEDED", (proc.stdout + proc.stderr)[-4000:]
 
@@ -127,7 +124,7 @@ def test_cluster_job_embeds_on_both_nodes(two_nodes, s3_scenes, tiny_model_dir, 
                             env=head.env(), capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr[-3000:]
     actors = json.loads(listed.stdout)
-    embedders = [a for a in actors if a["class_name"] == "MapWorker(MapBatches(Embedder))"]
+    embedders = [a for a in actors if a["class_name"] == "MapWorker(MapBatches(PartEmbedder))"]
     assert len(embedders) == 2, actors
     nodes = head.alive_nodes()
     by_ip = {n["node_ip"]: n["node_id"] for n in nodes}

@@ -33,13 +33,19 @@ from scenecluster.fitted import fit_clustering
 from scenecluster.scale import calibration_split
 
 
+def settings(seed: int) -> tuple[dict, ClusterConfig]:
+    """The job's default projection and mixture settings, with both seeded by ``seed``."""
+    reduce = {**ReduceConfig().model_dump(), "backend": "umap-learn", "random_state": seed}
+    return reduce, ClusterConfig(random_state=seed)
+
+
 def fit_and_assign(X: np.ndarray, fit_rows: np.ndarray, *, seed: int, quantile: float) -> tuple[np.ndarray, dict]:
     """Fit on ``X[fit_rows]`` (minus a calibration tenth, as the job does), assign all of ``X``."""
-    reduce = {**ReduceConfig().model_dump(), "backend": "umap-learn"}
+    reduce, cluster = settings(seed)
     fit_index, calibration = calibration_split(len(fit_rows), seed)
     start = time.perf_counter()
     fitted, _, _ = fit_clustering(
-        X[fit_rows[fit_index]], feature={}, reduce=reduce, cluster=ClusterConfig(), novelty_quantile=quantile
+        X[fit_rows[fit_index]], feature={}, reduce=reduce, cluster=cluster, novelty_quantile=quantile
     )
     fit_s = time.perf_counter() - start
     if len(calibration):
@@ -59,6 +65,14 @@ def main() -> None:
     p.add_argument("--fit-sample", type=int, nargs="+", default=[5000], help="one or more sample sizes")
     p.add_argument("--withhold", default="", help="comma-separated classes left out of the fit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--full-seeds",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also fit on all scenes with these seeds and print how far full fits agree with each other: "
+        "the ceiling of any sample fit's agreement",
+    )
     p.add_argument("--novelty-quantile", type=float, default=0.01)
     args = p.parse_args()
     _, X, labels = read_embeddings(args.embeddings)
@@ -66,10 +80,9 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     head = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(), "n": len(X)}
 
-    reduce = {**ReduceConfig().model_dump(), "backend": "umap-learn"}
-    start = time.perf_counter()
-    _, full_clusters, _ = fit_clustering(X, feature={}, reduce=reduce, cluster=ClusterConfig())
-    full = {**score_clusters(labels, full_clusters), "fit_s": round(time.perf_counter() - start, 1)}
+    full, full_clusters = fit_all(X, labels, args.seed)
+    if args.full_seeds:
+        print_ceiling(X, labels, head, args.seed, full_clusters, args.full_seeds)
 
     for fit_sample in args.fit_sample:
         rows = np.sort(rng.choice(len(X), size=min(fit_sample, len(X)), replace=False))
@@ -111,6 +124,29 @@ def main() -> None:
             ),
             flush=True,
         )
+
+
+def fit_all(X: np.ndarray, labels: np.ndarray, seed: int) -> tuple[dict, np.ndarray]:
+    """The clustering fitted on every scene with ``seed``: its scores and cluster ids."""
+    reduce, cluster = settings(seed)
+    start = time.perf_counter()
+    _, clusters, _ = fit_clustering(X, feature={}, reduce=reduce, cluster=cluster)
+    return {**score_clusters(labels, clusters), "fit_s": round(time.perf_counter() - start, 1)}, clusters
+
+
+def print_ceiling(X, labels, head: dict, seed: int, clusters: np.ndarray, other_seeds: list[int]) -> None:
+    """Full fits with other seeds against the one with ``seed``: ARI between them, and each one's K."""
+    for other in other_seeds:
+        scores, other_clusters = fit_all(X, labels, other)
+        record = {
+            **head,
+            "what": "fit on all vs fit on all, another seed",
+            "seeds": [seed, other],
+            "ari_between": round(adjusted_rand_score(clusters, other_clusters), 4),
+            "k_other": scores["n_clusters"],
+            "other": _round(scores),
+        }
+        print(json.dumps(record), flush=True)
 
 
 def _round(d: dict) -> dict:

@@ -122,6 +122,12 @@ class EmbedConfig(FeatureConfig):
         description="hidden layer whose tokens are the feature (1-based; -1 = last)",
         json_schema_extra=flag("--layer"),
     )
+    views: Literal["one", "rot90", "d4"] = Field(
+        "one",
+        description="test-time views each feature is averaged over: 'one' (the scene as it is), 'rot90' (its 4 "
+        "rotations) or 'd4' (rotations and mirror images, 8): scenes have no up; costs that many forward passes",
+        json_schema_extra=flag("--views"),
+    )
     batch_size: int = Field(32, ge=1, description="images per model batch", json_schema_extra=flag("--batch-size"))
     num_actors: int = Field(
         1, ge=1, description="embedding actors (model replicas)", json_schema_extra=flag("--num-actors")

@@ -33,6 +33,7 @@ from scenecluster.ingest import read_scenes
 from scenecluster.manifest import part_dataset, part_name, part_size, write_manifest_paths
 from scenecluster.models import load_backbone, normalize, pool_tokens
 from scenecluster.outputs import OutputFolder
+from scenecluster.views import scene_views
 
 EMBEDDINGS = "embeddings"  # the parts folder inside a run
 SKIPPED = "skipped.jsonl"  # one JSON object per scene that was not embedded: {"path": ..., "reason": ...}
@@ -68,10 +69,18 @@ class Embedder:
 
     @classmethod
     def for_model(
-        cls, model: str, *, layer: int = -1, pooling: str = "cls", image_size: int = 224, **kwargs: Any
+        cls,
+        model: str,
+        *,
+        layer: int = -1,
+        pooling: str = "cls",
+        image_size: int = 224,
+        views: str = "one",
+        **kwargs: Any,
     ) -> Embedder:
         """Resolve the spec of ``model`` here and build the embedder: for direct use outside a job."""
-        return cls(resolve_feature_spec(model, layer=layer, pooling=pooling, image_size=image_size), **kwargs)
+        spec = resolve_feature_spec(model, layer=layer, pooling=pooling, image_size=image_size, views=views)
+        return cls(spec, **kwargs)
 
     @property
     def n_features(self) -> int:
@@ -86,10 +95,18 @@ class Embedder:
             images = torch.from_numpy(np.ascontiguousarray(images))
         x = images.to(self.device, non_blocking=True)
         x = normalize(x.permute(0, 3, 1, 2), self.spec.mean, self.spec.std).to(self.dtype)
+        views = scene_views(x, self.spec.views)
+        total = self._feature(views[0]).float()
+        for view in views[1:]:
+            total += self._feature(view).float()
+        return (total / len(views)).cpu().numpy()
+
+    def _feature(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled feature of normalised images ``x`` (n, 3, H, W)."""
         last = self.spec.is_last_layer
         out = self.model(pixel_values=x, output_hidden_states=not last)
         tokens = out.last_hidden_state if last else self.model.layernorm(out.hidden_states[self.spec.layer])
-        return pool_tokens(tokens, self.spec.pooling).float().cpu().numpy()
+        return pool_tokens(tokens, self.spec.pooling)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data batch function: ``{"path", "image", "error"}`` -> ``{"path", "error", "embedding"}``.

@@ -16,6 +16,7 @@ from typing import Any
 from scenecluster.errors import ConfigError
 from scenecluster.models import POOLINGS, pooled_width, resolve_backbone
 from scenecluster.pixels import PixelSpec
+from scenecluster.views import VIEWS
 
 __all__ = ["FeatureSpec", "resolve_feature_spec"]
 
@@ -42,6 +43,9 @@ class FeatureSpec:
         Pixel normalisation the model expects, in 0..1 units.
     pixels : PixelSpec
         How scenes of other bit depths and band counts become 8-bit RGB; part of the identity.
+    views : {"one", "rot90", "d4"}
+        Test-time views the feature is averaged over (:mod:`scenecluster.views`); part of the identity when not
+        ``"one"``, so runs made before the setting existed keep their identity and are reused.
     """
 
     model: str
@@ -55,6 +59,7 @@ class FeatureSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     pixels: PixelSpec = PixelSpec()
+    views: str = "one"
 
     @property
     def n_features(self) -> int:
@@ -73,11 +78,18 @@ class FeatureSpec:
             "pooling": self.pooling,
             "image_size": self.image_size,
             **self.pixels.identity(),
+            **({"views": self.views} if self.views != "one" else {}),
         }
 
 
 def resolve_feature_spec(
-    model: str, *, layer: int = -1, pooling: str = "cls", image_size: int = 224, pixels: PixelSpec | None = None
+    model: str,
+    *,
+    layer: int = -1,
+    pooling: str = "cls",
+    image_size: int = 224,
+    pixels: PixelSpec | None = None,
+    views: str = "one",
 ) -> FeatureSpec:
     """Resolve and check a feature's settings against the model's config, without loading its weights.
 
@@ -90,6 +102,8 @@ def resolve_feature_spec(
     """
     if pooling not in POOLINGS:
         raise ConfigError(f"setting embed.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
+    if views not in VIEWS:
+        raise ConfigError(f"setting embed.views: {views!r} is not one of {', '.join(VIEWS)}")
     backbone = resolve_backbone(model)
     n_layers = int(backbone.num_hidden_layers)
     index = layer if layer > 0 else n_layers + 1 + layer
@@ -110,4 +124,5 @@ def resolve_feature_spec(
         mean=tuple(backbone.mean),
         std=tuple(backbone.std),
         pixels=pixels or PixelSpec(),
+        views=views,
     )

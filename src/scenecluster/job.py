@@ -131,6 +131,7 @@ def _feature_settings(feature: dict[str, Any]) -> dict[str, Any]:
         "bands": feature.get("bands", "auto"),
         "stretch": feature.get("stretch", "auto"),
         "percentiles": tuple(feature.get("percentiles", (2.0, 98.0))),
+        "views": feature.get("views", "one"),
     }
 
 
@@ -149,6 +150,7 @@ def _prepare(cfg, overwrite: bool, timer: StageTimer) -> tuple[FeatureSpec, Outp
         pooling=cfg.embed.pooling,
         image_size=cfg.embed.image_size,
         pixels=cfg.embed.pixel_spec(),
+        views=cfg.embed.views,
     )
     out = prepare_output(
         OutputFolder(cfg.output, endpoint_url=cfg.data.endpoint_url), run_identity(cfg, spec), overwrite=overwrite

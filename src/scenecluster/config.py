@@ -163,6 +163,12 @@ class ReduceConfig(_Section):
     )
     min_dist: float = Field(0.0, ge=0.0, description="UMAP minimum distance", json_schema_extra=flag("--umap-min-dist"))
     metric: str = Field("cosine", description="UMAP input metric", json_schema_extra=flag("--umap-metric"))
+    whiten: int = Field(
+        0,
+        ge=0,
+        description="PCA-whiten the embeddings to this many components before the projection (0: off)",
+        json_schema_extra=flag("--whiten"),
+    )
     random_state: int | None = Field(0, description="seed (None: faster, not reproducible)")
     backend: Literal["auto", "umap-learn", "cuml"] = Field(
         "auto",

@@ -42,7 +42,7 @@ import numpy as np
 from scenecluster.cluster import make_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
 from scenecluster.errors import InputError
-from scenecluster.reduce import make_projection
+from scenecluster.reduce import fit_settings, make_projection
 
 __all__ = ["FittedClustering", "fit_clustering", "load_clustering", "read_clustering_meta", "save_clustering"]
 
@@ -158,10 +158,8 @@ def fit_clustering(
     """
     from scenecluster.job import relabel_by_size
 
-    settings = reduce.model_dump() if isinstance(reduce, ReduceConfig) else dict(reduce)
     n = len(X)
-    if settings.get("n_neighbors", 30) >= n:
-        settings["n_neighbors"] = max(2, n - 1)
+    settings = fit_settings(reduce.model_dump() if isinstance(reduce, ReduceConfig) else dict(reduce), *X.shape)
     n_distinct = count_distinct(X, limit=cluster.n_components)
     if n_distinct < cluster.n_components:
         cluster = cluster.model_copy(update={"n_components": n_distinct})
@@ -359,7 +357,7 @@ def load_clustering(out, folder: str = "clustering", *, device: str = "auto") ->
 
 
 def _versions(method: str, backend: str) -> dict[str, str]:
-    names = {"scenecluster", "numpy", _LIBRARIES.get(method, "scikit-learn")}
+    names = {"scenecluster", "numpy", "scikit-learn", _LIBRARIES.get(method, "scikit-learn")}
     if method == "umap" and backend == "cuml":
         names = (names - {"umap-learn"}) | {"cuml"}
     found = {}

@@ -25,11 +25,13 @@ PROJECTIONS: dict[str, Factory] = {}
 __all__ = [
     "PROJECTIONS",
     "cuml_available",
+    "fit_settings",
     "make_projection",
     "make_umap",
     "min_samples",
     "reduce_embeddings",
     "register",
+    "whitened",
 ]
 
 
@@ -102,11 +104,43 @@ def min_samples(method: str, n_components: int) -> int:
     return max(4, n_components + 2 if method == "umap" else n_components)
 
 
-def make_projection(method: str = "umap", **settings: Any):
-    """The unfitted projection that ``method`` names, built from the ``reduce`` section's other settings."""
+def make_projection(method: str = "umap", *, whiten: int = 0, **settings: Any):
+    """The unfitted projection that ``method`` names, built from the ``reduce`` section's other settings.
+
+    With ``whiten`` > 0 it is a scikit-learn pipeline: PCA to ``whiten`` components scaled to unit variance,
+    then the projection (see :func:`whitened`). Callers cap ``whiten`` at the sample's rank
+    (:func:`fit_settings`).
+    """
     if method not in PROJECTIONS:
         raise ValueError(f"projection method must be one of {', '.join(PROJECTIONS)}, not {method!r}")
-    return PROJECTIONS[method](**settings)
+    projection = PROJECTIONS[method](**settings)
+    return whitened(projection, whiten, settings.get("random_state", 0)) if whiten else projection
+
+
+def whitened(projection: Any, n_components: int, random_state: int | None):
+    """``projection`` after PCA-whitening to ``n_components``.
+
+    Why: a backbone's features vary most along a few directions that mostly carry what every scene shares
+    (illumination, season, sensor); cosine neighbours are then decided by those directions. Whitening weighs
+    each principal direction alike, so the neighbour graph UMAP builds follows the finer differences between
+    scene types. Measured on both scene sets before it became a default (``docs/benchmarks.md``).
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(PCA(n_components=n_components, whiten=True, random_state=random_state), projection)
+
+
+def fit_settings(settings: dict[str, Any], n_samples: int, n_features: int) -> dict[str, Any]:
+    """The ``reduce`` settings capped for a sample of this size: neighbours below the sample, whitening
+    components within its rank (a few dozen scenes still run)."""
+    settings = dict(settings)
+    if settings.get("n_neighbors", 30) >= n_samples:
+        log.warning("n_neighbors=%d >= n_samples=%d; using %d", settings["n_neighbors"], n_samples, n_samples - 1)
+        settings["n_neighbors"] = max(2, n_samples - 1)
+    if settings.get("whiten"):
+        settings["whiten"] = min(settings["whiten"], n_samples - 1, n_features)
+    return settings
 
 
 def reduce_embeddings(X: np.ndarray, **settings: Any) -> np.ndarray:
@@ -120,11 +154,7 @@ def reduce_embeddings(X: np.ndarray, **settings: Any) -> np.ndarray:
         raise ValueError(f"UMAP needs at least 3 samples in a 2-d array, got shape {X.shape}")
     if not np.isfinite(X).all():
         raise ValueError("embeddings contain NaN or inf; cannot project them")
-    n_neighbors = settings.get("n_neighbors", 30)
-    if n_neighbors >= len(X):
-        log.warning("n_neighbors=%d >= n_samples=%d; using %d", n_neighbors, len(X), len(X) - 1)
-        settings["n_neighbors"] = len(X) - 1
-    reducer = make_projection(**settings)
+    reducer = make_projection(**fit_settings(settings, *X.shape))
     with warnings.catch_warnings():
         # umap-learn warns that a random_state disables parallelism: reproducibility is the point here
         warnings.filterwarnings("ignore", message=".*n_jobs.*overridden.*")

@@ -1,0 +1,66 @@
+"""PCA-whitening before the projection: a pipeline that fits, saves, loads and assigns like the bare projection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from scenecluster.config import ClusterConfig, ReduceConfig
+from scenecluster.fitted import fit_clustering, load_clustering, save_clustering
+from scenecluster.outputs import OutputFolder
+from scenecluster.reduce import fit_settings, make_projection, reduce_embeddings
+
+
+def stretched_blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three blobs told apart along weak directions, under one strong direction that every scene shares."""
+    rng = np.random.default_rng(seed)
+    means = np.zeros((3, 16))
+    means[:, 1:4] = 6 * np.eye(3)
+    X = np.concatenate([m + rng.normal(size=(100, 16)) for m in means])
+    X[:, 0] *= 60  # a loud direction that says nothing about the groups
+    return X.astype(np.float32), np.repeat(np.arange(3), 100)
+
+
+def test_whitened_projection_is_a_pipeline_with_unit_variance_components():
+    X, _ = stretched_blobs()
+    plain = make_projection("pca", n_components=3)
+    whitened = make_projection("pca", n_components=3, whiten=8)
+    assert not hasattr(plain, "steps")
+    assert len(whitened.steps) == 2
+    Y = whitened.fit_transform(X)
+    assert Y.shape == (300, 3)
+    np.testing.assert_allclose(whitened.steps[0][1].transform(X).std(axis=0), 1.0, rtol=0.05)
+
+
+def test_whitening_lets_cosine_neighbours_find_groups_that_a_loud_direction_hides():
+    X, truth = stretched_blobs()
+    cluster = ClusterConfig(method="kmeans", n_components=3)
+
+    def ari(whiten: int) -> float:
+        reduce = ReduceConfig(n_components=2, n_neighbors=15, whiten=whiten, backend="umap-learn")
+        _, clusters, _ = fit_clustering(X, feature={}, reduce=reduce, cluster=cluster)
+        return adjusted_rand_score(truth, clusters)
+
+    assert ari(8) > 0.9
+    assert ari(0) < 0.5
+
+
+def test_whitened_clustering_saves_and_assigns_the_same(tmp_path):
+    X, _ = stretched_blobs()
+    reduce = ReduceConfig(n_components=3, n_neighbors=15, whiten=8, backend="umap-learn")
+    fitted, clusters, _ = fit_clustering(X, feature={}, reduce=reduce, cluster=ClusterConfig(n_components=6))
+    out = OutputFolder(str(tmp_path))
+    save_clustering(fitted, out, run="test")
+    loaded = load_clustering(out, device="cpu")
+    np.testing.assert_array_equal(loaded.assign(X)["cluster"], fitted.assign(X)["cluster"])
+
+
+@pytest.mark.parametrize(("n", "d", "expected"), [(1000, 384, 64), (20, 384, 19), (1000, 32, 32)])
+def test_whitening_is_capped_at_the_sample_rank(n, d, expected):
+    assert fit_settings({"whiten": 64, "n_neighbors": 10}, n, d)["whiten"] == expected
+
+
+def test_a_tiny_sample_still_projects_with_whitening():
+    X, _ = stretched_blobs()
+    assert reduce_embeddings(X[:12], method="umap", n_components=2, n_neighbors=5, whiten=64).shape == (12, 2)

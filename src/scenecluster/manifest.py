@@ -181,10 +181,12 @@ def part_dataset(out: OutputFolder, columns: list[str] | None = None):
     - its file-listing step is a task that asks for a whole CPU. Once the actor pool has started, a cluster
       whose free CPUs are fractions (two nodes of one CPU, each running a half-CPU actor) can never schedule
       it, and the job waits forever.
+
+    The loading tasks ask for no CPU: each reads one small Parquet file, and any CPU they asked for could be
+    the one the actors already hold (one actor of one CPU on a one-CPU Ray waited forever on a quarter-CPU
+    loader).
     """
     import ray
-
-    from scenecluster.ingest import READ_CPUS
 
     parts = [
         {"file": name, "name": part}
@@ -199,7 +201,7 @@ def part_dataset(out: OutputFolder, columns: list[str] | None = None):
         fn_kwargs={"out": out, "columns": wanted},
         batch_size=None,
         batch_format="pyarrow",
-        num_cpus=READ_CPUS,
+        num_cpus=0,
     )
 
 

@@ -124,6 +124,23 @@ def test_a_plain_run_starts_its_own_ray_even_with_a_ray_start_cluster_recorded(t
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def test_a_run_on_one_cpu_with_one_whole_cpu_actor_finishes(tmp_path, sample_dir, tiny_model_dir):
+    """The actor holds the only CPU, so nothing that must run beside it may ask for CPU: the manifest's part
+    loader once asked for a quarter and the run waited forever (as on two 1-CPU nodes with half-CPU actors)."""
+    copy_sample(tmp_path / "in", per_class=2, classes=10)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    try:
+        env = {"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""}
+        res = _subprocess(
+            "cluster", tmp_path / "in", "-o", tmp_path / "out", "--num-cpus", "1", "--actor-cpus", "1",
+            "--projection", "pca", *_tiny(tiny_model_dir), env=env, timeout=300,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n_embedded"] == 20
+
+
 def test_a_named_ray_cluster_that_does_not_answer_is_one_line(tmp_path, sample_dir, tiny_model_dir):
     """Ray itself retries such an address for a minute or more and then raises; the run probes it first."""
     res = _subprocess(

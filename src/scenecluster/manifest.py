@@ -55,6 +55,7 @@ PARTS_PER_FILE = 256
 # A manifest file is flushed at this many paths too: the listing holds one file's paths at a time, so with
 # parts of 4,096 scenes, 256 parts would be a million paths (150 MB) in the driver.
 PATHS_PER_FILE = 65_536
+LOADERS = 2  # concurrent part-loading tasks: each reads one small file, ahead of the actors
 FIRST_PART = 64  # sources in the first part; later parts double up to ``embed.chunk_size``
 _SUFFIXES = IMAGE_SUFFIXES + ARCHIVE_SUFFIXES
 
@@ -202,6 +203,7 @@ def part_dataset(out: OutputFolder, columns: list[str] | None = None):
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=0,
+        concurrency=LOADERS,  # zero-CPU tasks are otherwise bounded by nothing: each would start a worker
     )
 
 

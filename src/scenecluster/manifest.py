@@ -203,7 +203,7 @@ def part_dataset(out: OutputFolder, columns: list[str] | None = None):
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=0,
-        concurrency=LOADERS,  # zero-CPU tasks are otherwise bounded by nothing: each would start a worker
+        compute=ray.data.TaskPoolStrategy(size=LOADERS),  # zero-CPU tasks are otherwise bounded by nothing
     )
 
 

@@ -84,12 +84,17 @@ class OutputFolder:
         return self.fs.get_file_info(self.path(name)).type == pafs.FileType.File
 
     def list(self, subfolder: str) -> list[str]:
-        """Names of the files in ``subfolder`` (empty when it does not exist)."""
+        """Names of the files in ``subfolder`` (empty when it does not exist).
+
+        Hidden names are left out: they are :meth:`open_atomic`'s temporary files, of a write in flight or of
+        a worker killed mid-write (an empty ``.part-….parquet.tmp-…`` once failed the export of a rerun).
+        """
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.path(subfolder), allow_not_found=True))
         except OSError:
             return []
-        return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File)
+        names = (posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File)
+        return sorted(name for name in names if not name.startswith("."))
 
     def is_empty(self) -> bool:
         try:

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from scenecluster.errors import OutputError
-from scenecluster.outputs import atomic_write_text, prepare_output
+from scenecluster.outputs import OutputFolder, atomic_write_text, prepare_output
 
 
 def test_same_run_resumes_other_run_refused(tmp_path):
@@ -47,3 +47,22 @@ def test_output_folder_atomic_stream_leaves_nothing_on_error(tmp_path):
     assert list((tmp_path / "o").iterdir()) == []
     out.write_text("sub/x.txt", "hi")
     assert out.read_text("sub/x.txt") == "hi" and out.list("sub") == ["x.txt"]
+
+
+def test_listing_leaves_out_the_temporary_files_of_interrupted_writes(tmp_path):
+    """A worker killed mid-write leaves an empty hidden ``.NAME.tmp-…``; exports list the folder and read each."""
+    out = OutputFolder(str(tmp_path))
+    out.write_text("parts/part-000000.parquet", "x")
+    (tmp_path / "parts" / ".part-000001.parquet.tmp-5a6ffb83").write_bytes(b"")
+    assert out.list("parts") == ["part-000000.parquet"]
+
+
+def test_rehearsal_worker_ports_stay_below_the_ephemeral_range():
+    from pathlib import Path
+
+    from scenecluster.testing.rayhead import _worker_range_start
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for seed in range(0, 70000, 997):
+        start = _worker_range_start(seed)
+        assert start >= 10000 and start + 1999 < low  # the head's thousand and the second node's

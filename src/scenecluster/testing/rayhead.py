@@ -111,7 +111,7 @@ class LocalRayHead:
     def _command(self) -> list[str]:
         ports = free_ports(len(_PORT_FLAGS) + 1)
         self.ports = dict(zip(_PORT_FLAGS, ports, strict=False))
-        worker_lo = 20000 + (ports[-1] % 19000)
+        worker_lo = _worker_range_start(ports[-1])
         self.worker_ports = (worker_lo, worker_lo + 999)
         return [
             self._ray_bin(), "start", "--head", "--block",
@@ -200,6 +200,20 @@ class LocalRayHead:
         self.stop()
 
 
+def _worker_range_start(seed: int) -> int:
+    """Start of a thousand worker ports below the kernel's ephemeral range, with room for a second node's.
+
+    The other ports are free ones the kernel hands out from its ephemeral range (32768 up by default); a
+    worker range inside that range once contained the node manager's port and ``ray start`` refused to run.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    slots = max(1, (low - 12000) // 1000)  # 10000 .. low - 2000, each slot followed by the node's thousand
+    return 10000 + (seed % slots) * 1000
+
+
 # Ports a node that joins a cluster opens (the GCS, dashboard and client ports are the head's alone).
 _NODE_PORT_FLAGS = (
     "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -231,7 +245,7 @@ class LocalRayNode(LocalRayHead):
     def _command(self) -> list[str]:
         self.ports = dict(zip(_NODE_PORT_FLAGS, free_ports(len(_NODE_PORT_FLAGS)), strict=True))
         head_lo = self.head.worker_ports[0]  # the next thousand ports, so the two nodes' workers never collide
-        worker_lo = head_lo + 1000 if head_lo + 1999 < 40000 else head_lo - 1000
+        worker_lo = head_lo + 1000  # still below the ephemeral range: _worker_range_start leaves room
         self.worker_ports = (worker_lo, worker_lo + 999)
         return [
             self._ray_bin(), "start", f"--address={self.head.gcs_address}", "--block",

@@ -123,7 +123,7 @@ def whitened(projection: Any, n_components: int, random_state: int | None):
     Why: a backbone's features vary most along a few directions that mostly carry what every scene shares
     (illumination, season, sensor); cosine neighbours are then decided by those directions. Whitening weighs
     each principal direction alike, so the neighbour graph UMAP builds follows the finer differences between
-    scene types. Measured on both scene sets before it became a default (``docs/benchmarks.md``).
+    scene types. Off by default: it helped many-class sets and hurt few-class ones (``docs/benchmarks.md``).
     """
     from sklearn.decomposition import PCA
     from sklearn.pipeline import make_pipeline

@@ -145,12 +145,14 @@ class OutputFolder:
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode("utf-8"))
 
-    def write_table(self, name: str, table: pa.Table) -> None:
+    def write_table(self, name: str, table: pa.Table, row_group_size: int | None = None) -> None:
         with self.open_atomic(name) as f:
-            pq.write_table(table, f)
+            pq.write_table(table, f, row_group_size=row_group_size)
 
-    def read_table(self, name: str, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(self.path(name), filesystem=self.fs, columns=columns)
+    def read_table(self, name: str, columns: list[str] | None = None, filters=None) -> pa.Table:
+        """``name``'s ``columns``; with ``filters`` (pyarrow's DNF), row groups whose statistics rule them out
+        are skipped unread."""
+        return pq.read_table(self.path(name), filesystem=self.fs, columns=columns, filters=filters)
 
 
 def check_writable(uri: str) -> None:

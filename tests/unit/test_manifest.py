@@ -1,0 +1,53 @@
+"""The manifest's layout: a row group per part, so a part's loader reads its own sources and no one else's."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from scenecluster.manifest import MANIFEST, _load_parts, write_manifest_paths
+from scenecluster.outputs import OutputFolder
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    out = OutputFolder(str(tmp_path))
+    paths = (f"archive/c{i % 3}/scene-{i:05d}.jpg" for i in range(1000))
+    write_manifest_paths(paths, out, identity={"test": 1}, chunk_size=128)
+    (file,) = [f for f in out.list(MANIFEST) if f.endswith(".parquet")]
+    return out, file, tmp_path / MANIFEST / file
+
+
+def test_each_part_is_its_own_row_group_with_name_statistics(manifest):
+    _, _, local = manifest
+    meta = pq.ParquetFile(local).metadata
+    names = pq.read_table(local, columns=["name"]).column("name").to_pylist()
+    assert meta.num_rows == len(names) == meta.num_row_groups > 1
+    name_column = meta.schema.names.index("name")
+    for i, name in enumerate(names):
+        stats = meta.row_group(i).column(name_column).statistics
+        assert stats.has_min_max and stats.min == stats.max == name
+
+
+def _corrupt_sources_of_row_group(local, index: int) -> None:
+    meta = pq.ParquetFile(local).metadata
+    leaf = next(i for i in range(meta.num_columns) if meta.schema.column(i).path.startswith("sources"))
+    sources = meta.row_group(index).column(leaf)
+    start = sources.dictionary_page_offset or sources.data_page_offset
+    data = bytearray(local.read_bytes())
+    data[start : start + sources.total_compressed_size] = b"\xff" * sources.total_compressed_size
+    local.write_bytes(bytes(data))
+
+
+def test_a_part_loads_without_reading_the_other_parts_of_its_file(manifest):
+    out, file, local = manifest
+    table = pq.read_table(local)
+    names, sources = table.column("name").to_pylist(), table.column("sources").to_pylist()
+    _corrupt_sources_of_row_group(local, 0)  # a loader that read the whole file would now fail
+
+    loaded = _load_parts(pa.table({"file": [file], "name": [names[3]]}), out, columns=["name", "sources"])
+
+    assert loaded.column("name").to_pylist() == [names[3]]
+    assert loaded.column("sources").to_pylist() == [sources[3]]
+    with pytest.raises(Exception):  # noqa: B017 - proves the corruption is real: the damaged part cannot load
+        first = _load_parts(pa.table({"file": [file], "name": [names[0]]}), out, columns=["sources"])
+        assert first.column("sources").to_pylist() == [sources[0]]

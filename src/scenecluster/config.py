@@ -619,12 +619,29 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+class _Null:
+    """An override's explicit ``null``: :func:`load_config` sets the setting to ``None``.
+
+    Why not ``None`` itself: in an overrides dict ``None`` means a flag that was not given, which leaves the
+    setting alone; ``--set reduce.random_state=null`` must clear a value that a config file set.
+    """
+
+    def __repr__(self) -> str:
+        return "NULL"
+
+
+NULL = _Null()
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"embed.batch_size=64"`` -> ``("embed.batch_size", 64)``; the value is read as YAML."""
+    """``"embed.batch_size=64"`` -> ``("embed.batch_size", 64)``; the value is read as YAML (``null``, ``~``
+    or nothing is :data:`NULL`)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
     value = yaml.safe_load(raw) if raw.strip() else None
+    if value is None:
+        return key.strip(), NULL
     if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string; a number is meant
         with contextlib.suppress(ValueError):
             value = float(value)
@@ -656,7 +673,9 @@ def load_config(
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
         tree = loaded
     for key, value in (overrides or {}).items():
-        if value is not None:
+        if value is NULL:
+            set_dotted(tree, key, None)
+        elif value is not None:  # None: a flag that was not given
             set_dotted(tree, key, value)
     try:
         return model.model_validate(tree)

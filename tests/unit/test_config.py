@@ -1,6 +1,6 @@
 import pytest
 
-from scenecluster.config import ClusterJobConfig, dump_config, load_config, parse_override
+from scenecluster.config import NULL, ClusterJobConfig, dump_config, load_config, parse_override
 from scenecluster.errors import ConfigError
 
 
@@ -49,3 +49,15 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("embed.model=facebook/dinov2-base") == ("embed.model", "facebook/dinov2-base")
     with pytest.raises(ConfigError):
         parse_override("no-equals-sign")
+
+
+def test_an_explicit_null_override_clears_what_the_config_file_set(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("output: o\ndata: {input: /x}\nreduce: {random_state: 7}\ncluster: {covariance_prior_scale: 0.5}\n")
+    overrides = dict(parse_override(t) for t in ["reduce.random_state=null", "cluster.covariance_prior_scale=~"])
+    assert overrides == {"reduce.random_state": NULL, "cluster.covariance_prior_scale": NULL}
+    cfg = load_config(f, overrides)
+    assert cfg.reduce.random_state is None and cfg.cluster.covariance_prior_scale is None
+    assert load_config(f, {"reduce.random_state": None}).reduce.random_state == 7  # None: a flag not given
+    with pytest.raises(ConfigError, match=r"embed\.batch_size"):
+        load_config(f, dict([parse_override("embed.batch_size=null")]))

@@ -46,25 +46,28 @@ class PeakRSS(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.proc, self.stop, self.peak, self.worker_peak = psutil.Process(), threading.Event(), 0, 0
+        self.most_actors = 0
 
     def run(self) -> None:
         tick = 0
         while not self.stop.is_set():
             self.peak = max(self.peak, self.proc.memory_info().rss)
             if tick % 10 == 0:  # scanning every process is slower: every 200 ms
-                self.worker_peak = max(self.worker_peak, _assign_actor_rss())
+                rss, actors = _assign_actors()
+                self.worker_peak, self.most_actors = max(self.worker_peak, rss), max(self.most_actors, actors)
             tick += 1
             time.sleep(0.02)
 
 
-def _assign_actor_rss() -> int:
-    """The largest RSS among Ray's assignment actor processes (``ray::MapWorker(MapBatches(PartAssigner))``)."""
-    peak = 0
+def _assign_actors() -> tuple[int, int]:
+    """The largest RSS among Ray's assignment actor processes (``ray::MapWorker(MapBatches(PartAssigner))``),
+    and how many there are."""
+    peak = count = 0
     for proc in psutil.process_iter(["cmdline", "memory_info"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
         if "PartAssigner" in cmdline and proc.info["memory_info"] is not None:
-            peak = max(peak, proc.info["memory_info"].rss)
-    return peak
+            peak, count = max(peak, proc.info["memory_info"].rss), count + 1
+    return peak, count
 
 
 def write_manifest(out: OutputFolder, n: int, dims: int, chunk: int) -> None:
@@ -113,7 +116,7 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=4096)
     p.add_argument("--fit-sample", type=int, default=5000)
     p.add_argument("--projection", default="pca", choices=["pca", "umap"])
-    p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--actors", type=int, default=0, help="assignment actors; 0: the job's growing pool")
     args = p.parse_args()
     import ray
 
@@ -157,6 +160,7 @@ def main() -> None:
                         "projection": args.projection,
                         "fit_sample": args.fit_sample,
                         "assign_actors": args.actors,
+                        "assign_actors_seen": sampler.most_actors,
                         "n_clusters": summary.n_clusters,
                         "driver_listing_peak_over_start_mib": round((listing.peak - base) / 2**20, 1),
                         "driver_assign_peak_over_start_mib": round((sampler.peak - base_assign) / 2**20, 1),

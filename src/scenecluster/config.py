@@ -247,7 +247,12 @@ class ScaleConfig(_Section):
         "('auto': when there are at most export_limit scenes)",
     )
     export_limit: int = Field(200_000, ge=1, description="most scenes exported as single files by 'auto'")
-    assign_actors: int = Field(1, ge=1, description="assignment actors (each holds the fitted clustering)")
+    assign_actors: int = Field(
+        0,
+        ge=0,
+        description="assignment actors (each holds the fitted clustering); 0 = a pool that grows from 1 to one "
+        "actor per CPU of the cluster (per GPU on GPU runs), and never below embed.num_actors",
+    )
 
 
 class ReportConfig(_Section):

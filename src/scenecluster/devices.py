@@ -86,6 +86,8 @@ class Resources:
         cuML UMAP is importable (the nodes run the same image) and the fit runs on a GPU.
     decode_on_gpu : bool
         Embedding actors decode JPEGs with nvJPEG rather than PIL tasks decoding them first.
+    num_cpus, num_gpus : float
+        The Ray cluster's CPUs and GPUs when the run started (what the assignment pool may grow to).
     """
 
     use_gpu: bool
@@ -97,6 +99,8 @@ class Resources:
     fit_device: str
     cuml: bool
     decode_on_gpu: bool
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -159,6 +163,8 @@ def decide(
         fit_device=fit_device,
         cuml=fit_device == "cuda" and importlib.util.find_spec("cuml") is not None,
         decode_on_gpu=decode == "gpu" or (decode == "auto" and gpus_per_actor > 0),
+        num_cpus=inventory.num_cpus,
+        num_gpus=inventory.num_gpus,
     )
 
 

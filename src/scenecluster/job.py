@@ -86,7 +86,9 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
             f"{fit['n_fit']} scenes: {fit['n_clusters']} clusters"
         )
     with timer.stage("assign") as note:
-        assigned = assign_parts(out, out, resources, cfg.scale.assign_actors, cfg.data.labels == "folders")
+        assigned = assign_parts(
+            out, out, resources, cfg.scale.assign_actors, cfg.data.labels == "folders", at_least=cfg.embed.num_actors
+        )
         note["summary"] = f"{assigned.n} scenes in {assigned.n_clusters} clusters, {assigned.novel} novel"
     metrics = {**_metrics(embedded, assigned, fit), **_run_facts(resources, started)}
     _exports(cfg, out, embedded, timer)
@@ -109,7 +111,9 @@ def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print)
     spec, out, resources = _prepare(cfg, overwrite, timer)
     embedded = _embed_stage(cfg, out, spec, resources, timer)
     with timer.stage("assign") as note:
-        assigned = assign_parts(out, source, resources, cfg.scale.assign_actors, cfg.data.labels == "folders")
+        assigned = assign_parts(
+            out, source, resources, cfg.scale.assign_actors, cfg.data.labels == "folders", at_least=cfg.embed.num_actors
+        )
         note["summary"] = f"{assigned.n} scenes in {assigned.n_clusters} clusters, {assigned.novel} novel"
     metrics = {
         **_metrics(embedded, assigned, None),

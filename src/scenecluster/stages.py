@@ -22,6 +22,8 @@ from scenecluster.outputs import OutputFolder
 __all__ = [
     "AssignSummary",
     "assign_parts",
+    "assign_pool_sizes",
+    "assigns_on_gpu",
     "check_enough_scenes",
     "export_assignments",
     "fit_remote",
@@ -164,23 +166,57 @@ class AssignSummary:
         return sum(1 for v in self.sizes.values() if v > 0)
 
 
+def assign_pool_sizes(resources, actors: int, *, on_gpu: bool, at_least: int = 1) -> tuple[int, int]:
+    """``(min, max)`` of the assignment actor pool: ``actors`` of them, or for ``0`` a pool that Ray Data grows
+    from one actor to one per GPU of the cluster (``on_gpu``) or one per CPU, and to no fewer than ``at_least``.
+
+    Why grow: a run of a few parts is done before a second actor has loaded the clustering, while an archive of
+    millions needs every core; one actor per CPU, since each runs umap-learn's ``transform`` on one thread. An
+    autoscaling cluster may have fewer nodes when the run starts than its embedding stage brings up, hence
+    the floor of the embedding actors.
+    """
+    if actors:
+        return actors, actors
+    per_cluster = resources.num_gpus // resources.gpus_per_actor if on_gpu else resources.num_cpus
+    return 1, max(1, int(per_cluster), at_least)
+
+
+def assigns_on_gpu(resources, clustering_from: OutputFolder) -> bool:
+    """Assignment actors hold GPUs only where the saved projection runs there (cuML): umap-learn's ``transform``
+    is CPU work, and one actor per GPU would leave all but 8 of a cluster's 128 cores idle on it."""
+    from scenecluster.fitted import read_clustering_meta
+
+    backend = read_clustering_meta(clustering_from).get("reduce", {}).get("backend")
+    return resources.use_gpu and backend == "cuml"
+
+
 def assign_parts(
-    out: OutputFolder, clustering_from: OutputFolder, resources, actors: int, with_labels: bool
+    out: OutputFolder,
+    clustering_from: OutputFolder,
+    resources,
+    actors: int,
+    with_labels: bool,
+    at_least: int = 1,
 ) -> AssignSummary:
-    """Run :class:`scenecluster.scale.PartAssigner` actors over the run's parts; add up their counts."""
+    """Run :class:`scenecluster.scale.PartAssigner` actors over the run's parts; add up their counts.
+
+    ``actors`` fixes the pool's size; ``0`` lets it grow (:func:`assign_pool_sizes`).
+    """
     import ray
 
     from scenecluster.manifest import part_dataset
     from scenecluster.scale import PartAssigner
 
+    on_gpu = assigns_on_gpu(resources, clustering_from)
+    smallest, largest = assign_pool_sizes(resources, actors, on_gpu=on_gpu, at_least=at_least)
     ds = part_dataset(out, columns=["name"]).map_batches(
         PartAssigner,
         fn_constructor_args=(out, clustering_from),
-        fn_constructor_kwargs={"device": resources.device, "with_labels": with_labels},
+        fn_constructor_kwargs={"device": "cuda" if on_gpu else "cpu", "with_labels": with_labels},
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=ray.data.ActorPoolStrategy(min_size=smallest, max_size=largest),
         num_cpus=0.5,
-        num_gpus=resources.gpus_per_actor if resources.use_gpu else 0,
+        num_gpus=resources.gpus_per_actor if on_gpu else 0,
     )
     n = novel = 0
     sizes: Counter = Counter()

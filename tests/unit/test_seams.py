@@ -16,6 +16,7 @@ from scenecluster.config import (
     ClusterJobConfig,
     PipelineConfig,
     ResourcesConfig,
+    ScaleConfig,
     config_flags,
     configuration_markdown,
     load_config,
@@ -110,6 +111,37 @@ def test_resources_are_decided_once():
     with pytest.raises(ConfigError, match="resources.device"):
         decide("cuda", cpu_node)
     assert ResourcesConfig().device == "auto"
+
+
+def test_the_assignment_pool_grows_to_the_cluster_unless_its_size_is_set():
+    from scenecluster.stages import assign_pool_sizes
+
+    cpu = decide("auto", ClusterInventory(num_cpus=48, num_gpus=0, cpus_per_node=16))
+    gpu = decide("auto", ClusterInventory(num_cpus=64, num_gpus=8, cpus_per_node=16))
+    assert assign_pool_sizes(cpu, 0, on_gpu=False) == (1, 48)  # one actor per CPU: each transforms on one thread
+    assert assign_pool_sizes(gpu, 0, on_gpu=True) == (1, 8)  # one per GPU, where the projection runs there
+    assert assign_pool_sizes(gpu, 0, on_gpu=False) == (1, 64)  # umap-learn on a GPU cluster: CPU actors
+    assert assign_pool_sizes(cpu, 3, on_gpu=False) == (3, 3)  # scale.assign_actors fixes it
+    assert assign_pool_sizes(cpu, 0, on_gpu=False, at_least=64) == (1, 64)  # the embedding stage may grow a cluster
+    half = decide("auto", ClusterInventory(num_cpus=64, num_gpus=8, cpus_per_node=16), actor_gpus=0.5)
+    assert assign_pool_sizes(half, 0, on_gpu=True) == (1, 16)
+    assert ScaleConfig().assign_actors == 0
+
+
+@pytest.mark.parametrize(
+    ("backend", "device", "expected"), [("cuml", "auto", True), ("umap-learn", "auto", False), ("cuml", "cpu", False)]
+)
+def test_assignment_actors_hold_gpus_only_for_a_projection_that_runs_on_them(tmp_path, backend, device, expected):
+    import json
+
+    from scenecluster.fitted import FORMAT
+    from scenecluster.outputs import OutputFolder
+    from scenecluster.stages import assigns_on_gpu
+
+    run = OutputFolder(str(tmp_path))
+    run.write_text("clustering/clustering.json", json.dumps({"format": FORMAT, "reduce": {"backend": backend}}))
+    resources = decide(device, ClusterInventory(num_cpus=64, num_gpus=8, cpus_per_node=16))
+    assert assigns_on_gpu(resources, run) is expected
 
 
 def test_feature_spec_checks_the_layer_without_weights(tiny_model_dir):

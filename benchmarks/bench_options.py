@@ -112,6 +112,10 @@ def run(args: argparse.Namespace) -> None:
         for case, X, y in cases(sets, [], args.subsets, args.sample_seed, None):
             if case != "union" or args.union:
                 features[case] = (X, y)
+        if args.variant_subsets:  # each feature's own subsets, drawn alike: a set's variants get the same ones
+            for name, data in load_features(args.embeddings, args.sample, args.sample_seed).items():
+                for case, X, y in cases({name: data}, [], args.subsets, args.sample_seed, None):
+                    features.setdefault(f"{case}*", (X, y))
     head = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count()}
     for name, (X, y) in features.items():
         for option in args.options:
@@ -164,6 +168,12 @@ def main() -> None:
     p.add_argument("--subsets", type=int, default=0, help="also this many 3-4-class subsets of each set")
     p.add_argument("--union", action="store_true", help="also a sample of the union of the sets' classes")
     p.add_argument("--cases-only", action="store_true", help="only the subsets and the union, not the sets")
+    p.add_argument(
+        "--variant-subsets",
+        action="store_true",
+        help="also the subsets of every feature, variants included, each drawn as if its set came first (same "
+        "classes and rows for a set's variants); named <case>*",
+    )
     p.add_argument("--summary", help="print the table of a finished run's JSON lines")
     args = p.parse_args()
     if args.summary:

@@ -104,16 +104,17 @@ def load_features(specs: list[str], sample: int, seed: int) -> dict[str, tuple[n
 
 
 def run(args: argparse.Namespace) -> None:
-    features = load_features(args.embeddings, args.sample, args.sample_seed)
+    loaded = load_features(args.embeddings, args.sample, args.sample_seed)
+    features = dict(loaded)
     if args.subsets or args.union:
-        sets = {name: data for name, data in features.items() if "+" not in name}
+        sets = {name: data for name, data in loaded.items() if "+" not in name}
         if args.cases_only:
             features = {}
         for case, X, y in cases(sets, [], args.subsets, args.sample_seed, None):
             if case != "union" or args.union:
                 features[case] = (X, y)
         if args.variant_subsets:  # each feature's own subsets, drawn alike: a set's variants get the same ones
-            for name, data in load_features(args.embeddings, args.sample, args.sample_seed).items():
+            for name, data in loaded.items():
                 for case, X, y in cases({name: data}, [], args.subsets, args.sample_seed, None):
                     features.setdefault(f"{case}*", (X, y))
     head = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count()}

@@ -99,8 +99,8 @@ class Resources:
     fit_device: str
     cuml: bool
     decode_on_gpu: bool
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    num_cpus: float
+    num_gpus: float
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -48,10 +48,19 @@ from scenecluster.embed import read_embeddings
 from scenecluster.evaluate import score_clusters
 from scenecluster.reduce import make_projection
 
+_PROJECTIONS: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
 
 def umap(X: np.ndarray, seed: int) -> np.ndarray:
-    settings = {**ReduceConfig(random_state=seed).model_dump(), "backend": "umap-learn"}
-    return np.asarray(make_projection(**settings).fit_transform(X), np.float32)
+    """The job's UMAP of ``X``; the same (array, seed) is projected once (``default`` and the oracle share it).
+
+    The cache holds ``X`` itself, so its id cannot be reused by another array while the entry lives.
+    """
+    key = (id(X), seed)
+    if key not in _PROJECTIONS:
+        settings = {**ReduceConfig(random_state=seed).model_dump(), "backend": "umap-learn"}
+        _PROJECTIONS[key] = (X, np.asarray(make_projection(**settings).fit_transform(X), np.float32))
+    return _PROJECTIONS[key][1]
 
 
 def dpgmm(Z: np.ndarray, seed: int) -> np.ndarray:
@@ -154,8 +163,10 @@ def summary(path: str) -> None:
             return f"{values.mean():.3f} ± {values.std():.3f}"
 
         ks = ", ".join(str(r["n_clusters"]) for r in rows)
-        print(f"| {feature} | {option} | {len(rows)} | {ks} ({rows[0]['n_classes']}) | "
-              f"{cell('acc')} | {cell('nmi')} | {cell('ari')} |")
+        print(
+            f"| {feature} | {option} | {len(rows)} | {ks} ({rows[0]['n_classes']}) | "
+            f"{cell('acc')} | {cell('nmi')} | {cell('ari')} |"
+        )
 
 
 def main() -> None:

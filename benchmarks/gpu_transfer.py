@@ -75,21 +75,39 @@ def fine_tune(
     epochs: int,
     save_to: Path,
     device: torch.device,
+    pseudo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    use_source: bool = True,
 ) -> dict:
-    """The Ray Train worker's recipe in one process: frozen early blocks, layer decay, warm-up + cosine, bf16."""
+    """The Ray Train worker's recipe in one process: frozen early blocks, layer decay, warm-up + cosine, bf16.
+
+    ``pseudo`` = (target images, target rows, their pseudo-labels) adds a second head trained on the target's
+    pseudo-labels beside the source's (self-training): batches draw from both sets' rows alike, each row's loss
+    on its own head, as :class:`SceneClassifier` does for several sources. Held-out accuracy is the source's.
+    ``use_source=False`` trains on the pseudo-labels alone (no held-out accuracy then).
+    """
     classes = sorted({folder_label(p) for p in paths})
     index = {p: i for i, p in enumerate(paths)}
     labels_all = torch.tensor([classes.index(folder_label(p)) for p in paths], device=device)
     train, val = stratified_split(paths, args.val_fraction, args.seed)
     train_idx = torch.tensor([index[p] for p in train], device=device)
     val_idx = torch.tensor([index[p] for p in val], device=device)
+    # One task per head: (its images, its training rows, labels indexed by row).
+    tasks = [(images, train_idx, labels_all)] if use_source else []
+    if pseudo is not None:
+        target_images, rows, target_labels = pseudo
+        full = torch.zeros(len(target_images), dtype=torch.long, device=device)
+        full[rows] = target_labels
+        tasks.append((target_images, rows, full))
+    n_classes = [len(classes)] * use_source + ([int(pseudo[2].max()) + 1] if pseudo is not None else [])
+    task_of = torch.cat([torch.full((len(t[1]),), k, device=device) for k, t in enumerate(tasks)])
+    row_of = torch.cat([t[1] for t in tasks])
     spec = resolve_feature_spec(backbone, image_size=args.image_size)
     torch.manual_seed(args.seed)
-    model = SceneClassifier(load_backbone(backbone, torch_dtype=torch.float32), [len(classes)]).to(device)
+    model = SceneClassifier(load_backbone(backbone, torch_dtype=torch.float32), n_classes).to(device)
     freeze_layers(model, args.freeze_blocks)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(param_groups(model, args.lr, args.weight_decay, args.layer_decay), fused=fused)
-    steps_per_epoch = len(train) // args.batch_size
+    steps_per_epoch = len(row_of) // args.batch_size
     total = steps_per_epoch * epochs
     warmup = max(1, round(0.1 * total))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, total))
@@ -99,14 +117,21 @@ def fine_tune(
     start = time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        order = train_idx[torch.randperm(len(train_idx), generator=gen).to(device)]
+        order = torch.randperm(len(row_of), generator=gen).to(device)
         loss_sum = 0.0
         for step in range(steps_per_epoch):
-            idx = order[step * args.batch_size : (step + 1) * args.batch_size]
-            x = augment_batch(images[idx], gen, mean=spec.mean, std=spec.std)
+            sel = order[step * args.batch_size : (step + 1) * args.batch_size]
+            groups = [(k, row_of[sel[task_of[sel] == k]]) for k in range(len(tasks))]
+            groups = [(k, rows) for k, rows in groups if len(rows)]
+            x = torch.cat([augment_batch(tasks[k][0][rows], gen, mean=spec.mean, std=spec.std) for k, rows in groups])
             with autocast:
-                logits = model(x)[0]
-            loss = F.cross_entropy(logits.float(), labels_all[idx], label_smoothing=args.label_smoothing)
+                logits = model(x)
+            loss, offset = x.new_zeros(()), 0
+            for k, rows in groups:
+                head = logits[k][offset : offset + len(rows)].float()
+                ce = F.cross_entropy(head, tasks[k][2][rows], label_smoothing=args.label_smoothing, reduction="sum")
+                loss, offset = loss + ce, offset + len(rows)
+            loss = loss / len(x)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -117,12 +142,15 @@ def fine_tune(
             {
                 "epoch": epoch + 1,
                 "train_loss": round(loss_sum / max(1, steps_per_epoch), 4),
-                "val_acc": round(evaluate(model, images, val_idx, labels_all, spec, autocast), 4),
+                "val_acc": round(evaluate(model, images, val_idx, labels_all, spec, autocast), 4)
+                if use_source
+                else None,
             }
         )
         log(
             stage="finetune",
             source=Path(paths[0]).parent.parent.name,
+            heads=n_classes,
             **history[-1],
             seconds=round(time.perf_counter() - start, 1),
         )
@@ -132,7 +160,9 @@ def fine_tune(
     save_backbone(model.backbone, save_to)
     return {
         "classes": len(classes),
+        "heads": n_classes,
         "train": len(train),
+        "pseudo_rows": 0 if pseudo is None else len(pseudo[1]),
         "val": len(val),
         "epochs": epochs,
         "steps": total,
@@ -190,6 +220,12 @@ def main() -> None:
     p.add_argument("--layer", type=int, default=8)
     p.add_argument("--pooling", default="cls+mean")
     p.add_argument("--embed-batch", type=int, default=256)
+    p.add_argument(
+        "--pseudo-dir",
+        type=Path,
+        help="self-training: pseudo-<target>.json files (benchmarks/pseudo_labels.py); each direction then "
+        "fine-tunes on its source and the target's pseudo-labels together, and only the target is embedded",
+    )
     args = p.parse_args()
     device = torch.device(args.device)
     epochs = {k: int(v) for k, v in (kv.split("=") for kv in args.epochs.split(","))}
@@ -234,17 +270,44 @@ def main() -> None:
         save_meta()
         log(stage="embed", **row)
 
+    def pseudo_for(target: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kept = json.loads((args.pseudo_dir / f"pseudo-{target}.json").read_text())["labels"]
+        rel = [f"{target}/{q}" for q in meta["sets"][target]["paths"]]
+        rows = [i for i, q in enumerate(rel) if q in kept]
+        log(stage="pseudo", target=target, rows=len(rows), classes=len(set(kept.values())))
+        labels = torch.tensor([kept[rel[i]] for i in rows], device=device)
+        return images[target], torch.tensor(rows, device=device), labels
+
     # Most important first: each direction's tuned features, then the untuned references.
     for source, target in (("nwpu12", "eurosat"), ("eurosat", "nwpu12")):
-        tuned = args.out.parent / f"tuned-{source}"
+        tag = f"{'selftrain' if args.pseudo_dir else 'tuned'}-{source}"
+        pseudo = pseudo_for(target) if args.pseudo_dir else None
+        tuned = args.out.parent / tag
         meta[f"finetune_{source}"] = fine_tune(
-            args.backbone, images[source], paths[source], args, epochs[source], tuned, device
+            args.backbone, images[source], paths[source], args, epochs[source], tuned, device, pseudo
         )
         save_meta()
         for views in ("one", "d4"):
-            run(target, str(tuned), f"tuned-{source}", views)
-    for target, views in (("eurosat", "d4"), ("nwpu12", "d4"), ("nwpu12", "one"), ("eurosat", "one")):
-        run(target, args.backbone, "untuned", views)
+            run(target, str(tuned), tag, views)
+    if args.pseudo_dir:  # the pseudo-labels alone, without the source's labels: one view each
+        for source, target in (("nwpu12", "eurosat"), ("eurosat", "nwpu12")):
+            tuned = args.out.parent / f"pseudoonly-{target}"
+            meta[f"finetune_pseudoonly_{target}"] = fine_tune(
+                args.backbone,
+                images[source],
+                paths[source],
+                args,
+                epochs[source],
+                tuned,
+                device,
+                pseudo_for(target),
+                use_source=False,
+            )
+            save_meta()
+            run(target, str(tuned), f"pseudoonly-{target}", "one")
+    if not args.pseudo_dir:
+        for target, views in (("eurosat", "d4"), ("nwpu12", "d4"), ("nwpu12", "one"), ("eurosat", "one")):
+            run(target, args.backbone, "untuned", views)
     log(stage="done", seconds=round(time.perf_counter() - T0, 1))
 
 

@@ -3,7 +3,8 @@
 Per backbone (the fine-tuned one; with ``references``, also the untuned one it started from) the target is
 embedded once, then clustered once per seed: a seed moves the fit sample, UMAP and the mixture's
 initialisation, and a rerun with another seed refits on the embeddings already written (see
-:func:`scenecluster.job.run_identity`). With ``references``, k-means told the true number of classes runs on
+:func:`scenecluster.job.run_identity`). With ``cluster.data.sample`` the seed also draws the target sample, so
+each seed embeds its own (the spread then includes the sampling); ``sample_seed`` draws one sample for all. With ``references``, k-means told the true number of classes runs on
 the same features: an oracle on K, which shows how much of the gap is the number of clusters. Labels are read
 only to score: every run is the plain clustering job (:func:`scenecluster.job.run_cluster_job`), so the
 figures are what ``scenecluster cluster`` gives.
@@ -51,7 +52,9 @@ def run_benchmark(cfg: BenchmarkConfig, *, overwrite: bool = False, echo: Callab
         for method in (METHOD, ORACLE) if cfg.references else (METHOD,):
             for seed in cfg.seeds:
                 echo(f"[benchmark] {name} backbone, {method}, seed {seed}")
-                metrics = _run_variant(job, method, seed, n_classes, overwrite=overwrite, echo=echo)
+                metrics = _run_variant(
+                    job, method, seed, n_classes, sample_seed=cfg.sample_seed, overwrite=overwrite, echo=echo
+                )
                 n_classes = metrics["n_classes"]
                 runs.append({"backbone": name, "model": model, "method": method, "seed": seed, **_scores(metrics)})
     result = {
@@ -91,19 +94,36 @@ def _backbones(cfg: BenchmarkConfig, echo: Callable) -> tuple[dict[str, str], di
     return backbones, finetune
 
 
-def _run_variant(
-    job: ClusterJobConfig, method: str, seed: int, n_classes: int | None, *, overwrite: bool, echo: Callable
-) -> dict[str, Any]:
-    """One clustering of the backbone's run folder; the first embeds, the others refit on its embeddings."""
-    from scenecluster.job import run_cluster_job
-
+def variant_config(
+    job: ClusterJobConfig, method: str, seed: int, n_classes: int | None, sample_seed: int | None = None
+) -> ClusterJobConfig:
+    """The clustering job of one (method, seed): ``seed`` moves UMAP and the mixture, and ``data.seed`` too
+    (the target sample and the fit sample) unless ``sample_seed`` holds it, so that every seed reuses one
+    embedded sample instead of embedding its own."""
     cfg = job.model_copy(deep=True)
-    cfg.data.seed = seed
+    cfg.data.seed = seed if sample_seed is None else sample_seed
     cfg.cluster.random_state = seed
     cfg.reduce.random_state = seed
     if method == ORACLE:
         cfg.cluster.method = "kmeans"
         cfg.cluster.n_components = int(n_classes)
+    return cfg
+
+
+def _run_variant(
+    job: ClusterJobConfig,
+    method: str,
+    seed: int,
+    n_classes: int | None,
+    *,
+    sample_seed: int | None,
+    overwrite: bool,
+    echo: Callable,
+) -> dict[str, Any]:
+    """One clustering of the backbone's run folder; the first embeds, the others refit on its embeddings."""
+    from scenecluster.job import run_cluster_job
+
+    cfg = variant_config(job, method, seed, n_classes, sample_seed)
     return run_cluster_job(cfg, overwrite=overwrite, echo=echo)
 
 

@@ -182,6 +182,13 @@ def _add_benchmark_command(sub) -> None:
     b.add_argument("--backbone", metavar="CKPT", help="a fine-tuned backbone folder to reuse (no fine-tuning)")
     b.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     b.add_argument("--seeds", type=int, nargs="+", metavar="N", help="seeds (default 0 1 2)")
+    b.add_argument(
+        "--sample-seed",
+        type=int,
+        metavar="N",
+        help="draw the target's --sample once with this seed for every seed: one embedding per backbone "
+        "(default: each seed draws its own) [sample_seed]",
+    )
     b.add_argument("--no-references", action="store_true", help="skip the untuned backbone and the oracle-K k-means")
     b.add_argument("--epochs", type=int, metavar="N", help="fine-tuning epochs [finetune.epochs]")
     _add_overwrite(b)
@@ -208,6 +215,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
             overrides["finetune.epochs"] = args.epochs
     if args.seeds:
         overrides["seeds"] = args.seeds
+    if args.sample_seed is not None:
+        overrides["sample_seed"] = args.sample_seed
     if args.no_references:
         overrides["references"] = False
     overrides.update(_overrides(args, "ClusterJobConfig", "cluster."))

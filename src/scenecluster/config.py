@@ -502,6 +502,12 @@ class BenchmarkConfig(_Section):
     output: str = Field(description="folder for finetune/, one clustering run per backbone, benchmark.json/.md")
     backbone: str | None = Field(None, description="a fine-tuned backbone folder to reuse instead of fine-tuning")
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="one clustering per seed, per backbone and method")
+    sample_seed: int | None = Field(
+        None,
+        description="with cluster.data.sample: draw the target sample (and the fit sample) once with this seed "
+        "for every seed, so the target is embedded once per backbone; None: each seed draws its own sample, and "
+        "the spread includes the sampling",
+    )
     references: bool = Field(
         True, description="also cluster with the untuned backbone, and run k-means told the true number of classes"
     )

@@ -327,15 +327,8 @@ def _overrides(args: argparse.Namespace, model_name: str, prefix: str = "") -> d
 
 # The demo's settings: 112 px (EuroSAT tiles are 64 px, and 112 px is 5x faster than 224 on a CPU) and
 # layer 8's CLS + mean patch token, the best kNN probe on the *source* set nwpu12 for the offline ViT-S/14
-# stand-in, whose last layers were tuned for saliency (docs/benchmarks.md has the per-layer table); and the 8
-# test-time views, which lift that untuned backbone at 112 px (EuroSAT +0.12, nwpu12 +0.05 accuracy).
-DEMO_DEFAULTS = {
-    "data.labels": "folders",
-    "embed.image_size": 112,
-    "embed.layer": 8,
-    "embed.pooling": "cls+mean",
-    "embed.views": "d4",
-}
+# stand-in, whose last layers were tuned for saliency (docs/benchmarks.md has the per-layer table).
+DEMO_DEFAULTS = {"data.labels": "folders", "embed.image_size": 112, "embed.layer": 8, "embed.pooling": "cls+mean"}
 
 
 def _cmd_cluster(args: argparse.Namespace, *, input_uri: str, defaults: dict | None = None) -> int:

@@ -123,11 +123,10 @@ class EmbedConfig(FeatureConfig):
         json_schema_extra=flag("--layer"),
     )
     views: Literal["one", "rot90", "d4"] = Field(
-        "one",
+        "d4",
         description="test-time views each feature is averaged over: 'one' (the scene as it is), 'rot90' (its 4 "
-        "rotations) or 'd4' (rotations and mirror images, 8): scenes have no up; costs that many forward passes. "
-        "d4 lifts an untuned backbone at 112 px, but at 224 px and with a fine-tuned backbone it changed accuracy "
-        "by 0.02 or less in both transfer directions (docs/benchmarks.md), so one view is the default",
+        "rotations) or 'd4' (rotations and mirror images, 8): scenes have no up; costs that many forward passes "
+        "(d4 chosen on EuroSAT and nwpu12, docs/benchmarks.md)",
         json_schema_extra=flag("--views"),
     )
     batch_size: int = Field(32, ge=1, description="images per model batch", json_schema_extra=flag("--batch-size"))

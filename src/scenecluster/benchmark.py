@@ -4,10 +4,11 @@ Per backbone (the fine-tuned one; with ``references``, also the untuned one it s
 embedded once, then clustered once per seed: a seed moves the fit sample, UMAP and the mixture's
 initialisation, and a rerun with another seed refits on the embeddings already written (see
 :func:`scenecluster.job.run_identity`). With ``cluster.data.sample`` the seed also draws the target sample, so
-each seed embeds its own (the spread then includes the sampling); ``sample_seed`` draws one sample for all. With ``references``, k-means told the true number of classes runs on
-the same features: an oracle on K, which shows how much of the gap is the number of clusters. Labels are read
-only to score: every run is the plain clustering job (:func:`scenecluster.job.run_cluster_job`), so the
-figures are what ``scenecluster cluster`` gives.
+each seed embeds its own (the spread then includes the sampling); ``sample_seed`` draws one sample for all.
+With ``references``, k-means told the true number of classes runs on the same features: an oracle on K,
+which shows how much of the gap is the number of clusters. Labels are read only to score: every run is the
+plain clustering job (:func:`scenecluster.job.run_cluster_job`), so the figures are what
+``scenecluster cluster`` gives.
 
 Writes ``OUT/benchmark.json`` (every run's scores and stage seconds, the summary, the fine-tune's metrics)
 and ``OUT/benchmark.md`` (the summary as a Markdown table: mean and standard deviation over the seeds).

@@ -126,7 +126,7 @@ class EmbedConfig(FeatureConfig):
         "d4",
         description="test-time views each feature is averaged over: 'one' (the scene as it is), 'rot90' (its 4 "
         "rotations) or 'd4' (rotations and mirror images, 8): scenes have no up; costs that many forward passes "
-        "(d4 chosen on EuroSAT and nwpu12, docs/benchmarks.md)",
+        "(d4 chosen on EuroSAT and nwpu12, both transfer directions, 112 and 224 px: docs/benchmarks.md)",
         json_schema_extra=flag("--views"),
     )
     batch_size: int = Field(32, ge=1, description="images per model batch", json_schema_extra=flag("--batch-size"))

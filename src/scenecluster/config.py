@@ -118,8 +118,10 @@ class EmbedConfig(FeatureConfig):
     """The feature extractor (which layer) and how it runs on Ray Data."""
 
     layer: int = Field(
-        -1,
-        description="hidden layer whose tokens are the feature (1-based; -1 = last)",
+        0,
+        description="hidden layer whose tokens are the feature (1-based; -1 = last; 0 = the model's choice: the "
+        "layer its config.json names as scenecluster_feature_layer, else the last; the offline "
+        "facebook/dinov2-small stand-in and backbones fine-tuned from it name 8)",
         json_schema_extra=flag("--layer"),
     )
     views: Literal["one", "rot90", "d4"] = Field(

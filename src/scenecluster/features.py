@@ -30,7 +30,8 @@ class FeatureSpec:
     model : str
         The model as the user named it (Hub id or folder); part of the identity.
     requested_layer : int
-        The layer as configured (``-1`` = last); part of the identity.
+        The layer as configured (``-1`` = last, ``0`` = the model's choice); part of the identity, except that
+        ``0`` is recorded as the layer it resolved to (so it shares embeddings with that layer named outright).
     pooling : {"cls", "cls+mean"}
     image_size : int
     source : str
@@ -74,7 +75,7 @@ class FeatureSpec:
         """The settings that determine the vectors: equal identities may reuse each other's embeddings."""
         return {
             "model": self.model,
-            "layer": self.requested_layer,
+            "layer": self.layer if self.requested_layer == 0 else self.requested_layer,
             "pooling": self.pooling,
             "image_size": self.image_size,
             **self.pixels.identity(),
@@ -107,10 +108,12 @@ def resolve_feature_spec(
     backbone = resolve_backbone(model)
     n_layers = int(backbone.num_hidden_layers)
     index = layer if layer > 0 else n_layers + 1 + layer
+    if layer == 0:  # the model's own choice: the layer its config names, else the last
+        index = backbone.feature_layer or n_layers
     if not 1 <= index <= n_layers:
         raise ConfigError(
-            f"setting embed.layer: layer must be in 1..{n_layers} or -{n_layers}..-1 ({model} has {n_layers} "
-            f"blocks), not {layer}"
+            f"setting embed.layer: layer must be in 1..{n_layers}, -{n_layers}..-1 or 0 (the model's choice) "
+            f"({model} has {n_layers} blocks), not {index if layer == 0 else layer}"
         )
     return FeatureSpec(
         model=str(model),

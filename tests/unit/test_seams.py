@@ -156,8 +156,8 @@ def test_feature_spec_checks_the_layer_without_weights(tiny_model_dir):
         "stretch": "auto",
         "percentiles": [2.0, 98.0],
     }
-    for bad in (0, 3, -3, 40):
-        with pytest.raises(ConfigError, match=r"setting embed\.layer: layer must be in 1\.\.2 or -2\.\.-1"):
+    for bad in (3, -3, 40):
+        with pytest.raises(ConfigError, match=r"setting embed\.layer: layer must be in 1\.\.2, -2\.\.-1 or 0"):
             resolve_feature_spec(str(tiny_model_dir), layer=bad)
 
 
@@ -184,8 +184,8 @@ def test_bad_layer_fails_in_the_driver_before_ray(tmp_path, sample_dir, tiny_mod
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"scenecluster: error: setting embed.layer: layer must be in 1..2 or -2..-1 ({tiny_model_dir} has 2 blocks), "
-        "not 40"
+        f"scenecluster: error: setting embed.layer: layer must be in 1..2, -2..-1 or 0 (the model's choice) "
+        f"({tiny_model_dir} has 2 blocks), not 40"
     ]
     assert not out.exists()  # nothing claimed, and RAY_ADDRESS points nowhere: Ray was never joined
 

@@ -37,6 +37,7 @@ def run_summary(run: str, *, endpoint_url: str | None = None) -> dict[str, Any]:
         raise OutputError(f"{run!r} has no metrics.json: not a finished run")
     metrics = json.loads(out.read_text("metrics.json"))
     config = yaml.safe_load(out.read_text("config.yaml")) if out.exists("config.yaml") else {}
+    identity = json.loads(out.read_text("run.json")) if out.exists("run.json") else {}
     seconds = total_seconds(metrics.get("stage_seconds") or {})
     n = metrics.get("n_embedded") or 0
     rows: list[tuple[str, str, Any]] = [
@@ -46,7 +47,7 @@ def run_summary(run: str, *, endpoint_url: str | None = None) -> dict[str, Any]:
         ("run", "total time", f"{seconds:,.1f} s" if seconds else "not recorded"),
         ("run", "rate", f"{n / seconds:,.1f} scenes/s" if seconds else "not recorded"),
     ]
-    for group, settings in setting_groups(config):
+    for group, settings in setting_groups(config, identity):
         rows += [(group, key, value) for key, value in settings.items()]
     names = {key: name for key, name, _ in SCORE_HELP}
     rows += [("scores", names.get(key, key), _score(metrics[key])) for key in SCORES if key in metrics]

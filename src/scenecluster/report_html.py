@@ -103,13 +103,20 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def setting_groups(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """The settings that shaped the result, grouped as the card shows them."""
+def setting_groups(config: dict[str, Any], identity: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """The settings that shaped the result, grouped as the card shows them.
+
+    ``identity`` (the run's ``run.json``) gives the layer that ``embed.layer: 0`` (the model's choice) resolved
+    to, so the card says which layer the scenes were embedded with, not only what was asked.
+    """
     data, embed = config.get("data") or {}, config.get("embed") or {}
     scale = config.get("scale") or {}
+    feature = {k: embed.get(k) for k in ("model", "layer", "pooling", "image_size") if k in embed}
+    if feature.get("layer") == 0 and (identity or {}).get("layer") is not None:
+        feature["layer"] = f"0 (the model's choice: {identity['layer']})"
     return [
         ("input", {k: data.get(k) for k in ("input", "labels", "sample", "seed") if k in data}),
-        ("feature", {k: embed.get(k) for k in ("model", "layer", "pooling", "image_size") if k in embed}),
+        ("feature", feature),
         ("projection", dict(config.get("reduce") or {})),
         ("clustering", dict(config.get("cluster") or {})),
         ("fit", {k: scale.get(k) for k in ("fit_sample", "novelty_quantile") if k in scale}),
@@ -131,7 +138,7 @@ def run_card(facts: RunFacts) -> str:
     if "clustering" in m:
         head.append(("clustering from", m["clustering"]))
     items = "".join(f"<div><dt>{esc(k)}</dt><dd>{esc(v)}</dd></div>" for k, v in head)
-    for group, settings in setting_groups(facts.config):
+    for group, settings in setting_groups(facts.config, facts.identity):
         chips = " ".join(
             f"<span class='kv'>{esc(k)}&nbsp;<b>{esc(_setting(v))}</b></span>" for k, v in settings.items()
         )

@@ -96,7 +96,7 @@ def test_report_opens_clean_in_chromium(small_run, tmp_path: Path, tiny_model_di
         v = seen.values
         for text in (
             f"model {tiny_model_dir}".lower(),
-            "layer -1",
+            "layer 0 (the model's choice: 2)",  # the tiny model names no layer: its last of 2
             "pooling cls",
             "image_size 28",
             "n_neighbors 10",

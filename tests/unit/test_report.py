@@ -189,3 +189,14 @@ def test_a_run_without_a_report_sample_is_drawn_in_its_projection(tmp_path: Path
     assert np.isfinite(facts.sample["agreement"]).all()
     page = build_report(OutputFolder(str(run)))
     assert "first two principal axes of the 5-D projection" in page and "separate 2-D UMAP" not in page
+
+
+def test_the_card_names_the_layer_the_models_choice_resolved_to():
+    from scenecluster.report_html import setting_groups
+
+    config = {"embed": {"model": "m", "layer": 0, "pooling": "cls", "image_size": 224}}
+    feature = dict(setting_groups(config, {"layer": 8}))["feature"]
+    assert feature["layer"] == "0 (the model's choice: 8)"
+    assert dict(setting_groups(config))["feature"]["layer"] == 0  # no run.json: what was asked
+    named = {"embed": {**config["embed"], "layer": -1}}
+    assert dict(setting_groups(named, {"layer": 12}))["feature"]["layer"] == -1  # asked outright: as asked

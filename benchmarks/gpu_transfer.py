@@ -26,18 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from scenecluster.augment import augment_batch
-from scenecluster.data import folder_label
+from scenecluster.data import IMAGE_SUFFIXES, folder_label
 from scenecluster.embed import Embedder
 from scenecluster.features import resolve_feature_spec
 from scenecluster.gpudecode import decode_images
 from scenecluster.models import load_backbone, normalize, save_backbone
-from scenecluster.train import SceneClassifier, freeze_layers, param_groups, stratified_split, warmup_cosine
+from scenecluster.train import SceneClassifier, _loss, freeze_layers, param_groups, stratified_split, warmup_cosine
 
 SETS = ("nwpu12", "eurosat")
-SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 
 def log(**fields) -> None:
@@ -48,7 +46,7 @@ def list_set(folder: Path, limit: int | None) -> list[str]:
     """Sorted ``<class>/<image>`` paths; at most ``limit`` per class (for dry runs)."""
     paths: list[str] = []
     for cls in sorted(p for p in folder.iterdir() if p.is_dir()):
-        files = sorted(str(f) for f in cls.iterdir() if f.suffix.lower() in SUFFIXES)
+        files = sorted(str(f) for f in cls.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         paths += files[:limit] if limit else files
     return paths
 
@@ -124,14 +122,12 @@ def fine_tune(
             groups = [(k, row_of[sel[task_of[sel] == k]]) for k in range(len(tasks))]
             groups = [(k, rows) for k, rows in groups if len(rows)]
             x = torch.cat([augment_batch(tasks[k][0][rows], gen, mean=spec.mean, std=spec.std) for k, rows in groups])
+            labels = torch.cat([tasks[k][2][rows] for k, rows in groups])
+            heads = torch.cat([torch.full((len(rows),), k, device=device) for k, rows in groups])
             with autocast:
                 logits = model(x)
-            loss, offset = x.new_zeros(()), 0
-            for k, rows in groups:
-                head = logits[k][offset : offset + len(rows)].float()
-                ce = F.cross_entropy(head, tasks[k][2][rows], label_smoothing=args.label_smoothing, reduction="sum")
-                loss, offset = loss + ce, offset + len(rows)
-            loss = loss / len(x)
+            # The worker's loss: each row's cross-entropy on its own head (train._loss), averaged over the batch.
+            loss = _loss(logits, labels, heads, torch.ones(len(x), device=device), args.label_smoothing) / len(x)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

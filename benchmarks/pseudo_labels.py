@@ -47,21 +47,22 @@ def main() -> None:
     labels = np.asarray(model.fit_predict(Z))
     density = np.asarray(model.score_samples(Z))
     kept: dict[str, int] = {}
+    n_pseudo = 0  # kept clusters are renumbered 0.. in order
     for cluster in np.unique(labels):
         members = np.flatnonzero(labels == cluster)
         n_keep = int(round(args.keep * len(members)))
         if n_keep < args.min_size:
             continue
         core = members[np.argsort(-density[members])[:n_keep]]
-        new_id = len({v for v in kept.values()})
-        kept.update({paths[i]: new_id for i in core})
+        kept.update({paths[i]: n_pseudo for i in core})
+        n_pseudo += 1
     report = {
         "embeddings": args.embeddings,
         "seed": args.seed,
         "prior_per_scene": args.prior_per_scene,
         "keep": args.keep,
         "clusters_found": int(len(np.unique(labels))),
-        "pseudo_classes": len(set(kept.values())),
+        "pseudo_classes": n_pseudo,
         "kept": len(kept),
         "of": len(paths),
     }

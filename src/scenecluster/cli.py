@@ -150,7 +150,9 @@ def _add_finetune_commands(sub) -> None:
         "pipeline",
         help="fine-tune on labelled sources, then cluster a target with that backbone",
         description="Run 'finetune' on the SOURCEs into OUT/finetune, then 'cluster' on --target "
-        "into OUT/cluster with --model OUT/finetune/backbone, and print both summaries.",
+        "into OUT/cluster with --model OUT/finetune/backbone; then, per self-training round N (default one), "
+        "fine-tune on the SOURCEs beside the target's pseudo-labels into OUT/finetune-roundN and cluster "
+        "again into OUT/cluster-roundN. Prints each stage's summary; the last clustering is the result.",
     )
     pl.add_argument(
         "sources", nargs="+", metavar="SOURCE", help="labelled <class>/<image> folder(s) or s3:// prefix(es)"
@@ -166,6 +168,7 @@ def _add_finetune_commands(sub) -> None:
     _add_overwrite(pl)
     pl.add_argument("--use-gpu", action="store_true", help="train on GPUs (same as --device cuda)")
     _add_config_options(pl, "FinetuneConfig", "finetune.", with_config=False)
+    _add_config_options(pl, "SelfTrainConfig", "self_train.", with_config=False)
 
 
 def _add_benchmark_command(sub) -> None:
@@ -311,12 +314,17 @@ def sample_data_dir() -> Path:
     return Path(str(resources.files("scenecluster") / "sample_data" / "eurosat30"))
 
 
+def _flag_values(args: argparse.Namespace, model_name: str, prefix: str = "") -> dict:
+    """Dotted settings from the flags of ``model_name`` that were given."""
+    values = {opt.dotted: getattr(args, _dest(opt.dotted)) for opt in _flags(model_name, prefix)}
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def _overrides(args: argparse.Namespace, model_name: str, prefix: str = "") -> dict:
     """Dotted settings from the flags that were given, then from ``--set``."""
     from scenecluster.config import parse_override
 
-    values = {opt.dotted: getattr(args, _dest(opt.dotted)) for opt in _flags(model_name, prefix)}
-    values = {k: v for k, v in values.items() if v is not None}
+    values = _flag_values(args, model_name, prefix)
     if getattr(args, "use_gpu", False):
         values[f"{prefix}resources.device"] = "cuda"
     for text in getattr(args, "overrides", []):
@@ -383,11 +391,20 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         "cluster.data.labels": args.labels,
         "cluster.output": str(out / "cluster"),
         **_overrides(args, "FinetuneConfig", "finetune."),
+        **_flag_values(args, "SelfTrainConfig", "self_train."),
     }
     result = run_pipeline(load_config(None, overrides, model=PipelineConfig), overwrite=args.overwrite)
+    for r in result["self_train"]:
+        pseudo = r["pseudo_labels"]
+        agreement = r["agreement_with_previous"]
+        print(
+            f"self-train round {r['round']}: {pseudo['kept']} pseudo-labelled scenes in {pseudo['pseudo_classes']} "
+            f"classes; {r['n_clusters']} clusters, agreement with the round before "
+            f"{'n/a' if agreement is None else f'{agreement:.3f}'}"
+        )
     print(_finetune_summary(result["finetune"], result["backbone"]))
     print(_cluster_summary(result["cluster"], prefix="cluster: "))
-    print(f"report: {(out / 'cluster' / 'report.html').resolve()}")
+    print(f"report: {(Path(result['cluster_output']) / 'report.html').resolve()}")
     return 0
 
 

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from scenecluster.errors import ConfigError, one_line
 
+PSEUDO_LABELS_FILE = "pseudo_labels.parquet"  # a self-training round's pseudo-labels, in its fine-tune's output
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -327,6 +329,11 @@ class FinetuneConfig(_Section):
     """
 
     sources: list[str] = Field(min_length=1, description="labelled <class>/<image> folders or s3:// prefixes")
+    pseudo_labels: list[str] = Field(
+        [],
+        description="pseudo-labelled targets to train beside the sources, one head each: pseudo_labels.parquet "
+        "files written by self-training (scenecluster.self_train), all rows for training",
+    )
     output: str = Field(description="local folder for backbone/, metrics.json and (by default) checkpoints")
     storage_path: str | None = Field(
         None,
@@ -455,8 +462,41 @@ class TuneJobConfig(_Section):
     resources: ResourcesConfig = ResourcesConfig()
 
 
+class SelfTrainConfig(_Section):
+    """Self-training on the target (:mod:`scenecluster.self_train`): after a clustering, fine-tune again on the
+    sources beside the target's most typical scenes of each cluster as pseudo-labels, re-embed, re-cluster.
+
+    Defaults are the recipe measured best in both transfer directions (docs/benchmarks.md, issue 10): one round,
+    pseudo-labels from a deliberately over-segmented mixture (``prior_per_scene`` a quarter of the clustering's)
+    so that fine-tuning never learns a merge as one class, the densest half of each cluster kept.
+    """
+
+    rounds: int = Field(
+        1,
+        ge=0,
+        description="self-training rounds after the first clustering (0: fine-tune on the sources only)",
+        json_schema_extra=flag("--self-train-rounds"),
+    )
+    prior_per_scene: float = Field(
+        0.001, gt=0, description="the pseudo-label mixture's prior per scene; below the clustering's, it splits more"
+    )
+    keep: float = Field(
+        0.5, gt=0, le=1, description="share of each pseudo-label cluster kept, densest first (mixture log-likelihood)"
+    )
+    min_size: int = Field(50, ge=1, description="pseudo-label clusters keeping fewer scenes are dropped")
+    epochs: int | None = Field(None, ge=1, description="fine-tuning epochs of a round (None: finetune.epochs)")
+    stop_agreement: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="stop before the next round once a round's clusters agree this well (ARI on the fit sample) "
+        "with the previous round's: a label-free sign that another round would change little",
+    )
+
+
 class PipelineConfig(_Section):
-    """``finetune`` then ``cluster`` with the fine-tuned backbone (``scenecluster pipeline``, ``rayjobs/pipeline.py``).
+    """``finetune`` then ``cluster`` with the fine-tuned backbone (``scenecluster pipeline``, ``rayjobs/pipeline.py``),
+    then ``self_train.rounds`` rounds of self-training on the target (:mod:`scenecluster.self_train`).
 
     This config owns the coupling between the two, so every way of building it gives the same run: the
     cluster stage embeds at the fine-tune's ``feature.image_size`` and ``feature.pooling``, reads pixels as the
@@ -467,6 +507,7 @@ class PipelineConfig(_Section):
 
     finetune: FinetuneConfig
     cluster: ClusterJobConfig
+    self_train: SelfTrainConfig = SelfTrainConfig()
 
     @model_validator(mode="after")
     def _couple(self) -> PipelineConfig:
@@ -485,10 +526,24 @@ class PipelineConfig(_Section):
             self.cluster.resources = self.finetune.resources.model_copy()
         return self
 
-    def cluster_job(self, backbone: str | os.PathLike) -> ClusterJobConfig:
-        """The cluster stage's config with the fine-tuned ``backbone`` folder as its model."""
+    def cluster_job(self, backbone: str | os.PathLike, round: int = 0) -> ClusterJobConfig:
+        """The cluster stage's config with the fine-tuned ``backbone`` folder as its model; self-training round
+        ``round`` > 0 writes to ``<cluster.output>-round<N>``."""
         cfg = self.cluster.model_copy(deep=True)
         cfg.embed.model = os.fspath(backbone)
+        if round:
+            cfg.output = f"{self.cluster.output.rstrip('/')}-round{round}"
+        return cfg
+
+    def self_train_finetune(self, round: int) -> FinetuneConfig:
+        """Self-training round ``round``'s fine-tune: the sources beside the target's pseudo-labels (in its output
+        folder, ``<finetune.output>-round<N>/pseudo_labels.parquet``), from the same start model, run name
+        ``<name>-round<N>``."""
+        cfg = self.finetune.model_copy(deep=True)
+        cfg.output = f"{self.finetune.output.rstrip('/')}-round{round}"
+        cfg.pseudo_labels = [*cfg.pseudo_labels, str(Path(cfg.output).expanduser().resolve() / PSEUDO_LABELS_FILE)]
+        cfg.name = f"{self.finetune.name}-round{round}"
+        cfg.epochs = self.self_train.epochs or self.finetune.epochs
         return cfg
 
 

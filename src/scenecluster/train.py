@@ -162,21 +162,33 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 
 # ------------------------------------------------------------------------------------------------ worker
-def _attach_labels(batch: dict[str, np.ndarray], *, classes: list[str], source: int) -> dict[str, np.ndarray]:
+def _attach_labels(
+    batch: dict[str, np.ndarray], *, classes: list[str], source: int, labels: dict[str, str] | None = None
+) -> dict[str, np.ndarray]:
     """Ray Data batch function: add ``label`` (index into ``classes``) and ``source`` (the source's index).
 
     The label name is :func:`scenecluster.data.folder_label` of the row's path, the rule the embedding stage
     labels with. A row whose name is not among ``classes`` (a shard member stored under a folder that is no class
     folder of the listing) becomes an error row, dropped from the loss and counted like an unreadable file.
+
+    A pseudo-labelled target (:mod:`scenecluster.self_train`) passes its ``labels`` by path instead: a readable
+    row without one (a member of a shard whose other members were picked) is left out, not counted.
     """
     index = {c: i for i, c in enumerate(classes)}
-    names = [folder_label(str(p)) for p in batch["path"]]
     errors = np.array(batch["error"], dtype=object)
+    if labels is None:
+        names = [folder_label(str(p)) for p in batch["path"]]
+    else:
+        names = [labels.get(str(p)) for p in batch["path"]]
+        picked = np.array([n is not None or bool(e) for n, e in zip(names, errors, strict=True)], dtype=bool)
+        if not picked.all():
+            batch = {k: np.asarray(v)[picked] for k, v in batch.items()}
+            names, errors = [n for n, k in zip(names, picked, strict=True) if k], errors[picked]
     for i, name in enumerate(names):
         if name not in index and not errors[i]:
             errors[i] = f"label {name!r} is not a class folder of its source"
-    labels = np.array([index.get(name, 0) for name in names], dtype=np.int64)
-    return {**batch, "error": errors, "label": labels, "source": np.full(len(labels), source, dtype=np.int64)}
+    ids = np.array([index.get(name, 0) for name in names], dtype=np.int64)
+    return {**batch, "error": errors, "label": ids, "source": np.full(len(ids), source, dtype=np.int64)}
 
 
 def _all_reduce(values: list[float]) -> list[float]:
@@ -583,10 +595,13 @@ def _dataset(
     image_size: int,
     batch_size: int,
     pixels: PixelSpec | None = None,
+    labels: dict[str, str] | None = None,
 ):
-    """The clustering job's reader (:func:`scenecluster.ingest.read_scenes`: files or tar shards), plus labels."""
+    """The clustering job's reader (:func:`scenecluster.ingest.read_scenes`: files or tar shards), plus labels
+    (by folder, or from ``labels`` by path for a pseudo-labelled target)."""
     ds = read_scenes(paths, listing.filesystem, image_size=image_size, batch_size=batch_size, pixels=pixels)
-    return ds.map_batches(_attach_labels, fn_kwargs={"classes": classes, "source": source}, num_cpus=READ_CPUS)
+    kwargs = {"classes": classes, "source": source, "labels": labels}
+    return ds.map_batches(_attach_labels, fn_kwargs=kwargs, num_cpus=READ_CPUS)
 
 
 def _count_rows(listing: SceneListing, splits: tuple[list[str], list[str]]) -> tuple[int, int]:
@@ -609,11 +624,16 @@ def _run_exists(storage_path: str, name: str, endpoint_url: str | None) -> bool:
 
 @dataclass(frozen=True)
 class _Inputs:
-    """The checked sources and model: one listing and one sorted class list per source."""
+    """The checked sources and model: one listing and one sorted class list per head.
+
+    The labelled sources come first, then the pseudo-labelled targets, whose ``labels`` map each scene path to
+    its class (None for a source, labelled by its folders).
+    """
 
     listings: list[SceneListing]
     classes: list[list[str]]
     backbone: ResolvedBackbone
+    labels: list[dict[str, str] | None]
 
 
 @dataclass(frozen=True)
@@ -634,17 +654,42 @@ def _check_inputs(cfg: FinetuneConfig) -> _Inputs:
 
     Only the model's config is read (:func:`scenecluster.models.resolve_backbone`), not its weights.
     """
+    from scenecluster.self_train import read_pseudo_labels
+
     listings = [
         list_scenes(s, endpoint_url=cfg.data.endpoint_url, sample=cfg.data.sample, seed=cfg.data.seed)
         for s in cfg.sources
     ]
     classes = [class_names(lst) for lst in listings]
+    pseudo = [read_pseudo_labels(f, endpoint_url=cfg.data.endpoint_url) for f in cfg.pseudo_labels]
     backbone = resolve_backbone(cfg.feature.model)  # ModelLoadError here, not in every worker
     if cfg.freeze_blocks > backbone.num_hidden_layers:
         raise ConfigError(
             f"setting freeze_blocks: {cfg.freeze_blocks} exceeds the model's {backbone.num_hidden_layers} blocks"
         )
-    return _Inputs(listings=listings, classes=classes, backbone=backbone)
+    return _Inputs(
+        listings=listings + [p.listing for p in pseudo],
+        classes=classes + [p.classes for p in pseudo],
+        backbone=backbone,
+        labels=[None] * len(listings) + [p.labels for p in pseudo],
+    )
+
+
+def _splits(cfg: FinetuneConfig, inputs: _Inputs) -> list[tuple[list[str], list[str]]]:
+    """``(train, val)`` paths per head: a stratified split of each source; every pseudo-labelled scene trains
+    (held-out accuracy on pseudo-labels would measure agreement with the clustering, not quality)."""
+    return [
+        stratified_split(lst.paths, cfg.val_fraction, cfg.data.seed + i) if labels is None else (lst.paths, [])
+        for i, (lst, labels) in enumerate(zip(inputs.listings, inputs.labels, strict=True))
+    ]
+
+
+def _rows(inputs: _Inputs, splits: list[tuple[list[str], list[str]]]) -> list[tuple[int, int]]:
+    """Rows ``(train, val)`` per head that the reader yields (a pseudo-labelled target: its labelled scenes)."""
+    return [
+        _count_rows(lst, split) if labels is None else (len(labels), 0)
+        for lst, split, labels in zip(inputs.listings, splits, inputs.labels, strict=True)
+    ]
 
 
 def _claim_output(cfg: FinetuneConfig, echo) -> tuple[Path, str]:
@@ -693,11 +738,19 @@ def plan_steps(cfg: FinetuneConfig, n_train: int, n_val: int) -> StepPlan:
 def _datasets(cfg: FinetuneConfig, inputs: _Inputs, splits: list[tuple[list[str], list[str]]]) -> dict[str, Any]:
     """``{"train"[, "val"]}``: each the union over sources of the reader's rows, labelled per source."""
     parts: dict[str, list] = {"train": [], "val": []}
-    for i, (listing, classes, split) in enumerate(zip(inputs.listings, inputs.classes, splits, strict=True)):
+    heads = zip(inputs.listings, inputs.classes, splits, inputs.labels, strict=True)
+    for i, (listing, classes, split, labels) in enumerate(heads):
         for name, paths in zip(("train", "val"), split, strict=True):
             if paths:
                 parts[name].append(_dataset(
-                    listing, paths, classes, i, cfg.feature.image_size, cfg.batch_size, cfg.feature.pixel_spec()
+                    listing,
+                    paths,
+                    classes,
+                    i,
+                    cfg.feature.image_size,
+                    cfg.batch_size,
+                    cfg.feature.pixel_spec(),
+                    labels,
                 ))
     return {name: _union(found) for name, found in parts.items() if found}
 
@@ -784,6 +837,7 @@ def _export(
         "checkpoint": result.checkpoint.path,
         "backbone": str(target),
         "sources": cfg.sources,
+        "pseudo_labels": cfg.pseudo_labels,
         "classes": inputs.classes,
         "n_train": plan.n_train,
         "n_val": plan.n_val,
@@ -842,13 +896,15 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print, train_loop=train_loop_per_w
     out, storage = _claim_output(cfg, echo)
     inventory = ensure_ray(cfg.resources)
     resources = decide(cfg.resources.device, inventory, actors=cfg.workers, torch_threads=cfg.resources.torch_threads)
-    splits = [stratified_split(lst.paths, cfg.val_fraction, cfg.data.seed + i) for i, lst in enumerate(inputs.listings)]
-    rows = [_count_rows(lst, split) for lst, split in zip(inputs.listings, splits, strict=True)]
+    splits = _splits(cfg, inputs)
+    rows = _rows(inputs, splits)
     plan = plan_steps(cfg, n_train=sum(t for t, _ in rows), n_val=sum(v for _, v in rows))
     loop_config = _loop_config(cfg, inputs, plan, resources)
     trainer = _trainer(cfg, train_loop, loop_config, _datasets(cfg, inputs, splits), resources, storage)
+    n_pseudo = len(cfg.pseudo_labels)
     echo(
-        f"[finetune] {plan.n_train} train / {plan.n_val} val images from {len(inputs.listings)} source(s), "
+        f"[finetune] {plan.n_train} train / {plan.n_val} val images from {len(cfg.sources)} source(s)"
+        f"{f' and {n_pseudo} pseudo-labelled target(s)' if n_pseudo else ''}, "
         f"{cfg.workers} worker(s) x {_cpus_per_worker(cfg, resources):g} CPU{' + GPU' if resources.use_gpu else ''}, "
         f"{plan.total_steps} steps"
     )

@@ -205,8 +205,54 @@ def test_pipeline_command_finetunes_then_clusters_with_the_new_backbone(
     assert code == 0
     printed = capsys.readouterr().out
     assert "finetune: step" in printed and "cluster:" in printed and "acc" in printed
+    # the default self-training round needs clusters of 100 fitted scenes (2 x min_size 50); 24 skip it
+    assert "round 1 skipped" in printed and not (out / "finetune-round1").exists()
+    assert f"report: {out / 'cluster' / 'report.html'}" in printed
     assert (out / "finetune" / "backbone" / "model.safetensors").is_file()
     used = yaml.safe_load((out / "cluster" / "config.yaml").read_text())
     assert used["embed"]["model"] == str(out / "finetune" / "backbone")
     metrics = json.loads((out / "cluster" / "metrics.json").read_text())
     assert metrics["n_embedded"] == 24 and "nmi" in metrics
+
+
+def test_pipeline_self_trains_on_the_targets_pseudo_labels(ray_cluster, tmp_path, sources, tiny_model_dir):
+    import pyarrow.parquet as pq
+    import yaml
+
+    from scenecluster.config import PipelineConfig
+    from scenecluster.pipeline import run_pipeline
+
+    target = copy_sample(tmp_path / "target", per_class=10, classes=4)
+    settings = {
+        "finetune.sources": [str(sources[0])],
+        "finetune.output": str(tmp_path / "finetune"),
+        "finetune.feature.model": str(tiny_model_dir),
+        "finetune.feature.image_size": 28,
+        "finetune.epochs": 1,
+        "finetune.batch_size": 4,
+        "finetune.resources.device": "cpu",
+        "finetune.resources.torch_threads": 1,
+        "cluster.data.input": str(target),
+        "cluster.data.labels": "folders",
+        "cluster.output": str(tmp_path / "cluster"),
+        "self_train.min_size": 2,
+    }
+    result = run_pipeline(load_config(None, settings, model=PipelineConfig))
+    (round1,) = result["self_train"]
+    pseudo_file = tmp_path / "finetune-round1" / "pseudo_labels.parquet"
+    pseudo = pq.read_table(pseudo_file)
+    assert pseudo.num_rows == round1["pseudo_labels"]["kept"] > 0
+    assert all(p.startswith(str(target)) for p in pseudo.column("path").to_pylist())
+    assert 0 <= round1["pseudo_labels"]["purity_score_only"] <= 1  # recorded from the folders, chosen by nothing
+
+    tuned = json.loads((tmp_path / "finetune-round1" / "metrics.json").read_text())
+    assert tuned["pseudo_labels"] == [str(pseudo_file)]
+    assert tuned["classes"][0] == ["AnnualCrop", "Forest", "HerbaceousVegetation"]  # the source's head ...
+    assert tuned["classes"][1] == sorted(set(pseudo.column("label").to_pylist()))  # ... beside the target's
+    assert tuned["n_train"] == 27 + pseudo.num_rows  # 90% of the source's 30, and every pseudo-labelled scene
+    used = yaml.safe_load((tmp_path / "cluster-round1" / "config.yaml").read_text())
+    assert used["embed"]["model"] == str(tmp_path / "finetune-round1" / "backbone")
+    assert result["cluster_output"] == str(tmp_path / "cluster-round1")
+    assert result["cluster"]["n_embedded"] == 40
+    assert -1 <= round1["agreement_with_previous"] <= 1
+    assert json.loads((tmp_path / "finetune-round1" / "round.json").read_text()) == round1

@@ -6,9 +6,12 @@ initialisation, and a rerun with another seed refits on the embeddings already w
 :func:`scenecluster.job.run_identity`). With ``cluster.data.sample`` the seed also draws the target sample, so
 each seed embeds its own (the spread then includes the sampling); ``sample_seed`` draws one sample for all.
 With ``references``, k-means told the true number of classes runs on the same features: an oracle on K,
-which shows how much of the gap is the number of clusters. Labels are read only to score: every run is the
-plain clustering job (:func:`scenecluster.job.run_cluster_job`), so the figures are what
-``scenecluster cluster`` gives.
+which shows how much of the gap is the number of clusters. With ``self_train.rounds`` (default one, as in the
+pipeline), round ``N``'s backbone ``self-trained-N`` is fine-tuned on the sources beside pseudo-labels from
+the previous backbone's first-seed DP-GMM run (:mod:`scenecluster.self_train`), and measured like the
+others; every round runs (the pipeline's early stop is for production; a benchmark measures each round).
+Labels are read only to score: every run is the plain clustering job (:func:`scenecluster.job.run_cluster_job`),
+so the figures are what ``scenecluster cluster`` gives.
 
 Writes ``OUT/benchmark.json`` (every run's scores and stage seconds, the summary, the fine-tune's metrics)
 and ``OUT/benchmark.md`` (the summary as a Markdown table: mean and standard deviation over the seeds).
@@ -40,12 +43,16 @@ def run_benchmark(cfg: BenchmarkConfig, *, overwrite: bool = False, echo: Callab
     """Fine-tune (or reuse ``cfg.backbone``), cluster the target per backbone, method and seed; score each.
 
     Returns the ``benchmark.json`` content: ``runs`` (one dict per run), ``summary`` (mean/std per backbone and
-    method), ``finetune`` (its metrics, when it ran) and ``seconds``.
+    method), ``finetune`` (its metrics, when it ran), ``self_train`` (one summary per round) and ``seconds``.
     """
     start = time.perf_counter()
     backbones, finetune = _backbones(cfg, echo)
-    runs = []
-    for name, model in backbones.items():
+    queue = list(backbones.items())
+    runs: list[dict[str, Any]] = []
+    self_trained: list[dict[str, Any]] = []
+    grows_from = "tuned" if cfg.self_train.rounds else None  # the backbone whose first run seeds the next round
+    while queue:
+        name, model = queue.pop(0)
         job = cfg.cluster.model_copy(deep=True)
         job.embed.model = model
         job.output = posixpath.join(cfg.output.rstrip("/"), name)
@@ -58,6 +65,14 @@ def run_benchmark(cfg: BenchmarkConfig, *, overwrite: bool = False, echo: Callab
                 )
                 n_classes = metrics["n_classes"]
                 runs.append({"backbone": name, "model": model, "method": method, "seed": seed, **_scores(metrics)})
+                if name == grows_from and method == METHOD and seed == cfg.seeds[0]:
+                    # now, before the next seed reuses the run folder: its fit sample gives the pseudo-labels
+                    trained = _self_train_round(cfg, len(self_trained) + 1, job.output, echo)
+                    grows_from = None
+                    if trained is not None:
+                        self_trained.append(trained)
+                        queue.insert(0, (f"self-trained-{trained['round']}", trained["backbone"]))
+                        grows_from = queue[0][0] if len(self_trained) < cfg.self_train.rounds else None
     result = {
         "target": cfg.cluster.data.input,
         "sources": list(cfg.finetune.sources) if cfg.finetune is not None else [],
@@ -65,6 +80,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, overwrite: bool = False, echo: Callab
         "seeds": list(cfg.seeds),
         "scenecluster_version": __version__,
         "finetune": finetune,
+        "self_train": self_trained,
         "runs": runs,
         "summary": summarise(runs),
         "seconds": round(time.perf_counter() - start, 1),
@@ -93,6 +109,39 @@ def _backbones(cfg: BenchmarkConfig, echo: Callable) -> tuple[dict[str, str], di
     if cfg.references:
         backbones["untuned"] = cfg.untuned_model
     return backbones, finetune
+
+
+def _self_train_round(cfg: BenchmarkConfig, round_n: int, run_output: str, echo: Callable) -> dict[str, Any] | None:
+    """Pseudo-labels from ``run_output`` (a DP-GMM run of the previous round's backbone), then the round's
+    fine-tune; its summary, or None when the target gives fewer than two pseudo-classes."""
+    from scenecluster.self_train import TooFewPseudoClasses, write_pseudo_labels
+    from scenecluster.train import fit_backbone
+
+    pipeline = cfg.pipeline()
+    tune = pipeline.self_train_finetune(round_n)
+    try:
+        pseudo = write_pseudo_labels(
+            run_output,
+            tune.pseudo_labels[-1],
+            target=cfg.cluster.data.input,
+            cluster=cfg.cluster.cluster,
+            self_train=cfg.self_train,
+            endpoint_url=cfg.cluster.data.endpoint_url,
+            truth=True,
+        )
+    except TooFewPseudoClasses as exc:
+        echo(f"[benchmark] self-training round {round_n} skipped: {exc}")
+        return None
+    started = time.perf_counter()
+    backbone = Path(fit_backbone(tune, echo=echo))
+    metrics = json.loads((backbone.parent / "metrics.json").read_text())
+    return {
+        "round": round_n,
+        "pseudo_labels": pseudo,
+        "backbone": str(backbone),
+        "val_accuracy": metrics.get("val_accuracy"),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def variant_config(

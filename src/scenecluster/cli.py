@@ -196,6 +196,7 @@ def _add_benchmark_command(sub) -> None:
     b.add_argument("--epochs", type=int, metavar="N", help="fine-tuning epochs [finetune.epochs]")
     _add_overwrite(b)
     _add_config_options(b, "ClusterJobConfig", "cluster.")
+    _add_config_options(b, "SelfTrainConfig", "self_train.", with_config=False)
     b.set_defaults(run_fn=_cmd_benchmark)
 
 
@@ -223,6 +224,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if args.no_references:
         overrides["references"] = False
     overrides.update(_overrides(args, "ClusterJobConfig", "cluster."))
+    overrides.update(_flag_values(args, "SelfTrainConfig", "self_train."))
     if not args.backbone:  # the fine-tune owns the feature the target is embedded with (as in the pipeline)
         for name in ("model", "image_size", "pooling"):
             if f"cluster.embed.{name}" in overrides:

@@ -552,7 +552,8 @@ class BenchmarkConfig(_Section):
     :mod:`scenecluster.benchmark`): the method on a labelled target beside its references, over seeds.
 
     The backbone is fine-tuned on ``finetune.sources`` (coupled to ``cluster`` as in :class:`PipelineConfig`)
-    unless ``backbone`` names one to reuse. ``cluster`` is the target's clustering job; its ``data.labels``
+    unless ``backbone`` names one to reuse; then ``self_train.rounds`` self-trained backbones, as the pipeline
+    makes them, are measured too. ``cluster`` is the target's clustering job; its ``data.labels``
     is always ``folders`` (scoring needs them; no choice reads them).
     """
 
@@ -570,16 +571,25 @@ class BenchmarkConfig(_Section):
     )
     finetune: FinetuneConfig | None = None
     cluster: ClusterJobConfig
+    self_train: SelfTrainConfig = SelfTrainConfig()
 
     @model_validator(mode="after")
     def _couple(self) -> BenchmarkConfig:
         if self.backbone is None and self.finetune is None:
             raise ValueError("give finetune.sources (to fine-tune) or backbone (a fine-tuned folder to reuse)")
+        if self.finetune is None and self.self_train.rounds:
+            if "rounds" in self.self_train.model_fields_set:
+                raise ValueError("self_train.rounds needs finetune.sources: each round fine-tunes on them again")
+            self.self_train.rounds = 0  # a reused backbone is measured as it is
         self.cluster.data.labels = "folders"
         if self.finetune is not None:
             coupled = PipelineConfig(finetune=self.finetune, cluster=self.cluster).cluster
             object.__setattr__(self, "cluster", coupled)  # plain set: assignment would re-run this validator
         return self
+
+    def pipeline(self) -> PipelineConfig:
+        """The pipeline whose backbones this benchmark measures (it owns the self-training rounds' settings)."""
+        return PipelineConfig(finetune=self.finetune, cluster=self.cluster, self_train=self.self_train)
 
     @property
     def untuned_model(self) -> str:

@@ -1,4 +1,5 @@
-"""The benchmark protocol on a small real subset with the tiny model: fine-tune, both references, every seed."""
+"""The benchmark protocol on a small real subset with the tiny model: fine-tune, a self-training round, both
+references, every seed."""
 
 from __future__ import annotations
 
@@ -57,25 +58,37 @@ def test_benchmark_runs_the_method_and_both_references_over_seeds(ray_cluster, t
             "finetune.workers=1",
             "--set",
             "finetune.resources.device=cpu",
+            "--set",
+            "self_train.min_size=2",  # 32 scenes: the default 50 would skip the round
         ]
     )
     assert code == 0
     result = json.loads((out / "benchmark.json").read_text())
-    for key in ("target", "sources", "backbone", "seeds", "finetune", "runs", "summary", "seconds"):
+    for key in ("target", "sources", "backbone", "seeds", "finetune", "self_train", "runs", "summary", "seconds"):
         assert key in result, key
     assert result["sources"] == [str(source)] and result["finetune"]["step"] > 0
-    # the tuned backbone is the fine-tune's folder; the untuned reference is the model it started from
+    # the tuned backbone is the fine-tune's folder; the untuned reference is the model it started from; the
+    # self-trained one was tuned again beside pseudo-labels from the tuned backbone's first DP-GMM run
     models = {run["backbone"]: run["model"] for run in result["runs"]}
-    assert models == {"tuned": result["backbone"], "untuned": str(tiny_model_dir)}
+    round1 = out / "finetune-round1"
+    assert models == {
+        "tuned": result["backbone"],
+        "self-trained-1": str(round1 / "backbone"),
+        "untuned": str(tiny_model_dir),
+    }
     assert Path(result["backbone"]).parent == out / "finetune"
-    assert len(result["runs"]) == 2 * 2 * 2  # backbones x methods x seeds
+    (self_trained,) = result["self_train"]
+    assert self_trained["pseudo_labels"]["from_run"] == str(out / "tuned")
+    assert self_trained["pseudo_labels"]["kept"] > 0 and (round1 / "pseudo_labels.parquet").is_file()
+    assert json.loads((round1 / "metrics.json").read_text())["pseudo_labels"] == [str(round1 / "pseudo_labels.parquet")]
+    assert len(result["runs"]) == 3 * 2 * 2  # backbones x methods x seeds
     for run in result["runs"]:
         assert run["n_scenes"] == 32 and run["n_classes"] == 4
         assert set(run) >= {"acc", "nmi", "ari", "n_clusters", "stage_seconds"}
         if run["method"] == ORACLE:
             assert run["n_clusters"] == 4  # k-means is told the true number of classes
     groups = {(row["backbone"], row["method"]) for row in result["summary"]}
-    assert groups == {("tuned", METHOD), ("tuned", ORACLE), ("untuned", METHOD), ("untuned", ORACLE)}
+    assert groups == {(b, m) for b in ("tuned", "self-trained-1", "untuned") for m in (METHOD, ORACLE)}
     for row in result["summary"]:
         assert row["n_seeds"] == 2 and set(row["acc"]) == {"mean", "std"}
     seeds = [(run["backbone"], run["method"], run["seed"]) for run in result["runs"]]
@@ -83,7 +96,7 @@ def test_benchmark_runs_the_method_and_both_references_over_seeds(ray_cluster, t
     # the target was embedded once per backbone: every later run refit on the same embeddings
     printed = capsys.readouterr().out
     embed_lines = [line for line in printed.splitlines() if line.startswith("[embed]")]
-    assert len(embed_lines) == 8 and sum("reused 32 embeddings" in line for line in embed_lines) == 6
+    assert len(embed_lines) == 12 and sum("reused 32 embeddings" in line for line in embed_lines) == 9
     table = (out / "benchmark.md").read_text()
     assert "| tuned | dpgmm |" in table and "| untuned | kmeans-true-k |" in table
     assert "benchmark.json" in printed

@@ -11,7 +11,10 @@ all 1.0, so they cannot rank scenes, while the density marks each cluster's core
 ``keep`` fraction of each cluster's scenes is kept; clusters under ``--min-size`` kept scenes are dropped.
 
 Writes ``{"labels": {path: cluster}, ...}``. Labels of the target are read only to report the kept set's purity
-(``purity_score_only``), never to choose anything.
+(``purity_score_only``), never to choose anything. The selection is the product's
+(:func:`scenecluster.self_train.select_pseudo_labels`); ``--fit-sample N`` fits on a seeded sample of ``N`` less
+the job's held-out tenth, as ``scenecluster pipeline`` does (its pseudo-labels come from the run's fit sample),
+where the default fits on every scene, as the GPU benchmark's pseudo-labels did.
 
     python benchmarks/pseudo_labels.py --embeddings runs/gpu224/emb/eurosat__tuned-nwpu12__one.parquet \\
         --output .gpuxfer/pseudo-eurosat.json
@@ -30,6 +33,16 @@ from bench_options import umap  # benchmarks/ is on sys.path when run as a scrip
 from scenecluster.cluster import make_clusterer
 from scenecluster.config import ClusterConfig
 from scenecluster.embed import read_embeddings
+from scenecluster.scale import calibration_split
+from scenecluster.self_train import select_pseudo_labels
+
+
+def fit_rows(n: int, fit_sample: int | None, seed: int) -> np.ndarray:
+    """Every row, or the rows the job would fit on: a seeded sample of ``fit_sample``, less the held-out tenth."""
+    if fit_sample is None:
+        return np.arange(n)
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, fit_sample), replace=False))
+    return sample[calibration_split(len(sample), seed)[0]]
 
 
 def main() -> None:
@@ -37,41 +50,37 @@ def main() -> None:
     p.add_argument("--embeddings", required=True)
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fit-sample", type=int, help="fit on a seeded sample of this many, as the pipeline does")
     p.add_argument("--prior-per-scene", type=float, default=0.001)
     p.add_argument("--keep", type=float, default=0.5, help="fraction of each cluster kept (densest first)")
     p.add_argument("--min-size", type=int, default=50, help="clusters with fewer kept scenes are dropped")
     args = p.parse_args()
     paths, X, truth = read_embeddings(args.embeddings)
-    Z = umap(X, args.seed)
+    rows = fit_rows(len(paths), args.fit_sample, args.seed)
+    Z = umap(X[rows], args.seed)
     model = make_clusterer(ClusterConfig(random_state=args.seed, prior_per_scene=args.prior_per_scene), Z, device="cpu")
     labels = np.asarray(model.fit_predict(Z))
-    density = np.asarray(model.score_samples(Z))
-    kept: dict[str, int] = {}
-    n_pseudo = 0  # kept clusters are renumbered 0.. in order
-    for cluster in np.unique(labels):
-        members = np.flatnonzero(labels == cluster)
-        n_keep = int(round(args.keep * len(members)))
-        if n_keep < args.min_size:
-            continue
-        core = members[np.argsort(-density[members])[:n_keep]]
-        kept.update({paths[i]: n_pseudo for i in core})
-        n_pseudo += 1
+    index, pseudo = select_pseudo_labels(labels, model.score_samples(Z), keep=args.keep, min_size=args.min_size)
+    kept = {paths[rows[i]]: int(c) for i, c in zip(index, pseudo, strict=True)}
     report = {
         "embeddings": args.embeddings,
         "seed": args.seed,
+        "fit_sample": args.fit_sample,
+        "fitted": len(rows),
         "prior_per_scene": args.prior_per_scene,
         "keep": args.keep,
         "clusters_found": int(len(np.unique(labels))),
-        "pseudo_classes": n_pseudo,
+        "pseudo_classes": int(len(set(kept.values()))),
         "kept": len(kept),
         "of": len(paths),
     }
-    if truth is not None:  # how pure the kept set is: reported only, never used to choose
-        index = {q: i for i, q in enumerate(paths)}
+    if truth is not None:  # how pure the kept set is, and how many true classes it covers: reported only
+        index_of = {q: i for i, q in enumerate(paths)}
         by_class: dict[int, Counter] = {}
         for q, c in kept.items():
-            by_class.setdefault(c, Counter())[truth[index[q]]] += 1
+            by_class.setdefault(c, Counter())[truth[index_of[q]]] += 1
         report["purity_score_only"] = round(sum(max(c.values()) for c in by_class.values()) / max(1, len(kept)), 4)
+        report["classes_covered_score_only"] = len({c.most_common(1)[0][0] for c in by_class.values()})
     print(json.dumps(report))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({**report, "labels": kept}))

@@ -23,7 +23,6 @@ import json
 import posixpath
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,13 +96,9 @@ def _backbones(cfg: BenchmarkConfig, echo: Callable) -> tuple[dict[str, str], di
     if cfg.backbone is not None:
         tuned = cfg.backbone
     else:
-        from scenecluster.train import fit_backbone  # lazy: Ray Train and torch only when fine-tuning
+        from scenecluster.pipeline import finetune_backbone
 
-        started = time.perf_counter()
-        folder = Path(fit_backbone(cfg.finetune, echo=echo))
-        metrics_file = folder.parent / "metrics.json"
-        finetune = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        finetune["seconds"] = round(time.perf_counter() - started, 1)
+        folder, finetune = finetune_backbone(cfg.finetune, echo)
         tuned = str(folder)
     backbones = {"tuned": tuned}
     if cfg.references:
@@ -114,33 +109,21 @@ def _backbones(cfg: BenchmarkConfig, echo: Callable) -> tuple[dict[str, str], di
 def _self_train_round(cfg: BenchmarkConfig, round_n: int, run_output: str, echo: Callable) -> dict[str, Any] | None:
     """Pseudo-labels from ``run_output`` (a DP-GMM run of the previous round's backbone), then the round's
     fine-tune; its summary, or None when the target gives fewer than two pseudo-classes."""
-    from scenecluster.self_train import TooFewPseudoClasses, write_pseudo_labels
-    from scenecluster.train import fit_backbone
+    from scenecluster.pipeline import finetune_backbone
+    from scenecluster.self_train import TooFewPseudoClasses, prepare_round
 
-    pipeline = cfg.pipeline()
-    tune = pipeline.self_train_finetune(round_n)
     try:
-        pseudo = write_pseudo_labels(
-            run_output,
-            tune.pseudo_labels[-1],
-            target=cfg.cluster.data.input,
-            cluster=cfg.cluster.cluster,
-            self_train=cfg.self_train,
-            endpoint_url=cfg.cluster.data.endpoint_url,
-            truth=True,
-        )
+        tune, pseudo = prepare_round(cfg.pipeline(), round_n, run_output)
     except TooFewPseudoClasses as exc:
         echo(f"[benchmark] self-training round {round_n} skipped: {exc}")
         return None
-    started = time.perf_counter()
-    backbone = Path(fit_backbone(tune, echo=echo))
-    metrics = json.loads((backbone.parent / "metrics.json").read_text())
+    backbone, metrics = finetune_backbone(tune, echo)
     return {
         "round": round_n,
         "pseudo_labels": pseudo,
         "backbone": str(backbone),
         "val_accuracy": metrics.get("val_accuracy"),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": metrics["seconds"],
     }
 
 

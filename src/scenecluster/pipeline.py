@@ -16,20 +16,24 @@ previous round's at ``self_train.stop_agreement`` (ARI on the fit sample; no lab
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
-from scenecluster.config import PipelineConfig
+from scenecluster.config import FinetuneConfig, PipelineConfig
 
-__all__ = ["PipelineConfig", "run_pipeline"]
+__all__ = ["PipelineConfig", "finetune_backbone", "run_pipeline"]
 
 
-def _finetune(cfg, echo) -> tuple[Path, dict[str, Any]]:
+def finetune_backbone(cfg: FinetuneConfig, echo=print) -> tuple[Path, dict[str, Any]]:
+    """:func:`scenecluster.train.fit_backbone`, and the metrics it wrote beside the backbone (with ``seconds``)."""
     from scenecluster.train import fit_backbone  # lazy: Ray Train and torch only when fine-tuning
 
+    started = time.perf_counter()
     backbone = Path(fit_backbone(cfg, echo=echo))
     metrics_file = backbone.parent / "metrics.json"
-    return backbone, (json.loads(metrics_file.read_text()) if metrics_file.is_file() else {})
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return backbone, {**metrics, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def run_pipeline(cfg: PipelineConfig, *, overwrite: bool = False, echo=print) -> dict[str, Any]:
@@ -44,9 +48,9 @@ def run_pipeline(cfg: PipelineConfig, *, overwrite: bool = False, echo=print) ->
     """
     from scenecluster.job import run_cluster_job
     from scenecluster.outputs import atomic_write_text
-    from scenecluster.self_train import TooFewPseudoClasses, clustering_agreement, write_pseudo_labels
+    from scenecluster.self_train import TooFewPseudoClasses, clustering_agreement, prepare_round
 
-    backbone, finetune = _finetune(cfg.finetune, echo)
+    backbone, finetune = finetune_backbone(cfg.finetune, echo)
     job = cfg.cluster_job(backbone)
     cluster = run_cluster_job(job, overwrite=overwrite, echo=echo)
     rounds: list[dict[str, Any]] = []
@@ -56,17 +60,8 @@ def run_pipeline(cfg: PipelineConfig, *, overwrite: bool = False, echo=print) ->
         if agreement is not None and agreement >= st.stop_agreement:
             echo(f"[self-train] round {n - 1} agreed with the one before at ARI {agreement:.3f}; stopping")
             break
-        tune = cfg.self_train_finetune(n)
         try:
-            pseudo = write_pseudo_labels(
-                job.output,
-                tune.pseudo_labels[-1],
-                target=cfg.cluster.data.input,
-                cluster=cfg.cluster.cluster,
-                self_train=st,
-                endpoint_url=endpoint,
-                truth=cfg.cluster.data.labels == "folders",
-            )
+            tune, pseudo = prepare_round(cfg, n, job.output)
         except TooFewPseudoClasses as exc:
             echo(f"[self-train] round {n} skipped: {exc}; the result is the clustering in {job.output}")
             break
@@ -75,7 +70,7 @@ def run_pipeline(cfg: PipelineConfig, *, overwrite: bool = False, echo=print) ->
             f"{pseudo['pseudo_classes']} pseudo-classes"
         )
         previous = job.output
-        backbone, finetune = _finetune(tune, echo)
+        backbone, finetune = finetune_backbone(tune, echo)
         job = cfg.cluster_job(backbone, round=n)
         cluster = run_cluster_job(job, overwrite=overwrite, echo=echo)
         summary = {

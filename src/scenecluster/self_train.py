@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from scenecluster.config import PSEUDO_LABELS_FILE, ClusterConfig, SelfTrainConfig
+from scenecluster.config import PSEUDO_LABELS_FILE, ClusterConfig, FinetuneConfig, PipelineConfig, SelfTrainConfig
 from scenecluster.data import SceneListing, is_archive, open_input
 from scenecluster.errors import InputError
 from scenecluster.outputs import OutputFolder
@@ -45,6 +45,7 @@ __all__ = [
     "PseudoLabels",
     "TooFewPseudoClasses",
     "clustering_agreement",
+    "prepare_round",
     "read_pseudo_labels",
     "select_pseudo_labels",
     "write_pseudo_labels",
@@ -192,6 +193,23 @@ def write_pseudo_labels(
             by_class.setdefault(label, Counter())[folder_label(path)] += 1
         summary["purity_score_only"] = round(sum(max(c.values()) for c in by_class.values()) / len(labels), 4)
     return summary
+
+
+def prepare_round(cfg: PipelineConfig, round_n: int, run_output: str) -> tuple[FinetuneConfig, dict[str, Any]]:
+    """Self-training round ``round_n`` of ``cfg``: its pseudo-labels, written from the clustering run at
+    ``run_output`` (the previous round's), and the fine-tune that reads them. Returns ``(fine-tune config,
+    pseudo-label summary)``; raises :class:`TooFewPseudoClasses` as :func:`write_pseudo_labels` does."""
+    tune = cfg.self_train_finetune(round_n)
+    pseudo = write_pseudo_labels(
+        run_output,
+        tune.pseudo_labels[-1],
+        target=cfg.cluster.data.input,
+        cluster=cfg.cluster.cluster,
+        self_train=cfg.self_train,
+        endpoint_url=cfg.cluster.data.endpoint_url,
+        truth=cfg.cluster.data.labels == "folders",
+    )
+    return tune, pseudo
 
 
 def _read_source(path: str) -> str:

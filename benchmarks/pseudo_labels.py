@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from scenecluster.cluster import make_clusterer
 from scenecluster.config import ClusterConfig
 from scenecluster.embed import read_embeddings
 from scenecluster.scale import calibration_split
-from scenecluster.self_train import select_pseudo_labels
+from scenecluster.self_train import pseudo_label_purity, select_pseudo_labels
 
 
 def fit_rows(n: int, fit_sample: int | None, seed: int) -> np.ndarray:
@@ -75,12 +74,7 @@ def main() -> None:
         "of": len(paths),
     }
     if truth is not None:  # how pure the kept set is, and how many true classes it covers: reported only
-        index_of = {q: i for i, q in enumerate(paths)}
-        by_class: dict[int, Counter] = {}
-        for q, c in kept.items():
-            by_class.setdefault(c, Counter())[truth[index_of[q]]] += 1
-        report["purity_score_only"] = round(sum(max(c.values()) for c in by_class.values()) / max(1, len(kept)), 4)
-        report["classes_covered_score_only"] = len({c.most_common(1)[0][0] for c in by_class.values()})
+        report.update(pseudo_label_purity([truth[rows[i]] for i in index], pseudo.tolist()))
     print(json.dumps(report))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({**report, "labels": kept}))

@@ -49,7 +49,6 @@ def run_benchmark(cfg: BenchmarkConfig, *, overwrite: bool = False, echo: Callab
     queue = list(backbones.items())
     runs: list[dict[str, Any]] = []
     self_trained: list[dict[str, Any]] = []
-    grows_from = "tuned" if cfg.self_train.rounds else None  # the backbone whose first run seeds the next round
     while queue:
         name, model = queue.pop(0)
         job = cfg.cluster.model_copy(deep=True)
@@ -64,14 +63,12 @@ def run_benchmark(cfg: BenchmarkConfig, *, overwrite: bool = False, echo: Callab
                 )
                 n_classes = metrics["n_classes"]
                 runs.append({"backbone": name, "model": model, "method": method, "seed": seed, **_scores(metrics)})
-                if name == grows_from and method == METHOD and seed == cfg.seeds[0]:
+                if method == METHOD and seed == cfg.seeds[0] and _seeds_next_round(cfg, name, self_trained):
                     # now, before the next seed reuses the run folder: its fit sample gives the pseudo-labels
                     trained = _self_train_round(cfg, len(self_trained) + 1, job.output, echo)
-                    grows_from = None
                     if trained is not None:
                         self_trained.append(trained)
-                        queue.insert(0, (f"self-trained-{trained['round']}", trained["backbone"]))
-                        grows_from = queue[0][0] if len(self_trained) < cfg.self_train.rounds else None
+                        queue.insert(0, (_self_trained_name(trained["round"]), trained["backbone"]))
     result = {
         "target": cfg.cluster.data.input,
         "sources": list(cfg.finetune.sources) if cfg.finetune is not None else [],
@@ -104,6 +101,17 @@ def _backbones(cfg: BenchmarkConfig, echo: Callable) -> tuple[dict[str, str], di
     if cfg.references:
         backbones["untuned"] = cfg.untuned_model
     return backbones, finetune
+
+
+def _self_trained_name(round_n: int) -> str:
+    return f"self-trained-{round_n}"
+
+
+def _seeds_next_round(cfg: BenchmarkConfig, name: str, self_trained: list[dict[str, Any]]) -> bool:
+    """Whether backbone ``name``'s first run gives the next round's pseudo-labels: the newest backbone (the tuned
+    one before any round) while rounds remain. A skipped round leaves no newer backbone, so none follows it."""
+    newest = _self_trained_name(len(self_trained)) if self_trained else "tuned"
+    return name == newest and len(self_trained) < cfg.self_train.rounds
 
 
 def _self_train_round(cfg: BenchmarkConfig, round_n: int, run_output: str, echo: Callable) -> dict[str, Any] | None:

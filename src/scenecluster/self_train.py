@@ -35,24 +35,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from scenecluster.config import PSEUDO_LABELS_FILE, ClusterConfig, FinetuneConfig, PipelineConfig, SelfTrainConfig
+from scenecluster.config import ClusterConfig, FinetuneConfig, PipelineConfig, SelfTrainConfig
 from scenecluster.data import SceneListing, is_archive, open_input
 from scenecluster.errors import InputError
 from scenecluster.outputs import OutputFolder
+from scenecluster.scale import SAMPLE_FILE as FIT_SAMPLE  # a run's fitted rows, their coordinates and clusters
+from scenecluster.scale import matrix
 
 __all__ = [
-    "PSEUDO_FILE",
     "PseudoLabels",
     "TooFewPseudoClasses",
     "clustering_agreement",
     "prepare_round",
+    "pseudo_label_purity",
     "read_pseudo_labels",
     "select_pseudo_labels",
     "write_pseudo_labels",
 ]
 
-PSEUDO_FILE = PSEUDO_LABELS_FILE
-FIT_SAMPLE = "clustering/fit_sample.parquet"  # scenecluster.scale.SAMPLE_FILE: the fitted rows and coordinates
 INPUT_KEY = b"scenecluster.input"  # schema metadata: the target the paths belong to
 
 
@@ -113,7 +113,6 @@ def _fit_pseudo_labels(
 
     On the CPU: at most ``scale.fit_sample`` scenes in the projection's few dimensions take seconds."""
     from scenecluster.cluster import make_clusterer
-    from scenecluster.scale import matrix
 
     out = OutputFolder(run_uri, endpoint_url=endpoint_url)
     if not out.exists(FIT_SAMPLE):
@@ -159,7 +158,6 @@ def write_pseudo_labels(
     """
     import ray
 
-    from scenecluster.outputs import atomic_write_bytes
     from scenecluster.stages import get_interruptibly
 
     task = ray.remote(_fit_pseudo_labels).options(num_cpus=1)
@@ -173,10 +171,7 @@ def write_pseudo_labels(
     labels = [f"p{c:02d}" for c in picked["pseudo"]]
     table = pa.table({"path": pa.array(picked["paths"], pa.string()), "label": pa.array(labels, pa.string())})
     table = table.replace_schema_metadata({INPUT_KEY: target.encode()})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    Path(dest).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(dest, sink.getvalue().to_pybytes())
+    OutputFolder(str(Path(dest).parent)).write_table(Path(dest).name, table)  # atomic; creates the folder
     summary = {
         "file": dest,
         "from_run": run_uri,
@@ -188,11 +183,21 @@ def write_pseudo_labels(
     if truth:
         from scenecluster.data import folder_label
 
-        by_class: dict[str, Counter] = {}
-        for path, label in zip(picked["paths"], labels, strict=True):
-            by_class.setdefault(label, Counter())[folder_label(path)] += 1
-        summary["purity_score_only"] = round(sum(max(c.values()) for c in by_class.values()) / len(labels), 4)
+        summary.update(pseudo_label_purity([folder_label(p) for p in picked["paths"]], labels))
     return summary
+
+
+def pseudo_label_purity(truth: list, pseudo: list) -> dict[str, Any]:
+    """For the record only, never to choose: the share of pseudo-labelled scenes whose true class is their
+    pseudo-class's most common one (``purity_score_only``), and how many true classes lead some pseudo-class
+    (``classes_covered_score_only``)."""
+    by_class: dict[Any, Counter] = {}
+    for true, label in zip(truth, pseudo, strict=True):
+        by_class.setdefault(label, Counter())[true] += 1
+    return {
+        "purity_score_only": round(sum(max(c.values()) for c in by_class.values()) / max(1, len(pseudo)), 4),
+        "classes_covered_score_only": len({c.most_common(1)[0][0] for c in by_class.values()}),
+    }
 
 
 def prepare_round(cfg: PipelineConfig, round_n: int, run_output: str) -> tuple[FinetuneConfig, dict[str, Any]]:

@@ -38,8 +38,9 @@ def make_clusterer(cfg: ClusterConfig, X: np.ndarray, *, device: str = "auto") -
     return CLUSTERERS[cfg.method](cfg, X, device)
 
 
-# The per-scene scale is never below this: under 500 scenes it would fall below the fixed scale measured on about
-# 1,000 (docs/benchmarks.md, "Mixture prior"), and a prior that weak splits a few dozen scenes into as many clusters.
+# The per-scene scale is never below this: under 1,000 scenes (at the default 0.002) it would fall below the fixed
+# scale measured on about 1,000 (docs/benchmarks.md, "Mixture prior"), and a prior that weak splits a few dozen
+# scenes into as many clusters.
 MIN_PRIOR_SCALE = 2.0
 
 

@@ -210,10 +210,11 @@ class ClusterConfig(_Section):
         json_schema_extra=flag("--prior-scale"),
     )
     prior_per_scene: float = Field(
-        0.004,
+        0.002,
         gt=0,
         description="the prior scale per fitted scene: the same prior strength, and so about the same number of "
-        "clusters, at any sample size; larger merges more (chosen on EuroSAT and nwpu12, docs/benchmarks.md)",
+        "clusters, at any sample size; larger merges more, smaller splits more (chosen across both transfer "
+        "directions and targets of 3-22 classes, docs/benchmarks.md)",
         json_schema_extra=flag("--prior-per-scene"),
     )
     covariance_type: Literal["full", "diag"] = Field(
@@ -467,7 +468,7 @@ class SelfTrainConfig(_Section):
     sources beside the target's most typical scenes of each cluster as pseudo-labels, re-embed, re-cluster.
 
     Defaults are the recipe measured best in both transfer directions (docs/benchmarks.md, issue 10): one round,
-    pseudo-labels from a deliberately over-segmented mixture (``prior_per_scene`` a quarter of the clustering's)
+    pseudo-labels from a deliberately over-segmented mixture (``prior_per_scene`` half the clustering's)
     so that fine-tuning never learns a merge as one class, the densest half of each cluster kept.
     """
 

@@ -10,7 +10,7 @@ the untuned backbone, so the sources' labels always train beside them.
 Two choices come from the issue's earlier tries, where pseudo-labels from the clustering itself locked in its
 merges (a fifth of the clusters vanished):
 
-* the pseudo-label mixture is refitted **over-segmented on purpose** (``prior_per_scene`` a quarter of the
+* the pseudo-label mixture is refitted **over-segmented on purpose** (``prior_per_scene`` half the
   clustering's): fine-tuning may later merge what it split, but it cannot split what it was told is one class;
 * "typical" is the mixture's own **log-likelihood** (``score_samples``), the densest ``keep`` share of each
   cluster: after UMAP the responsibilities are almost all 1.0 and cannot rank scenes.

@@ -51,10 +51,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--priors", type=float, nargs="+", default=[0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016])
     p.add_argument("--full", type=int, default=0, help="also each whole set, sampled to this many scenes")
+    p.add_argument("--reduce", nargs="*", default=[], metavar="KEY=VALUE", help="projection settings to change")
     p.add_argument("--summary")
     args = p.parse_args()
     if args.summary:
         return summary(args.summary)
+    changed = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.reduce)}
     sets = load_gpu224(args.gpu224, args.feature)
     X = np.concatenate([x for x, _ in sets.values()])
     y = np.concatenate([np.array([f"{name}/{c}" for c in labels]) for name, (_, labels) in sets.items()])
@@ -75,7 +77,7 @@ def main() -> None:
                 cases.append((name, len(np.unique(y[rows])), 0, rows))
                 offset += len(x)
         for case, count, per_class, rows in cases:
-            settings = {**ReduceConfig(random_state=seed).model_dump(), "backend": "umap-learn"}
+            settings = {**ReduceConfig(random_state=seed).model_dump(), "backend": "umap-learn", **changed}
             start = time.perf_counter()
             Z = np.asarray(make_projection(**settings).fit_transform(X[rows]), np.float32)
             umap_s = time.perf_counter() - start
@@ -88,6 +90,7 @@ def main() -> None:
                     json.dumps(
                         {
                             "feature": args.feature,
+                            "reduce": changed,
                             "case": case,
                             "classes": count,
                             "per_class": per_class,

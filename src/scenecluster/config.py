@@ -399,6 +399,12 @@ class FinetuneConfig(_Section):
     val_fraction: float = Field(
         0.1, ge=0, lt=1, description="stratified held-out share of each class", json_schema_extra=flag("--val-fraction")
     )
+    cache_decoded: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="keep the decoded, resized images in Ray's object store after the first epoch, so later epochs "
+        "skip reading and decoding ('auto': when they fill at most a quarter of it and there is a second epoch)",
+        json_schema_extra=flag("--cache-decoded"),
+    )
     resume: bool = Field(
         False, description="continue the run of the same name and storage path", json_schema_extra=flag("--resume")
     )

@@ -755,6 +755,47 @@ def _datasets(cfg: FinetuneConfig, inputs: _Inputs, splits: list[tuple[list[str]
     return {name: _union(found) for name, found in parts.items() if found}
 
 
+# What ``cache_decoded="auto"`` may fill of the cluster's object store: the rest stays for Ray Data's own blocks,
+# Ray Train's checkpoints and the job's other objects.
+CACHE_STORE_SHARE = 0.25
+
+
+def decoded_bytes(n_images: int, image_size: int) -> int:
+    """Bytes of ``n_images`` decoded scenes as the reader yields them (uint8 RGB at ``image_size`` squared)."""
+    return n_images * image_size * image_size * 3
+
+
+def should_cache(mode: str, n_bytes: int, store_bytes: float, epochs: int) -> bool:
+    """Whether to materialise the decoded datasets before training (``FinetuneConfig.cache_decoded``).
+
+    Ray Data otherwise reads and decodes every image again in every epoch; on a small CPU node that decode takes
+    most of the cores the train workers need (docs/benchmarks.md). Labelled sources are usually small (thousands to
+    tens of thousands of scenes), so holding them decoded is the pattern Ray's docs recommend for a dataset reused
+    across epochs; ``auto`` does it only when there is a second epoch to gain and the images fill at most
+    :data:`CACHE_STORE_SHARE` of the object store.
+    """
+    if mode == "always":
+        return True
+    if mode == "never":
+        return False
+    return epochs > 1 and n_bytes <= CACHE_STORE_SHARE * store_bytes
+
+
+def _cache_datasets(datasets: dict[str, Any], cfg: FinetuneConfig, plan: StepPlan, echo) -> dict[str, Any]:
+    """``datasets``, materialised in the object store when :func:`should_cache` says so (one decode pass here)."""
+    import ray
+
+    n_bytes = decoded_bytes(plan.n_train + plan.n_val, cfg.feature.image_size)
+    store = float(ray.cluster_resources().get("object_store_memory", 0.0))
+    if not should_cache(cfg.cache_decoded, n_bytes, store, cfg.epochs):
+        return datasets
+    echo(
+        f"[finetune] decoding {plan.n_train + plan.n_val} images once into the object store "
+        f"({n_bytes / 2**20:.0f} MiB of {store / 2**20:.0f} MiB; --cache-decoded never to stream every epoch)"
+    )
+    return {name: ds.materialize() for name, ds in datasets.items()}
+
+
 def _cpus_per_worker(cfg: FinetuneConfig, resources: Resources) -> float:
     if resources.use_gpu:
         return cfg.cpus_per_worker or 1.0
@@ -900,7 +941,8 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print, train_loop=train_loop_per_w
     rows = _rows(inputs, splits)
     plan = plan_steps(cfg, n_train=sum(t for t, _ in rows), n_val=sum(v for _, v in rows))
     loop_config = _loop_config(cfg, inputs, plan, resources)
-    trainer = _trainer(cfg, train_loop, loop_config, _datasets(cfg, inputs, splits), resources, storage)
+    datasets = _cache_datasets(_datasets(cfg, inputs, splits), cfg, plan, echo)
+    trainer = _trainer(cfg, train_loop, loop_config, datasets, resources, storage)
     n_pseudo = len(cfg.pseudo_labels)
     echo(
         f"[finetune] {plan.n_train} train / {plan.n_val} val images from {len(cfg.sources)} source(s)"

@@ -86,11 +86,15 @@ def test_two_workers_recover_from_failure_then_resume(ray_cluster, tmp_path, sou
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    lines: list[str] = []
     try:
-        backbone = fit_backbone(cfg, train_loop=_fail_once_after_step_4)
+        backbone = fit_backbone(cfg, train_loop=_fail_once_after_step_4, echo=lines.append)
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
+    # Two epochs of a few KiB: decoded once into the object store (cache_decoded "auto"), and the restarted worker
+    # group trains from those blocks too.
+    assert any("decoding 45 images once into the object store" in line for line in lines), lines
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["total_steps"] == 8
     assert metrics["step"] == 8 and metrics["epoch"] == 2

@@ -21,8 +21,10 @@ from scenecluster.train import (
     _attach_labels,
     _restore,
     _training_state,
+    decoded_bytes,
     param_groups,
     plan_steps,
+    should_cache,
     warmup_cosine,
 )
 
@@ -61,6 +63,16 @@ def _loop_config(**overrides) -> LoopConfig:
         batch_size=4, grad_accum=1, epochs=1, micro_per_epoch=2, total_steps=10, n_val=0,
     )  # fmt: skip
     return LoopConfig(**{**settings, **overrides})
+
+
+def test_decoded_images_are_cached_only_when_a_later_epoch_gains_and_they_fit_a_quarter_of_the_store():
+    n_bytes = decoded_bytes(8_400, 112)  # nwpu12 at 112 px
+    assert n_bytes == 8_400 * 112 * 112 * 3
+    store = 4 * n_bytes
+    assert should_cache("auto", n_bytes, store, epochs=2)
+    assert not should_cache("auto", n_bytes, store - 1, epochs=2)  # more than a quarter of the store
+    assert not should_cache("auto", n_bytes, store, epochs=1)  # nothing to reuse
+    assert should_cache("always", n_bytes, 0, epochs=1) and not should_cache("never", 1, store, epochs=10)
 
 
 def test_loop_config_travels_as_a_plain_dict():

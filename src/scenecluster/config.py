@@ -401,8 +401,8 @@ class FinetuneConfig(_Section):
     )
     cache_decoded: Literal["auto", "always", "never"] = Field(
         "auto",
-        description="keep the decoded, resized images in Ray's object store after the first epoch, so later epochs "
-        "skip reading and decoding ('auto': when they fill at most a quarter of it and there is a second epoch)",
+        description="decode and resize the images once, before training, into Ray's object store, so no epoch "
+        "reads or decodes them again ('auto': when there is a second epoch and they fill at most a quarter of it)",
         json_schema_extra=flag("--cache-decoded"),
     )
     resume: bool = Field(

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 
 import numpy as np
 from _hardware import cpu_model  # benchmarks/ is on sys.path when run as a script
+from _results import read_json_lines
 from sklearn.metrics import adjusted_rand_score, calinski_harabasz_score, davies_bouldin_score
 
 from scenecluster.cluster import make_clusterer
@@ -146,8 +147,7 @@ def run(args: argparse.Namespace) -> None:
 
 def summary(path: str) -> None:
     """Per criterion: the choice's clusters and accuracy in every case, and the share of cases within 20% of K."""
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_json_lines(path)
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["case"], row["seed"]), []).append(row)

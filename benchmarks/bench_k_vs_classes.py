@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 
 import numpy as np
-from bench_mode_merge import load_gpu224  # benchmarks/ is on sys.path when run as a script
+from _results import load_gpu224, read_json_lines  # benchmarks/ is on sys.path when run as a script
 
 from scenecluster.cluster import make_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
@@ -107,17 +107,15 @@ def main() -> None:
 
 
 def summary(path: str) -> None:
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_json_lines(path)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     fits: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        case = r.get("case", f"{r['classes']} classes x {r['per_class']}")
-        groups[(case, r["classes"], r["prior_c"])].append(r)
-        fits[(case, r["classes"], r["seed"])].append(r)
+        groups[(r["case"], r["classes"], r["prior_c"])].append(r)
+        fits[(r["case"], r["classes"], r["seed"])].append(r)
     for (case, count, _seed), rs in fits.items():
         if all("evidence" in r for r in rs):
-            groups[(case, count, "evidence")].append({**max(rs, key=lambda r: r["evidence"])})
+            groups[(case, count, "evidence")].append(max(rs, key=lambda r: r["evidence"]))
     print("| case | classes | c | clusters found | acc | NMI |")
     print("|---|---|---|---|---|---|")
     for (case, count, c), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2]))):

@@ -26,11 +26,11 @@ import argparse
 import json
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_k_selection import cases  # benchmarks/ is on sys.path when run as a script
+from _results import load_gpu224, read_json_lines  # benchmarks/ is on sys.path when run as a script
+from bench_k_selection import cases
 
 from scenecluster.cluster import make_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
@@ -39,7 +39,7 @@ from scenecluster.evaluate import score_clusters
 from scenecluster.reduce import make_projection
 
 
-def _precisions(covariances: np.ndarray, n_features: int) -> np.ndarray:
+def _precisions(covariances: np.ndarray) -> np.ndarray:
     """(K, D, D) precision matrices from full (K, D, D) or diagonal (K, D) covariances."""
     if covariances.ndim == 2:
         return np.stack([np.diag(1.0 / c) for c in covariances])
@@ -73,7 +73,7 @@ def component_modes(
     means = np.asarray(means, np.float64)
     covariances = np.asarray(covariances, np.float64)
     k, d = means.shape
-    precisions = _precisions(covariances, d)
+    precisions = _precisions(covariances)
     _, logdet = np.linalg.slogdet(precisions)
     log_norms = np.log(np.maximum(weights, 1e-300)) + 0.5 * logdet - 0.5 * d * np.log(2 * np.pi)
     weighted_means = np.einsum("kde,ke->kd", precisions, means)
@@ -118,19 +118,6 @@ def merge_by_mode(mixture: Any, labels: np.ndarray) -> np.ndarray:
     lookup = np.zeros(int(used.max()) + 1, dtype=np.int64)
     lookup[used] = modes
     return lookup[labels]
-
-
-def load_gpu224(folder: str, feature: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The GPU run's float16 features (``<set>__<feature>.npy``, ``feature`` may be a glob) with labels from
-    ``meta.json``'s paths."""
-    meta = json.loads((Path(folder) / "meta.json").read_text())
-    out = {}
-    for name, info in meta["sets"].items():
-        found = sorted(Path(folder).glob(f"{name}__{feature}.npy"))  # e.g. "selftrain-*__d4": each set's own
-        if found:
-            X = np.load(found[0]).astype(np.float32)
-            out[name] = (X, np.array([p.split("/")[0] for p in info["paths"]]))
-    return out
 
 
 def main() -> None:
@@ -185,8 +172,7 @@ def main() -> None:
 
 
 def summary(path: str) -> None:
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_json_lines(path)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         kind = "subset" if "[" in r["case"] else r["case"].split("@")[0]

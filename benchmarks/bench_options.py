@@ -39,6 +39,7 @@ from collections.abc import Callable
 
 import numpy as np
 from _hardware import cpu_model  # benchmarks/ is on sys.path when run as a script
+from _results import read_json_lines
 from bench_k_selection import cases
 from sklearn.decomposition import PCA
 
@@ -149,11 +150,8 @@ def run(args: argparse.Namespace) -> None:
 
 def summary(path: str) -> None:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                groups[(r["feature"], r["option"])].append(r)
+    for r in read_json_lines(path):
+        groups[(r["feature"], r["option"])].append(r)
     print("| feature | option | seeds | clusters (truth) | acc | NMI | ARI |")
     print("|---|---|---|---|---|---|---|")
     for (feature, option), rows in groups.items():

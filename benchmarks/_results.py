@@ -1,0 +1,28 @@
+"""Reading what benchmarks wrote: JSON-lines result files and the GPU transfer run's features."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def read_json_lines(path: str | Path) -> list[dict]:
+    """Every record of a JSON-lines result file (one benchmark line each; blank lines skipped)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_gpu224(folder: str | Path, feature: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A ``gpu_transfer.py`` result folder's float16 features (``<set>__<feature>.npy``; ``feature`` may be a glob,
+    e.g. ``selftrain-*__d4`` for each set's own) as float32, with labels from ``meta.json``'s paths."""
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    out = {}
+    for name, info in meta["sets"].items():
+        found = sorted(folder.glob(f"{name}__{feature}.npy"))
+        if found:
+            X = np.load(found[0]).astype(np.float32)
+            out[name] = (X, np.array([p.split("/")[0] for p in info["paths"]]))
+    return out

@@ -45,7 +45,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, overwrite: bool = False, echo: Callab
     method), ``finetune`` (its metrics, when it ran), ``self_train`` (one summary per round) and ``seconds``.
     """
     start = time.perf_counter()
-    backbones, finetune = _backbones(cfg, echo)
+    backbones, finetune = _backbones(cfg, echo, overwrite)
     queue = list(backbones.items())
     runs: list[dict[str, Any]] = []
     self_trained: list[dict[str, Any]] = []
@@ -65,7 +65,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, overwrite: bool = False, echo: Callab
                 runs.append({"backbone": name, "model": model, "method": method, "seed": seed, **_scores(metrics)})
                 if method == METHOD and seed == cfg.seeds[0] and _seeds_next_round(cfg, name, self_trained):
                     # now, before the next seed reuses the run folder: its fit sample gives the pseudo-labels
-                    trained = _self_train_round(cfg, len(self_trained) + 1, job.output, echo)
+                    trained = _self_train_round(cfg, len(self_trained) + 1, job.output, echo, overwrite)
                     if trained is not None:
                         self_trained.append(trained)
                         queue.insert(0, (_self_trained_name(trained["round"]), trained["backbone"]))
@@ -87,7 +87,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, overwrite: bool = False, echo: Callab
     return result
 
 
-def _backbones(cfg: BenchmarkConfig, echo: Callable) -> tuple[dict[str, str], dict[str, Any]]:
+def _backbones(cfg: BenchmarkConfig, echo: Callable, overwrite: bool) -> tuple[dict[str, str], dict[str, Any]]:
     """``{"tuned": folder}`` (fine-tuned here or given), and the untuned model with ``references``."""
     finetune: dict[str, Any] = {}
     if cfg.backbone is not None:
@@ -95,7 +95,7 @@ def _backbones(cfg: BenchmarkConfig, echo: Callable) -> tuple[dict[str, str], di
     else:
         from scenecluster.pipeline import finetune_backbone
 
-        folder, finetune = finetune_backbone(cfg.finetune, echo)
+        folder, finetune = finetune_backbone(cfg.finetune, echo, overwrite=overwrite)
         tuned = str(folder)
     backbones = {"tuned": tuned}
     if cfg.references:
@@ -114,7 +114,9 @@ def _seeds_next_round(cfg: BenchmarkConfig, name: str, self_trained: list[dict[s
     return name == newest and len(self_trained) < cfg.self_train.rounds
 
 
-def _self_train_round(cfg: BenchmarkConfig, round_n: int, run_output: str, echo: Callable) -> dict[str, Any] | None:
+def _self_train_round(
+    cfg: BenchmarkConfig, round_n: int, run_output: str, echo: Callable, overwrite: bool
+) -> dict[str, Any] | None:
     """Pseudo-labels from ``run_output`` (a DP-GMM run of the previous round's backbone), then the round's
     fine-tune; its summary, or None when the target gives fewer than two pseudo-classes."""
     from scenecluster.pipeline import finetune_backbone
@@ -125,7 +127,7 @@ def _self_train_round(cfg: BenchmarkConfig, round_n: int, run_output: str, echo:
     except TooFewPseudoClasses as exc:
         echo(f"[benchmark] self-training round {round_n} skipped: {exc}")
         return None
-    backbone, metrics = finetune_backbone(tune, echo)
+    backbone, metrics = finetune_backbone(tune, echo, overwrite=overwrite)
     return {
         "round": round_n,
         "pseudo_labels": pseudo,

@@ -446,7 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"scenecluster: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("scenecluster: interrupted; rerun the same command to resume", file=sys.stderr)
+        # A fine-tune continues only when asked (Ray Train would otherwise refuse the run folder); every other
+        # command, the pipeline's fine-tunes included, resumes when rerun as it was.
+        how = "rerun it with --resume to continue" if args.command == "finetune" else "rerun the same command to resume"
+        print(f"scenecluster: interrupted; {how}", file=sys.stderr)
         return 130
 
 

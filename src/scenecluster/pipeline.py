@@ -11,24 +11,100 @@ for two pseudo-classes skips them, with a message). Round ``N`` writes
 ``<finetune.output>-roundN`` (with its ``pseudo_labels.parquet`` and ``round.json``) and
 ``<cluster.output>-roundN``; the last round's clustering is the result. A round whose clusters agree with the
 previous round's at ``self_train.stop_agreement`` (ARI on the fit sample; no labels) ends the rounds early.
+
+A rerun of the same command resumes, stage by stage: a fine-tune that finished with the same settings is reused
+as it is, an interrupted one continues from its last checkpoint (as ``--resume`` would), and the clustering job
+reuses its finished parts and fit. A fine-tune folder made with other settings is refused, naming them, unless
+``overwrite`` (then it starts again from scratch).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from scenecluster.config import FinetuneConfig, PipelineConfig
+from scenecluster.errors import OutputError
 
-__all__ = ["PipelineConfig", "finetune_backbone", "run_pipeline"]
+__all__ = ["PipelineConfig", "PreviousFinetune", "finetune_backbone", "previous_finetune", "run_pipeline"]
+
+#: Settings that change how a fine-tune runs, not what it learns: a rerun may change them and still reuse it.
+RUN_ONLY_SETTINGS = ("resume", "max_failures", "cache_decoded", "cpus_per_worker", "resources.", "data.endpoint_url")
 
 
-def finetune_backbone(cfg: FinetuneConfig, echo=print) -> tuple[Path, dict[str, Any]]:
-    """:func:`scenecluster.train.fit_backbone`, and the metrics it wrote beside the backbone (with ``seconds``)."""
-    from scenecluster.train import fit_backbone  # lazy: Ray Train and torch only when fine-tuning
+@dataclass(frozen=True)
+class PreviousFinetune:
+    """A fine-tune already under a stage's output: its ``metrics.json`` once it finished (else None) and the
+    settings (dotted names) in which its ``config.yaml`` differs from this run's."""
 
+    metrics: dict[str, Any] | None
+    changed: list[str]
+
+
+def previous_finetune(cfg: FinetuneConfig) -> PreviousFinetune | None:
+    """What ``cfg.output`` already holds of a fine-tune: None when nothing (no checkpoint, no exported backbone)."""
+    from scenecluster.train import run_exists
+
+    out = Path(cfg.output).expanduser().resolve()
+    metrics_file = out / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    if metrics is not None and not (Path(metrics.get("backbone", out / "backbone")) / "config.json").is_file():
+        metrics = None  # the exported backbone is gone: continue the run (or start it) to export it again
+    if metrics is None and not run_exists(cfg):
+        return None
+    saved_file = out / "config.yaml"
+    if not saved_file.is_file():
+        return PreviousFinetune(metrics, ["(no config.yaml beside it)"])
+    saved = _flatten(yaml.safe_load(saved_file.read_text()) or {})
+    wanted = _flatten(cfg.model_dump(mode="json"))
+    changed = [
+        key
+        for key in sorted(saved.keys() | wanted.keys())
+        if saved.get(key) != wanted.get(key) and not key.startswith(RUN_ONLY_SETTINGS)
+    ]
+    return PreviousFinetune(metrics, changed)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def finetune_backbone(cfg: FinetuneConfig, echo=print, *, overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
+    """:func:`scenecluster.train.fit_backbone`, and the metrics it wrote beside the backbone (with ``seconds``).
+
+    What ``cfg.output`` already holds is used (:func:`previous_finetune`): a finished fine-tune with the same
+    settings is returned as it is (``"reused": True`` in its metrics), an interrupted one continues from its last
+    checkpoint. One with other settings raises :class:`OutputError` naming them, or with ``overwrite`` is
+    deleted and trained again.
+    """
+    from scenecluster.train import discard_run, fit_backbone  # lazy: Ray Train and torch only when fine-tuning
+
+    previous = previous_finetune(cfg)
+    if previous is not None and previous.changed:
+        if not overwrite:
+            raise OutputError(
+                f"{cfg.output} holds a fine-tune with other settings ({', '.join(previous.changed[:6])}); "
+                "rerun with --overwrite to train it again, or choose another --output"
+            )
+        echo(f"[finetune] {cfg.output} held a fine-tune with other settings; training again (--overwrite)")
+        discard_run(cfg)
+    elif previous is not None and previous.metrics is not None:
+        echo(f"[finetune] reused the finished fine-tune in {cfg.output} (step {previous.metrics.get('step')})")
+        return Path(previous.metrics["backbone"]), {**previous.metrics, "reused": True}
+    elif previous is not None and not cfg.resume:
+        echo(f"[finetune] continuing the interrupted fine-tune in {cfg.output} from its last checkpoint")
+        cfg = cfg.model_copy(update={"resume": True})
     started = time.perf_counter()
     backbone = Path(fit_backbone(cfg, echo=echo))
     metrics_file = backbone.parent / "metrics.json"
@@ -50,7 +126,7 @@ def run_pipeline(cfg: PipelineConfig, *, overwrite: bool = False, echo=print) ->
     from scenecluster.outputs import atomic_write_text
     from scenecluster.self_train import TooFewPseudoClasses, clustering_agreement, prepare_round
 
-    backbone, finetune = finetune_backbone(cfg.finetune, echo)
+    backbone, finetune = finetune_backbone(cfg.finetune, echo, overwrite=overwrite)
     job = cfg.cluster_job(backbone)
     cluster = run_cluster_job(job, overwrite=overwrite, echo=echo)
     rounds: list[dict[str, Any]] = []
@@ -70,7 +146,7 @@ def run_pipeline(cfg: PipelineConfig, *, overwrite: bool = False, echo=print) ->
             f"{pseudo['pseudo_classes']} pseudo-classes"
         )
         previous = job.output
-        backbone, finetune = finetune_backbone(tune, echo)
+        backbone, finetune = finetune_backbone(tune, echo, overwrite=overwrite)
         job = cfg.cluster_job(backbone, round=n)
         cluster = run_cluster_job(job, overwrite=overwrite, echo=echo)
         summary = {

@@ -614,6 +614,25 @@ def _union(datasets: list):
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
+def run_exists(cfg: FinetuneConfig) -> bool:
+    """Whether ``cfg``'s Ray Train run (``name`` under ``storage_path``, by default ``output``) has a checkpoint."""
+    storage = cfg.storage_path or str(Path(cfg.output).expanduser().resolve())
+    return _run_exists(storage, cfg.name, cfg.data.endpoint_url)
+
+
+def discard_run(cfg: FinetuneConfig) -> None:
+    """Delete ``cfg``'s Ray Train run folder and the backbone and metrics exported from it, so the next fit starts
+    from scratch (Ray Train would otherwise continue the run of the same name)."""
+    import shutil
+
+    out = Path(cfg.output).expanduser().resolve()
+    fs, root = open_filesystem(cfg.storage_path or str(out), endpoint_url=cfg.data.endpoint_url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_dir(f"{root}/{cfg.name}")
+    shutil.rmtree(out / BACKBONE_DIR, ignore_errors=True)
+    (out / "metrics.json").unlink(missing_ok=True)
+
+
 def _run_exists(storage_path: str, name: str, endpoint_url: str | None) -> bool:
     fs, root = open_filesystem(storage_path, endpoint_url=endpoint_url)
     try:

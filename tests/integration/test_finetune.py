@@ -260,3 +260,57 @@ def test_pipeline_self_trains_on_the_targets_pseudo_labels(ray_cluster, tmp_path
     assert result["cluster"]["n_embedded"] == 40
     assert -1 <= round1["agreement_with_previous"] <= 1
     assert json.loads((tmp_path / "finetune-round1" / "round.json").read_text()) == round1
+
+
+def test_pipeline_rerun_reuses_or_continues_its_fine_tune(ray_cluster, tmp_path, sources, tiny_model_dir):
+    """A rerun of the same pipeline resumes stage by stage: the finished fine-tune is reused (not trained again),
+    one whose export was lost continues from its checkpoint, and one made with other settings is refused, naming
+    the setting, unless ``overwrite``."""
+    from scenecluster.config import PipelineConfig
+    from scenecluster.pipeline import previous_finetune, run_pipeline
+
+    target = copy_sample(tmp_path / "target", per_class=6, classes=3)
+    settings = {
+        "finetune.sources": [str(sources[0])],
+        "finetune.output": str(tmp_path / "finetune"),
+        "finetune.feature.model": str(tiny_model_dir),
+        "finetune.feature.image_size": 28,
+        "finetune.epochs": 1,
+        "finetune.batch_size": 4,
+        "finetune.resources.device": "cpu",
+        "finetune.resources.torch_threads": 1,
+        "cluster.data.input": str(target),
+        "cluster.output": str(tmp_path / "cluster"),
+        "self_train.rounds": 0,
+    }
+    backbone_weights = tmp_path / "finetune" / "backbone" / "model.safetensors"
+    first = run_pipeline(load_config(None, settings, model=PipelineConfig), echo=lambda s: None)
+    assert "reused" not in first["finetune"]
+    trained_at = backbone_weights.stat().st_mtime_ns
+
+    lines: list[str] = []
+    again = run_pipeline(load_config(None, settings, model=PipelineConfig), echo=lines.append)
+    assert again["finetune"]["reused"] and backbone_weights.stat().st_mtime_ns == trained_at
+    assert any(line.startswith("[finetune] reused the finished fine-tune") for line in lines), lines
+    assert any(line.startswith("[embed] reused") for line in lines), lines
+    assert again["cluster"]["n_clusters"] == first["cluster"]["n_clusters"]
+
+    # An interrupted run: the checkpoint is there, the export is not. The rerun continues it, not from scratch.
+    (tmp_path / "finetune" / "metrics.json").unlink()
+    shutil.rmtree(tmp_path / "finetune" / "backbone")
+    lines.clear()
+    continued = run_pipeline(load_config(None, settings, model=PipelineConfig), echo=lines.append)
+    assert any(line.startswith("[finetune] continuing the interrupted fine-tune") for line in lines), lines
+    assert continued["finetune"]["step"] == first["finetune"]["step"]
+    # Ray Train restored the run, which had reached its last step: no step ran again and no new checkpoint was
+    # made; the export was written again from the same one.
+    assert continued["finetune"]["checkpoint"] == first["finetune"]["checkpoint"]
+    assert backbone_weights.is_file()
+
+    changed = {**settings, "finetune.lr": 5e-4, "finetune.max_failures": 2}  # max_failures: how it runs, not what
+    cfg = load_config(None, changed, model=PipelineConfig)
+    assert previous_finetune(cfg.finetune).changed == ["lr"]
+    with pytest.raises(OutputError, match=r"other settings \(lr\).*--overwrite"):
+        run_pipeline(cfg, echo=lambda s: None)
+    retrained = run_pipeline(cfg, overwrite=True, echo=lambda s: None)
+    assert retrained["finetune"]["resumes"] == [] and backbone_weights.stat().st_mtime_ns != trained_at

@@ -219,15 +219,10 @@ def test_pipeline_command_finetunes_then_clusters_with_the_new_backbone(
     assert metrics["n_embedded"] == 24 and "nmi" in metrics
 
 
-def test_pipeline_self_trains_on_the_targets_pseudo_labels(ray_cluster, tmp_path, sources, tiny_model_dir):
-    import pyarrow.parquet as pq
-    import yaml
-
-    from scenecluster.config import PipelineConfig
-    from scenecluster.pipeline import run_pipeline
-
-    target = copy_sample(tmp_path / "target", per_class=10, classes=4)
-    settings = {
+def _pipeline_settings(tmp_path, sources, tiny_model_dir, target, **overrides) -> dict:
+    """A pipeline of one quick fine-tune on the first source (tiny model, 28 px, one epoch) and a clustering of
+    ``target``, both under ``tmp_path``."""
+    return {
         "finetune.sources": [str(sources[0])],
         "finetune.output": str(tmp_path / "finetune"),
         "finetune.feature.model": str(tiny_model_dir),
@@ -237,10 +232,22 @@ def test_pipeline_self_trains_on_the_targets_pseudo_labels(ray_cluster, tmp_path
         "finetune.resources.device": "cpu",
         "finetune.resources.torch_threads": 1,
         "cluster.data.input": str(target),
-        "cluster.data.labels": "folders",
         "cluster.output": str(tmp_path / "cluster"),
-        "self_train.min_size": 2,
+        **overrides,
     }
+
+
+def test_pipeline_self_trains_on_the_targets_pseudo_labels(ray_cluster, tmp_path, sources, tiny_model_dir):
+    import pyarrow.parquet as pq
+    import yaml
+
+    from scenecluster.config import PipelineConfig
+    from scenecluster.pipeline import run_pipeline
+
+    target = copy_sample(tmp_path / "target", per_class=10, classes=4)
+    settings = _pipeline_settings(
+        tmp_path, sources, tiny_model_dir, target, **{"cluster.data.labels": "folders", "self_train.min_size": 2}
+    )
     result = run_pipeline(load_config(None, settings, model=PipelineConfig))
     (round1,) = result["self_train"]
     pseudo_file = tmp_path / "finetune-round1" / "pseudo_labels.parquet"
@@ -270,19 +277,7 @@ def test_pipeline_rerun_reuses_or_continues_its_fine_tune(ray_cluster, tmp_path,
     from scenecluster.pipeline import previous_finetune, run_pipeline
 
     target = copy_sample(tmp_path / "target", per_class=6, classes=3)
-    settings = {
-        "finetune.sources": [str(sources[0])],
-        "finetune.output": str(tmp_path / "finetune"),
-        "finetune.feature.model": str(tiny_model_dir),
-        "finetune.feature.image_size": 28,
-        "finetune.epochs": 1,
-        "finetune.batch_size": 4,
-        "finetune.resources.device": "cpu",
-        "finetune.resources.torch_threads": 1,
-        "cluster.data.input": str(target),
-        "cluster.output": str(tmp_path / "cluster"),
-        "self_train.rounds": 0,
-    }
+    settings = _pipeline_settings(tmp_path, sources, tiny_model_dir, target, **{"self_train.rounds": 0})
     backbone_weights = tmp_path / "finetune" / "backbone" / "model.safetensors"
     first = run_pipeline(load_config(None, settings, model=PipelineConfig), echo=lambda s: None)
     assert "reused" not in first["finetune"]

@@ -3,7 +3,7 @@ scene takes its neighbours' vote, or a linear classifier's, in the backbone's ow
 
 The idea is the cheapest self-training there is, with no fine-tuning: UMAP's boundary errors might be corrected
 where the classes are linearly separable in the 384/768-d feature space. For each target of a ``gpu_transfer.py``
-result folder and each seed, the job's projection and mixture (``prior_per_scene`` 0.002) are fitted on every
+result folder and each seed, the job's projection and mixture (default prior per scene) are fitted on every
 scene; then, on unit-length features,
 
 - ``knn-K``: three rounds of a majority vote among each scene's K nearest neighbours (cosine);
@@ -30,8 +30,6 @@ from scenecluster.cluster import make_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
 from scenecluster.evaluate import score_clusters
 from scenecluster.reduce import make_projection
-
-PRIOR_PER_SCENE = 0.002  # the job's default
 
 
 def confident(responsibility: np.ndarray, labels: np.ndarray, share: float) -> np.ndarray:
@@ -66,7 +64,7 @@ def main() -> None:
         for seed in args.seeds:
             settings = {**ReduceConfig(random_state=seed).model_dump(), "backend": "umap-learn"}
             Z = np.asarray(make_projection(**settings).fit_transform(X), np.float32)
-            cfg = ClusterConfig(covariance_prior_scale=PRIOR_PER_SCENE * len(X), random_state=seed)
+            cfg = ClusterConfig(random_state=seed)  # the scale: the default prior per scene x len(X)
             responsibility = np.asarray(make_clusterer(cfg, Z, device="cpu").fit(Z).predict_proba(Z))
             labels = responsibility.argmax(axis=1)
             variants = {"dpgmm": labels}

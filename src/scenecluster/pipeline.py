@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from scenecluster.config import FinetuneConfig, PipelineConfig
+from scenecluster.config import FinetuneConfig, PipelineConfig, dump_config
 from scenecluster.errors import OutputError
 
 __all__ = ["PipelineConfig", "PreviousFinetune", "finetune_backbone", "previous_finetune", "run_pipeline"]
@@ -53,7 +53,7 @@ def previous_finetune(cfg: FinetuneConfig) -> PreviousFinetune | None:
     out = Path(cfg.output).expanduser().resolve()
     metrics_file = out / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-    if metrics is not None and not (Path(metrics.get("backbone", out / "backbone")) / "config.json").is_file():
+    if metrics is not None and not (Path(metrics["backbone"]) / "config.json").is_file():
         metrics = None  # the exported backbone is gone: continue the run (or start it) to export it again
     if metrics is None and not run_exists(cfg):
         return None
@@ -61,7 +61,7 @@ def previous_finetune(cfg: FinetuneConfig) -> PreviousFinetune | None:
     if not saved_file.is_file():
         return PreviousFinetune(metrics, ["(no config.yaml beside it)"])
     saved = _flatten(yaml.safe_load(saved_file.read_text()) or {})
-    wanted = _flatten(cfg.model_dump(mode="json"))
+    wanted = _flatten(yaml.safe_load(dump_config(cfg)))  # as fit_backbone wrote it, so values compare alike
     changed = [
         key
         for key in sorted(saved.keys() | wanted.keys())

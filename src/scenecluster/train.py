@@ -614,10 +614,14 @@ def _union(datasets: list):
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
+def run_storage(cfg: FinetuneConfig) -> str:
+    """Where ``cfg``'s Ray Train run lives: ``storage_path``, by default the (resolved) ``output`` folder."""
+    return cfg.storage_path or str(Path(cfg.output).expanduser().resolve())
+
+
 def run_exists(cfg: FinetuneConfig) -> bool:
-    """Whether ``cfg``'s Ray Train run (``name`` under ``storage_path``, by default ``output``) has a checkpoint."""
-    storage = cfg.storage_path or str(Path(cfg.output).expanduser().resolve())
-    return _run_exists(storage, cfg.name, cfg.data.endpoint_url)
+    """Whether ``cfg``'s Ray Train run (``name`` under :func:`run_storage`) has a checkpoint."""
+    return _run_exists(run_storage(cfg), cfg.name, cfg.data.endpoint_url)
 
 
 def discard_run(cfg: FinetuneConfig) -> None:
@@ -626,7 +630,7 @@ def discard_run(cfg: FinetuneConfig) -> None:
     import shutil
 
     out = Path(cfg.output).expanduser().resolve()
-    fs, root = open_filesystem(cfg.storage_path or str(out), endpoint_url=cfg.data.endpoint_url)
+    fs, root = open_filesystem(run_storage(cfg), endpoint_url=cfg.data.endpoint_url)
     with contextlib.suppress(FileNotFoundError):
         fs.delete_dir(f"{root}/{cfg.name}")
     shutil.rmtree(out / BACKBONE_DIR, ignore_errors=True)
@@ -720,7 +724,7 @@ def _claim_output(cfg: FinetuneConfig, echo) -> tuple[Path, str]:
     out = Path(cfg.output).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {str(out)!r} is a file, not a folder")
-    storage = cfg.storage_path or str(out)
+    storage = run_storage(cfg)
     exists = _run_exists(storage, cfg.name, cfg.data.endpoint_url)
     if exists and not cfg.resume:
         raise OutputError(

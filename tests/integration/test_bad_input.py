@@ -56,7 +56,10 @@ def _subprocess(*args, env: dict | None = None, timeout: float = 240) -> subproc
 
 
 def _error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.startswith("scenecluster:")]
+    """The command's one closing line: its error or interruption. Notices such as the once-per-machine weight
+    conversion (the first command on a fresh machine prints it) also start with ``scenecluster:`` and are not it."""
+    closing = ("scenecluster: error:", "scenecluster: interrupted")
+    lines = [line for line in stderr.splitlines() if line.startswith(closing)]
     assert len(lines) == 1, stderr[-3000:]
     return lines[0]
 

@@ -337,6 +337,10 @@ def load_clustering(out, folder: str = "clustering", *, device: str = "auto") ->
         clusterer = pickle.loads(out.read_bytes(f"{folder}/clusterer.pkl"))  # trusted input, see module docstring
     else:
         raise InputError(f"{out.display(folder)} holds a clusterer of unknown kind {kind!r}")
+    if "umap-learn" in meta["info"].get("versions", {}):  # a umap-learn projection (not PCA, not cuML)
+        from scenecluster.jitcache import keep_umap_compiles
+
+        keep_umap_compiles()  # before unpickling imports umap-learn: transform loads its compiled code (jitcache)
     projection = pickle.loads(out.read_bytes(f"{folder}/projection.pkl"))  # trusted input, see module docstring
     reference = None
     if out.exists(f"{folder}/{REFERENCE_FILE}"):

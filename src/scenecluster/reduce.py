@@ -83,6 +83,9 @@ def make_umap(
         return CumlUMAP(**kwargs)
     import umap
 
+    from scenecluster.jitcache import keep_umap_compiles
+
+    keep_umap_compiles()  # a fresh process loads the compiled code instead of compiling it (jitcache)
     return umap.UMAP(**kwargs, low_memory=True)
 
 

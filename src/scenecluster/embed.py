@@ -30,12 +30,14 @@ from scenecluster.devices import Resources, resolve_torch_device
 from scenecluster.errors import InputError
 from scenecluster.features import FeatureSpec, resolve_feature_spec
 from scenecluster.ingest import read_scenes
-from scenecluster.manifest import part_dataset, part_name, part_size, write_manifest_paths
+from scenecluster.manifest import MANIFEST, manifest_parts, part_dataset, part_name, part_size, write_manifest_paths
 from scenecluster.models import load_backbone, normalize, pool_tokens
 from scenecluster.outputs import OutputFolder
 from scenecluster.views import scene_views
 
 EMBEDDINGS = "embeddings"  # the parts folder inside a run
+# The counts of a finished embedding pass, beside the manifest they count: relisting deletes them with it.
+PASS_FILE = f"{MANIFEST}/_embedded.json"
 SKIPPED = "skipped.jsonl"  # one JSON object per scene that was not embedded: {"path": ..., "reason": ...}
 
 
@@ -308,6 +310,9 @@ def embed_parts(
     from scenecluster.scale import PartEmbedder
 
     start = time.perf_counter()
+    finished = finished_pass(out)
+    if finished is not None:
+        return _summarise(finished, start)
     ds = part_dataset(out).map_batches(
         PartEmbedder,
         fn_constructor_args=(spec, out, filesystem, resources),
@@ -327,7 +332,20 @@ def embed_parts(
             strict=True,
         )
     rows.sort()
-    summary = EmbedSummary(
+    summary = _summarise(rows, start)
+    if summary.n_ok > 0:
+        out.write_text(PASS_FILE, json.dumps({"parts": [[name, n_rows, n_ok] for name, n_rows, n_ok, _ in rows]}))
+    else:
+        write_skipped(out)
+        raise InputError(
+            f"none of the {summary.n_images} images could be read and decoded; see {out.display(SKIPPED)}"
+        )
+    return summary
+
+
+def _summarise(rows: list[tuple[str, int, int, bool]], start: float) -> EmbedSummary:
+    """``(part, rows, embedded rows, reused)`` of every part -> the pass's summary."""
+    return EmbedSummary(
         n_images=sum(r[1] for r in rows),
         n_ok=sum(r[2] for r in rows),
         parts=[(name, n_ok) for name, _, n_ok, _ in rows],
@@ -335,12 +353,23 @@ def embed_parts(
         computed=sum(1 for r in rows if not r[3]),
         seconds=time.perf_counter() - start,
     )
-    if summary.n_ok == 0:
-        write_skipped(out)
-        raise InputError(
-            f"none of the {summary.n_images} images could be read and decoded; see {out.display(SKIPPED)}"
-        )
-    return summary
+
+
+def finished_pass(out: OutputFolder) -> list[tuple[str, int, int, bool]] | None:
+    """The part counts of an earlier pass over this very manifest when every part it wrote is still there.
+
+    Why: a rerun that would only find each part written (a benchmark's next seed, a pipeline's next stage, a
+    resumed job) then starts no actors, which on a small run cost more than the clustering. Part names hash
+    their sources and the feature spec, so the same names mean the same embeddings.
+    """
+    if not out.exists(PASS_FILE):
+        return None
+    counted = json.loads(out.read_text(PASS_FILE))["parts"]
+    names = sorted(name for _, name in manifest_parts(out))
+    present = {file.removesuffix(".parquet") for file in out.list(EMBEDDINGS)}
+    if [row[0] for row in counted] != names or not present.issuperset(names):
+        return None
+    return [(name, int(n_rows), int(n_ok), True) for name, n_rows, n_ok in counted]
 
 
 def iter_skipped(out: OutputFolder) -> Iterator[tuple[str, str]]:

@@ -42,6 +42,7 @@ __all__ = [
     "Manifest",
     "check_input",
     "iter_scene_paths",
+    "manifest_parts",
     "part_dataset",
     "part_name",
     "part_size",
@@ -189,12 +190,7 @@ def part_dataset(out: OutputFolder, columns: list[str] | None = None):
     """
     import ray
 
-    parts = [
-        {"file": name, "name": part}
-        for name in sorted(out.list(MANIFEST))
-        if name.endswith(".parquet")
-        for part in out.read_table(f"{MANIFEST}/{name}", columns=["name"]).column("name").to_pylist()
-    ]
+    parts = [{"file": file, "name": name} for file, name in manifest_parts(out)]
     ds = ray.data.from_items(parts, override_num_blocks=max(1, len(parts)))
     wanted = ["name", "sources"] if columns is None else list(columns)
     return ds.map_batches(
@@ -205,6 +201,16 @@ def part_dataset(out: OutputFolder, columns: list[str] | None = None):
         num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=LOADERS),  # zero-CPU tasks are otherwise bounded by nothing
     )
+
+
+def manifest_parts(out: OutputFolder) -> list[tuple[str, str]]:
+    """``(manifest file, part name)`` of every part in ``out/manifest/``, in order (names only, not sources)."""
+    return [
+        (file, part)
+        for file in sorted(out.list(MANIFEST))
+        if file.endswith(".parquet")
+        for part in out.read_table(f"{MANIFEST}/{file}", columns=["name"]).column("name").to_pylist()
+    ]
 
 
 def _load_parts(batch: pa.Table, out: OutputFolder, columns: list[str]) -> pa.Table:

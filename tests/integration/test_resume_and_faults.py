@@ -39,7 +39,7 @@ def _write_shards(root: Path, dest: Path, per_shard: int) -> list[Path]:
     return shards
 
 
-def test_tar_shards_with_a_truncated_member_and_a_damaged_shard(ray_cluster, tmp_path, tiny_model_dir):
+def test_tar_shards_with_a_truncated_member_and_a_damaged_shard(ray_cluster, tmp_path, tiny_model_dir, monkeypatch):
     loose = copy_sample(tmp_path / "loose", per_class=4, classes=3)
     shards = _write_shards(loose, tmp_path / "shards", per_shard=5)
     # a truncated JPEG inside a good shard
@@ -75,6 +75,22 @@ def test_tar_shards_with_a_truncated_member_and_a_damaged_shard(ray_cluster, tmp
     # every member of the intact shards is embedded; the damaged one contributes what precedes the damage
     assert metrics["n_embedded"] >= 12 - 5
     assert metrics["n_skipped"] == 2
+
+    # A rerun that finds every part written takes the finished pass's counts and starts no embedding actors
+    # (a refit with another seed: what a benchmark's next seed does); the skipped scenes are still listed.
+    import scenecluster.embed
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the embedding pass ran again over parts that were all written")
+
+    monkeypatch.setattr(scenecluster.embed, "part_dataset", no_second_pass)
+    lines: list[str] = []
+    again = run_cluster_job(cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"random_state": 1})}),
+                            echo=lines.append)
+    assert any(line.startswith(f"[embed] reused {metrics['n_embedded']} embeddings") for line in lines), lines
+    assert any(line.startswith("[fit] fitted") for line in lines), lines
+    assert (again["n_embedded"], again["n_skipped"]) == (metrics["n_embedded"], 2)
+    assert (tmp_path / "out" / "skipped.jsonl").read_text() == skipped
 
 
 def _embed(listing, out, model, chunk_size=10):

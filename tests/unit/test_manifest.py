@@ -51,3 +51,27 @@ def test_a_part_loads_without_reading_the_other_parts_of_its_file(manifest):
     with pytest.raises(Exception):  # noqa: B017 - proves the corruption is real: the damaged part cannot load
         first = _load_parts(pa.table({"file": [file], "name": [names[0]]}), out, columns=["sources"])
         assert first.column("sources").to_pylist() == [sources[0]]
+
+
+def test_a_finished_pass_is_taken_only_while_its_manifest_and_every_part_are_there(manifest, tmp_path):
+    import json
+
+    from scenecluster.embed import EMBEDDINGS, PASS_FILE, finished_pass
+    from scenecluster.manifest import manifest_parts
+
+    out, _, _ = manifest
+    names = [name for _, name in manifest_parts(out)]
+    assert finished_pass(out) is None  # no pass has finished yet
+    for name in names:
+        out.write_bytes(f"{EMBEDDINGS}/{name}.parquet", b"")  # only their presence is checked here
+    out.write_text(PASS_FILE, json.dumps({"parts": [[name, 10, 9] for name in names]}))
+    assert finished_pass(out) == [(name, 10, 9, True) for name in names]
+
+    (tmp_path / EMBEDDINGS / f"{names[1]}.parquet").unlink()  # a part lost: the pass runs again
+    assert finished_pass(out) is None
+    out.write_bytes(f"{EMBEDDINGS}/{names[1]}.parquet", b"")
+    assert finished_pass(out) is not None
+    # a new listing replaces the manifest and drops the counts with it, even when it lists the same parts
+    write_manifest_paths((f"archive/c{i % 3}/scene-{i:05d}.jpg" for i in range(1000)), out, identity={"test": 1},
+                         chunk_size=128)
+    assert finished_pass(out) is None

@@ -171,52 +171,62 @@ def test_unknown_model_fails_before_workers(tmp_path, sources):
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
 
 
-def test_pipeline_command_finetunes_then_clusters_with_the_new_backbone(
+def test_pipeline_command_then_its_reruns_reuse_continue_or_refuse(
     ray_cluster, tmp_path, sources, tiny_model_dir, capsys
 ):
+    """``scenecluster pipeline`` fine-tunes, then clusters the target with the new backbone. Run again, it resumes
+    stage by stage: the finished fine-tune is reused (not trained again), one whose export was lost continues
+    from its checkpoint, and one made with other settings is refused, naming the setting, unless ``--overwrite``."""
     import yaml
 
     from scenecluster.cli import main
 
     target = copy_sample(tmp_path / "target", per_class=6, classes=4)
     out = tmp_path / "pipe"
-    code = main(
-        [
-            "pipeline",
-            str(sources[0]),
-            "-t",
-            str(target),
-            "-o",
-            str(out),
-            "--labels",
-            "folders",
-            "--model",
-            str(tiny_model_dir),
-            "--image-size",
-            "28",
-            "--epochs",
-            "1",
-            "--workers",
-            "1",
-            "--batch-size",
-            "4",
-            "--device",
-            "cpu",
-            "--torch-threads",
-            "1",
-        ]
-    )
-    assert code == 0
+    # fmt: off
+    command = ["pipeline", sources[0], "-t", target, "-o", out, "--labels", "folders", "--model", tiny_model_dir,
+               "--image-size", "28", "--epochs", "1", "--workers", "1", "--batch-size", "4", "--device", "cpu",
+               "--torch-threads", "1"]
+    # fmt: on
+    assert main([str(a) for a in command]) == 0
     printed = capsys.readouterr().out
     assert "finetune: step" in printed and "cluster:" in printed and "acc" in printed
     # the default self-training round needs clusters of 100 fitted scenes (2 x min_size 50); 24 skip it
     assert "round 1 skipped" in printed and not (out / "finetune-round1").exists()
     assert f"report: {out / 'cluster' / 'report.html'}" in printed
-    assert (out / "finetune" / "backbone" / "model.safetensors").is_file()
+    backbone_weights = out / "finetune" / "backbone" / "model.safetensors"
+    assert backbone_weights.is_file()
     used = yaml.safe_load((out / "cluster" / "config.yaml").read_text())
     assert used["embed"]["model"] == str(out / "finetune" / "backbone")
-    metrics = json.loads((out / "cluster" / "metrics.json").read_text())
-    assert metrics["n_embedded"] == 24 and "nmi" in metrics
+    first = json.loads((out / "cluster" / "metrics.json").read_text())
+    assert first["n_embedded"] == 24 and "nmi" in first
+    tuned = json.loads((out / "finetune" / "metrics.json").read_text())
+    trained_at = backbone_weights.stat().st_mtime_ns
+
+    assert main([str(a) for a in command]) == 0
+    printed = capsys.readouterr().out
+    assert "[finetune] reused the finished fine-tune" in printed and "[embed] reused" in printed, printed
+    assert backbone_weights.stat().st_mtime_ns == trained_at
+    assert json.loads((out / "cluster" / "metrics.json").read_text())["n_clusters"] == first["n_clusters"]
+
+    # An interrupted run: the checkpoint is there, the export is not. The rerun continues it, not from scratch.
+    (out / "finetune" / "metrics.json").unlink()
+    shutil.rmtree(out / "finetune" / "backbone")
+    assert main([str(a) for a in command]) == 0
+    assert "[finetune] continuing the interrupted fine-tune" in capsys.readouterr().out
+    continued = json.loads((out / "finetune" / "metrics.json").read_text())
+    # Ray Train restored the run, which had reached its last step: no step ran again and no new checkpoint was
+    # made; the export was written again from the same one.
+    assert continued["step"] == tuned["step"] and continued["checkpoint"] == tuned["checkpoint"]
+    assert backbone_weights.is_file()
+
+    changed = [*command, "--lr", "5e-4", "--max-failures", "2"]  # max_failures: how it runs, not what
+    assert main([str(a) for a in changed]) == 2
+    error = capsys.readouterr().err
+    assert "other settings (lr)" in error and "--overwrite" in error, error
+    assert main([str(a) for a in [*changed, "--overwrite"]]) == 0
+    retrained = json.loads((out / "finetune" / "metrics.json").read_text())
+    assert retrained["resumes"] == [] and backbone_weights.stat().st_mtime_ns != trained_at
 
 
 def _pipeline_settings(tmp_path, sources, tiny_model_dir, target, **overrides) -> dict:
@@ -267,45 +277,3 @@ def test_pipeline_self_trains_on_the_targets_pseudo_labels(ray_cluster, tmp_path
     assert result["cluster"]["n_embedded"] == 40
     assert -1 <= round1["agreement_with_previous"] <= 1
     assert json.loads((tmp_path / "finetune-round1" / "round.json").read_text()) == round1
-
-
-def test_pipeline_rerun_reuses_or_continues_its_fine_tune(ray_cluster, tmp_path, sources, tiny_model_dir):
-    """A rerun of the same pipeline resumes stage by stage: the finished fine-tune is reused (not trained again),
-    one whose export was lost continues from its checkpoint, and one made with other settings is refused, naming
-    the setting, unless ``overwrite``."""
-    from scenecluster.config import PipelineConfig
-    from scenecluster.pipeline import previous_finetune, run_pipeline
-
-    target = copy_sample(tmp_path / "target", per_class=6, classes=3)
-    settings = _pipeline_settings(tmp_path, sources, tiny_model_dir, target, **{"self_train.rounds": 0})
-    backbone_weights = tmp_path / "finetune" / "backbone" / "model.safetensors"
-    first = run_pipeline(load_config(None, settings, model=PipelineConfig), echo=lambda s: None)
-    assert "reused" not in first["finetune"]
-    trained_at = backbone_weights.stat().st_mtime_ns
-
-    lines: list[str] = []
-    again = run_pipeline(load_config(None, settings, model=PipelineConfig), echo=lines.append)
-    assert again["finetune"]["reused"] and backbone_weights.stat().st_mtime_ns == trained_at
-    assert any(line.startswith("[finetune] reused the finished fine-tune") for line in lines), lines
-    assert any(line.startswith("[embed] reused") for line in lines), lines
-    assert again["cluster"]["n_clusters"] == first["cluster"]["n_clusters"]
-
-    # An interrupted run: the checkpoint is there, the export is not. The rerun continues it, not from scratch.
-    (tmp_path / "finetune" / "metrics.json").unlink()
-    shutil.rmtree(tmp_path / "finetune" / "backbone")
-    lines.clear()
-    continued = run_pipeline(load_config(None, settings, model=PipelineConfig), echo=lines.append)
-    assert any(line.startswith("[finetune] continuing the interrupted fine-tune") for line in lines), lines
-    assert continued["finetune"]["step"] == first["finetune"]["step"]
-    # Ray Train restored the run, which had reached its last step: no step ran again and no new checkpoint was
-    # made; the export was written again from the same one.
-    assert continued["finetune"]["checkpoint"] == first["finetune"]["checkpoint"]
-    assert backbone_weights.is_file()
-
-    changed = {**settings, "finetune.lr": 5e-4, "finetune.max_failures": 2}  # max_failures: how it runs, not what
-    cfg = load_config(None, changed, model=PipelineConfig)
-    assert previous_finetune(cfg.finetune).changed == ["lr"]
-    with pytest.raises(OutputError, match=r"other settings \(lr\).*--overwrite"):
-        run_pipeline(cfg, echo=lambda s: None)
-    retrained = run_pipeline(cfg, overwrite=True, echo=lambda s: None)
-    assert retrained["finetune"]["resumes"] == [] and backbone_weights.stat().st_mtime_ns != trained_at

@@ -334,7 +334,7 @@ def embed_parts(
     rows.sort()
     summary = _summarise(rows, start)
     if summary.n_ok > 0:
-        out.write_text(PASS_FILE, json.dumps({"parts": [[name, n_rows, n_ok] for name, n_rows, n_ok, _ in rows]}))
+        record_pass(out, rows)
     else:
         write_skipped(out)
         raise InputError(
@@ -353,6 +353,11 @@ def _summarise(rows: list[tuple[str, int, int, bool]], start: float) -> EmbedSum
         computed=sum(1 for r in rows if not r[3]),
         seconds=time.perf_counter() - start,
     )
+
+
+def record_pass(out: OutputFolder, rows: list[tuple[str, int, int, bool]]) -> None:
+    """Keep a finished pass's ``(part, rows, embedded rows, reused)`` counts for :func:`finished_pass`."""
+    out.write_text(PASS_FILE, json.dumps({"parts": [[name, n_rows, n_ok] for name, n_rows, n_ok, _ in rows]}))
 
 
 def finished_pass(out: OutputFolder) -> list[tuple[str, int, int, bool]] | None:

@@ -54,9 +54,7 @@ def test_a_part_loads_without_reading_the_other_parts_of_its_file(manifest):
 
 
 def test_a_finished_pass_is_taken_only_while_its_manifest_and_every_part_are_there(manifest, tmp_path):
-    import json
-
-    from scenecluster.embed import EMBEDDINGS, PASS_FILE, finished_pass
+    from scenecluster.embed import EMBEDDINGS, finished_pass, record_pass
     from scenecluster.manifest import manifest_parts
 
     out, _, _ = manifest
@@ -64,7 +62,7 @@ def test_a_finished_pass_is_taken_only_while_its_manifest_and_every_part_are_the
     assert finished_pass(out) is None  # no pass has finished yet
     for name in names:
         out.write_bytes(f"{EMBEDDINGS}/{name}.parquet", b"")  # only their presence is checked here
-    out.write_text(PASS_FILE, json.dumps({"parts": [[name, 10, 9] for name in names]}))
+    record_pass(out, [(name, 10, 9, False) for name in names])
     assert finished_pass(out) == [(name, 10, 9, True) for name in names]
 
     (tmp_path / EMBEDDINGS / f"{names[1]}.parquet").unlink()  # a part lost: the pass runs again

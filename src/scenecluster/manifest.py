@@ -137,7 +137,11 @@ def write_manifest(
     seed: int = 0,
 ) -> Manifest:
     """List ``uri`` into ``out/manifest/`` (reused when a finished one with the same identity is there)."""
-    key = {**identity, "chunk_size": chunk_size, "sample": sample, "seed": seed, "input": uri}
+    # the seed draws the sample and nothing else: without one, another seed lists the same scenes, and a
+    # relisting would also drop the finished pass that lets the next run skip the embedding
+    key = {**identity, "chunk_size": chunk_size, "sample": sample, "input": uri}
+    if sample is not None:
+        key["seed"] = seed
     if out.exists(DONE_FILE):
         done = json.loads(out.read_text(DONE_FILE))
         if done.get("key") == key:

@@ -73,3 +73,26 @@ def test_a_finished_pass_is_taken_only_while_its_manifest_and_every_part_are_the
     write_manifest_paths((f"archive/c{i % 3}/scene-{i:05d}.jpg" for i in range(1000)), out, identity={"test": 1},
                          chunk_size=128)
     assert finished_pass(out) is None
+
+
+def test_another_seed_relists_only_when_the_seed_draws_a_sample(tmp_path):
+    """Without ``data.sample`` the seed moves only UMAP and the mixture: a benchmark's next seed must find the
+    listing (and with it the finished embedding pass) as it was, not list and embed the archive again."""
+    from scenecluster.manifest import DONE_FILE, write_manifest
+
+    scenes = tmp_path / "scenes" / "fields"
+    scenes.mkdir(parents=True)
+    for i in range(6):
+        (scenes / f"scene-{i}.jpg").write_bytes(b"not decoded while listing")
+    out = OutputFolder(str(tmp_path / "out"))
+
+    def listing(**kwargs) -> tuple[int, int]:
+        manifest = write_manifest(str(tmp_path / "scenes"), out, identity={"test": 1}, chunk_size=4, **kwargs)
+        return manifest.n_sources, (tmp_path / "out" / DONE_FILE).stat().st_mtime_ns
+
+    n, listed = listing(seed=0)
+    assert n == 6 and listing(seed=1) == (6, listed)  # kept
+    n_sampled, sampled = listing(sample=3, seed=1)
+    assert n_sampled == 3 and sampled != listed
+    assert listing(sample=3, seed=1) == (3, sampled)  # the same sample is kept
+    assert listing(sample=3, seed=2)[1] != sampled  # another seed draws another sample

@@ -34,6 +34,7 @@ from scenecluster.outputs import OutputFolder
 __all__ = [
     "PartAssigner",
     "PartEmbedder",
+    "assign_named_parts",
     "calibration_split",
     "fit_count",
     "fit_on_sample",
@@ -91,12 +92,12 @@ class PartEmbedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         counts = [
-            self._one_part(str(name), list(sources))
+            self.assign_part(str(name), list(sources))
             for name, sources in zip(batch["name"], batch["sources"], strict=True)
         ]
         return {key: np.array([c[key] for c in counts]) for key in ("name", "n_rows", "n_ok", "reused")}
 
-    def _one_part(self, name: str, sources: list[str]) -> dict[str, Any]:
+    def assign_part(self, name: str, sources: list[str]) -> dict[str, Any]:
         target = posixpath.join(EMBEDDINGS, f"{name}.parquet")
         if self.out.exists(target):
             errors = pq.read_table(self.out.path(target), columns=["error"], filesystem=self.out.fs).column("error")
@@ -285,16 +286,19 @@ class PartAssigner:
         self.out, self.with_labels = out, with_labels
         self.fitted = load_clustering(clustering_from, device=device)
         self.known: dict[str, int] = {}
-        self.known_rows: pa.Table | None = None
+        self.known_values: dict[str, np.ndarray] = {}
         if clustering_from.exists(SAMPLE_FILE) and clustering_from.uri == out.uri:
-            self.known_rows = clustering_from.read_table(SAMPLE_FILE)
-            self.known = {p: i for i, p in enumerate(self.known_rows.column("path").to_pylist())}
+            rows = clustering_from.read_table(SAMPLE_FILE)
+            self.known = {p: i for i, p in enumerate(rows.column("path").to_pylist())}
+            self.known_values = {key: rows.column(key).to_numpy() for key in _KEPT_FROM_FIT}
+            self.known_values["coords"] = matrix(rows, "coords")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        counts = [self._one_part(str(name)) for name in batch["name"]]
+        counts = [self.assign_part(str(name)) for name in batch["name"]]
         return {"name": np.array([str(n) for n in batch["name"]]), "counts": np.array(counts, dtype=object)}
 
-    def _one_part(self, name: str) -> str:
+    def assign_part(self, name: str) -> str:
+        """Assign part ``name`` (or read it back when an earlier pass wrote it); its counts as JSON."""
         target = posixpath.join(ASSIGNMENTS, f"{name}.parquet")
         if self.out.exists(target):
             table = self.out.read_table(target)
@@ -304,16 +308,28 @@ class PartAssigner:
         return json.dumps(_part_counts(table))
 
     def _assign(self, part: pa.Table) -> pa.Table:
+        """Rows the fit saw keep exactly what the fit gave them; only the others are projected.
+
+        Why only the others: a run no larger than ``scale.fit_sample`` has nine scenes in ten in the fit, and
+        UMAP's ``transform`` (about 200 rows/s per core) is nearly all of the assignment's cost.
+        """
         X = matrix(part)
-        result = self.fitted.assign(X) if len(X) else _empty_assignment(self.fitted)
-        paths = part.column("path").to_pylist()
-        for i, p in enumerate(paths):  # rows the fit saw keep exactly what the fit gave them
-            j = self.known.get(p)
-            if j is not None:
-                for key in ("cluster", "probability", "log_likelihood"):
-                    result[key][i] = self.known_rows.column(key)[j].as_py()
-                result["coords"][i] = self.known_rows.column("coords")[j].as_py()
-                result["neighbour_distance"][i] = 0.0
+        at = [self.known.get(p) for p in part.column("path").to_pylist()]
+        seen = np.array([i for i, j in enumerate(at) if j is not None], dtype=np.int64)
+        fresh = np.array([i for i, j in enumerate(at) if j is None], dtype=np.int64)
+        placed = self.fitted.assign(X[fresh]) if len(fresh) else None
+        width = None if placed is None else placed["coords"].shape[1]
+        if width is None and len(seen):
+            width = self.known_values["coords"].shape[1]
+        result = _empty_assignment(self.fitted, len(X), width=width)
+        if placed is not None:
+            for key in result:
+                result[key][fresh] = placed[key]
+        if len(seen):
+            rows = np.array([at[i] for i in seen], dtype=np.int64)
+            for key in (*_KEPT_FROM_FIT, "coords"):
+                result[key][seen] = self.known_values[key][rows]
+            result["neighbour_distance"][seen] = 0.0
         result["novel"] = self.fitted.is_novel(result)
         cols: dict[str, Any] = {
             "path": part.column("path"),
@@ -329,14 +345,25 @@ class PartAssigner:
         return pa.table(cols)
 
 
-def _empty_assignment(fitted) -> dict[str, np.ndarray]:
-    d = int(fitted.reduce.get("n_components", 2))
+def assign_named_parts(
+    out: OutputFolder, clustering_from: OutputFolder, names: list[str], *, device: str, with_labels: bool
+) -> list[str]:
+    """Ray task: what a :class:`PartAssigner` actor does for ``names``, in one worker; each part's counts JSON."""
+    assigner = PartAssigner(out, clustering_from, device=device, with_labels=with_labels)
+    return [assigner.assign_part(name) for name in names]
+
+
+_KEPT_FROM_FIT = ("cluster", "probability", "log_likelihood")  # with "coords": what a fitted row keeps
+
+
+def _empty_assignment(fitted, n: int = 0, width: int | None = None) -> dict[str, np.ndarray]:
+    d = int(fitted.reduce.get("n_components", 2)) if width is None else width
     return {
-        "coords": np.zeros((0, d), np.float32),
-        "cluster": np.zeros(0, np.int32),
-        "probability": np.zeros(0, np.float32),
-        "log_likelihood": np.zeros(0, np.float32),
-        "neighbour_distance": np.zeros(0, np.float32),
+        "coords": np.zeros((n, d), np.float32),
+        "cluster": np.zeros(n, np.int32),
+        "probability": np.zeros(n, np.float32),
+        "log_likelihood": np.zeros(n, np.float32),
+        "neighbour_distance": np.zeros(n, np.float32),
     }
 
 

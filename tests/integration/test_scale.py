@@ -128,6 +128,8 @@ def test_saved_clustering_assigns_held_out_scenes_and_flags_a_withheld_class(ray
     # flag almost nothing, so this run flags the 10% farthest (the 27,000-scene figures are in docs/benchmarks.md)
     fit_settings = {**feature, "scale.novelty_quantile": 0.1}
     run_cluster_job(_cfg(fit_dir, tmp_path / "run", "unused", **fit_settings), echo=lambda s: None)
+    fitted_run = pq.read_table(tmp_path / "run" / "assignments.parquet").to_pandas().set_index("path")
+    _assert_fitted_rows_kept(tmp_path / "run", fitted_run, held_out=12)
     one_shot = run_cluster_job(_cfg(all_dir, tmp_path / "one-shot", "unused", **feature), echo=lambda s: None)
 
     assign_cfg = load_config(
@@ -165,3 +167,58 @@ def test_saved_clustering_assigns_held_out_scenes_and_flags_a_withheld_class(ray
         f"one-shot acc {one_shot['acc']:.3f}"
     )
     assert ari > 0.3 and np.isfinite(table["log_likelihood"]).all()
+
+
+def _assert_fitted_rows_kept(out, assigned, held_out: int) -> None:
+    """Scenes the fit saw keep its coordinates and cluster (distance 0 to a fitted scene: themselves); the
+    ``held_out`` others, kept back to calibrate the novelty flag, were placed by the projection's transform."""
+    fit = pq.read_table(out / "clustering" / "fit_sample.parquet").to_pandas().set_index("path")
+    assert len(fit) + held_out == len(assigned)
+    kept = assigned.loc[fit.index]
+    assert (kept["cluster"] == fit["cluster"]).all() and (kept["neighbour_distance"] == 0).all()
+    assert np.array_equal(np.stack(kept["coords"]), np.stack(fit["coords"]))
+    assert (assigned.drop(fit.index)["neighbour_distance"] > 0).all()
+
+
+def _run_watching_assigners(cfg) -> tuple[list[str], set[int]]:
+    """Run the job; its echoed lines and the pids of the assignment actors it started (an earlier test's may
+    linger in the session's Ray)."""
+    before = set(_assigner_pids())
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.update(_assigner_pids())
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    lines: list[str] = []
+    try:
+        run_cluster_job(cfg, echo=lines.append)
+    finally:
+        done.set()
+        watcher.join()
+    return lines, seen - before
+
+
+def test_a_one_part_run_is_assigned_in_a_task_as_the_actor_pool_would(ray_cluster, tmp_path, tiny_model_dir):
+    """A run of one part is assigned in one Ray task (no actor process), the pool writes the same rows, and the
+    scenes the fit saw keep exactly the fit's coordinates and cluster."""
+    scenes = copy_sample(tmp_path / "scenes", per_class=10, classes=3)  # 30 scenes: one part
+    out = tmp_path / "out"
+    _, assigners = _run_watching_assigners(_cfg(scenes, out, tiny_model_dir, **{"embed.chunk_size": 64}))
+    assert len(list((out / "embeddings").glob("part-*.parquet"))) == 1
+    assert not assigners, "a one-part run started an assignment actor"
+    by_task = pq.read_table(out / "assignments.parquet").to_pandas().set_index("path").sort_index()
+
+    _assert_fitted_rows_kept(out, by_task, held_out=0)  # under 100 scenes the fit sees them all
+
+    shutil.rmtree(out / "assignments")
+    pool = {"embed.chunk_size": 64, "scale.assign_actors": 1}
+    lines, assigners = _run_watching_assigners(_cfg(scenes, out, tiny_model_dir, **pool))
+    assert assigners and any("reused" in s for s in lines if s.startswith("[fit]"))
+    by_pool = pq.read_table(out / "assignments.parquet").to_pandas().set_index("path").sort_index()
+    assert by_pool.drop(columns="coords").equals(by_task.drop(columns="coords"))
+    assert np.array_equal(np.stack(by_pool["coords"]), np.stack(by_task["coords"]))

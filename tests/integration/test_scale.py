@@ -180,27 +180,20 @@ def _assert_fitted_rows_kept(out, assigned, held_out: int) -> None:
     assert (assigned.drop(fit.index)["neighbour_distance"] > 0).all()
 
 
-def _run_watching_assigners(cfg) -> tuple[list[str], set[int]]:
-    """Run the job; its echoed lines and the pids of the assignment actors it started (an earlier test's may
-    linger in the session's Ray)."""
-    before = set(_assigner_pids())
-    seen: set[int] = set()
-    done = threading.Event()
+def _assignment_actors() -> set[str]:
+    """Ids of every assignment actor this Ray has created, dead ones too (Ray's own actor table: a test may not
+    see an actor process that an earlier test's pool spawns late, and may see one that it did not start)."""
+    import ray._private.state
 
-    def watch() -> None:
-        while not done.is_set():
-            seen.update(_assigner_pids())
-            time.sleep(0.02)
+    return {a["ActorID"] for a in ray._private.state.actors().values() if "PartAssigner" in a["ActorClassName"]}
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
+
+def _run_counting_assigners(cfg) -> tuple[list[str], int]:
+    """Run the job; its echoed lines and how many assignment actors it created."""
+    before = _assignment_actors()
     lines: list[str] = []
-    try:
-        run_cluster_job(cfg, echo=lines.append)
-    finally:
-        done.set()
-        watcher.join()
-    return lines, seen - before
+    run_cluster_job(cfg, echo=lines.append)
+    return lines, len(_assignment_actors() - before)
 
 
 def test_a_one_part_run_is_assigned_in_a_task_as_the_actor_pool_would(ray_cluster, tmp_path, tiny_model_dir):
@@ -208,17 +201,17 @@ def test_a_one_part_run_is_assigned_in_a_task_as_the_actor_pool_would(ray_cluste
     scenes the fit saw keep exactly the fit's coordinates and cluster."""
     scenes = copy_sample(tmp_path / "scenes", per_class=10, classes=3)  # 30 scenes: one part
     out = tmp_path / "out"
-    _, assigners = _run_watching_assigners(_cfg(scenes, out, tiny_model_dir, **{"embed.chunk_size": 64}))
+    _, assigners = _run_counting_assigners(_cfg(scenes, out, tiny_model_dir, **{"embed.chunk_size": 64}))
     assert len(list((out / "embeddings").glob("part-*.parquet"))) == 1
-    assert not assigners, "a one-part run started an assignment actor"
+    assert assigners == 0, "a one-part run started an assignment actor"
     by_task = pq.read_table(out / "assignments.parquet").to_pandas().set_index("path").sort_index()
 
     _assert_fitted_rows_kept(out, by_task, held_out=0)  # under 100 scenes the fit sees them all
 
     shutil.rmtree(out / "assignments")
     pool = {"embed.chunk_size": 64, "scale.assign_actors": 1}
-    lines, assigners = _run_watching_assigners(_cfg(scenes, out, tiny_model_dir, **pool))
-    assert assigners and any("reused" in s for s in lines if s.startswith("[fit]"))
+    lines, assigners = _run_counting_assigners(_cfg(scenes, out, tiny_model_dir, **pool))
+    assert assigners == 1 and any("reused" in s for s in lines if s.startswith("[fit]"))
     by_pool = pq.read_table(out / "assignments.parquet").to_pandas().set_index("path").sort_index()
     assert by_pool.drop(columns="coords").equals(by_task.drop(columns="coords"))
     assert np.array_equal(np.stack(by_pool["coords"]), np.stack(by_task["coords"]))

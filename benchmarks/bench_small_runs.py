@@ -1,0 +1,106 @@
+"""What a small clustering run costs per stage, its assignment in one Ray task against an actor pool.
+
+A run of one part (up to 64 loose scenes, or one ``.tar`` shard) is assigned in one Ray task in a worker the
+fit already started (``scale.assign_actors: 0``, the default); ``scale.assign_actors: 1`` forces the actor
+pool, the obvious alternative, which starts a fresh actor process. Each mode gets its own run folder and runs
+the clustering job once per seed, as ``scenecluster benchmark`` does: the first seed embeds, the later ones
+reuse the embeddings and refit. One JSON line per run, then one per mode: its assignment seconds per run, and
+the wall seconds of a later seed (the first embeds and, in the first mode, also starts Ray's workers) against
+the pool's.
+
+    python benchmarks/bench_small_runs.py --per-class 3 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+from _hardware import cpu_model  # benchmarks/ is on sys.path when run as a script
+
+from scenecluster.cli import sample_data_dir
+from scenecluster.config import load_config
+from scenecluster.job import run_cluster_job
+
+MODES = {"task": 0, "pool": 1}  # scale.assign_actors
+
+
+def scenes(dest: Path, per_class: int) -> Path:
+    """The first ``per_class`` scenes of each class of the shipped sample."""
+    for cdir in sorted(p for p in sample_data_dir().iterdir() if p.is_dir()):
+        (dest / cdir.name).mkdir(parents=True)
+        for img in sorted(cdir.iterdir())[:per_class]:
+            shutil.copy2(img, dest / cdir.name / img.name)
+    return dest
+
+
+def tiny_model(dest: Path) -> Path:
+    import torch
+    from transformers import Dinov2Model
+
+    from scenecluster.models import save_backbone, tiny_dinov2_config
+
+    torch.manual_seed(0)
+    save_backbone(Dinov2Model(tiny_dinov2_config()), dest)
+    return dest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-class", type=int, default=3, help="scenes per class of the 10-class sample")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--model", default=None, help="backbone (default: a tiny random DINOv2, 28 px)")
+    parser.add_argument("--projection", default="umap", choices=["umap", "pca"])
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = scenes(root / "scenes", args.per_class)
+        model = args.model or str(tiny_model(root / "tiny"))
+        totals: dict[str, dict[str, float]] = {}
+        for mode, actors in MODES.items():
+            for seed in args.seeds:
+                settings = {
+                    "data.input": str(data),
+                    "output": str(root / mode),
+                    "data.labels": "folders",
+                    "data.seed": seed,
+                    "embed.model": model,
+                    "reduce.method": args.projection,
+                    "reduce.random_state": seed,
+                    "cluster.random_state": seed,
+                    "scale.assign_actors": actors,
+                    "resources.device": "cpu",
+                }
+                if args.model is None:
+                    settings["embed.image_size"] = 28
+                start = time.perf_counter()
+                metrics = run_cluster_job(load_config(None, settings), echo=lambda s: None)
+                wall = time.perf_counter() - start
+                stages = {k: round(v, 2) for k, v in metrics["stage_seconds"].items()}
+                row = {"mode": mode, "seed": seed, "n": metrics["n_embedded"], "wall_s": round(wall, 2), **stages}
+                print(json.dumps(row), flush=True)
+                total = totals.setdefault(mode, {"assign": 0.0, "later_wall_s": 0.0})
+                total["assign"] += row["assign"]
+                if seed != args.seeds[0]:  # the first seed embeds and, in the first mode, warms Ray's workers
+                    total["later_wall_s"] += row["wall_s"]
+        for mode, total in totals.items():
+            later = max(1, len(args.seeds) - 1)
+            summary = {
+                "mode": mode,
+                "assign_s_per_run": round(total["assign"] / len(args.seeds), 2),
+                "later_seed_wall_s": round(total["later_wall_s"] / later, 2),
+                "later_seed_wall_vs_pool": round(total["later_wall_s"] / totals["pool"]["later_wall_s"], 3),
+            }
+            summary.update(cpu=cpu_model(), cores=os.cpu_count(), date=date.today().isoformat())
+            print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -256,7 +256,8 @@ class ScaleConfig(_Section):
         0,
         ge=0,
         description="assignment actors (each holds the fitted clustering); 0 = a pool that grows from 1 to one "
-        "actor per CPU of the cluster (per GPU on GPU runs), and never below embed.num_actors",
+        "actor per CPU of the cluster (per GPU on GPU runs), and never below embed.num_actors, or for a run of "
+        "one part one Ray task",
     )
 
 

@@ -92,12 +92,12 @@ class PartEmbedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         counts = [
-            self.assign_part(str(name), list(sources))
+            self._one_part(str(name), list(sources))
             for name, sources in zip(batch["name"], batch["sources"], strict=True)
         ]
         return {key: np.array([c[key] for c in counts]) for key in ("name", "n_rows", "n_ok", "reused")}
 
-    def assign_part(self, name: str, sources: list[str]) -> dict[str, Any]:
+    def _one_part(self, name: str, sources: list[str]) -> dict[str, Any]:
         target = posixpath.join(EMBEDDINGS, f"{name}.parquet")
         if self.out.exists(target):
             errors = pq.read_table(self.out.path(target), columns=["error"], filesystem=self.out.fs).column("error")
@@ -314,22 +314,22 @@ class PartAssigner:
         UMAP's ``transform`` (about 200 rows/s per core) is nearly all of the assignment's cost.
         """
         X = matrix(part)
-        at = [self.known.get(p) for p in part.column("path").to_pylist()]
-        seen = np.array([i for i, j in enumerate(at) if j is not None], dtype=np.int64)
-        fresh = np.array([i for i, j in enumerate(at) if j is None], dtype=np.int64)
-        placed = self.fitted.assign(X[fresh]) if len(fresh) else None
-        width = None if placed is None else placed["coords"].shape[1]
-        if width is None and len(seen):
+        fit_row = np.array([self.known.get(p, -1) for p in part.column("path").to_pylist()], dtype=np.int64)
+        seen = fit_row >= 0
+        placed = None if seen.all() else self.fitted.assign(X[~seen])
+        if placed is not None:
+            width = placed["coords"].shape[1]
+        elif seen.any():
             width = self.known_values["coords"].shape[1]
-        result = _empty_assignment(self.fitted, len(X), width=width)
+        else:
+            width = None  # an empty part: the projection's configured width
+        result = _empty_assignment(self.fitted, len(X), width=width)  # distance 0 stays for fitted rows
         if placed is not None:
             for key in result:
-                result[key][fresh] = placed[key]
-        if len(seen):
-            rows = np.array([at[i] for i in seen], dtype=np.int64)
+                result[key][~seen] = placed[key]
+        if seen.any():
             for key in (*_KEPT_FROM_FIT, "coords"):
-                result[key][seen] = self.known_values[key][rows]
-            result["neighbour_distance"][seen] = 0.0
+                result[key][seen] = self.known_values[key][fit_row[seen]]
         result["novel"] = self.fitted.is_novel(result)
         cols: dict[str, Any] = {
             "path": part.column("path"),

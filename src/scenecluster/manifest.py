@@ -173,8 +173,10 @@ def write_manifest_paths(paths: Iterator[str], out: OutputFolder, *, identity: d
     return Manifest(n_sources, n_parts, "", n_archives)
 
 
-def part_dataset(out: OutputFolder, columns: list[str] | None = None):
+def part_dataset(out: OutputFolder, columns: list[str] | None = None, parts: list[tuple[str, str]] | None = None):
     """``out/manifest/`` as a Ray Dataset of one block per part, so actors take parts one at a time.
+
+    ``parts``: :func:`manifest_parts` of ``out`` when the caller has already read it.
 
     The driver reads only the parts' names (one short string per part, not the sources) and makes one block
     of ``{file, name}`` per part; fractional-CPU tasks then load each part's columns from its manifest file.
@@ -194,8 +196,8 @@ def part_dataset(out: OutputFolder, columns: list[str] | None = None):
     """
     import ray
 
-    parts = [{"file": file, "name": name} for file, name in manifest_parts(out)]
-    ds = ray.data.from_items(parts, override_num_blocks=max(1, len(parts)))
+    items = [{"file": file, "name": name} for file, name in (manifest_parts(out) if parts is None else parts)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     wanted = ["name", "sources"] if columns is None else list(columns)
     return ds.map_batches(
         _load_parts,

@@ -213,13 +213,14 @@ def assign_parts(
     on_gpu = assigns_on_gpu(resources, clustering_from)
     device = "cuda" if on_gpu else "cpu"
     num_gpus = resources.gpus_per_actor if on_gpu else 0
-    names = [name for _, name in manifest_parts(out)]
-    if not actors and len(names) == 1:
+    parts = manifest_parts(out)
+    if not actors and len(parts) == 1:
+        names = [name for _, name in parts]
         task = ray.remote(assign_named_parts).options(num_cpus=1, num_gpus=num_gpus)
         texts = get_interruptibly(task.remote(out, clustering_from, names, device=device, with_labels=with_labels))
     else:
         smallest, largest = assign_pool_sizes(resources, actors, on_gpu=on_gpu, at_least=at_least)
-        ds = part_dataset(out, columns=["name"]).map_batches(
+        ds = part_dataset(out, columns=["name"], parts=parts).map_batches(
             PartAssigner,
             fn_constructor_args=(out, clustering_from),
             fn_constructor_kwargs={"device": device, "with_labels": with_labels},

@@ -23,6 +23,7 @@ from datetime import date
 from pathlib import Path
 
 from _hardware import cpu_model  # benchmarks/ is on sys.path when run as a script
+from _tiny_model import tiny_model
 
 from scenecluster.cli import sample_data_dir
 from scenecluster.config import load_config
@@ -37,17 +38,6 @@ def scenes(dest: Path, per_class: int) -> Path:
         (dest / cdir.name).mkdir(parents=True)
         for img in sorted(cdir.iterdir())[:per_class]:
             shutil.copy2(img, dest / cdir.name / img.name)
-    return dest
-
-
-def tiny_model(dest: Path) -> Path:
-    import torch
-    from transformers import Dinov2Model
-
-    from scenecluster.models import save_backbone, tiny_dinov2_config
-
-    torch.manual_seed(0)
-    save_backbone(Dinov2Model(tiny_dinov2_config()), dest)
     return dest
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pyarrow.parquet as pq
+from _tiny_model import tiny_model  # benchmarks/ is on sys.path when run as a script
 
 
 def build_input(data: Path, dest: Path, n_scenes: int, corrupt_share: float) -> dict[str, int]:
@@ -47,18 +48,6 @@ def build_input(data: Path, dest: Path, n_scenes: int, corrupt_share: float) -> 
             data_bytes = img.read_bytes()
             (out / f"zz_corrupt_{i:03d}.jpg").write_bytes(data_bytes[: len(data_bytes) // 3])
     return {"scenes": per_class * len(classes), "corrupt": corrupt * len(classes)}
-
-
-def tiny_model(folder: Path) -> Path:
-    import torch
-    from transformers import Dinov2Model
-
-    from scenecluster.models import save_backbone, tiny_dinov2_config
-
-    if not (folder / "config.json").exists():
-        torch.manual_seed(0)
-        save_backbone(Dinov2Model(tiny_dinov2_config()), folder)
-    return folder
 
 
 def command(inp: Path, out: Path, model: Path) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from _tiny_model import tiny_model  # benchmarks/ is on sys.path when run as a script
 from PIL import Image
 
 
@@ -71,22 +72,17 @@ def main() -> None:
     args = p.parse_args()
 
     import ray
-    import torch
-    from transformers import Dinov2Model
 
     from scenecluster.config import EmbedConfig
     from scenecluster.data import list_scenes
     from scenecluster.devices import decide, local_inventory
     from scenecluster.embed import embed_images
     from scenecluster.features import resolve_feature_spec
-    from scenecluster.models import save_backbone, tiny_dinov2_config
     from scenecluster.outputs import OutputFolder
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "tiny"
-        torch.manual_seed(0)
-        save_backbone(Dinov2Model(tiny_dinov2_config()), model_dir)
+        model_dir = tiny_model(Path(tmp) / "tiny")
         for n in args.sizes:
             scenes = Path(tmp) / f"scenes{n}"
             t0 = time.perf_counter()

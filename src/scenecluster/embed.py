@@ -310,10 +310,11 @@ def embed_parts(
     from scenecluster.scale import PartEmbedder
 
     start = time.perf_counter()
-    finished = finished_pass(out)
+    parts = manifest_parts(out)
+    finished = finished_pass(out, parts)
     if finished is not None:
         return _summarise(finished, start)
-    ds = part_dataset(out).map_batches(
+    ds = part_dataset(out, parts=parts).map_batches(
         PartEmbedder,
         fn_constructor_args=(spec, out, filesystem, resources),
         fn_constructor_kwargs={"batch_size": settings.batch_size, "with_labels": with_labels},
@@ -360,8 +361,13 @@ def record_pass(out: OutputFolder, rows: list[tuple[str, int, int, bool]]) -> No
     out.write_text(PASS_FILE, json.dumps({"parts": [[name, n_rows, n_ok] for name, n_rows, n_ok, _ in rows]}))
 
 
-def finished_pass(out: OutputFolder) -> list[tuple[str, int, int, bool]] | None:
+def finished_pass(
+    out: OutputFolder, parts: list[tuple[str, str]] | None = None
+) -> list[tuple[str, int, int, bool]] | None:
     """The part counts of an earlier pass over this very manifest when every part it wrote is still there.
+
+    ``parts``: :func:`scenecluster.manifest.manifest_parts` of ``out`` when the caller has already read it (the
+    embedding stage hands the same list on to ``part_dataset``, so an archive's manifest is read once).
 
     Why: a rerun that would only find each part written (a benchmark's next seed, a pipeline's next stage, a
     resumed job) then starts no actors, which on a small run cost more than the clustering. Part names hash
@@ -370,7 +376,7 @@ def finished_pass(out: OutputFolder) -> list[tuple[str, int, int, bool]] | None:
     if not out.exists(PASS_FILE):
         return None
     counted = json.loads(out.read_text(PASS_FILE))["parts"]
-    names = sorted(name for _, name in manifest_parts(out))
+    names = sorted(name for _, name in (manifest_parts(out) if parts is None else parts))
     present = {file.removesuffix(".parquet") for file in out.list(EMBEDDINGS)}
     if [row[0] for row in counted] != names or not present.issuperset(names):
         return None

@@ -47,6 +47,10 @@ class FeatureSpec:
     views : {"one", "rot90", "d4"}
         Test-time views the feature is averaged over (:mod:`scenecluster.views`); part of the identity when not
         ``"one"``, so runs made before the setting existed keep their identity and are reused.
+    weights : str or None
+        :func:`scenecluster.models.weights_fingerprint` of the weights ``source`` held when resolved; part of the
+        identity when known, so a model folder rewritten in place (a fine-tune's ``OUTPUT/backbone``) is another
+        feature, not a reason to reuse the old weights' embeddings or clustering.
     """
 
     model: str
@@ -61,6 +65,7 @@ class FeatureSpec:
     std: tuple[float, ...]
     pixels: PixelSpec = PixelSpec()
     views: str = "one"
+    weights: str | None = None
 
     @property
     def n_features(self) -> int:
@@ -80,6 +85,7 @@ class FeatureSpec:
             "image_size": self.image_size,
             **self.pixels.identity(),
             **({"views": self.views} if self.views != "one" else {}),
+            **({"weights": self.weights} if self.weights is not None else {}),
         }
 
 
@@ -128,4 +134,5 @@ def resolve_feature_spec(
         std=tuple(backbone.std),
         pixels=pixels or PixelSpec(),
         views=views,
+        weights=backbone.weights,
     )

@@ -25,6 +25,7 @@ from scenecluster.config import AssignJobConfig, ClusterJobConfig, dump_config
 from scenecluster.data import open_filesystem
 from scenecluster.devices import Resources, decide
 from scenecluster.embed import SKIPPED, embed_parts, export_embeddings, write_skipped
+from scenecluster.errors import InputError
 from scenecluster.evaluate import scores_from_contingency
 from scenecluster.features import FeatureSpec, resolve_feature_spec
 from scenecluster.manifest import check_input, write_manifest
@@ -79,7 +80,7 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
     spec, out, resources = _prepare(cfg, overwrite, timer)
     embedded = _embed_stage(cfg, out, spec, resources, timer, check=lambda n, where: check_enough_scenes(n, cfg, where))
     with timer.stage("fit") as note:
-        fit = fit_remote(out, embedded.parts, cfg, spec, resources, fit_key=_fit_key(cfg))
+        fit = fit_remote(out, embedded.parts, cfg, spec, resources, fit_key=_fit_key(cfg, spec))
         timer.seconds.update({k: v for k, v in fit["stage_seconds"].items()})
         note["summary"] = (
             f"{'reused' if fit['reused'] else 'fitted'} {cfg.reduce.method} + {cfg.cluster.method} on "
@@ -108,7 +109,7 @@ def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print)
     source = OutputFolder(cfg.clustering, endpoint_url=cfg.data.endpoint_url)
     feature = read_clustering_meta(source)["feature"]
     cfg = cfg.model_copy(update={"embed": cfg.embed.model_copy(update=_feature_settings(feature))}, deep=True)
-    spec, out, resources = _prepare(cfg, overwrite, timer)
+    spec, out, resources = _prepare(cfg, overwrite, timer, fitted_feature=feature)
     embedded = _embed_stage(cfg, out, spec, resources, timer)
     with timer.stage("assign") as note:
         assigned = assign_parts(
@@ -139,8 +140,14 @@ def _feature_settings(feature: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _prepare(cfg, overwrite: bool, timer: StageTimer) -> tuple[FeatureSpec, OutputFolder, Resources]:
-    """Check the input, resolve the feature, claim the output, decide the resources: all before heavy work."""
+def _prepare(
+    cfg, overwrite: bool, timer: StageTimer, fitted_feature: dict[str, Any] | None = None
+) -> tuple[FeatureSpec, OutputFolder, Resources]:
+    """Check the input, resolve the feature, claim the output, decide the resources: all before heavy work.
+
+    ``fitted_feature``: the saved clustering's feature, for ``assign``; its model must still hold the weights the
+    clustering was fitted on, or the new scenes would land in a space the clustering has never seen.
+    """
     from scenecluster.raycluster import ensure_ray
 
     check_input(cfg.data.input, endpoint_url=cfg.data.endpoint_url)
@@ -156,6 +163,13 @@ def _prepare(cfg, overwrite: bool, timer: StageTimer) -> tuple[FeatureSpec, Outp
         pixels=cfg.embed.pixel_spec(),
         views=cfg.embed.views,
     )
+    saved_weights = (fitted_feature or {}).get("weights")
+    if saved_weights is not None and spec.weights != saved_weights:
+        raise InputError(
+            f"the clustering in {cfg.clustering} was fitted on features of {spec.model} when it held weights "
+            f"{saved_weights}, and it now holds {spec.weights}: assign with the backbone the clustering was "
+            "fitted with, or cluster again with this one"
+        )
     out = prepare_output(
         OutputFolder(cfg.output, endpoint_url=cfg.data.endpoint_url), run_identity(cfg, spec), overwrite=overwrite
     )
@@ -206,9 +220,15 @@ def _embed_stage(
     return embedded
 
 
-def _fit_key(cfg: ClusterJobConfig) -> str:
-    """What decides the fitted clustering besides the embeddings: a change refits and reassigns."""
+def _fit_key(cfg: ClusterJobConfig, spec: FeatureSpec) -> str:
+    """What decides the fitted clustering: a change refits and reassigns.
+
+    The run's identity (input, sample, feature and weights) is in it: ``--overwrite`` over a run of other scenes or
+    another feature replaces the embeddings, and a fit kept from the old ones would assign the new scenes with the
+    old clusters (and show the old scenes in the report).
+    """
     settings = {
+        "run": run_identity(cfg, spec),
         "reduce": cfg.reduce.model_dump(),
         "cluster": cfg.cluster.model_dump(),
         "fit_sample": cfg.scale.fit_sample,

@@ -55,6 +55,7 @@ __all__ = [
     "resolve_backbone",
     "save_backbone",
     "tiny_dinov2_config",
+    "weights_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -427,12 +428,15 @@ class ResolvedBackbone:
         The model's config (``AutoConfig.from_pretrained``).
     mean, std : tuple of float
         The pixel normalisation it expects (:func:`image_normalization`).
+    weights : str or None
+        :func:`weights_fingerprint` of what ``source`` holds: the same name with other weights is another model.
     """
 
     source: str
     config: PretrainedConfig
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    weights: str | None = None
 
     @property
     def num_hidden_layers(self) -> int:
@@ -485,7 +489,44 @@ def resolve_backbone(model: str | os.PathLike[str] = DEFAULT_MODEL) -> ResolvedB
     """
     source, config = _resolve(model, _read_config)
     mean, std = image_normalization(source)
-    return ResolvedBackbone(source=source, config=config, mean=mean, std=std)
+    weights = weights_fingerprint(source, config)
+    return ResolvedBackbone(source=source, config=config, mean=mean, std=std, weights=weights)
+
+
+#: Files whose bytes are a model folder's weights (safetensors, sharded or not, and PyTorch's pickles).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: hashed once a process
+
+
+def weights_fingerprint(source: str | os.PathLike[str], config: PretrainedConfig | None = None) -> str | None:
+    """What tells this model's weights from other weights under the same name; None when nothing does.
+
+    Why: a fine-tune writes its backbone to the same ``OUTPUT/backbone`` folder every time, and a user may replace
+    a model folder in place; keyed by the name alone, embeddings and a fitted clustering made with the old weights
+    would be reused for the new ones. So a folder is fingerprinted by the SHA-256 of its weight files
+    (``sha256:<16 hex>``; about a second per GB, once per process and file version), and a Hub model by the
+    commit its cached config came from (``revision:<commit>``), which pins every file of the snapshot.
+    """
+    folder = Path(os.fspath(source)).expanduser()
+    if folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+        if not files:
+            return None
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(file.name.encode() + b"\0" + _file_digest(file).encode() + b"\0")
+        return f"sha256:{digest.hexdigest()[:16]}"
+    commit = getattr(config, "_commit_hash", None)
+    return f"revision:{commit}" if commit else None
+
+
+def _file_digest(file: Path) -> str:
+    stat = file.stat()
+    key = (os.fspath(file.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        with open(file, "rb") as f:
+            _FILE_DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _FILE_DIGESTS[key]
 
 
 def image_normalization(

@@ -114,6 +114,8 @@ def setting_groups(config: dict[str, Any], identity: dict[str, Any] | None = Non
     feature = {k: embed.get(k) for k in ("model", "layer", "pooling", "image_size") if k in embed}
     if feature.get("layer") == 0 and (identity or {}).get("layer") is not None:
         feature["layer"] = f"0 (the model's choice: {identity['layer']})"
+    if (identity or {}).get("weights"):
+        feature["weights"] = identity["weights"]  # which weights the model name held when the scenes were embedded
     return [
         ("input", {k: data.get(k) for k in ("input", "labels", "sample", "seed") if k in data}),
         ("feature", feature),

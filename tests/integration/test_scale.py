@@ -7,6 +7,7 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -215,3 +216,42 @@ def test_a_one_part_run_is_assigned_in_a_task_as_the_actor_pool_would(ray_cluste
     by_pool = pq.read_table(out / "assignments.parquet").to_pandas().set_index("path").sort_index()
     assert by_pool.drop(columns="coords").equals(by_task.drop(columns="coords"))
     assert np.array_equal(np.stack(by_pool["coords"]), np.stack(by_task["coords"]))
+
+
+def test_a_model_rewritten_in_place_or_other_scenes_are_embedded_and_fitted_again(ray_cluster, tmp_path):
+    """The weights under a model's name and the run's scenes key what a rerun may reuse: a fine-tune writes its
+    backbone to the same folder every time, and ``--overwrite`` over a run of other scenes must not keep its fit."""
+    import torch
+    from transformers import Dinov2Model
+
+    from scenecluster.errors import InputError, OutputError
+    from scenecluster.models import save_backbone, tiny_dinov2_config
+
+    def save_model(seed: int) -> Path:
+        torch.manual_seed(seed)
+        return save_backbone(Dinov2Model(tiny_dinov2_config()), tmp_path / "model")
+
+    model = save_model(0)
+    first = copy_sample(tmp_path / "first", per_class=8, classes=2)
+    other = copy_sample(tmp_path / "other", per_class=8, classes=3)
+    run_cluster_job(_cfg(first, tmp_path / "run", model), echo=lambda s: None)
+
+    save_model(1)  # the same folder with other weights
+    assign_cfg = load_config(
+        None,
+        {"data.input": str(other), "output": str(tmp_path / "assigned"), "clustering": str(tmp_path / "run")},
+        model=AssignJobConfig,
+    )
+    with pytest.raises(InputError, match=r"fitted on features of .*model when it held weights sha256:"):
+        run_assign_job(assign_cfg, echo=lambda s: None)
+    with pytest.raises(OutputError, match=r"differs in: weights"):
+        run_cluster_job(_cfg(first, tmp_path / "run", model), echo=lambda s: None)
+
+    lines: list[str] = []
+    metrics = run_cluster_job(_cfg(other, tmp_path / "run", model), overwrite=True, echo=lines.append)
+    assert any(line.startswith("[embed] 24 embedded") for line in lines), lines
+    assert any(line.startswith("[fit] fitted") for line in lines), lines
+    assert metrics["n_embedded"] == 24
+    for table in ("assignments.parquet", "clustering/report_sample.parquet", "clustering/fit_sample.parquet"):
+        paths = pq.read_table(tmp_path / "run" / table, columns=["path"]).column("path").to_pylist()
+        assert paths and all(p.startswith(str(other)) for p in paths), table

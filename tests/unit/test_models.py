@@ -29,6 +29,7 @@ from scenecluster.models import (
     resolve_backbone,
     save_backbone,
     tiny_dinov2_config,
+    weights_fingerprint,
 )
 
 
@@ -320,6 +321,28 @@ def test_resolve_and_load_fail_with_the_same_message(tmp_path: Path, kind: str, 
     assert message == str(loading.value)
     assert str(target) in message
     assert "\n" not in message
+
+
+def test_a_folder_rewritten_with_other_weights_is_another_feature(tmp_path: Path, tiny_model: Dinov2Model) -> None:
+    """A fine-tune writes its backbone to the same folder each time: the weights, not the name, key the features."""
+    from scenecluster.features import resolve_feature_spec
+
+    folder = tmp_path / "backbone"
+    save_backbone(tiny_model, folder)
+    first = resolve_feature_spec(str(folder), image_size=28).identity()
+    assert first["weights"].startswith("sha256:") and first["weights"] == resolve_backbone(folder).weights
+    torch.manual_seed(1)
+    save_backbone(Dinov2Model(tiny_dinov2_config()), folder)
+    second = resolve_feature_spec(str(folder), image_size=28).identity()
+    assert second["weights"] != first["weights"]
+    assert {k: v for k, v in second.items() if k != "weights"} == {k: v for k, v in first.items() if k != "weights"}
+    save_backbone(tiny_model, folder)  # the first weights again, written anew: the same feature, so reruns reuse
+    assert resolve_feature_spec(str(folder), image_size=28).identity() == first
+
+    config = Dinov2Config()
+    assert weights_fingerprint("owner/model", config) is None  # nothing known: the name alone keys it
+    config._commit_hash = "0123abc"  # what transformers records for a config read from the Hub or its cache
+    assert weights_fingerprint("owner/model", config) == "revision:0123abc"
 
 
 def test_resolve_cached_hub_id_is_the_id(monkeypatch: pytest.MonkeyPatch, no_hub: None) -> None:

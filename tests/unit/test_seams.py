@@ -24,6 +24,7 @@ from scenecluster.config import (
 from scenecluster.devices import ClusterInventory, decide
 from scenecluster.errors import ConfigError
 from scenecluster.features import resolve_feature_spec
+from scenecluster.models import weights_fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -155,6 +156,7 @@ def test_feature_spec_checks_the_layer_without_weights(tiny_model_dir):
         "bands": "auto",
         "stretch": "auto",
         "percentiles": [2.0, 98.0],
+        "weights": weights_fingerprint(tiny_model_dir),  # the weights' bytes are hashed, never loaded into a model
     }
     for bad in (3, -3, 40):
         with pytest.raises(ConfigError, match=r"setting embed\.layer: layer must be in 1\.\.2, -2\.\.-1 or 0"):

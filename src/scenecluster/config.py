@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from scenecluster.errors import ConfigError, one_line
 
-PSEUDO_LABELS_FILE = "pseudo_labels.parquet"  # a self-training round's pseudo-labels, in its fine-tune's output
+# a self-training round's pseudo-labels, in its fine-tune's output, named by what made them
+# (scenecluster.self_train.pseudo_label_key)
+PSEUDO_LABELS_FILE = "pseudo_labels-{key}.parquet"
 
 
 class _Section(BaseModel):
@@ -333,7 +335,7 @@ class FinetuneConfig(_Section):
     sources: list[str] = Field(min_length=1, description="labelled <class>/<image> folders or s3:// prefixes")
     pseudo_labels: list[str] = Field(
         [],
-        description="pseudo-labelled targets to train beside the sources, one head each: pseudo_labels.parquet "
+        description="pseudo-labelled targets to train beside the sources, one head each: pseudo_labels-<key>.parquet "
         "files written by self-training (scenecluster.self_train), all rows for training",
     )
     output: str = Field(description="local folder for backbone/, metrics.json and (by default) checkpoints")
@@ -543,13 +545,18 @@ class PipelineConfig(_Section):
             cfg.output = f"{self.cluster.output.rstrip('/')}-round{round}"
         return cfg
 
-    def self_train_finetune(self, round: int) -> FinetuneConfig:
+    def self_train_finetune(self, round: int, pseudo_key: str) -> FinetuneConfig:
         """Self-training round ``round``'s fine-tune: the sources beside the target's pseudo-labels (in its output
-        folder, ``<finetune.output>-round<N>/pseudo_labels.parquet``), from the same start model, run name
-        ``<name>-round<N>``."""
+        folder, ``<finetune.output>-round<N>/pseudo_labels-<pseudo_key>.parquet``), from the same start model, run
+        name ``<name>-round<N>``.
+
+        ``pseudo_key`` (:func:`scenecluster.self_train.pseudo_label_key`) names what made the pseudo-labels, so a
+        fine-tune trained on others (another clustering, other self-training settings) has other settings and
+        a rerun refuses it, or with ``--overwrite`` trains it again, instead of reusing it."""
         cfg = self.finetune.model_copy(deep=True)
         cfg.output = f"{self.finetune.output.rstrip('/')}-round{round}"
-        cfg.pseudo_labels = [*cfg.pseudo_labels, str(Path(cfg.output).expanduser().resolve() / PSEUDO_LABELS_FILE)]
+        file = PSEUDO_LABELS_FILE.format(key=pseudo_key)
+        cfg.pseudo_labels = [*cfg.pseudo_labels, str(Path(cfg.output).expanduser().resolve() / file)]
         cfg.name = f"{self.finetune.name}-round{round}"
         cfg.epochs = self.self_train.epochs or self.finetune.epochs
         return cfg

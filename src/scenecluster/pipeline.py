@@ -8,14 +8,17 @@ The recipe is the one measured best in both transfer directions (docs/benchmarks
 sources, cluster, then ``self_train.rounds`` rounds (default one) that fine-tune the start model again on the
 sources beside the target's pseudo-labels (:mod:`scenecluster.self_train`) and re-cluster (a target too small
 for two pseudo-classes skips them, with a message). Round ``N`` writes
-``<finetune.output>-roundN`` (with its ``pseudo_labels.parquet`` and ``round.json``) and
+``<finetune.output>-roundN`` (with its ``pseudo_labels-<key>.parquet`` and ``round.json``) and
 ``<cluster.output>-roundN``; the last round's clustering is the result. A round whose clusters agree with the
 previous round's at ``self_train.stop_agreement`` (ARI on the fit sample; no labels) ends the rounds early.
 
 A rerun of the same command resumes, stage by stage: a fine-tune that finished with the same settings is reused
 as it is, an interrupted one continues from its last checkpoint (as ``--resume`` would), and the clustering job
 reuses its finished parts and fit. A fine-tune folder made with other settings is refused, naming them, unless
-``overwrite`` (then it starts again from scratch).
+``overwrite`` (then it starts again from scratch); a round's pseudo-labels are named by the clustering and
+settings that made them, so a round fine-tuned on others counts as made with other settings. A backbone trained
+again into the same folder has other weights, which the clustering's feature identity holds, so the target is
+embedded again rather than reused.
 """
 
 from __future__ import annotations

@@ -19,12 +19,17 @@ The mixture is refitted on the run's fit sample in the coordinates the run alrea
 (``clustering/fit_sample.parquet``), so no projection is repeated and the pseudo-labelled set is bounded by
 ``scale.fit_sample`` at any archive size. The fit runs in a Ray task, never in the driver.
 
-``pseudo_labels.parquet`` holds ``path`` and ``label`` (``p00``, ``p01``, ...), with the target's URI in its
-schema metadata, so that :func:`read_pseudo_labels` (the fine-tune's driver) needs nothing else to read it.
+``pseudo_labels-<key>.parquet`` holds ``path`` and ``label`` (``p00``, ``p01``, ...), with the target's URI in its
+schema metadata, so that :func:`read_pseudo_labels` (the fine-tune's driver) needs nothing else to read it. The
+key (:func:`pseudo_label_key`) names what made them, the clustering run's fit and the self-training settings: a
+rerun with the same ones reuses the file (and the fine-tune trained on it), and one with others writes another
+file, which the round's fine-tune then sees as another setting.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import posixpath
 from collections import Counter
 from dataclasses import dataclass
@@ -35,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from scenecluster.config import ClusterConfig, FinetuneConfig, PipelineConfig, SelfTrainConfig
+from scenecluster.config import PSEUDO_LABELS_FILE, ClusterConfig, FinetuneConfig, PipelineConfig, SelfTrainConfig
 from scenecluster.data import SceneListing, is_archive, open_input
 from scenecluster.errors import InputError
 from scenecluster.outputs import OutputFolder
@@ -47,6 +52,7 @@ __all__ = [
     "TooFewPseudoClasses",
     "clustering_agreement",
     "prepare_round",
+    "pseudo_label_key",
     "pseudo_label_purity",
     "read_pseudo_labels",
     "select_pseudo_labels",
@@ -54,6 +60,7 @@ __all__ = [
 ]
 
 INPUT_KEY = b"scenecluster.input"  # schema metadata: the target the paths belong to
+SUMMARY_KEY = b"scenecluster.summary"  # schema metadata: write_pseudo_labels' summary, for a rerun that reuses it
 
 
 class TooFewPseudoClasses(InputError):
@@ -144,7 +151,8 @@ def write_pseudo_labels(
     endpoint_url: str | None = None,
     truth: bool = False,
 ) -> dict[str, Any]:
-    """Write ``dest`` (a local ``pseudo_labels.parquet``) from the clustering run at ``run_uri``; return a summary.
+    """Write ``dest`` (a local ``pseudo_labels-<key>.parquet``) from the clustering run at ``run_uri``; return a
+    summary.
 
     The mixture is fitted in one Ray task. ``truth=True`` adds, for the record only, the
     kept set's purity against the target's ``<class>`` folders; nothing is chosen by it.
@@ -169,9 +177,6 @@ def write_pseudo_labels(
             f"fitted scenes of {run_uri}; lower self_train.min_size for a target this small"
         )
     labels = [f"p{c:02d}" for c in picked["pseudo"]]
-    table = pa.table({"path": pa.array(picked["paths"], pa.string()), "label": pa.array(labels, pa.string())})
-    table = table.replace_schema_metadata({INPUT_KEY: target.encode()})
-    OutputFolder(str(Path(dest).parent)).write_table(Path(dest).name, table)  # atomic; creates the folder
     summary = {
         "file": dest,
         "from_run": run_uri,
@@ -184,6 +189,9 @@ def write_pseudo_labels(
         from scenecluster.data import folder_label
 
         summary.update(pseudo_label_purity([folder_label(p) for p in picked["paths"]], labels))
+    table = pa.table({"path": pa.array(picked["paths"], pa.string()), "label": pa.array(labels, pa.string())})
+    table = table.replace_schema_metadata({INPUT_KEY: target.encode(), SUMMARY_KEY: json.dumps(summary).encode()})
+    OutputFolder(str(Path(dest).parent)).write_table(Path(dest).name, table)  # atomic; creates the folder
     return summary
 
 
@@ -200,20 +208,55 @@ def pseudo_label_purity(truth: list, pseudo: list) -> dict[str, Any]:
     }
 
 
+def pseudo_label_key(
+    run_uri: str, *, cluster: ClusterConfig, self_train: SelfTrainConfig, endpoint_url: str | None = None
+) -> str:
+    """What decides a round's pseudo-labels, as 12 hex digits: the clustering run's ``fit_key`` (its target, feature
+    with the backbone's weights, projection, mixture and seed) and the settings :func:`write_pseudo_labels` uses.
+
+    Raises
+    ------
+    InputError
+        When ``run_uri`` holds no saved clustering.
+    """
+    from scenecluster.fitted import read_clustering_meta
+
+    meta = read_clustering_meta(OutputFolder(run_uri, endpoint_url=endpoint_url))
+    made_from = {
+        "fit_key": meta.get("fit_key"),
+        "cluster": cluster.model_dump(),
+        "self_train": self_train.model_dump(include={"keep", "min_size", "prior_per_scene"}),
+    }
+    return hashlib.sha1(json.dumps(made_from, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def prepare_round(cfg: PipelineConfig, round_n: int, run_output: str) -> tuple[FinetuneConfig, dict[str, Any]]:
-    """Self-training round ``round_n`` of ``cfg``: its pseudo-labels, written from the clustering run at
-    ``run_output`` (the previous round's), and the fine-tune that reads them. Returns ``(fine-tune config,
-    pseudo-label summary)``; raises :class:`TooFewPseudoClasses` as :func:`write_pseudo_labels` does."""
-    tune = cfg.self_train_finetune(round_n)
+    """Self-training round ``round_n`` of ``cfg``: its pseudo-labels from the clustering run at ``run_output`` (the
+    previous round's), and the fine-tune that reads them. Returns ``(fine-tune config, pseudo-label summary)``;
+    raises :class:`TooFewPseudoClasses` as :func:`write_pseudo_labels` does.
+
+    Pseudo-labels already made from the same fit with the same settings are reused (``"reused": True``), not
+    refitted and rewritten; those made from another are deleted once the new ones are written."""
+    endpoint = cfg.cluster.data.endpoint_url
+    key = pseudo_label_key(run_output, cluster=cfg.cluster.cluster, self_train=cfg.self_train, endpoint_url=endpoint)
+    tune = cfg.self_train_finetune(round_n, key)
+    dest = Path(tune.pseudo_labels[-1])
+    if dest.is_file():
+        meta = pq.read_schema(dest).metadata or {}
+        if SUMMARY_KEY in meta:
+            return tune, {**json.loads(meta[SUMMARY_KEY]), "reused": True}
     pseudo = write_pseudo_labels(
         run_output,
-        tune.pseudo_labels[-1],
+        str(dest),
         target=cfg.cluster.data.input,
         cluster=cfg.cluster.cluster,
         self_train=cfg.self_train,
-        endpoint_url=cfg.cluster.data.endpoint_url,
+        endpoint_url=endpoint,
         truth=cfg.cluster.data.labels == "folders",
     )
+    for stale in dest.parent.glob(PSEUDO_LABELS_FILE.format(key="*")):
+        if stale != dest:
+            stale.unlink(missing_ok=True)
     return tune, pseudo
 
 
@@ -224,7 +267,7 @@ def _read_source(path: str) -> str:
 
 
 def read_pseudo_labels(file: str, *, endpoint_url: str | None = None) -> PseudoLabels:
-    """Read a ``pseudo_labels.parquet`` written by :func:`write_pseudo_labels`, checked.
+    """Read a ``pseudo_labels-<key>.parquet`` written by :func:`write_pseudo_labels`, checked.
 
     Raises
     ------
@@ -238,7 +281,7 @@ def read_pseudo_labels(file: str, *, endpoint_url: str | None = None) -> PseudoL
     meta = table.schema.metadata or {}
     if not {"path", "label"} <= set(table.column_names) or INPUT_KEY not in meta:
         raise InputError(
-            f"pseudo-labels {file!r} is not a pseudo_labels.parquet of scenecluster.self_train "
+            f"pseudo-labels {file!r} is not a pseudo-labels file of scenecluster.self_train "
             "(needs path and label columns and the target in its metadata)"
         )
     target = meta[INPUT_KEY].decode()

@@ -79,8 +79,9 @@ def test_benchmark_runs_the_method_and_both_references_over_seeds(ray_cluster, t
     assert Path(result["backbone"]).parent == out / "finetune"
     (self_trained,) = result["self_train"]
     assert self_trained["pseudo_labels"]["from_run"] == str(out / "tuned")
-    assert self_trained["pseudo_labels"]["kept"] > 0 and (round1 / "pseudo_labels.parquet").is_file()
-    assert json.loads((round1 / "metrics.json").read_text())["pseudo_labels"] == [str(round1 / "pseudo_labels.parquet")]
+    (pseudo_file,) = round1.glob("pseudo_labels-*.parquet")
+    assert self_trained["pseudo_labels"]["kept"] > 0 and self_trained["pseudo_labels"]["file"] == str(pseudo_file)
+    assert json.loads((round1 / "metrics.json").read_text())["pseudo_labels"] == [str(pseudo_file)]
     assert len(result["runs"]) == 3 * 2 * 2  # backbones x methods x seeds
     for run in result["runs"]:
         assert run["n_scenes"] == 32 and run["n_classes"] == 4

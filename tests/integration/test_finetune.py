@@ -227,6 +227,11 @@ def test_pipeline_command_then_its_reruns_reuse_continue_or_refuse(
     assert main([str(a) for a in [*changed, "--overwrite"]]) == 0
     retrained = json.loads((out / "finetune" / "metrics.json").read_text())
     assert retrained["resumes"] == [] and backbone_weights.stat().st_mtime_ns != trained_at
+    # the retrained backbone is in the same folder with other weights: the target is embedded and fitted again,
+    # not given the old weights' embeddings and clusters
+    printed = capsys.readouterr().out
+    assert "[embed] 24 embedded" in printed and "[fit] fitted" in printed, printed
+    assert yaml.safe_load((out / "cluster" / "run.json").read_text())["weights"].startswith("sha256:")
 
 
 def _pipeline_settings(tmp_path, sources, tiny_model_dir, target, **overrides) -> dict:
@@ -260,7 +265,7 @@ def test_pipeline_self_trains_on_the_targets_pseudo_labels(ray_cluster, tmp_path
     )
     result = run_pipeline(load_config(None, settings, model=PipelineConfig))
     (round1,) = result["self_train"]
-    pseudo_file = tmp_path / "finetune-round1" / "pseudo_labels.parquet"
+    (pseudo_file,) = (tmp_path / "finetune-round1").glob("pseudo_labels-*.parquet")
     pseudo = pq.read_table(pseudo_file)
     assert pseudo.num_rows == round1["pseudo_labels"]["kept"] > 0
     assert all(p.startswith(str(target)) for p in pseudo.column("path").to_pylist())
@@ -277,3 +282,18 @@ def test_pipeline_self_trains_on_the_targets_pseudo_labels(ray_cluster, tmp_path
     assert result["cluster"]["n_embedded"] == 40
     assert -1 <= round1["agreement_with_previous"] <= 1
     assert json.loads((tmp_path / "finetune-round1" / "round.json").read_text()) == round1
+
+    # A rerun reuses the round's pseudo-labels as they are, and so the fine-tune trained on them.
+    made_at = pseudo_file.stat().st_mtime_ns
+    lines: list[str] = []
+    again = run_pipeline(load_config(None, settings, model=PipelineConfig), echo=lines.append)
+    assert again["self_train"][0]["pseudo_labels"] == {**round1["pseudo_labels"], "reused": True}
+    assert pseudo_file.stat().st_mtime_ns == made_at
+    assert sum("[finetune] reused the finished fine-tune" in line for line in lines) == 2, lines
+    # Another self-training setting makes other pseudo-labels: the fine-tune trained on the old ones is refused,
+    # naming them, instead of being reused for the new ones.
+    keep_more = load_config(None, {**settings, "self_train.keep": 0.9}, model=PipelineConfig)
+    with pytest.raises(OutputError, match=r"finetune-round1 holds a fine-tune with other settings \(pseudo_labels\)"):
+        run_pipeline(keep_more, echo=lambda line: None)
+    (replaced,) = (tmp_path / "finetune-round1").glob("pseudo_labels-*.parquet")
+    assert replaced != pseudo_file and pq.read_table(replaced).num_rows > pseudo.num_rows

@@ -93,9 +93,10 @@ def test_a_self_training_round_writes_beside_the_first_and_keeps_the_start_model
         model=PipelineConfig,
     )
     assert cfg.self_train.rounds == 1  # the measured recipe is the default
-    tune = cfg.self_train_finetune(2)
+    tune = cfg.self_train_finetune(2, "0123abcd4567")
     assert tune.output == f"{tmp_path}/finetune-round2" and tune.name == "finetune-round2"
-    assert tune.pseudo_labels == [f"{tmp_path}/finetune-round2/pseudo_labels.parquet"]
+    # named by what made them: a fine-tune trained on other pseudo-labels has another setting
+    assert tune.pseudo_labels == [f"{tmp_path}/finetune-round2/pseudo_labels-0123abcd4567.parquet"]
     assert tune.sources == ["/src"] and tune.feature.model == "/untuned" and tune.epochs == 4
     assert cfg.finetune.pseudo_labels == [] and cfg.finetune.epochs == 10  # the first fine-tune is untouched
     assert cfg.cluster_job("/b", round=2).output == "s3://bucket/run/cluster-round2"

@@ -28,12 +28,14 @@ __all__ = [
     "check_enough_scenes",
     "export_assignments",
     "fit_remote",
+    "forget_other_assignments",
     "get_interruptibly",
 ]
 
 CLUSTERING = "clustering"
 ASSIGNMENTS = "assignments"
 REPORT_SAMPLE = "clustering/report_sample.parquet"
+ASSIGNED_WITH = "assigned_with.json"  # which saved clustering (location and digest) wrote assignments/
 
 
 def check_enough_scenes(n: int, cfg, where: str) -> None:
@@ -210,6 +212,7 @@ def assign_parts(
     from scenecluster.manifest import manifest_parts, part_dataset
     from scenecluster.scale import PartAssigner, assign_named_parts
 
+    forget_other_assignments(out, clustering_from)
     on_gpu = assigns_on_gpu(resources, clustering_from)
     device = "cuda" if on_gpu else "cpu"
     num_gpus = resources.gpus_per_actor if on_gpu else 0
@@ -239,6 +242,25 @@ def assign_parts(
         sizes.update({int(k): v for k, v in counts["sizes"].items()})
         pairs.update({(int(c), lab): k for c, lab, k in counts["pairs"]})
     return AssignSummary(n=n, novel=novel, sizes=dict(sizes), contingency=_table(pairs) if pairs else None)
+
+
+def forget_other_assignments(out: OutputFolder, clustering_from: OutputFolder) -> None:
+    """Delete ``out``'s assignment parts unless the clustering in ``clustering_from`` wrote them, as it is now.
+
+    Why: assignment parts are kept by name so that a rerun resumes, and a part's name says which scenes it holds,
+    not which clustering assigned them. ``assign`` into the same output with another ``--clustering``, or after
+    that run was fitted again, would otherwise find every part done and keep the old clusters. ``clustering.json``
+    is written last by every fit, so its digest changes with any refit.
+    """
+    import hashlib
+
+    digest = hashlib.sha1(clustering_from.read_bytes(f"{CLUSTERING}/clustering.json")).hexdigest()
+    key = {"clustering": clustering_from.uri, "sha1": digest}
+    if out.exists(ASSIGNED_WITH) and json.loads(out.read_text(ASSIGNED_WITH)) == key:
+        return
+    for name in out.list(ASSIGNMENTS):
+        out.delete(posixpath.join(ASSIGNMENTS, name))
+    out.write_text(ASSIGNED_WITH, json.dumps(key))
 
 
 def _table(pairs: Counter) -> np.ndarray:

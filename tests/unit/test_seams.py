@@ -145,6 +145,35 @@ def test_assignment_actors_hold_gpus_only_for_a_projection_that_runs_on_them(tmp
     assert assigns_on_gpu(resources, run) is expected
 
 
+def test_assignment_parts_of_another_or_refitted_clustering_are_dropped(tmp_path):
+    """Assignment parts are kept by name for a rerun to resume; another saved clustering, or the same one fitted
+    again, must assign them again (``assign`` into the same output after its ``--clustering`` changed)."""
+    import json
+
+    from scenecluster.fitted import FORMAT
+    from scenecluster.outputs import OutputFolder
+    from scenecluster.stages import ASSIGNMENTS, forget_other_assignments
+
+    out = OutputFolder(str(tmp_path / "assigned"))
+    first, second = OutputFolder(str(tmp_path / "run1")), OutputFolder(str(tmp_path / "run2"))
+    for run in (first, second):
+        run.write_text("clustering/clustering.json", json.dumps({"format": FORMAT, "fit_key": run.uri}))
+
+    def assigned() -> list[str]:
+        return sorted(out.list(ASSIGNMENTS))
+
+    forget_other_assignments(out, first)
+    out.write_bytes(f"{ASSIGNMENTS}/part-000000-a.parquet", b"")
+    forget_other_assignments(out, first)  # a rerun with the same clustering resumes: the part stays
+    assert assigned() == ["part-000000-a.parquet"]
+    forget_other_assignments(out, second)
+    assert assigned() == []
+    out.write_bytes(f"{ASSIGNMENTS}/part-000000-a.parquet", b"")
+    second.write_text("clustering/clustering.json", json.dumps({"format": FORMAT, "fit_key": "refitted"}))
+    forget_other_assignments(out, second)
+    assert assigned() == []
+
+
 def test_feature_spec_checks_the_layer_without_weights(tiny_model_dir):
     spec = resolve_feature_spec(str(tiny_model_dir), layer=-1, pooling="cls+mean", image_size=28)
     assert (spec.layer, spec.n_layers, spec.n_features) == (2, 2, 64)

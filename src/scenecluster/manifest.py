@@ -41,6 +41,7 @@ from scenecluster.outputs import OutputFolder
 __all__ = [
     "Manifest",
     "check_input",
+    "drop_unlisted_parts",
     "iter_scene_paths",
     "manifest_parts",
     "part_dataset",
@@ -58,6 +59,7 @@ PARTS_PER_FILE = 256
 PATHS_PER_FILE = 65_536
 LOADERS = 2  # concurrent part-loading tasks: each reads one part's row group, ahead of the actors
 FIRST_PART = 64  # sources in the first part; later parts double up to ``embed.chunk_size``
+PART_FOLDERS = ("embeddings", "assignments")  # a run's folders of one ``<part name>.parquet`` per manifest part
 _SUFFIXES = IMAGE_SUFFIXES + ARCHIVE_SUFFIXES
 
 
@@ -166,11 +168,26 @@ def write_manifest(
 
 
 def write_manifest_paths(paths: Iterator[str], out: OutputFolder, *, identity: dict, chunk_size: int) -> Manifest:
-    """Write the parts of an already listed sequence of ``paths`` to ``out/manifest/`` (replacing any there)."""
+    """Write the parts of an already listed sequence of ``paths`` to ``out/manifest/`` (replacing any there), and
+    delete the part files of earlier listings that this one does not name (:func:`drop_unlisted_parts`)."""
     for stale in out.list(MANIFEST):
         out.delete(posixpath.join(MANIFEST, stale))
-    n_sources, n_parts, n_archives = _write_parts(paths, out, identity, chunk_size)
-    return Manifest(n_sources, n_parts, "", n_archives)
+    n_sources, names, n_archives = _write_parts(paths, out, identity, chunk_size)
+    drop_unlisted_parts(out, set(names))
+    return Manifest(n_sources, len(names), "", n_archives)
+
+
+def drop_unlisted_parts(out: OutputFolder, listed: set[str]) -> None:
+    """Delete the ``embeddings/`` and ``assignments/`` parts whose names ``listed`` does not hold.
+
+    Why: what reads a run takes a part folder as the run (the report's totals and samples, ``skipped.jsonl``,
+    the single-file exports), and a listing cut otherwise (another ``embed.chunk_size``) names its parts anew,
+    so the old parts would count every scene twice. A part the new listing names alike is the same work and stays.
+    """
+    for folder in PART_FOLDERS:
+        for file in out.list(folder):
+            if file.endswith(".parquet") and file.removesuffix(".parquet") not in listed:
+                out.delete(posixpath.join(folder, file))
 
 
 def part_dataset(out: OutputFolder, columns: list[str] | None = None, parts: list[tuple[str, str]] | None = None):
@@ -248,16 +265,20 @@ def part_size(index: int, chunk_size: int) -> int:
     return min(chunk_size, FIRST_PART << min(index, 20))
 
 
-def _write_parts(paths: Iterator[str], out: OutputFolder, identity: dict, chunk_size: int) -> tuple[int, int, int]:
+def _write_parts(
+    paths: Iterator[str], out: OutputFolder, identity: dict, chunk_size: int
+) -> tuple[int, list[str], int]:
     """Group ``paths`` into parts and write them, at most ``PARTS_PER_FILE`` parts and about ``PATHS_PER_FILE``
-    paths per manifest file; return the counts."""
+    paths per manifest file; return ``(sources, part names, archives)`` (a name per part: 2,500 for 10M scenes)."""
     rows: dict[str, list] = {"name": [], "sources": []}
     n_sources = n_parts = n_archives = held = 0
+    names: list[str] = []
     current: list[str] = []
 
     def close_part() -> None:
         nonlocal current, n_parts, held
-        rows["name"].append(part_name(n_parts, current, identity))
+        names.append(part_name(n_parts, current, identity))
+        rows["name"].append(names[-1])
         rows["sources"].append(current)
         n_parts, held, current = n_parts + 1, held + len(current), []
         if len(rows["name"]) == PARTS_PER_FILE or held >= PATHS_PER_FILE:
@@ -280,4 +301,4 @@ def _write_parts(paths: Iterator[str], out: OutputFolder, identity: dict, chunk_
     if current:
         close_part()
     flush()
-    return n_sources, n_parts, n_archives
+    return n_sources, names, n_archives

@@ -96,3 +96,23 @@ def test_another_seed_relists_only_when_the_seed_draws_a_sample(tmp_path):
     assert n_sampled == 3 and sampled != listed
     assert listing(sample=3, seed=1) == (3, sampled)  # the same sample is kept
     assert listing(sample=3, seed=2)[1] != sampled  # another seed draws another sample
+
+
+def test_a_new_listing_drops_the_parts_it_does_not_name(tmp_path):
+    """Another ``embed.chunk_size`` cuts the same scenes into other parts: the old parts' files would make the
+    report, ``skipped.jsonl`` and the exports count every scene twice, so they go; a part cut alike stays."""
+    from scenecluster.manifest import PART_FOLDERS, manifest_parts
+
+    out = OutputFolder(str(tmp_path))
+    paths = [f"archive/c{i % 3}/scene-{i:05d}.jpg" for i in range(300)]
+    write_manifest_paths(iter(paths), out, identity={"test": 1}, chunk_size=64)
+    first = {name for _, name in manifest_parts(out)}
+    for folder in PART_FOLDERS:
+        for name in first:
+            out.write_bytes(f"{folder}/{name}.parquet", b"")
+    write_manifest_paths(iter(paths), out, identity={"test": 1}, chunk_size=128)
+    second = {name for _, name in manifest_parts(out)}
+    kept = first & second  # the first part is 64 scenes either way
+    assert len(first) == 5 and len(second) == 3 and len(kept) == 1
+    for folder in PART_FOLDERS:
+        assert {file.removesuffix(".parquet") for file in out.list(folder)} == kept

@@ -31,7 +31,7 @@ from scenecluster import __version__
 from scenecluster.config import BenchmarkConfig, ClusterJobConfig
 from scenecluster.outputs import OutputFolder
 
-__all__ = ["METHOD", "ORACLE", "markdown_table", "run_benchmark", "summarise"]
+__all__ = ["METHOD", "ORACLE", "markdown_table", "run_benchmark", "run_folder", "summarise"]
 
 METHOD = "dpgmm"  # the method as the job runs it: K inferred, no labels
 ORACLE = "kmeans-true-k"  # the reference told the number of classes
@@ -53,11 +53,11 @@ def run_benchmark(cfg: BenchmarkConfig, *, overwrite: bool = False, echo: Callab
         name, model = queue.pop(0)
         job = cfg.cluster.model_copy(deep=True)
         job.embed.model = model
-        job.output = posixpath.join(cfg.output.rstrip("/"), name)
         n_classes = None
         for method in (METHOD, ORACLE) if cfg.references else (METHOD,):
             for seed in cfg.seeds:
                 echo(f"[benchmark] {name} backbone, {method}, seed {seed}")
+                job.output = run_folder(cfg, name, seed)
                 metrics = _run_variant(
                     job, method, seed, n_classes, sample_seed=cfg.sample_seed, overwrite=overwrite, echo=echo
                 )
@@ -101,6 +101,16 @@ def _backbones(cfg: BenchmarkConfig, echo: Callable, overwrite: bool) -> tuple[d
     if cfg.references:
         backbones["untuned"] = cfg.untuned_model
     return backbones, finetune
+
+
+def run_folder(cfg: BenchmarkConfig, backbone: str, seed: int) -> str:
+    """Where backbone ``backbone``'s runs of ``seed`` go: ``OUT/<backbone>``, shared by every seed and method so
+    that the target is embedded once per backbone; ``OUT/<backbone>/seed-<seed>`` when each seed draws its own
+    target sample (``data.sample`` without ``sample_seed``), since those are other scenes, that is, other runs."""
+    folder = posixpath.join(cfg.output.rstrip("/"), backbone)
+    if cfg.cluster.data.sample is not None and cfg.sample_seed is None:
+        return posixpath.join(folder, f"seed-{seed}")
+    return folder
 
 
 def _self_trained_name(round_n: int) -> str:
@@ -205,9 +215,10 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown_table(result: dict[str, Any]) -> str:
     """The summary as a Markdown table, headed by what was run."""
-    sources = ", ".join(result["sources"]) or f"reused backbone {result['backbone']}"
+    sources = ", ".join(result["sources"])
+    backbone = f"backbone fine-tuned on {sources}" if sources else f"reused backbone {result['backbone']}"
     lines = [
-        f"Target `{result['target']}`; backbone fine-tuned on {sources}; seeds {result['seeds']}; "
+        f"Target `{result['target']}`; {backbone}; seeds {result['seeds']}; "
         f"scenecluster {result['scenecluster_version']}; {result['seconds']:.0f} s in all.",
         "",
         "| backbone | method | clusters (truth) | acc | NMI | ARI |",

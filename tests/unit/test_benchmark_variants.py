@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from scenecluster.benchmark import METHOD, ORACLE, variant_config
-from scenecluster.config import ClusterJobConfig
+from scenecluster.benchmark import METHOD, ORACLE, run_folder, variant_config
+from scenecluster.config import BenchmarkConfig, ClusterJobConfig
 from scenecluster.features import resolve_feature_spec
 from scenecluster.job import run_identity
 
@@ -24,7 +24,12 @@ def _identity(cfg: ClusterJobConfig) -> dict:
 def test_each_seed_draws_its_own_sample_by_default(job):
     first, second = (variant_config(job, METHOD, seed, None) for seed in (0, 1))
     assert (first.data.seed, second.data.seed) == (0, 1)
-    assert _identity(first) != _identity(second)  # so each seed embeds its own sample
+    assert _identity(first) != _identity(second)  # so each seed embeds its own sample ...
+    bench = BenchmarkConfig(output="bench", backbone="tuned-model", cluster=job)
+    # ... in a folder of its own: one folder would hold another run at each seed, which a run folder refuses
+    assert [run_folder(bench, "tuned", seed) for seed in (0, 1)] == ["bench/tuned/seed-0", "bench/tuned/seed-1"]
+    one_sample = bench.model_copy(update={"sample_seed": 7})
+    assert {run_folder(one_sample, "tuned", seed) for seed in (0, 1)} == {"bench/tuned"}
 
 
 def test_a_sample_seed_keeps_one_sample_while_the_fit_seeds_move(job):

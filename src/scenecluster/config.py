@@ -449,7 +449,10 @@ class SearchSpace(_Section):
 class TuneJobConfig(_Section):
     """A Ray Tune search over ``reduce`` and ``cluster`` on fixed embeddings (``rayjobs/tune.py``)."""
 
-    embeddings: str = Field(description="embeddings.parquet of a clustering run (local path or s3:// URI)")
+    embeddings: str = Field(
+        description="embeddings.parquet of a clustering run, or its embeddings/ folder of parts for a run too large "
+        "to export one (local path or s3:// URI)"
+    )
     output: str = Field(description="local folder for best_config.yaml, trials.json and metrics.json")
     name: str = Field("tune", description="Ray Tune run name (the experiment folder under storage_path)")
     storage_path: str | None = Field(

@@ -178,8 +178,16 @@ def vector_matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
 
 
 def read_embeddings(path, filesystem=None) -> tuple[list[str], np.ndarray, list[str] | None]:
-    """Read ``embeddings.parquet`` back: paths, ``(n, d)`` float32 matrix and labels (or ``None``)."""
+    """Read ``embeddings.parquet``, or a run's ``embeddings/`` folder of parts, back: paths, ``(n, d)`` float32
+    matrix and labels (or ``None``).
+
+    A run larger than ``scale.export_limit`` has no single file, so its folder is what a search (``tune``) or a
+    benchmark script reads; its parts keep a row for each scene that could not be embedded (``error`` says why,
+    the embedding is zeros), and those rows are left out here as the fit leaves them out.
+    """
     table = pq.read_table(path, filesystem=filesystem)
+    if "error" in table.column_names:
+        table = table.filter(pc.equal(table.column("error"), ""))
     X = vector_matrix(table)
     labels = table.column("label").to_pylist() if "label" in table.column_names else None
     return table.column("path").to_pylist(), X, labels

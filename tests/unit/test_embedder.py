@@ -57,6 +57,7 @@ def test_bad_layer_is_rejected(tiny_model_dir, layer):
 
 
 def test_parquet_round_trip(tmp_path):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     X = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
@@ -65,3 +66,13 @@ def test_parquet_round_trip(tmp_path):
     paths, Y, labels = read_embeddings(tmp_path / "e.parquet")
     assert paths == [f"p{i}" for i in range(5)] and labels == list("aabbc")
     np.testing.assert_array_equal(X, Y)
+
+    # a run's folder of parts, whose rows for unreadable scenes carry an error and no embedding
+    (tmp_path / "embeddings").mkdir()
+    for n, rows in enumerate((slice(0, 3), slice(3, 5))):
+        part = table.slice(rows.start, rows.stop - rows.start)
+        errors = ["" if i != 1 else "not an image" for i in range(part.num_rows)]
+        pq.write_table(part.append_column("error", pa.array(errors)), tmp_path / "embeddings" / f"part-{n}.parquet")
+    paths, Y, labels = read_embeddings(tmp_path / "embeddings")
+    assert paths == ["p0", "p2", "p3"] and labels == ["a", "b", "b"]
+    np.testing.assert_array_equal(Y, X[[0, 2, 3]])

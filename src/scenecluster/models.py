@@ -14,6 +14,7 @@ weights may have been tuned for saliency after DINOv2 pre-training, so they are 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -428,15 +429,20 @@ class ResolvedBackbone:
         The model's config (``AutoConfig.from_pretrained``).
     mean, std : tuple of float
         The pixel normalisation it expects (:func:`image_normalization`).
-    weights : str or None
-        :func:`weights_fingerprint` of what ``source`` holds: the same name with other weights is another model.
     """
 
     source: str
     config: PretrainedConfig
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    weights: str | None = None
+
+    @functools.cached_property
+    def weights(self) -> str | None:
+        """:func:`weights_fingerprint` of what ``source`` holds: the same name with other weights is another model.
+
+        Computed when asked (a feature's identity asks; a fine-tune's checks do not), since it reads every byte
+        of the weights."""
+        return weights_fingerprint(self.source, self.config)
 
     @property
     def num_hidden_layers(self) -> int:
@@ -489,8 +495,7 @@ def resolve_backbone(model: str | os.PathLike[str] = DEFAULT_MODEL) -> ResolvedB
     """
     source, config = _resolve(model, _read_config)
     mean, std = image_normalization(source)
-    weights = weights_fingerprint(source, config)
-    return ResolvedBackbone(source=source, config=config, mean=mean, std=std, weights=weights)
+    return ResolvedBackbone(source=source, config=config, mean=mean, std=std)
 
 
 #: Files whose bytes are a model folder's weights (safetensors, sharded or not, and PyTorch's pickles).

@@ -271,16 +271,16 @@ def _write_parts(
     """Group ``paths`` into parts and write them, at most ``PARTS_PER_FILE`` parts and about ``PATHS_PER_FILE``
     paths per manifest file; return ``(sources, part names, archives)`` (a name per part: 2,500 for 10M scenes)."""
     rows: dict[str, list] = {"name": [], "sources": []}
-    n_sources = n_parts = n_archives = held = 0
-    names: list[str] = []
+    n_sources = n_archives = held = 0
+    names: list[str] = []  # every part's name so far: len(names) is the next part's index
     current: list[str] = []
 
     def close_part() -> None:
-        nonlocal current, n_parts, held
-        names.append(part_name(n_parts, current, identity))
+        nonlocal current, held
+        names.append(part_name(len(names), current, identity))
         rows["name"].append(names[-1])
         rows["sources"].append(current)
-        n_parts, held, current = n_parts + 1, held + len(current), []
+        held, current = held + len(current), []
         if len(rows["name"]) == PARTS_PER_FILE or held >= PATHS_PER_FILE:
             flush()
 
@@ -289,14 +289,14 @@ def _write_parts(
         if rows["name"]:
             table = pa.table({"name": rows["name"], "sources": pa.array(rows["sources"], pa.list_(pa.string()))})
             # a row group per part, so a loader reads its own part's sources and skips the file's others
-            out.write_table(f"{MANIFEST}/manifest-{n_parts:08d}.parquet", table, row_group_size=1)
+            out.write_table(f"{MANIFEST}/manifest-{len(names):08d}.parquet", table, row_group_size=1)
             rows["name"], rows["sources"], held = [], [], 0
 
     for path in paths:
         current.append(path)
         n_sources += 1
         n_archives += is_archive(path)
-        if len(current) == part_size(n_parts, chunk_size):
+        if len(current) == part_size(len(names), chunk_size):
             close_part()
     if current:
         close_part()

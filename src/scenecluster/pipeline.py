@@ -14,11 +14,11 @@ previous round's at ``self_train.stop_agreement`` (ARI on the fit sample; no lab
 
 A rerun of the same command resumes, stage by stage: a fine-tune that finished with the same settings is reused
 as it is, an interrupted one continues from its last checkpoint (as ``--resume`` would), and the clustering job
-reuses its finished parts and fit. A fine-tune folder made with other settings is refused, naming them, unless
-``overwrite`` (then it starts again from scratch); a round's pseudo-labels are named by the clustering and
-settings that made them, so a round fine-tuned on others counts as made with other settings. A backbone trained
-again into the same folder has other weights, which the clustering's feature identity holds, so the target is
-embedded again rather than reused.
+reuses its finished parts and fit. A fine-tune folder made with other settings, or from a start model whose
+weights have changed since (``start_model.json``), is refused, naming them, unless ``overwrite`` (then it starts
+again from scratch); a round's pseudo-labels are named by the clustering and settings that made them, so a round
+fine-tuned on others counts as made with other settings. A backbone trained again into the same folder has other
+weights, which the clustering's feature identity holds, so the target is embedded again rather than reused.
 """
 
 from __future__ import annotations
@@ -70,7 +70,30 @@ def previous_finetune(cfg: FinetuneConfig) -> PreviousFinetune | None:
         for key in sorted(saved.keys() | wanted.keys())
         if saved.get(key) != wanted.get(key) and not key.startswith(RUN_ONLY_SETTINGS)
     ]
+    if "feature.model" not in changed and _start_weights_changed(out, cfg.feature.model):
+        changed.append("feature.model (its weights)")
     return PreviousFinetune(metrics, changed)
+
+
+def _start_weights_changed(out: Path, model: str) -> bool:
+    """Whether ``model`` now holds other weights than the fine-tune in ``out`` started from.
+
+    ``config.yaml`` names the start model only: a local folder rewritten in place (another conversion, a
+    checkpoint saved over it) would let the old fine-tune be reused. False when it cannot tell: a run made before
+    ``start_model.json`` was written, or a start model that no longer resolves (a finished fine-tune does not
+    need it; continuing one reports the model's own error).
+    """
+    from scenecluster.models import ModelLoadError, resolve_backbone
+    from scenecluster.train import START_MODEL_FILE
+
+    start_file = out / START_MODEL_FILE
+    if not start_file.is_file():
+        return False
+    started_from = json.loads(start_file.read_text()).get("weights")
+    try:
+        return started_from != resolve_backbone(model).weights
+    except ModelLoadError:
+        return False
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

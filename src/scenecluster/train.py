@@ -77,6 +77,9 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"  # in a checkpoint: heads, optimizer, scheduler, counters (tensors and plain data only)
 BACKBONE_DIR = "backbone"  # in a checkpoint and in OUTPUT: the backbone as a transformers folder
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # what Ray Train V2 writes in a run folder
+# in OUTPUT: the model the run started from and its weights' fingerprint, so that a rerun can tell a start-model
+# folder rewritten in place (config.yaml holds only its name)
+START_MODEL_FILE = "start_model.json"
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -715,8 +718,10 @@ def _rows(inputs: _Inputs, splits: list[tuple[list[str], list[str]]]) -> list[tu
     ]
 
 
-def _claim_output(cfg: FinetuneConfig, echo) -> tuple[Path, str]:
-    """Check the output folder and the run's storage, create the folder and write ``config.yaml`` there.
+def _claim_output(cfg: FinetuneConfig, echo, inputs: _Inputs) -> tuple[Path, str]:
+    """Check the output folder and the run's storage, create the folder and write ``config.yaml`` there, and
+    ``start_model.json`` (the start model's :attr:`~scenecluster.models.ResolvedBackbone.weights`) when the run
+    starts afresh; a resumed run keeps the one it started from.
 
     Returns ``(output folder, storage path)``. A finished or interrupted run of the same name is refused
     unless ``cfg.resume``.
@@ -735,6 +740,9 @@ def _claim_output(cfg: FinetuneConfig, echo) -> tuple[Path, str]:
         echo(f"[finetune] nothing to resume at {storage}/{cfg.name}; starting from scratch")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
+    if not exists or not (out / START_MODEL_FILE).is_file():
+        start = {"model": cfg.feature.model, "weights": inputs.backbone.weights}
+        atomic_write_text(out / START_MODEL_FILE, json.dumps(start, indent=2) + "\n")
     return out, storage
 
 
@@ -957,7 +965,7 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print, train_loop=train_loop_per_w
     from scenecluster.raycluster import ensure_ray
 
     inputs = _check_inputs(cfg)
-    out, storage = _claim_output(cfg, echo)
+    out, storage = _claim_output(cfg, echo, inputs)
     inventory = ensure_ray(cfg.resources)
     resources = decide(cfg.resources.device, inventory, actors=cfg.workers, torch_threads=cfg.resources.torch_threads)
     splits = _splits(cfg, inputs)

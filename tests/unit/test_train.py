@@ -118,3 +118,39 @@ def test_checkpoint_is_a_backbone_folder_plus_plain_state_that_restores_everythi
     assert restored.scheduler.last_epoch == 1
     assert (restored.epoch, restored.step, restored.history) == (1, 1, trained.history)
     assert restored.resumes == [{"epoch": 1, "step": 1}]
+
+
+def test_a_fine_tune_whose_start_model_was_rewritten_in_place_is_not_reused(tmp_path, tiny_model_dir):
+    """``config.yaml`` names the start model only; ``start_model.json`` holds its weights, so a finished fine-tune
+    from a folder since rewritten with other weights counts as made with other settings (and is trained again)."""
+    import json
+    import shutil
+
+    from transformers import Dinov2Model
+
+    from scenecluster.config import dump_config
+    from scenecluster.models import resolve_backbone, tiny_dinov2_config
+    from scenecluster.outputs import atomic_write_text
+    from scenecluster.pipeline import previous_finetune
+    from scenecluster.train import START_MODEL_FILE, _claim_output, _Inputs
+
+    start = tmp_path / "start"
+    shutil.copytree(tiny_model_dir, start)
+    cfg = load_config(
+        None, {"sources": ["/s"], "output": str(tmp_path / "out"), "feature.model": str(start)}, model=FinetuneConfig
+    )
+    inputs = _Inputs(listings=[], classes=[], backbone=resolve_backbone(start), labels=[])
+    out, _ = _claim_output(cfg, print, inputs)  # what fit_backbone writes before its workers start
+    assert json.loads((out / START_MODEL_FILE).read_text())["weights"].startswith("sha256:")
+    assert (out / "config.yaml").read_text() == dump_config(cfg)
+    # ... and what its export writes at the end
+    save_backbone(load_backbone(tiny_model_dir), out / BACKBONE_DIR)
+    atomic_write_text(out / "metrics.json", json.dumps({"backbone": str(out / BACKBONE_DIR), "step": 3}))
+    assert previous_finetune(cfg).changed == []  # a rerun reuses it
+
+    torch.manual_seed(7)
+    save_backbone(Dinov2Model(tiny_dinov2_config()), start)  # the start model converted or saved over again
+    assert previous_finetune(cfg).changed == ["feature.model (its weights)"]
+
+    (out / START_MODEL_FILE).unlink()  # a fine-tune made before the file existed: nothing tells, it is reused
+    assert previous_finetune(cfg).changed == []

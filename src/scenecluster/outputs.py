@@ -206,6 +206,8 @@ def prepare_output(folder: str | OutputFolder, identity: dict[str, Any], *, over
             )
         if previous != identity:
             changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+            # a key the folder's run.json lacks: it was made by an earlier scenecluster, which did not record it
+            changed = [f"{k} (not recorded by the version that made it)" if k not in previous else k for k in changed]
             raise OutputError(
                 f"output folder {out.uri!r} holds a different run (differs in: {', '.join(changed)}); "
                 "choose another --output or pass --overwrite"

@@ -14,6 +14,9 @@ def test_same_run_resumes_other_run_refused(tmp_path):
     with pytest.raises(OutputError, match=r"different run \(differs in: model\)"):
         prepare_output(out, {"input": "a", "model": "other"})
     assert (out / "embeddings.parquet").exists()
+    # a setting this version records and the folder's (older) run.json does not is named as such
+    with pytest.raises(OutputError, match=r"differs in: weights \(not recorded by the version that made it\)\)"):
+        prepare_output(out, {"input": "a", "model": "m", "weights": "sha256:0123"})
 
 
 def test_overwrite_clears_stale_outputs(tmp_path):

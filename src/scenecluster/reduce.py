@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -86,7 +85,9 @@ def make_umap(
     from scenecluster.jitcache import keep_umap_compiles
 
     keep_umap_compiles()  # a fresh process loads the compiled code instead of compiling it (jitcache)
-    return umap.UMAP(**kwargs, low_memory=True)
+    # umap-learn runs a seeded fit on one thread anyway, and says so in a warning at every fit when not told
+    n_jobs = 1 if random_state is not None else -1
+    return umap.UMAP(**kwargs, low_memory=True, n_jobs=n_jobs)
 
 
 @register("pca")
@@ -158,10 +159,7 @@ def reduce_embeddings(X: np.ndarray, **settings: Any) -> np.ndarray:
     if not np.isfinite(X).all():
         raise ValueError("embeddings contain NaN or inf; cannot project them")
     reducer = make_projection(**fit_settings(settings, *X.shape))
-    with warnings.catch_warnings():
-        # umap-learn warns that a random_state disables parallelism: reproducibility is the point here
-        warnings.filterwarnings("ignore", message=".*n_jobs.*overridden.*")
-        Y = reducer.fit_transform(X)
+    Y = reducer.fit_transform(X)
     if hasattr(Y, "get"):  # cupy -> numpy
         Y = Y.get()
     return np.asarray(Y, dtype=np.float32)

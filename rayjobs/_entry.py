@@ -1,9 +1,12 @@
-"""What every ``rayjobs/<stage>.py`` shares: parse ``--config``/``--set``, validate, join Ray, print JSON.
+"""What every ``rayjobs/<stage>.py`` shares: parse ``--config``/``--set``, validate, call the job, print JSON.
 
 Each entrypoint is submitted with ``ray job submit --working-dir . -- python rayjobs/<stage>.py --config
-FILE``. The job server sets ``RAY_ADDRESS``, so a plain ``ray.init()`` joins the cluster the job was
-submitted to (and, run by hand on a laptop, starts a local one). Exit codes: 0 done, 2 bad config or
-input (one line on stderr, no traceback), 1 anything else (a bug: the traceback is kept).
+FILE``. Ray is joined by the job itself, as the CLI's commands do (:func:`scenecluster.raycluster.ensure_ray`):
+the job server sets ``RAY_ADDRESS``, so it joins the cluster the job was submitted to; run by hand it honours
+``resources.ray_address`` and ``resources.num_cpus``, and without an address starts a private local Ray rather
+than joining whatever ``ray start`` last recorded on the machine, which a bare ``ray.init()`` here would do.
+Exit codes: 0 done, 2 bad config or input (one line on stderr, no traceback), 1 anything else (a bug: the
+traceback is kept).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,7 +45,8 @@ def run(
     description: str,
     overwrite: bool = False,
 ) -> int:
-    """Validate the config (before Ray starts, so a typo costs no cluster time), ``ray.init()``, call.
+    """Validate the config (before Ray starts, so a typo costs no cluster time), then call the job, which joins
+    or starts Ray through :func:`scenecluster.raycluster.ensure_ray`.
 
     ``overwrite=True`` adds the ``--overwrite`` flag (``args.overwrite``), for entrypoints whose call takes it.
     """
@@ -59,11 +62,6 @@ def run(
         print(f"rayjobs/{name}: error: {exc}", file=sys.stderr)
         return 2
 
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
     try:
         result = call(cfg, args)
     except SceneClusterError as exc:

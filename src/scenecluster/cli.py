@@ -55,6 +55,27 @@ def _dest(dotted: str) -> str:
     return "opt__" + dotted.replace(".", "__")
 
 
+def command_flags(command: str) -> dict[str, str]:
+    """``{dotted setting: flag}`` for the setting flags ``scenecluster COMMAND`` really registers.
+
+    Read off the built parser, so ``docs/configuration.md``'s flag column shows what each command takes: a
+    combined config (pipeline, benchmark) offers one stage's flags, not every flagged field of its sections.
+    """
+    import re
+
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags: dict[str, str] = {}
+    for action in subcommands.choices[command]._actions:
+        if not action.option_strings:
+            continue
+        if action.dest.startswith("opt__"):
+            flags[action.dest.removeprefix("opt__").replace("__", ".")] = action.option_strings[0]
+        elif named := re.search(r"\[([\w.]+)\]$", action.help or ""):  # a command's own flag, e.g. --epochs
+            flags[named.group(1)] = action.option_strings[0]
+    return flags
+
+
 def _add_overwrite(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite",
@@ -167,7 +188,7 @@ def _add_finetune_commands(sub) -> None:
     )
     _add_overwrite(pl)
     pl.add_argument("--use-gpu", action="store_true", help="train on GPUs (same as --device cuda)")
-    _add_config_options(pl, "FinetuneConfig", "finetune.", with_config=False)
+    _add_config_options(pl, "FinetuneConfig", "finetune.")
     _add_config_options(pl, "SelfTrainConfig", "self_train.", with_config=False)
 
 
@@ -395,7 +416,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         **_overrides(args, "FinetuneConfig", "finetune."),
         **_flag_values(args, "SelfTrainConfig", "self_train."),
     }
-    result = run_pipeline(load_config(None, overrides, model=PipelineConfig), overwrite=args.overwrite)
+    result = run_pipeline(load_config(args.config, overrides, model=PipelineConfig), overwrite=args.overwrite)
     for r in result["self_train"]:
         pseudo = r["pseudo_labels"]
         agreement = r["agreement_with_previous"]

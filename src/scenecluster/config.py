@@ -652,9 +652,10 @@ def config_flags(model: type[BaseModel], prefix: str = "") -> list[ConfigFlag]:
     return flags
 
 
-def settings_table(model: type[BaseModel], prefix: str = "") -> list[str]:
+def settings_table(model: type[BaseModel], flags: dict[str, str], prefix: str = "") -> list[str]:
     """Markdown rows ``| dotted name | flag | default | what |`` for every setting of ``model`` and its sections.
 
+    ``flags`` maps dotted names to the command-line flag that sets them (empty for a job with no command).
     ``docs/configuration.md`` is this table for each job (``python -m scenecluster.config`` rewrites it; a test
     keeps it current), so the documentation cannot drift from the defaults.
     """
@@ -662,35 +663,39 @@ def settings_table(model: type[BaseModel], prefix: str = "") -> list[str]:
     for name, field in model.model_fields.items():
         scalar, _ = _scalar_type(field.annotation)
         if isinstance(scalar, type) and issubclass(scalar, BaseModel):
-            rows += settings_table(scalar, f"{prefix}{name}.")
+            rows += settings_table(scalar, flags, f"{prefix}{name}.")
             continue
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         default = "(required)" if field.is_required() else f"`{field.get_default()}`"
-        cli = f"`{extra['flag']}`" if "flag" in extra else ""
+        flag = flags.get(f"{prefix}{name}")
+        cli = f"`{flag}`" if flag else ""
         rows.append(f"| `{prefix}{name}` | {cli} | {default} | {(field.description or '').replace('|', '/')} |")
     return rows
 
 
 def configuration_markdown() -> str:
     """The whole of ``docs/configuration.md``."""
-    jobs = [
-        ("ClusterJobConfig", "scenecluster cluster / demo, rayjobs/cluster.py"),
-        ("FinetuneConfig", "scenecluster finetune, rayjobs/finetune.py"),
-        ("PipelineConfig", "scenecluster pipeline, rayjobs/pipeline.py"),
-        ("TuneJobConfig", "rayjobs/tune.py"),
-        ("AssignJobConfig", "scenecluster assign, rayjobs/assign.py"),
-        ("BenchmarkConfig", "scenecluster benchmark, rayjobs/benchmark.py"),
+    from scenecluster.cli import command_flags  # lazy: the CLI imports this module
+
+    jobs = [  # (config, the command whose flags fill the flag column, who reads it)
+        ("ClusterJobConfig", "cluster", "scenecluster cluster / demo, rayjobs/cluster.py"),
+        ("FinetuneConfig", "finetune", "scenecluster finetune, rayjobs/finetune.py"),
+        ("PipelineConfig", "pipeline", "scenecluster pipeline, rayjobs/pipeline.py"),
+        ("TuneJobConfig", None, "rayjobs/tune.py"),
+        ("AssignJobConfig", "assign", "scenecluster assign, rayjobs/assign.py"),
+        ("BenchmarkConfig", "benchmark", "scenecluster benchmark, rayjobs/benchmark.py"),
     ]
     parts = [
         "# Configuration\n\n",
         "Generated from `scenecluster.config` by `python -m scenecluster.config` (a test checks it is current).\n",
         "Every job reads defaults, then a YAML file (`--config`), then dotted overrides (`--set a.b=v`, or a flag).\n",
+        "The flag column names the flags of that job's command; a setting without one is set by `--set`.\n",
     ]
-    for name, used_by in jobs:
+    for name, command, used_by in jobs:
         model = globals()[name]
+        flags = command_flags(command) if command else {}
         parts.append(f"\n## {name} ({used_by})\n\n{(model.__doc__ or '').strip().splitlines()[0]}\n\n")
         parts.append("| setting | flag | default | what |\n| --- | --- | --- | --- |\n")
-        parts.append("".join(row + "\n" for row in settings_table(model)))
+        parts.append("".join(row + "\n" for row in settings_table(model, flags)))
     return "".join(parts)
 
 

@@ -72,3 +72,30 @@ def test_unwritable_output_is_one_line_before_the_model_loads(tmp_path, sample_d
     assert res.returncode == 2 and "Traceback" not in res.stderr and res.stdout == ""
     assert res.stderr.strip().startswith("scenecluster: error: " + message.format(tmp=tmp_path))
     assert res.stderr.strip().count("\n") == 0
+
+
+def test_pipeline_reads_a_config_file_and_set_like_the_other_jobs(tmp_path, sample_dir, capsys):
+    """``scenecluster pipeline`` takes ``--config`` and ``--set`` (as ``rayjobs/pipeline.py`` does): a setting of
+    the clustering stage, which has no flag there, is read from them and checked before anything runs."""
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("cluster:\n  cluster:\n    n_components: 0\n")
+    command = ["pipeline", str(sample_dir), "-t", str(sample_dir), "-o", str(tmp_path / "out")]
+    assert main([*command, "--config", str(config)]) == 2
+    assert "cluster.cluster.n_components" in capsys.readouterr().err
+    assert main([*command, "--set", "cluster.reduce.n_components=0"]) == 2
+    assert "cluster.reduce.n_components" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_settings_tables_flag_column_holds_the_flags_each_command_takes():
+    """docs/configuration.md's flag column is read off each command's parser: a combined job lists the flags of
+    the stage its command exposes, not those of every section it holds."""
+    from scenecluster.cli import command_flags
+
+    pipeline = command_flags("pipeline")
+    assert pipeline["finetune.lr"] == "--lr" and pipeline["self_train.rounds"] == "--self-train-rounds"
+    assert not any(dotted.startswith("cluster.") for dotted in pipeline)  # the clustering stage: --config / --set
+    benchmark = command_flags("benchmark")
+    assert benchmark["cluster.reduce.n_components"] == "--umap-dims" and benchmark["finetune.epochs"] == "--epochs"
+    assert "finetune.lr" not in benchmark
+    assert command_flags("cluster") == {dotted: flag for flag, dotted, _, _ in CLUSTER_FLAGS}

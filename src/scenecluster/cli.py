@@ -236,7 +236,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         overrides["backbone"] = args.backbone
     else:
         overrides.update({"finetune.sources": sources, "finetune.output": str(out / "finetune")})
-        if args.epochs:
+        if args.epochs is not None:
             overrides["finetune.epochs"] = args.epochs
     if args.seeds:
         overrides["seeds"] = args.seeds

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -45,7 +45,7 @@ class ReadConfig(_Section):
         None, ge=1, description="use a seeded random sample of this many images", json_schema_extra=flag("--sample")
     )
     seed: int = Field(
-        0, description="seed of the sample and of every other random pick", json_schema_extra=flag("--seed")
+        0, ge=0, description="seed of the sample and of every other random pick", json_schema_extra=flag("--seed")
     )
 
 
@@ -169,14 +169,17 @@ class ReduceConfig(_Section):
         30, ge=2, description="UMAP neighbourhood size", json_schema_extra=flag("--umap-neighbors")
     )
     min_dist: float = Field(0.0, ge=0.0, description="UMAP minimum distance", json_schema_extra=flag("--umap-min-dist"))
-    metric: str = Field("cosine", description="UMAP input metric", json_schema_extra=flag("--umap-metric"))
+    # the metrics both umap-learn and cuML's UMAP know: any other would fail only in the fit, after the embedding
+    metric: Literal["cosine", "euclidean", "correlation", "manhattan", "chebyshev", "canberra"] = Field(
+        "cosine", description="UMAP input metric", json_schema_extra=flag("--umap-metric")
+    )
     whiten: int = Field(
         0,
         ge=0,
         description="PCA-whiten the embeddings to this many components before the projection (0: off)",
         json_schema_extra=flag("--whiten"),
     )
-    random_state: int | None = Field(0, description="seed (None: faster, not reproducible)")
+    random_state: int | None = Field(0, ge=0, description="seed (None: faster, not reproducible)")
     backend: Literal["auto", "umap-learn", "cuml"] = Field(
         "auto",
         description="'auto': cuML on a GPU when usable, else umap-learn",
@@ -228,7 +231,7 @@ class ClusterConfig(_Section):
         1, ge=1, description="restarts; the best lower bound is kept", json_schema_extra=flag("--n-init")
     )
     init_params: Literal["kmeans", "kmeans++", "random"] = Field("kmeans", description="initialisation")
-    random_state: int | None = Field(0, description="seed")
+    random_state: int | None = Field(0, ge=0, description="seed")
 
 
 class ScaleConfig(_Section):
@@ -468,7 +471,7 @@ class TuneJobConfig(_Section):
     cpus_per_trial: float = Field(0.5, gt=0, description="CPUs reserved per trial (fractions fit 2 cores)")
     gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per trial (cuML UMAP and a CUDA mixture)")
     silhouette_samples: int = Field(2000, ge=10, description="subsample size of the label-free score")
-    seed: int = Field(0, description="seed of the search and of the silhouette subsample")
+    seed: int = Field(0, ge=0, description="seed of the search and of the silhouette subsample")
     search: SearchSpace = SearchSpace()
     reduce: ReduceConfig = ReduceConfig()
     cluster: ClusterConfig = ClusterConfig()
@@ -577,9 +580,12 @@ class BenchmarkConfig(_Section):
 
     output: str = Field(description="folder for finetune/, one clustering run per backbone, benchmark.json/.md")
     backbone: str | None = Field(None, description="a fine-tuned backbone folder to reuse instead of fine-tuning")
-    seeds: list[int] = Field([0, 1, 2], min_length=1, description="one clustering per seed, per backbone and method")
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        [0, 1, 2], min_length=1, description="one clustering per seed, per backbone and method"
+    )
     sample_seed: int | None = Field(
         None,
+        ge=0,
         description="with cluster.data.sample: draw the target sample (and the fit sample) once with this seed "
         "for every seed, so the target is embedded once per backbone; None: each seed draws its own sample, and "
         "the spread includes the sampling",
@@ -767,9 +773,13 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {one_line(exc)}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(p)!r} is not UTF-8 text") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {str(p)!r} cannot be read: {exc.strerror or one_line(exc)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
         tree = loaded

@@ -55,6 +55,8 @@ def open_filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.
     """
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise InputError(f"{uri!r} names no bucket: give s3://bucket/prefix")
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
         if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):

@@ -88,10 +88,13 @@ def resolve_address(address: str | None) -> str:
 
 def check_reachable(address: str, timeout: float = 5.0) -> Check:
     """A TCP connection to ``host:port`` before ``ray.init``, which would otherwise retry for a minute or more
-    on an address where nothing listens. ``auto`` has no host to try and is left to ``ray.init``."""
+    on an address where nothing listens. ``auto`` and ``local`` have no host to try and are left to ``ray.init``;
+    a name without a port is no address (``ray.init`` would raise a ValueError deep inside)."""
     hostport = address.split("://", 1)[-1]
-    if address == "auto" or ":" not in hostport:
+    if address in ("auto", "local"):
         return Check("ray reachable", address, SKIP, "no host:port to try; ray.init looks the cluster up")
+    if ":" not in hostport:
+        return Check("ray reachable", address, FAIL, "not an address: give host:port, ray://host:port or auto")
     host, port = hostport.rsplit(":", 1)
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):

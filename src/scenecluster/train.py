@@ -59,7 +59,7 @@ from scenecluster.models import (
     resolve_backbone,
     save_backbone,
 )
-from scenecluster.outputs import atomic_write_text
+from scenecluster.outputs import atomic_write_text, check_writable
 from scenecluster.pixels import PixelSpec
 
 __all__ = [
@@ -727,8 +727,7 @@ def _claim_output(cfg: FinetuneConfig, echo, inputs: _Inputs) -> tuple[Path, str
     unless ``cfg.resume``.
     """
     out = Path(cfg.output).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {str(out)!r} is a file, not a folder")
+    check_writable(str(out))  # a file, /proc/x, a read-only mount: one line now
     storage = run_storage(cfg)
     exists = _run_exists(storage, cfg.name, cfg.data.endpoint_url)
     if exists and not cfg.resume:

@@ -34,6 +34,15 @@ def _run(*args):
         (["cluster", "{tmp}", "-o", "{tmp}/o"], "holds no images"),
         (["cluster", "{tmp}", "-o", "{tmp}/o", "--batch-size", "0"], "embed.batch_size"),
         (["cluster", "{tmp}", "-o", "{tmp}/o", "--set", "cluster.bogus=1"], "cluster.bogus"),
+        # values that used to pass validation and fail after the embedding, deep in the fit
+        (["cluster", "{tmp}", "-o", "{tmp}/o", "--seed", "-1"], "data.seed"),
+        (["cluster", "{tmp}", "-o", "{tmp}/o", "--umap-metric", "bogus"], "reduce.metric"),
+        (["cluster", "s3://", "-o", "{tmp}/o"], "names no bucket"),
+        (["cluster", "{tmp}", "-o", "{tmp}/o", "--config", "{tmp}"], "does not exist"),
+        # the pipeline's and the benchmark's target are checked before their fine-tune, not after it
+        (["pipeline", "{tmp}", "-t", "/no/such/target", "-o", "{tmp}/p"], "does not exist"),
+        (["benchmark", "--source", "{tmp}", "--target", "/no/such/target", "-o", "{tmp}/b"], "does not exist"),
+        (["benchmark", "--source", "{tmp}", "--target", "{tmp}", "-o", "{tmp}/b", "--epochs", "0"], "finetune.epochs"),
     ],
 )
 def test_bad_input_gives_one_line_error(tmp_path, args, message):
@@ -99,3 +108,25 @@ def test_the_settings_tables_flag_column_holds_the_flags_each_command_takes():
     assert benchmark["cluster.reduce.n_components"] == "--umap-dims" and benchmark["finetune.epochs"] == "--epochs"
     assert "finetune.lr" not in benchmark
     assert command_flags("cluster") == {dotted: flag for flag, dotted, _, _ in CLUSTER_FLAGS}
+
+
+def test_unreadable_settings_and_outputs_of_the_other_commands_are_one_line(tmp_path, sample_dir, capsys):
+    """A config file that is not text, a fine-tune output that cannot be written, a Ray address that is no
+    address: each a one-line error (exit 2) before Ray starts, not a traceback."""
+    from scenecluster.doctor import FAIL, check_reachable
+
+    binary = tmp_path / "config.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    assert main(["cluster", str(sample_dir), "-o", str(tmp_path / "o"), "--config", str(binary)]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert main(["finetune", str(sample_dir), "-o", "/proc/x"]) == 2
+    assert "cannot " in capsys.readouterr().err
+    assert main(["pipeline", str(sample_dir), "-t", str(sample_dir), "-o", str(a_file)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+    # what ensure_ray checks before ray.init (called directly: another test may have joined a Ray already)
+    bogus = check_reachable("bogus")
+    assert bogus.status == FAIL and "not an address" in bogus.detail

@@ -77,6 +77,11 @@ def test_a_projection_pickled_by_another_library_version_is_refused(tmp_path):
 def test_a_folder_without_a_clustering_says_so(tmp_path):
     with pytest.raises(InputError, match="clustering.json is missing"):
         load_clustering(OutputFolder(str(tmp_path)), device="cpu")
+    (tmp_path / "clustering").mkdir()
+    for damaged in ('{"format": ', "[1, 2]"):  # cut short by a full disk; not the object it should be
+        (tmp_path / "clustering" / "clustering.json").write_text(damaged)
+        with pytest.raises(InputError, match="clustering"):
+            load_clustering(OutputFolder(str(tmp_path)), device="cpu")
 
 
 def test_scores_from_counts_equal_scores_from_labels():

@@ -81,7 +81,10 @@ class OutputFolder:
         return self.path(name) if self.is_local else f"s3://{self.path(name)}"
 
     def exists(self, name: str) -> bool:
-        return self.fs.get_file_info(self.path(name)).type == pafs.FileType.File
+        try:
+            return self.fs.get_file_info(self.path(name)).type == pafs.FileType.File
+        except OSError as exc:  # a store that does not answer or refuses: one line, not pyarrow's traceback
+            raise OutputError(f"cannot read {self.display(name)}: {one_line(exc)}") from None
 
     def list(self, subfolder: str) -> list[str]:
         """Names of the files in ``subfolder`` (empty when it does not exist).
@@ -91,8 +94,11 @@ class OutputFolder:
         """
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.path(subfolder), allow_not_found=True))
-        except OSError:
-            return []
+        except OSError as exc:
+            if self.is_local:  # a file where the folder would be: nothing listed in it
+                return []
+            # an S3 store that does not answer or refuses: said so, not taken for "no files"
+            raise OutputError(f"cannot list {self.display(subfolder)}: {one_line(exc)}") from None
         names = (posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File)
         return sorted(name for name in names if not name.startswith("."))
 

@@ -69,3 +69,13 @@ def test_rehearsal_worker_ports_stay_below_the_ephemeral_range():
     for seed in range(0, 70000, 997):
         start = _worker_range_start(seed)
         assert start >= 10000 and start + 1999 < low  # the head's thousand and the second node's
+
+
+def test_a_store_that_does_not_answer_is_one_line_not_no_files():
+    """An S3 output (or a saved clustering) on a store that refuses the connection: one line naming the place,
+    where pyarrow's OSError once escaped as a traceback, and a listing once read as "no files here"."""
+    out = OutputFolder("s3://bucket/run", endpoint_url="http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(OutputError, match=r"cannot read s3://bucket/run/clustering/clustering.json: .*connect"):
+        out.exists("clustering/clustering.json")
+    with pytest.raises(OutputError, match=r"cannot list s3://bucket/run/assignments"):
+        out.list("assignments")

@@ -108,7 +108,11 @@ def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print)
     started = _now()
     source = OutputFolder(cfg.clustering, endpoint_url=cfg.data.endpoint_url)
     feature = read_clustering_meta(source)["feature"]
-    cfg = cfg.model_copy(update={"embed": cfg.embed.model_copy(update=_feature_settings(feature))}, deep=True)
+    saved = _feature_settings(feature)
+    overruled = overruled_feature_settings(cfg.embed, saved)
+    if overruled:  # e.g. --model or --layer: the clustering only knows its own feature space
+        echo(f"[assign] the saved clustering's feature is used, not the {', '.join(overruled)} given")
+    cfg = cfg.model_copy(update={"embed": cfg.embed.model_copy(update=saved)}, deep=True)
     spec, out, resources = _prepare(cfg, overwrite, timer, fitted_feature=feature)
     embedded = _embed_stage(cfg, out, spec, resources, timer)
     with timer.stage("assign") as note:
@@ -124,6 +128,14 @@ def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print)
     _exports(cfg, out, embedded, timer)
     _report_stage(out, metrics, timer)
     return _finish(out, metrics, timer)
+
+
+def overruled_feature_settings(embed, saved: dict[str, Any]) -> list[str]:
+    """The feature settings set in ``embed`` (an ``EmbedConfig``) away from their defaults that the saved
+    clustering's feature ``saved`` replaces, as ``embed.<name>=<value>``: ``assign`` says so instead of quietly
+    embedding with other settings than the user asked for."""
+    given = embed.model_dump(include=set(saved), exclude_defaults=True)
+    return [f"embed.{name}={value}" for name, value in sorted(given.items()) if value != saved[name]]
 
 
 def _feature_settings(feature: dict[str, Any]) -> dict[str, Any]:

@@ -174,6 +174,24 @@ def test_assignment_parts_of_another_or_refitted_clustering_are_dropped(tmp_path
     assert assigned() == []
 
 
+def test_assign_names_the_feature_settings_its_saved_clustering_overrules():
+    """``assign`` embeds with the saved run's feature: a ``--model`` or ``--layer`` given to it is replaced, and
+    said to be (it was replaced silently); defaults, and values equal to the saved ones, are not mentioned."""
+    from scenecluster.config import AssignJobConfig, load_config
+    from scenecluster.job import _feature_settings, overruled_feature_settings
+
+    saved = _feature_settings({"model": "/runs/a/finetune/backbone", "layer": 8, "pooling": "cls", "image_size": 224})
+    plain = load_config(None, {"data.input": "/x", "output": "/o", "clustering": "/c"}, model=AssignJobConfig)
+    assert overruled_feature_settings(plain.embed, saved) == []
+    given = load_config(
+        None,
+        {"data.input": "/x", "output": "/o", "clustering": "/c", "embed.model": "/elsewhere", "embed.layer": 8,
+         "embed.image_size": 112, "embed.batch_size": 8},
+        model=AssignJobConfig,
+    )
+    assert overruled_feature_settings(given.embed, saved) == ["embed.image_size=112", "embed.model=/elsewhere"]
+
+
 def test_feature_spec_checks_the_layer_without_weights(tiny_model_dir):
     spec = resolve_feature_spec(str(tiny_model_dir), layer=-1, pooling="cls+mean", image_size=28)
     assert (spec.layer, spec.n_layers, spec.n_features) == (2, 2, 64)

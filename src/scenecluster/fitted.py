@@ -320,10 +320,7 @@ def read_clustering_meta(out, folder: str = "clustering") -> dict[str, Any]:
     """The JSON half of a saved clustering (feature, cluster ids, threshold, fit summary), checked."""
     if not out.exists(f"{folder}/clustering.json"):
         raise InputError(f"{out.display(folder)} holds no saved clustering (clustering.json is missing)")
-    try:
-        meta = json.loads(out.read_text(f"{folder}/clustering.json"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{out.display(folder)}/clustering.json is damaged, not JSON: {exc}") from None
+    meta = out.read_json(f"{folder}/clustering.json")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InputError(f"{out.display(folder)} is not a saved clustering of format {FORMAT}")
     return meta

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from scenecluster.errors import OutputError, one_line
+from scenecluster.errors import InputError, OutputError, one_line
 
 RUN_FILE = "run.json"
 # skipped.txt: the tab-separated list that skipped.jsonl replaced, deleted with the rest on --overwrite
@@ -39,7 +39,11 @@ RESULT_FILES = (
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary name in the same local folder, then rename it over ``path``."""
+    """Write ``data`` to a temporary name in the same local folder, then rename it over ``path``.
+
+    A path that cannot be written (a folder of that name, a missing or read-only folder, a full disk) is an
+    :class:`OutputError` naming it.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
@@ -48,6 +52,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or one_line(exc)}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -116,6 +122,28 @@ class OutputFolder:
     def read_text(self, name: str) -> str:
         return self.read_bytes(name).decode("utf-8")
 
+    def read_json(self, name: str, default: Any = None) -> Any:
+        """``name`` parsed as JSON, or ``default`` when it does not exist; a damaged file (cut short by a full
+        disk, edited by hand) is one line naming it, not a JSONDecodeError from deep inside a report."""
+        if default is not None and not self.exists(name):
+            return default
+        try:
+            return json.loads(self.read_text(name))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{self.display(name)} is damaged, not JSON: {exc}") from None
+
+    def read_yaml(self, name: str, default: Any = None) -> Any:
+        """``name`` parsed as YAML (a run's ``config.yaml``), or ``default`` when it does not exist; a damaged
+        file is one line naming it."""
+        import yaml
+
+        if default is not None and not self.exists(name):
+            return default
+        try:
+            return yaml.safe_load(self.read_text(name))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise InputError(f"{self.display(name)} is damaged, not YAML: {one_line(exc)}") from None
+
     def delete(self, name: str) -> None:
         if self.exists(name):
             self.fs.delete_file(self.path(name))
@@ -158,7 +186,12 @@ class OutputFolder:
     def read_table(self, name: str, columns: list[str] | None = None, filters=None) -> pa.Table:
         """``name``'s ``columns``; with ``filters`` (pyarrow's DNF), row groups whose statistics rule them out
         are skipped unread."""
-        return pq.read_table(self.path(name), filesystem=self.fs, columns=columns, filters=filters)
+        try:
+            return pq.read_table(self.path(name), filesystem=self.fs, columns=columns, filters=filters)
+        except pa.ArrowInvalid as exc:  # a truncated or foreign file: name it, and how to get it back
+            raise InputError(
+                f"{self.display(name)} is damaged ({one_line(exc)}); delete it and rerun the job that wrote it"
+            ) from None
 
 
 def check_writable(uri: str) -> None:

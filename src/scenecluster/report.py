@@ -307,9 +307,7 @@ def _pixel_spec(config: dict[str, Any]):
 
 
 def _thumbnails_per_cluster(out: OutputFolder) -> int:
-    import yaml
-
-    config = yaml.safe_load(out.read_text("config.yaml")) if out.exists("config.yaml") else {}
+    config = out.read_yaml("config.yaml", default={}) or {}
     return int((config.get("report") or {}).get("thumbnails_per_cluster") or 8)
 
 

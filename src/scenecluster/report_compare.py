@@ -9,10 +9,7 @@ the scores.
 from __future__ import annotations
 
 import html
-import json
 from typing import Any
-
-import yaml
 
 from scenecluster.outputs import OutputFolder
 from scenecluster.report_html import SCORE_HELP, setting_groups, total_seconds
@@ -35,9 +32,9 @@ def run_summary(run: str, *, endpoint_url: str | None = None) -> dict[str, Any]:
     out = OutputFolder(run, endpoint_url=endpoint_url)
     if not out.exists("metrics.json"):
         raise OutputError(f"{run!r} has no metrics.json: not a finished run")
-    metrics = json.loads(out.read_text("metrics.json"))
-    config = yaml.safe_load(out.read_text("config.yaml")) if out.exists("config.yaml") else {}
-    identity = json.loads(out.read_text("run.json")) if out.exists("run.json") else {}
+    metrics = out.read_json("metrics.json")
+    config = out.read_yaml("config.yaml", default={}) or {}
+    identity = out.read_json("run.json", default={})
     seconds = total_seconds(metrics.get("stage_seconds") or {})
     n = metrics.get("n_embedded") or 0
     rows: list[tuple[str, str, Any]] = [

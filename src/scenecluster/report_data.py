@@ -13,7 +13,6 @@ does not depend on how UMAP packed the points, and is the honest signal of which
 
 from __future__ import annotations
 
-import json
 import posixpath
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,7 +21,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import yaml
 
 from scenecluster.outputs import OutputFolder
 
@@ -161,7 +159,7 @@ def read_skipped(out: OutputFolder, limit: int = 20) -> tuple[int, list[tuple[st
 
 
 def _read_json(out: OutputFolder, name: str) -> dict[str, Any]:
-    return json.loads(out.read_text(name)) if out.exists(name) else {}
+    return out.read_json(name, default={})
 
 
 def _finished(out: OutputFolder, metrics: dict[str, Any]) -> str:
@@ -191,7 +189,7 @@ def gather_run(out: OutputFolder, *, metrics: dict[str, Any] | None = None, k: i
 
     ``metrics`` replaces ``metrics.json`` (the job passes its own before that file is written).
     """
-    config = yaml.safe_load(out.read_text("config.yaml")) if out.exists("config.yaml") else {}
+    config = out.read_yaml("config.yaml", default={}) or {}
     metrics = metrics if metrics is not None else _read_json(out, "metrics.json")
     seed = int((config.get("data") or {}).get("seed") or 0)
     cap = int((config.get("report") or {}).get("scatter_points") or 20000)

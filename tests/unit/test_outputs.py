@@ -79,3 +79,33 @@ def test_a_store_that_does_not_answer_is_one_line_not_no_files():
         out.exists("clustering/clustering.json")
     with pytest.raises(OutputError, match=r"cannot list s3://bucket/run/assignments"):
         out.list("assignments")
+
+
+def test_damaged_run_files_are_one_line_naming_the_file(tmp_path):
+    """A run folder's files damaged after the run (cut short by a full disk, edited by hand): ``report`` and
+    ``compare`` name the file instead of raising a JSON, YAML or Arrow error from deep inside."""
+    import pyarrow as pa
+
+    from scenecluster.errors import InputError
+    from scenecluster.report_compare import run_summary
+
+    run = tmp_path / "run"
+    run.mkdir()
+    out = OutputFolder(str(run))
+    (run / "metrics.json").write_text('{"n_embedded": 3,')
+    with pytest.raises(InputError, match=r"metrics.json is damaged, not JSON"):
+        run_summary(str(run))
+    (run / "metrics.json").write_text('{"n_embedded": 3}')
+    (run / "config.yaml").write_text("embed: [unclosed\n")
+    with pytest.raises(InputError, match=r"config.yaml is damaged, not YAML"):
+        run_summary(str(run))
+    assert out.read_json("absent.json", default={}) == {}
+
+    out.write_table("assignments/part-0.parquet", pa.table({"cluster": [1, 2, 3]}))
+    whole = (run / "assignments" / "part-0.parquet").read_bytes()
+    (run / "assignments" / "part-0.parquet").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputError, match=r"part-0.parquet is damaged .*delete it and rerun"):
+        out.read_table("assignments/part-0.parquet")
+
+    with pytest.raises(OutputError, match=r"cannot write .*run"):  # a folder where the file would go
+        atomic_write_text(run, "x")

@@ -256,6 +256,17 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type of a wait in seconds: a positive number (argparse prints the one-line usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
+
+
 def _add_doctor_command(sub) -> None:
     """``scenecluster doctor``: the checks of :mod:`scenecluster.doctor`, printed as a table."""
     d = sub.add_parser(
@@ -272,7 +283,7 @@ def _add_doctor_command(sub) -> None:
     d.add_argument("--output", metavar="URI", help="output folder or s3://bucket/prefix that a job will write")
     d.add_argument("--model", metavar="MODEL", help="Hugging Face id or folder of the backbone a job will load")
     d.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for non-AWS stores (else AWS_ENDPOINT_URL)")
-    d.add_argument("--timeout", type=float, default=120.0, metavar="S",
+    d.add_argument("--timeout", type=_positive_seconds, default=120.0, metavar="S",
                    help="seconds to wait for the probe tasks on the nodes (default 120)")
     d.set_defaults(run_fn=_cmd_doctor)
 

@@ -770,12 +770,16 @@ def load_config(
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {str(p)!r} is a folder; give the YAML file in it")
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {one_line(exc)}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}: {one_line(exc)}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file {str(p)!r} is not UTF-8 text") from None
         except OSError as exc:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,8 @@ def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print)
     timer = StageTimer(echo)
     started = _now()
     source = OutputFolder(cfg.clustering, endpoint_url=cfg.data.endpoint_url)
+    if source.is_local and not Path(source.root).is_dir():
+        raise InputError(f"clustering {cfg.clustering!r} is not a folder: give the output folder of a clustering run")
     feature = read_clustering_meta(source)["feature"]
     saved = _feature_settings(feature)
     overruled = overruled_feature_settings(cfg.embed, saved)

@@ -39,8 +39,8 @@ def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("data: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    bad.write_text("output: x\ndata: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(line 3, column 1\)"):  # where the parser stopped
         load_config(bad)
 
 

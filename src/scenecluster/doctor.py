@@ -323,6 +323,8 @@ def check_input(uri: str, endpoint_url: str | None) -> Check:
                 stream.read(16)
             return Check("input readable", uri, PASS, f"listed {seen} entries; read {files[0].rsplit('/', 1)[-1]}")
         folders = sorted(i.path for i in infos if i.type == pafs.FileType.Directory)[:1]
+    if not seen:
+        return Check("input readable", uri, FAIL, "is empty")
     return Check("input readable", uri, FAIL, f"listed {seen} entries but found no file two levels down")
 
 

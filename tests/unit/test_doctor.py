@@ -77,7 +77,10 @@ def test_store_checks_on_local_folders(tmp_path, sample_dir):
     assert check_input(str(sample_dir), None).status == PASS
     assert check_input(str(tmp_path / "missing"), None).status == FAIL
     (tmp_path / "empty" / "sub").mkdir(parents=True)
-    assert check_input(str(tmp_path / "empty"), None).status == FAIL
+    assert check_input(str(tmp_path / "empty"), None).status == FAIL  # folders, no file
+    (tmp_path / "bare").mkdir()
+    bare = check_input(str(tmp_path / "bare"), None)
+    assert bare.status == FAIL and bare.detail == "is empty"
     out = tmp_path / "out" / "run1"
     assert check_output(str(out), None).status == PASS
     assert not (tmp_path / "out").exists() or not any(out.parent.rglob("*")), "the probe left something behind"

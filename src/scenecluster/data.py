@@ -77,6 +77,23 @@ def open_filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.
     return pafs.LocalFileSystem(), path
 
 
+def s3_client(endpoint_url: str | None = None):
+    """A boto3 S3 client for what pyarrow does not give: paged key listings, ETags, managed downloads.
+
+    Endpoint as :func:`open_filesystem` (``endpoint_url``, else ``AWS_ENDPOINT_URL``), path-style addressing
+    (which every S3-compatible store accepts), credentials from the standard chain.
+    """
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
+        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        config=Config(s3={"addressing_style": "path"}),
+    )
+
+
 def open_input(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
     """The filesystem and root of an input folder or prefix, checked to exist and not to be a file.
 

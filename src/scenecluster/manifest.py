@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-import os
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,16 +74,10 @@ class Manifest:
 
 def _walk_s3(root: str, endpoint_url: str | None) -> Iterator[str]:
     """Keys under ``bucket/prefix`` in key order, one page of 1,000 at a time (boto3's paginator)."""
-    import boto3
-    from botocore.config import Config
+    from scenecluster.data import s3_client
 
     bucket, _, prefix = root.partition("/")
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
-        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-        config=Config(s3={"addressing_style": "path"}),
-    )
+    client = s3_client(endpoint_url)
     paginator = client.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/" if prefix else ""):
         for item in page.get("Contents", []):

@@ -39,6 +39,7 @@ from packaging.version import Version
 from transformers import AutoConfig, AutoModel, Dinov2Config, Dinov2Model, PretrainedConfig, PreTrainedModel
 
 from scenecluster.errors import SceneClusterError, one_line
+from scenecluster.model_store import fetch_model_folder, is_store_uri
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -338,6 +339,8 @@ def _resolve(model: str | os.PathLike[str], load: Callable[..., _T]) -> _T:
     and reading only its config go through the same order, checks and messages this way.
     """
     name = os.fspath(model)
+    if is_store_uri(name):
+        return _load_folder(fetch_model_folder(name), load)
     path = Path(name).expanduser()
     if path.is_dir():
         return _load_folder(path, load)
@@ -493,6 +496,11 @@ def resolve_backbone(model: str | os.PathLike[str] = DEFAULT_MODEL) -> ResolvedB
     ModelLoadError
         With a one-line message naming ``model`` and the fix.
     """
+    if is_store_uri(model):  # the URI stays the source: each node fetches its own copy (model_store)
+        folder = fetch_model_folder(os.fspath(model))
+        _, config = _load_folder(folder, _read_config)
+        mean, std = image_normalization(folder)
+        return ResolvedBackbone(source=os.fspath(model), config=config, mean=mean, std=std)
     source, config = _resolve(model, _read_config)
     mean, std = image_normalization(source)
     return ResolvedBackbone(source=source, config=config, mean=mean, std=std)
@@ -512,7 +520,7 @@ def weights_fingerprint(source: str | os.PathLike[str], config: PretrainedConfig
     (``sha256:<16 hex>``; about a second per GB, once per process and file version), and a Hub model by the
     commit its cached config came from (``revision:<commit>``), which pins every file of the snapshot.
     """
-    folder = Path(os.fspath(source)).expanduser()
+    folder = fetch_model_folder(source) if is_store_uri(source) else Path(os.fspath(source)).expanduser()
     if folder.is_dir():
         files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
         if not files:

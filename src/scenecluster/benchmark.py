@@ -50,7 +50,7 @@ def run_benchmark(cfg: BenchmarkConfig, *, overwrite: bool = False, echo: Callab
     start = time.perf_counter()
     # the target and the output are checked now, not after the fine-tune
     check_input(cfg.cluster.data.input, endpoint_url=cfg.cluster.data.endpoint_url)
-    check_writable(cfg.output)
+    check_writable(cfg.output, cfg.cluster.data.endpoint_url)
     backbones, finetune = _backbones(cfg, echo, overwrite)
     queue = list(backbones.items())
     runs: list[dict[str, Any]] = []

@@ -380,7 +380,7 @@ def _check_input_and_output(input_uri: str, endpoint_url: str | None, output: st
     from scenecluster.outputs import check_writable
 
     check_input(input_uri, endpoint_url=endpoint_url)
-    check_writable(output)
+    check_writable(output, endpoint_url)
 
 
 def _cmd_cluster(args: argparse.Namespace, *, input_uri: str, defaults: dict | None = None) -> int:

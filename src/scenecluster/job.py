@@ -166,7 +166,7 @@ def _prepare(
     from scenecluster.raycluster import ensure_ray
 
     check_input(cfg.data.input, endpoint_url=cfg.data.endpoint_url)
-    check_writable(cfg.output)
+    check_writable(cfg.output, cfg.data.endpoint_url)
     # The feature is checked against the model's config (not its weights) before the output is claimed and
     # Ray starts, so a bad layer or model fails in the driver in a second; for the offline model this also
     # builds its folder once here rather than in every actor.

@@ -192,13 +192,14 @@ class OutputFolder:
             ) from None
 
 
-def check_writable(uri: str) -> None:
+def check_writable(uri: str, endpoint_url: str | None = None) -> None:
     """Fail now, with one line, when a local output folder cannot be created or written (before any heavy work).
 
     Tries what the run will do: makes (and removes) a folder in the output, or in its nearest existing parent
     when the output does not exist yet, so nothing is left behind. ``/proc/x``, ``/sys/x``, a read-only mount
-    and a path under a file all fail here instead of after the model has loaded. S3 outputs are checked by
-    their first write (``scenecluster doctor --output`` checks them ahead).
+    and a path under a file all fail here instead of after the model has loaded. An S3 output is asked only
+    whether its store answers (one read, nothing written); its permissions show at the first write
+    (``scenecluster doctor --output`` checks them ahead).
 
     Raises
     ------
@@ -207,8 +208,12 @@ def check_writable(uri: str) -> None:
     """
     from scenecluster.data import open_filesystem
 
-    fs, root = open_filesystem(uri)
+    fs, root = open_filesystem(uri, endpoint_url=endpoint_url)
     if not isinstance(fs, pafs.LocalFileSystem):
+        try:
+            fs.get_file_info(root)
+        except OSError as exc:
+            raise OutputError(f"cannot reach output {uri!r}: {one_line(exc)}") from None
         return
     existing = Path(root)
     while not existing.exists() and existing != existing.parent:

@@ -154,7 +154,7 @@ def run_pipeline(cfg: PipelineConfig, *, overwrite: bool = False, echo=print) ->
     # the target and the clustering's output are checked now, not after a fine-tune of hours (and before the
     # stages' modules are imported, which takes seconds)
     check_input(cfg.cluster.data.input, endpoint_url=cfg.cluster.data.endpoint_url)
-    check_writable(cfg.cluster.output)
+    check_writable(cfg.cluster.output, cfg.cluster.data.endpoint_url)
     from scenecluster.job import run_cluster_job
     from scenecluster.self_train import TooFewPseudoClasses, clustering_agreement, prepare_round
 

@@ -79,6 +79,10 @@ def test_a_store_that_does_not_answer_is_one_line_not_no_files():
         out.exists("clustering/clustering.json")
     with pytest.raises(OutputError, match=r"cannot list s3://bucket/run/assignments"):
         out.list("assignments")
+    from scenecluster.outputs import check_writable
+
+    with pytest.raises(OutputError, match=r"cannot reach output 's3://bucket/run'"):  # before the model loads
+        check_writable("s3://bucket/run", "http://127.0.0.1:9")
 
 
 def test_damaged_run_files_are_one_line_naming_the_file(tmp_path):

@@ -67,7 +67,9 @@ class Embedder:
         self.spec = spec
         self.device = resolve_torch_device(device)
         self.dtype = getattr(torch, dtype) if dtype else torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = load_backbone(spec.source, torch_dtype=self.dtype).to(self.device).eval()
+        self.model = (
+            load_backbone(spec.source, torch_dtype=self.dtype, endpoint_url=spec.endpoint_url).to(self.device).eval()
+        )
 
     @classmethod
     def for_model(

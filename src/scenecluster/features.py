@@ -51,6 +51,9 @@ class FeatureSpec:
         :func:`scenecluster.models.weights_fingerprint` of the weights ``source`` held when resolved; part of the
         identity when known, so a model folder rewritten in place (a fine-tune's ``OUTPUT/backbone``) is another
         feature, not a reason to reuse the old weights' embeddings or clustering.
+    endpoint_url : str or None
+        The S3 endpoint of an ``s3://`` model on a non-AWS store, so that workers fetch it from there; not part
+        of the identity (the weights are).
     """
 
     model: str
@@ -66,6 +69,7 @@ class FeatureSpec:
     pixels: PixelSpec = PixelSpec()
     views: str = "one"
     weights: str | None = None
+    endpoint_url: str | None = None
 
     @property
     def n_features(self) -> int:
@@ -97,6 +101,7 @@ def resolve_feature_spec(
     image_size: int = 224,
     pixels: PixelSpec | None = None,
     views: str = "one",
+    endpoint_url: str | None = None,
 ) -> FeatureSpec:
     """Resolve and check a feature's settings against the model's config, without loading its weights.
 
@@ -111,7 +116,7 @@ def resolve_feature_spec(
         raise ConfigError(f"setting embed.pooling: {pooling!r} is not one of {', '.join(POOLINGS)}")
     if views not in VIEWS:
         raise ConfigError(f"setting embed.views: {views!r} is not one of {', '.join(VIEWS)}")
-    backbone = resolve_backbone(model)
+    backbone = resolve_backbone(model, endpoint_url=endpoint_url)
     n_layers = int(backbone.num_hidden_layers)
     index = layer if layer > 0 else n_layers + 1 + layer
     if layer == 0:  # the model's own choice: the layer its config names, else the last
@@ -135,4 +140,5 @@ def resolve_feature_spec(
         pixels=pixels or PixelSpec(),
         views=views,
         weights=backbone.weights,
+        endpoint_url=endpoint_url,
     )

@@ -177,6 +177,7 @@ def _prepare(
         image_size=cfg.embed.image_size,
         pixels=cfg.embed.pixel_spec(),
         views=cfg.embed.views,
+        endpoint_url=cfg.data.endpoint_url,
     )
     saved_weights = (fitted_feature or {}).get("weights")
     if saved_weights is not None and spec.weights != saved_weights:

@@ -5,8 +5,9 @@ lost with it; in S3 it outlives the cluster and every node can read it. transfor
 or the Hub, so a model URI is copied to ``<cache>/models/s3/<hash of the URI>/`` (``$SCENECLUSTER_CACHE``,
 else ``~/.cache/scenecluster``) and loaded from there. The copy is kept while the objects under the prefix
 keep their names, sizes and ETags; a folder uploaded again is fetched again. Each node fetches
-for itself (actors on one node share the copy); the store's endpoint and credentials come from the standard
-AWS variables (``AWS_ENDPOINT_URL`` for a non-AWS store), as for any S3 read.
+for itself (actors on one node share the copy). The store's endpoint is the job's ``data.endpoint_url``
+(``--endpoint-url``), which the feature carries to the workers, else ``AWS_ENDPOINT_URL``; credentials come from
+the standard AWS chain, as for any S3 read.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def is_store_uri(model: str | os.PathLike[str]) -> bool:
     return isinstance(model, str) and model.startswith("s3://")
 
 
-def fetch_model_folder(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+def fetch_model_folder(
+    uri: str, cache_dir: str | os.PathLike[str] | None = None, *, endpoint_url: str | None = None
+) -> Path:
     """The local copy of the model folder ``uri`` (``s3://bucket/prefix``), fetched when missing or changed.
 
     Only the objects directly under the prefix are fetched (a transformers folder is flat: ``config.json``,
@@ -55,7 +58,7 @@ def fetch_model_folder(uri: str, cache_dir: str | os.PathLike[str] | None = None
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     if not bucket:
         raise ModelLoadError(f"cannot load model '{uri}': it names no bucket; give s3://bucket/prefix")
-    client = s3_client()
+    client = s3_client(endpoint_url)
     try:
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
         objects = [item for page in pages for item in page.get("Contents", [])]

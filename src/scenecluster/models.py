@@ -331,7 +331,7 @@ def _load_folder(folder: Path, load: Callable[..., _T]) -> _T:
         ) from exc
 
 
-def _resolve(model: str | os.PathLike[str], load: Callable[..., _T]) -> _T:
+def _resolve(model: str | os.PathLike[str], load: Callable[..., _T], *, endpoint_url: str | None = None) -> _T:
     """Apply ``load`` to the first place ``model`` can be read from, in :func:`load_backbone`'s order.
 
     ``load(source, **kwargs)`` reads a folder (a :class:`~pathlib.Path`) or a Hub id (a str, with
@@ -340,7 +340,7 @@ def _resolve(model: str | os.PathLike[str], load: Callable[..., _T]) -> _T:
     """
     name = os.fspath(model)
     if is_store_uri(name):
-        return _load_folder(fetch_model_folder(name), load)
+        return _load_folder(fetch_model_folder(name, endpoint_url=endpoint_url), load)
     path = Path(name).expanduser()
     if path.is_dir():
         return _load_folder(path, load)
@@ -382,7 +382,10 @@ def _resolve(model: str | os.PathLike[str], load: Callable[..., _T]) -> _T:
 
 
 def load_backbone(
-    model: str | os.PathLike[str] = DEFAULT_MODEL, *, torch_dtype: torch.dtype = torch.float32
+    model: str | os.PathLike[str] = DEFAULT_MODEL,
+    *,
+    torch_dtype: torch.dtype = torch.float32,
+    endpoint_url: str | None = None,
 ) -> PreTrainedModel:
     """Load a DINOv2 backbone from a local folder or a Hugging Face Hub id, in eval mode.
 
@@ -400,9 +403,12 @@ def load_backbone(
     Parameters
     ----------
     model : str or os.PathLike, default ``"facebook/dinov2-small"``
-        A folder (as written by :func:`save_backbone` or ``save_pretrained``) or a Hub id.
+        A folder (as written by :func:`save_backbone` or ``save_pretrained``), a Hub id, or such a folder in
+        object storage (``s3://bucket/prefix``, fetched once per machine: :mod:`scenecluster.model_store`).
     torch_dtype : torch.dtype, default ``torch.float32``
         Dtype to load the weights in (``devices.resolve`` picks bf16 on GPU).
+    endpoint_url : str, optional
+        The S3 endpoint of an ``s3://`` model on a non-AWS store (else ``AWS_ENDPOINT_URL``).
 
     Returns
     -------
@@ -415,7 +421,9 @@ def load_backbone(
     ModelLoadError
         With a one-line message naming ``model`` and the fix.
     """
-    return _resolve(model, lambda source, **kwargs: _from_pretrained(source, torch_dtype, **kwargs))
+    return _resolve(
+        model, lambda source, **kwargs: _from_pretrained(source, torch_dtype, **kwargs), endpoint_url=endpoint_url
+    )
 
 
 @dataclass(frozen=True)
@@ -438,6 +446,7 @@ class ResolvedBackbone:
     config: PretrainedConfig
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    endpoint_url: str | None = None  # the store of an s3:// source
 
     @functools.cached_property
     def weights(self) -> str | None:
@@ -445,7 +454,7 @@ class ResolvedBackbone:
 
         Computed when asked (a feature's identity asks; a fine-tune's checks do not), since it reads every byte
         of the weights."""
-        return weights_fingerprint(self.source, self.config)
+        return weights_fingerprint(self.source, self.config, endpoint_url=self.endpoint_url)
 
     @property
     def num_hidden_layers(self) -> int:
@@ -473,7 +482,9 @@ def _read_config(source: str | Path, **kwargs: Any) -> tuple[str, PretrainedConf
     return (os.fspath(source.absolute()) if isinstance(source, Path) else source), config
 
 
-def resolve_backbone(model: str | os.PathLike[str] = DEFAULT_MODEL) -> ResolvedBackbone:
+def resolve_backbone(
+    model: str | os.PathLike[str] = DEFAULT_MODEL, *, endpoint_url: str | None = None
+) -> ResolvedBackbone:
     """Find where :func:`load_backbone` would load ``model`` from, and read its config without the weights.
 
     Follows :func:`load_backbone`'s resolution order and raises the same one-line :class:`ModelLoadError`
@@ -485,7 +496,9 @@ def resolve_backbone(model: str | os.PathLike[str] = DEFAULT_MODEL) -> ResolvedB
     Parameters
     ----------
     model : str or os.PathLike, default ``"facebook/dinov2-small"``
-        A folder (as written by :func:`save_backbone` or ``save_pretrained``) or a Hub id.
+        A folder (as written by :func:`save_backbone` or ``save_pretrained``), a Hub id, or ``s3://`` folder.
+    endpoint_url : str, optional
+        The S3 endpoint of an ``s3://`` model on a non-AWS store (else ``AWS_ENDPOINT_URL``).
 
     Returns
     -------
@@ -497,10 +510,10 @@ def resolve_backbone(model: str | os.PathLike[str] = DEFAULT_MODEL) -> ResolvedB
         With a one-line message naming ``model`` and the fix.
     """
     if is_store_uri(model):  # the URI stays the source: each node fetches its own copy (model_store)
-        folder = fetch_model_folder(os.fspath(model))
+        folder = fetch_model_folder(os.fspath(model), endpoint_url=endpoint_url)
         _, config = _load_folder(folder, _read_config)
         mean, std = image_normalization(folder)
-        return ResolvedBackbone(source=os.fspath(model), config=config, mean=mean, std=std)
+        return ResolvedBackbone(source=os.fspath(model), config=config, mean=mean, std=std, endpoint_url=endpoint_url)
     source, config = _resolve(model, _read_config)
     mean, std = image_normalization(source)
     return ResolvedBackbone(source=source, config=config, mean=mean, std=std)
@@ -511,7 +524,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: hashed once a process
 
 
-def weights_fingerprint(source: str | os.PathLike[str], config: PretrainedConfig | None = None) -> str | None:
+def weights_fingerprint(
+    source: str | os.PathLike[str], config: PretrainedConfig | None = None, *, endpoint_url: str | None = None
+) -> str | None:
     """What tells this model's weights from other weights under the same name; None when nothing does.
 
     Why: a fine-tune writes its backbone to the same ``OUTPUT/backbone`` folder every time, and a user may replace
@@ -520,7 +535,10 @@ def weights_fingerprint(source: str | os.PathLike[str], config: PretrainedConfig
     (``sha256:<16 hex>``; about a second per GB, once per process and file version), and a Hub model by the
     commit its cached config came from (``revision:<commit>``), which pins every file of the snapshot.
     """
-    folder = fetch_model_folder(source) if is_store_uri(source) else Path(os.fspath(source)).expanduser()
+    if is_store_uri(source):
+        folder = fetch_model_folder(os.fspath(source), endpoint_url=endpoint_url)
+    else:
+        folder = Path(os.fspath(source)).expanduser()
     if folder.is_dir():
         files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
         if not files:

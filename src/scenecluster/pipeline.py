@@ -70,12 +70,12 @@ def previous_finetune(cfg: FinetuneConfig) -> PreviousFinetune | None:
         for key in sorted(saved.keys() | wanted.keys())
         if saved.get(key) != wanted.get(key) and not key.startswith(RUN_ONLY_SETTINGS)
     ]
-    if "feature.model" not in changed and _start_weights_changed(out, cfg.feature.model):
+    if "feature.model" not in changed and _start_weights_changed(out, cfg.feature.model, cfg.data.endpoint_url):
         changed.append("feature.model (its weights)")
     return PreviousFinetune(metrics, changed)
 
 
-def _start_weights_changed(out: Path, model: str) -> bool:
+def _start_weights_changed(out: Path, model: str, endpoint_url: str | None) -> bool:
     """Whether ``model`` now holds other weights than the fine-tune in ``out`` started from.
 
     ``config.yaml`` names the start model only: a local folder rewritten in place (another conversion, a
@@ -91,7 +91,7 @@ def _start_weights_changed(out: Path, model: str) -> bool:
         return False
     started_from = json.loads(start_file.read_text()).get("weights")
     try:
-        return started_from != resolve_backbone(model).weights
+        return started_from != resolve_backbone(model, endpoint_url=endpoint_url).weights
     except ModelLoadError:
         return False
 

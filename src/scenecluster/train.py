@@ -250,6 +250,7 @@ class LoopConfig:
     total_steps: int
     n_val: int
     torch_threads: int | None = None
+    endpoint_url: str | None = None  # the store of an s3:// start model
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,8 @@ def _build_state(cfg: LoopConfig) -> TrainState:
     import ray.train.torch
 
     torch.manual_seed(cfg.seed)  # same head init on every rank (DDP also broadcasts rank 0's)
-    model = SceneClassifier(load_backbone(cfg.model), [len(c) for c in cfg.classes], cfg.pooling)
+    backbone = load_backbone(cfg.model, endpoint_url=cfg.endpoint_url)
+    model = SceneClassifier(backbone, [len(c) for c in cfg.classes], cfg.pooling)
     freeze_layers(model, cfg.freeze_blocks)
     model = ray.train.torch.prepare_model(model)
     core: SceneClassifier = model.module if hasattr(model, "module") else model
@@ -688,7 +690,7 @@ def _check_inputs(cfg: FinetuneConfig) -> _Inputs:
     ]
     classes = [class_names(lst) for lst in listings]
     pseudo = [read_pseudo_labels(f, endpoint_url=cfg.data.endpoint_url) for f in cfg.pseudo_labels]
-    backbone = resolve_backbone(cfg.feature.model)  # ModelLoadError here, not in every worker
+    backbone = resolve_backbone(cfg.feature.model, endpoint_url=cfg.data.endpoint_url)  # here, not in workers
     if cfg.freeze_blocks > backbone.num_hidden_layers:
         raise ConfigError(
             f"setting freeze_blocks: {cfg.freeze_blocks} exceeds the model's {backbone.num_hidden_layers} blocks"
@@ -854,6 +856,7 @@ def _loop_config(cfg: FinetuneConfig, inputs: _Inputs, plan: StepPlan, resources
         total_steps=plan.total_steps,
         n_val=plan.n_val,
         torch_threads=resources.torch_threads,
+        endpoint_url=cfg.data.endpoint_url,
     )
 
 

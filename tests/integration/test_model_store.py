@@ -10,6 +10,8 @@ import pytest
 import torch
 from transformers import Dinov2Model
 
+from scenecluster.embed import Embedder
+from scenecluster.features import resolve_feature_spec
 from scenecluster.model_store import SOURCE_RECORD, fetch_model_folder
 from scenecluster.models import (
     ModelLoadError,
@@ -23,34 +25,42 @@ pytestmark = pytest.mark.integration
 
 
 def test_a_backbone_in_s3_loads_and_is_fetched_again_when_uploaded_again(
-    s3_env, tiny_model_dir, tmp_path, monkeypatch
+    s3_server, tiny_model_dir, tmp_path, monkeypatch
 ):
+    """The store is named by the job's endpoint setting alone (no ``AWS_ENDPOINT_URL``), and the feature carries
+    it to the embedding actors, which fetch the model for themselves."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
     monkeypatch.setenv("SCENECLUSTER_CACHE", str(tmp_path / "cache"))
-    s3_env.create_bucket("models")
-    s3_env.upload_folder(tiny_model_dir, "models", "runs/ft/backbone")
+    endpoint = s3_server.endpoint_url
+    s3_server.create_bucket("models")
+    s3_server.upload_folder(tiny_model_dir, "models", "runs/ft/backbone")
     uri = "s3://models/runs/ft/backbone"
 
-    resolved = resolve_backbone(uri)
-    local = resolve_backbone(tiny_model_dir)
-    # the URI stays the source, so that each node's workers fetch their own copy
-    assert resolved.source == uri and resolved.hidden_size == local.hidden_size
-    assert resolved.weights == local.weights  # the same bytes: the same feature as the local folder
+    spec = resolve_feature_spec(uri, image_size=28, endpoint_url=endpoint)
+    local = resolve_feature_spec(str(tiny_model_dir), image_size=28)
+    # the URI stays the source, so that each node's workers fetch their own copy, from the job's store
+    assert spec.source == uri and spec.endpoint_url == endpoint and spec.hidden_size == local.hidden_size
+    assert spec.weights == local.weights  # the same bytes: the same feature as the local folder
     pixels = torch.rand(2, 3, 28, 28)
     with torch.no_grad():
-        fetched = load_backbone(uri)(pixel_values=pixels).pooler_output
+        fetched = Embedder(spec, device="cpu").model(pixel_values=pixels).pooler_output  # as an actor loads it
         expected = load_backbone(tiny_model_dir)(pixel_values=pixels).pooler_output
     torch.testing.assert_close(fetched, expected)
 
-    copy = fetch_model_folder(uri)
+    copy = fetch_model_folder(uri, endpoint_url=endpoint)
     assert (copy / SOURCE_RECORD).is_file() and copy.is_relative_to(tmp_path / "cache")
     kept = (copy / "model.safetensors").stat().st_mtime_ns
-    assert fetch_model_folder(uri) == copy and (copy / "model.safetensors").stat().st_mtime_ns == kept
+    assert fetch_model_folder(uri, endpoint_url=endpoint) == copy
+    assert (copy / "model.safetensors").stat().st_mtime_ns == kept  # not fetched again
 
-    torch.manual_seed(3)  # a fine-tune saved over the same prefix: fetched again, another feature
+    torch.manual_seed(3)  # a fine-tune saved over the same prefix within the second: fetched again by its ETag
     retrained = tmp_path / "retrained"
     save_backbone(Dinov2Model(tiny_dinov2_config()), retrained)
-    s3_env.upload_folder(retrained, "models", "runs/ft/backbone")
-    assert resolve_backbone(uri).weights == resolve_backbone(retrained).weights != local.weights
+    s3_server.upload_folder(retrained, "models", "runs/ft/backbone")
+    again = resolve_backbone(uri, endpoint_url=endpoint).weights
+    assert again == resolve_backbone(retrained).weights != local.weights
 
     with pytest.raises(ModelLoadError, match=r"s3://models/runs/none.*no config.json"):
-        resolve_backbone("s3://models/runs/none")
+        resolve_backbone("s3://models/runs/none", endpoint_url=endpoint)

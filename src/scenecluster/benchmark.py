@@ -44,13 +44,11 @@ def run_benchmark(cfg: BenchmarkConfig, *, overwrite: bool = False, echo: Callab
     Returns the ``benchmark.json`` content: ``runs`` (one dict per run), ``summary`` (mean/std per backbone and
     method), ``finetune`` (its metrics, when it ran), ``self_train`` (one summary per round) and ``seconds``.
     """
-    from scenecluster.manifest import check_input
-    from scenecluster.outputs import check_writable
+    from scenecluster.manifest import check_run_paths
 
     start = time.perf_counter()
     # the target and the output are checked now, not after the fine-tune
-    check_input(cfg.cluster.data.input, endpoint_url=cfg.cluster.data.endpoint_url)
-    check_writable(cfg.output, cfg.cluster.data.endpoint_url)
+    check_run_paths(cfg.cluster.data.input, cfg.output, endpoint_url=cfg.cluster.data.endpoint_url)
     backbones, finetune = _backbones(cfg, echo, overwrite)
     queue = list(backbones.items())
     runs: list[dict[str, Any]] = []

@@ -373,23 +373,14 @@ def _overrides(args: argparse.Namespace, model_name: str, prefix: str = "") -> d
 DEMO_DEFAULTS = {"data.labels": "folders", "embed.image_size": 112, "embed.layer": 8, "embed.pooling": "cls+mean"}
 
 
-def _check_input_and_output(input_uri: str, endpoint_url: str | None, output: str) -> None:
-    """The job's first checks, made before its modules are imported: torch, transformers and scikit-learn take
-    seconds to import, and a typo in a path should not wait for them (the job checks again, cheaply)."""
-    from scenecluster.manifest import check_input
-    from scenecluster.outputs import check_writable
-
-    check_input(input_uri, endpoint_url=endpoint_url)
-    check_writable(output, endpoint_url)
-
-
 def _cmd_cluster(args: argparse.Namespace, *, input_uri: str, defaults: dict | None = None) -> int:
     from scenecluster.config import load_config
+    from scenecluster.manifest import check_run_paths
 
     overrides = {"data.input": input_uri, "output": args.output, **(defaults or {})}
     overrides.update(_overrides(args, "ClusterJobConfig"))
     cfg = load_config(args.config, overrides)
-    _check_input_and_output(cfg.data.input, cfg.data.endpoint_url, cfg.output)
+    check_run_paths(cfg.data.input, cfg.output, endpoint_url=cfg.data.endpoint_url)  # before the job's imports
     from scenecluster.job import run_cluster_job
 
     metrics = run_cluster_job(cfg, overwrite=args.overwrite)
@@ -458,11 +449,12 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
 def _cmd_assign(args: argparse.Namespace) -> int:
     from scenecluster.config import AssignJobConfig, load_config
+    from scenecluster.manifest import check_run_paths
 
     overrides = {"data.input": args.input, "output": args.output, "clustering": args.clustering}
     overrides.update(_overrides(args, "AssignJobConfig"))
     cfg = load_config(args.config, overrides, model=AssignJobConfig)
-    _check_input_and_output(cfg.data.input, cfg.data.endpoint_url, cfg.output)
+    check_run_paths(cfg.data.input, cfg.output, endpoint_url=cfg.data.endpoint_url)  # before the job's imports
     from scenecluster.job import run_assign_job
 
     metrics = run_assign_job(cfg, overwrite=args.overwrite)

@@ -29,8 +29,8 @@ from scenecluster.embed import SKIPPED, embed_parts, export_embeddings, write_sk
 from scenecluster.errors import InputError
 from scenecluster.evaluate import scores_from_contingency
 from scenecluster.features import FeatureSpec, resolve_feature_spec
-from scenecluster.manifest import check_input, write_manifest
-from scenecluster.outputs import OutputFolder, check_writable, prepare_output
+from scenecluster.manifest import check_run_paths, write_manifest
+from scenecluster.outputs import OutputFolder, prepare_output
 from scenecluster.report import build_report
 from scenecluster.stages import AssignSummary, assign_parts, check_enough_scenes, export_assignments, fit_remote
 
@@ -165,8 +165,7 @@ def _prepare(
     """
     from scenecluster.raycluster import ensure_ray
 
-    check_input(cfg.data.input, endpoint_url=cfg.data.endpoint_url)
-    check_writable(cfg.output, cfg.data.endpoint_url)
+    check_run_paths(cfg.data.input, cfg.output, endpoint_url=cfg.data.endpoint_url)
     # The feature is checked against the model's config (not its weights) before the output is claimed and
     # Ray starts, so a bad layer or model fails in the driver in a second; for the offline model this also
     # builds its folder once here rather than in every actor.

@@ -35,11 +35,12 @@ from scenecluster.data import (
     wanted,
 )
 from scenecluster.errors import InputError
-from scenecluster.outputs import OutputFolder
+from scenecluster.outputs import OutputFolder, check_writable
 
 __all__ = [
     "Manifest",
     "check_input",
+    "check_run_paths",
     "drop_unlisted_parts",
     "iter_scene_paths",
     "manifest_parts",
@@ -241,6 +242,15 @@ def _load_parts(batch: pa.Table, out: OutputFolder, columns: list[str]) -> pa.Ta
         table = out.read_table(f"{MANIFEST}/{file}", filters=[("name", "in", names)])
         loaded.append(table.select(columns))
     return pa.concat_tables(loaded)
+
+
+def check_run_paths(input_uri: str, output: str, *, endpoint_url: str | None = None) -> None:
+    """A run's first checks, before any heavy work: the input holds images (:func:`check_input`) and the output
+    can be written (:func:`scenecluster.outputs.check_writable`). ``cluster``, ``assign``, ``pipeline`` and
+    ``benchmark`` make them before a fine-tune or the model, and the CLI before it imports the job's modules
+    (torch, transformers, scikit-learn take seconds), so a typo in a path costs neither."""
+    check_input(input_uri, endpoint_url=endpoint_url)
+    check_writable(output, endpoint_url)
 
 
 def check_input(uri: str, *, endpoint_url: str | None = None) -> None:

@@ -148,13 +148,12 @@ def run_pipeline(cfg: PipelineConfig, *, overwrite: bool = False, echo=print) ->
         ``{"backbone": str, "finetune": <metrics.json of the last fine-tune>, "cluster": <the last clustering's
         metrics>, "cluster_output": <its folder>, "self_train": [<one summary per round>]}``.
     """
-    from scenecluster.manifest import check_input
-    from scenecluster.outputs import atomic_write_text, check_writable
+    from scenecluster.manifest import check_run_paths
+    from scenecluster.outputs import atomic_write_text
 
     # the target and the clustering's output are checked now, not after a fine-tune of hours (and before the
     # stages' modules are imported, which takes seconds)
-    check_input(cfg.cluster.data.input, endpoint_url=cfg.cluster.data.endpoint_url)
-    check_writable(cfg.cluster.output, cfg.cluster.data.endpoint_url)
+    check_run_paths(cfg.cluster.data.input, cfg.cluster.output, endpoint_url=cfg.cluster.data.endpoint_url)
     from scenecluster.job import run_cluster_job
     from scenecluster.self_train import TooFewPseudoClasses, clustering_agreement, prepare_round
 

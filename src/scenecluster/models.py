@@ -440,13 +440,16 @@ class ResolvedBackbone:
         The model's config (``AutoConfig.from_pretrained``).
     mean, std : tuple of float
         The pixel normalisation it expects (:func:`image_normalization`).
+    fetched : pathlib.Path or None
+        For an ``s3://`` source, this machine's copy of it (:func:`scenecluster.model_store.fetch_model_folder`),
+        whose weights are fingerprinted; workers fetch their own from ``source``.
     """
 
     source: str
     config: PretrainedConfig
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    endpoint_url: str | None = None  # the store of an s3:// source
+    fetched: Path | None = None
 
     @functools.cached_property
     def weights(self) -> str | None:
@@ -454,7 +457,7 @@ class ResolvedBackbone:
 
         Computed when asked (a feature's identity asks; a fine-tune's checks do not), since it reads every byte
         of the weights."""
-        return weights_fingerprint(self.source, self.config, endpoint_url=self.endpoint_url)
+        return weights_fingerprint(self.fetched or self.source, self.config)
 
     @property
     def num_hidden_layers(self) -> int:
@@ -513,7 +516,7 @@ def resolve_backbone(
         folder = fetch_model_folder(os.fspath(model), endpoint_url=endpoint_url)
         _, config = _load_folder(folder, _read_config)
         mean, std = image_normalization(folder)
-        return ResolvedBackbone(source=os.fspath(model), config=config, mean=mean, std=std, endpoint_url=endpoint_url)
+        return ResolvedBackbone(source=os.fspath(model), config=config, mean=mean, std=std, fetched=folder)
     source, config = _resolve(model, _read_config)
     mean, std = image_normalization(source)
     return ResolvedBackbone(source=source, config=config, mean=mean, std=std)
@@ -524,9 +527,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: hashed once a process
 
 
-def weights_fingerprint(
-    source: str | os.PathLike[str], config: PretrainedConfig | None = None, *, endpoint_url: str | None = None
-) -> str | None:
+def weights_fingerprint(source: str | os.PathLike[str], config: PretrainedConfig | None = None) -> str | None:
     """What tells this model's weights from other weights under the same name; None when nothing does.
 
     Why: a fine-tune writes its backbone to the same ``OUTPUT/backbone`` folder every time, and a user may replace
@@ -535,10 +536,7 @@ def weights_fingerprint(
     (``sha256:<16 hex>``; about a second per GB, once per process and file version), and a Hub model by the
     commit its cached config came from (``revision:<commit>``), which pins every file of the snapshot.
     """
-    if is_store_uri(source):
-        folder = fetch_model_folder(os.fspath(source), endpoint_url=endpoint_url)
-    else:
-        folder = Path(os.fspath(source)).expanduser()
+    folder = Path(os.fspath(source)).expanduser()
     if folder.is_dir():
         files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
         if not files:

@@ -158,10 +158,6 @@ def read_skipped(out: OutputFolder, limit: int = 20) -> tuple[int, list[tuple[st
     return len(rows), rows[:limit]
 
 
-def _read_json(out: OutputFolder, name: str) -> dict[str, Any]:
-    return out.read_json(name, default={})
-
-
 def _finished(out: OutputFolder, metrics: dict[str, Any]) -> str:
     """When the run finished: recorded in metrics.json, else the time metrics.json was written."""
     if metrics.get("finished_at"):
@@ -190,7 +186,7 @@ def gather_run(out: OutputFolder, *, metrics: dict[str, Any] | None = None, k: i
     ``metrics`` replaces ``metrics.json`` (the job passes its own before that file is written).
     """
     config = out.read_yaml("config.yaml", default={}) or {}
-    metrics = metrics if metrics is not None else _read_json(out, "metrics.json")
+    metrics = metrics if metrics is not None else out.read_json("metrics.json", default={})
     seed = int((config.get("data") or {}).get("seed") or 0)
     cap = int((config.get("report") or {}).get("scatter_points") or 20000)
     xy_rows, projection = _scatter_rows(out, cap, seed)
@@ -205,7 +201,7 @@ def gather_run(out: OutputFolder, *, metrics: dict[str, Any] | None = None, k: i
         name=posixpath.basename(out.root.rstrip("/")) or out.root,
         location=out.display(""),
         config=config,
-        identity=_read_json(out, "run.json"),
+        identity=out.read_json("run.json", default={}),
         metrics=metrics,
         finished=_finished(out, metrics),
         cluster_ids=ids,

@@ -256,7 +256,7 @@ def forget_other_assignments(out: OutputFolder, clustering_from: OutputFolder) -
 
     digest = hashlib.sha1(clustering_from.read_bytes(f"{CLUSTERING}/clustering.json")).hexdigest()
     key = {"clustering": clustering_from.uri, "sha1": digest}
-    if out.exists(ASSIGNED_WITH) and json.loads(out.read_text(ASSIGNED_WITH)) == key:
+    if out.read_json(ASSIGNED_WITH, default={}) == key:
         return
     for name in out.list(ASSIGNMENTS):
         out.delete(posixpath.join(ASSIGNMENTS, name))

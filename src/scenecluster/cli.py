@@ -221,6 +221,18 @@ def _add_benchmark_command(sub) -> None:
     b.set_defaults(run_fn=_cmd_benchmark)
 
 
+def _report_path(output: str) -> str:
+    """Where a run's ``report.html`` is, as the user would open it: absolute on this machine, a URI in a store."""
+    where = output if "://" in output else str(Path(output).resolve())
+    return f"{where.rstrip('/')}/report.html"
+
+
+def _under(output: str, name: str) -> str:
+    """A stage's folder ``name`` inside ``output``, joined as text: ``pathlib`` would turn ``s3://bucket/x`` into
+    ``s3:/bucket/x``, and the stage's own check could then no longer tell that it was given a store."""
+    return f"{output.rstrip('/')}/{name}"
+
+
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     """Build the same :class:`BenchmarkConfig` that ``rayjobs/benchmark.py`` reads, then run it."""
     from scenecluster.benchmark import markdown_table, run_benchmark
@@ -230,12 +242,12 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     sources = [s for s in args.source.split(",") if s]
     if not sources and not args.backbone:
         raise ConfigError("benchmark needs --source to fine-tune on, or --backbone to reuse")
-    out = Path(args.output)
-    overrides: dict = {"output": str(out), "cluster.data.input": args.target, "cluster.output": str(out / "runs")}
+    out = args.output
+    overrides: dict = {"output": out, "cluster.data.input": args.target, "cluster.output": _under(out, "runs")}
     if args.backbone:
         overrides["backbone"] = args.backbone
     else:
-        overrides.update({"finetune.sources": sources, "finetune.output": str(out / "finetune")})
+        overrides.update({"finetune.sources": sources, "finetune.output": _under(out, "finetune")})
         if args.epochs is not None:
             overrides["finetune.epochs"] = args.epochs
     if args.seeds:
@@ -385,8 +397,7 @@ def _cmd_cluster(args: argparse.Namespace, *, input_uri: str, defaults: dict | N
 
     metrics = run_cluster_job(cfg, overwrite=args.overwrite)
     print(_cluster_summary(metrics))
-    where = cfg.output if "://" in cfg.output else str(Path(cfg.output).resolve())
-    print(f"report: {where.rstrip('/')}/report.html")
+    print(f"report: {_report_path(cfg.output)}")
     return 0
 
 
@@ -422,13 +433,12 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from scenecluster.config import PipelineConfig, load_config
     from scenecluster.pipeline import run_pipeline
 
-    out = Path(args.output)
     overrides = {
         "finetune.sources": list(args.sources),
-        "finetune.output": str(out / "finetune"),
+        "finetune.output": _under(args.output, "finetune"),
         "cluster.data.input": args.target,
         "cluster.data.labels": args.labels,
-        "cluster.output": str(out / "cluster"),
+        "cluster.output": _under(args.output, "cluster"),
         **_overrides(args, "FinetuneConfig", "finetune."),
         **_flag_values(args, "SelfTrainConfig", "self_train."),
     }
@@ -443,7 +453,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         )
     print(_finetune_summary(result["finetune"], result["backbone"]))
     print(_cluster_summary(result["cluster"], prefix="cluster: "))
-    print(f"report: {(Path(result['cluster_output']) / 'report.html').resolve()}")
+    print(f"report: {_report_path(result['cluster_output'])}")
     return 0
 
 

@@ -28,6 +28,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def local_folder(value: str, why: str) -> str:
+    """``value`` when it names a folder on this machine; a URI (``s3://...``) raises, saying ``why``.
+
+    Why a check: ``pathlib`` reads ``s3://bucket/x`` as the relative path ``s3:/bucket/x``, so an output that only
+    a local folder can hold would otherwise be written quietly to a folder named ``s3:`` in the working directory.
+    """
+    if "://" in value and not value.startswith("file://"):
+        raise ValueError(f"must be a folder on this machine, not {value!r}: {why}")
+    return value
+
+
 def flag(name: str) -> dict[str, Any]:
     """Field metadata naming a setting's command-line flag; :mod:`scenecluster.cli` builds its parsers from it."""
     return {"flag": name}
@@ -342,6 +353,17 @@ class FinetuneConfig(_Section):
         "files written by self-training (scenecluster.self_train), all rows for training",
     )
     output: str = Field(description="local folder for backbone/, metrics.json and (by default) checkpoints")
+
+    @field_validator("output")
+    @classmethod
+    def _local_output(cls, value: str) -> str:
+        return local_folder(
+            value,
+            "the backbone and metrics.json are exported on this machine; to keep the fine-tune in object storage, "
+            "give storage_path: s3://bucket/prefix (--storage-path): each of its checkpoints holds backbone/, "
+            "which --model s3://.../backbone loads",
+        )
+
     storage_path: str | None = Field(
         None,
         description="where Ray Train keeps checkpoints (default: output; may be s3://bucket/prefix)",
@@ -457,6 +479,14 @@ class TuneJobConfig(_Section):
         "to export one (local path or s3:// URI)"
     )
     output: str = Field(description="local folder for best_config.yaml, trials.json and metrics.json")
+
+    @field_validator("output")
+    @classmethod
+    def _local_output(cls, value: str) -> str:
+        return local_folder(
+            value, "the search's summary is written on this machine; storage_path: s3://... keeps its trials in a store"
+        )
+
     name: str = Field("tune", description="Ray Tune run name (the experiment folder under storage_path)")
     storage_path: str | None = Field(
         None, description="where Tune keeps trial results (default: OUTPUT/ray_results; may be s3://bucket/prefix)"
@@ -578,7 +608,13 @@ class BenchmarkConfig(_Section):
     is always ``folders`` (scoring needs them; no choice reads them).
     """
 
-    output: str = Field(description="folder for finetune/, one clustering run per backbone, benchmark.json/.md")
+    output: str = Field(description="local folder for finetune/, one clustering run per backbone, benchmark.json/.md")
+
+    @field_validator("output")
+    @classmethod
+    def _local_output(cls, value: str) -> str:
+        return local_folder(value, "a benchmark's fine-tunes and tables are written on this machine")
+
     backbone: str | None = Field(None, description="a fine-tuned backbone folder to reuse instead of fine-tuning")
     seeds: list[Annotated[int, Field(ge=0)]] = Field(
         [0, 1, 2], min_length=1, description="one clustering per seed, per backbone and method"
@@ -803,7 +839,8 @@ def describe_validation_error(exc: ValidationError, source: str | None = None) -
     parts = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(root)"
-        parts.append(f"setting {loc}: {err['msg']}")
+        message = err["msg"].removeprefix("Value error, ")  # pydantic's wrapper of our validators' own words
+        parts.append(f"setting {loc}: {message}")
     where = f" in {source!r}" if source else ""
     return f"invalid configuration{where}: " + "; ".join(parts)
 

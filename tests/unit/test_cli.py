@@ -96,6 +96,37 @@ def test_pipeline_reads_a_config_file_and_set_like_the_other_jobs(tmp_path, samp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "args, setting",
+    [
+        (["finetune", "{data}", "-o", "s3://bucket/ft"], "setting output: must be a folder on this machine"),
+        (["pipeline", "{data}", "-t", "{data}", "-o", "s3://bucket/p"], "setting finetune.output: must be a folder"),
+        (["benchmark", "--source", "{data}", "--target", "{data}", "-o", "s3://b/x"], "setting output: must be a"),
+    ],
+)
+def test_an_output_only_a_local_folder_can_hold_refuses_a_store(
+    tmp_path, sample_dir, monkeypatch, capsys, args, setting
+):
+    """A fine-tune's, a pipeline's and a benchmark's outputs are local folders. Given ``s3://...`` they used to
+    write to a folder named ``s3:`` in the working directory (pathlib reads the URI as ``s3:/bucket/...``) and
+    train there; now the setting is refused before anything runs, saying where the store can be used instead."""
+    monkeypatch.chdir(tmp_path)
+    assert main([a.format(data=sample_dir) for a in args]) == 2
+    error = capsys.readouterr().err
+    assert setting in error and "Value error" not in error, error
+    assert error.strip().count("\n") == 0
+    assert list(tmp_path.iterdir()) == []  # no s3: folder
+
+
+def test_tunes_output_is_a_local_folder():
+    from scenecluster.config import TuneJobConfig, load_config
+    from scenecluster.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"setting output: must be a folder on this machine.*storage_path"):
+        load_config(None, {"embeddings": "s3://b/e", "output": "s3://b/tune"}, model=TuneJobConfig)
+    assert load_config(None, {"embeddings": "s3://b/e", "output": "tune"}, model=TuneJobConfig).output == "tune"
+
+
 def test_the_settings_tables_flag_column_holds_the_flags_each_command_takes():
     """docs/configuration.md's flag column is read off each command's parser: a combined job lists the flags of
     the stage its command exposes, not those of every section it holds."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -228,9 +229,9 @@ def _report_path(output: str) -> str:
 
 
 def _under(output: str, name: str) -> str:
-    """A stage's folder ``name`` inside ``output``, joined as text: ``pathlib`` would turn ``s3://bucket/x`` into
-    ``s3:/bucket/x``, and the stage's own check could then no longer tell that it was given a store."""
-    return f"{output.rstrip('/')}/{name}"
+    """A stage's folder ``name`` inside ``output``. A URI is joined as text: ``pathlib`` would turn ``s3://bucket/x``
+    into ``s3:/bucket/x``, and the stage's own check could then no longer tell that it was given a store."""
+    return f"{output.rstrip('/')}/{name}" if "://" in output else str(Path(output) / name)
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
@@ -262,10 +263,22 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         for name in ("model", "image_size", "pooling"):
             if f"cluster.embed.{name}" in overrides:
                 overrides[f"finetune.feature.{name}"] = overrides.pop(f"cluster.embed.{name}")
-    result = run_benchmark(load_config(args.config, overrides, model=BenchmarkConfig), overwrite=args.overwrite)
+    cfg = load_config(args.config, overrides, model=BenchmarkConfig)
+    result = run_benchmark(cfg, overwrite=args.overwrite)
     print(markdown_table(result), end="")
-    print(f"results: {out / 'benchmark.json'}")
+    print(f"results: {Path(cfg.output).expanduser().resolve() / 'benchmark.json'}")
     return 0
+
+
+def _local_file(text: str) -> str:
+    """argparse type of a file written on this machine (``~`` expanded, ``file://`` read as its path): a page or a
+    table is one local file, and ``pathlib`` would write ``s3://bucket/x`` to a folder named ``s3:``."""
+    from scenecluster.data import local_path
+
+    try:
+        return os.path.expanduser(local_path(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}: this file is written here (copy it to a store afterwards)") from None
 
 
 def _positive_seconds(text: str) -> float:
@@ -318,7 +331,9 @@ def _add_report_commands(sub) -> None:
         "and write its self-contained report.html; thumbnails are read from the run's input.",
     )
     r.add_argument("run", metavar="RUN", help="output folder of a clustering or assign run (local or s3://)")
-    r.add_argument("-o", "--output", metavar="FILE", help="where to write the page (default RUN/report.html)")
+    r.add_argument(
+        "-o", "--output", type=_local_file, metavar="FILE", help="where to write the page (default RUN/report.html)"
+    )
     r.add_argument("--input", metavar="URI", help="read the scenes' thumbnails from here (default: the run's input)")
     r.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for non-AWS stores (else AWS_ENDPOINT_URL)")
     r.set_defaults(run_fn=_cmd_report)
@@ -329,7 +344,9 @@ def _add_report_commands(sub) -> None:
         "rows whose values differ are marked.",
     )
     c.add_argument("runs", nargs="+", metavar="RUN", help="output folders of finished runs")
-    c.add_argument("-o", "--output", metavar="FILE", help="write the table here instead of printing it")
+    c.add_argument(
+        "-o", "--output", type=_local_file, metavar="FILE", help="write the table here instead of printing it"
+    )
     c.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for non-AWS stores (else AWS_ENDPOINT_URL)")
     c.set_defaults(run_fn=_cmd_compare)
 

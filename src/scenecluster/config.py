@@ -29,13 +29,27 @@ class _Section(BaseModel):
 
 
 def local_folder(value: str, why: str) -> str:
-    """``value`` when it names a folder on this machine; a URI (``s3://...``) raises, saying ``why``.
+    """``value`` as a folder on this machine (a ``file://`` URI becomes its path); any other URI raises, saying
+    ``why`` (:func:`scenecluster.data.local_path`: ``pathlib`` would otherwise write ``s3://bucket/x`` to a folder
+    named ``s3:`` in the working directory)."""
+    from scenecluster.data import local_path
 
-    Why a check: ``pathlib`` reads ``s3://bucket/x`` as the relative path ``s3:/bucket/x``, so an output that only
-    a local folder can hold would otherwise be written quietly to a folder named ``s3:`` in the working directory.
-    """
-    if "://" in value and not value.startswith("file://"):
-        raise ValueError(f"must be a folder on this machine, not {value!r}: {why}")
+    try:
+        return local_path(value)
+    except ValueError as exc:
+        raise ValueError(f"{exc}: {why}") from None
+
+
+def storage_location(value: str | None) -> str | None:
+    """``value`` when Ray can keep a run there: a local folder, ``file://`` or ``s3://``. Ray would take
+    ``gs://`` or ``hdfs://`` to a store this project never set up, and wait there."""
+    from urllib.parse import urlparse
+
+    if value is None:
+        return value
+    scheme = urlparse(value).scheme.lower()  # a one-letter scheme is a drive
+    if len(scheme) > 1 and not (scheme in ("file", "s3") and "://" in value):  # gs://, s3:/bucket (one slash)
+        raise ValueError(f"must be a local folder or s3://bucket/prefix, not {value!r}")
     return value
 
 
@@ -369,6 +383,12 @@ class FinetuneConfig(_Section):
         description="where Ray Train keeps checkpoints (default: output; may be s3://bucket/prefix)",
         json_schema_extra=flag("--storage-path"),
     )
+
+    @field_validator("storage_path")
+    @classmethod
+    def _known_store(cls, value: str | None) -> str | None:
+        return storage_location(value)
+
     name: str = Field(
         "finetune",
         description="Ray Train run name; a rerun with the same name can resume",
@@ -491,6 +511,12 @@ class TuneJobConfig(_Section):
     storage_path: str | None = Field(
         None, description="where Tune keeps trial results (default: OUTPUT/ray_results; may be s3://bucket/prefix)"
     )
+
+    @field_validator("storage_path")
+    @classmethod
+    def _known_store(cls, value: str | None) -> str | None:
+        return storage_location(value)
+
     metric: Literal["nmi", "acc", "silhouette"] = Field(
         "nmi", description="what the best trial maximises; nmi/acc need labels"
     )
@@ -805,7 +831,12 @@ def load_config(
     """
     tree: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        from scenecluster.data import local_path
+
+        try:
+            p = Path(local_path(str(path))).expanduser()
+        except ValueError as exc:
+            raise ConfigError(f"config file: {exc}") from None
         if p.is_dir():
             raise ConfigError(f"config file {str(p)!r} is a folder; give the YAML file in it")
         if not p.is_file():

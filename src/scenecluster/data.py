@@ -71,10 +71,30 @@ def open_filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.
             ep = urlparse(endpoint)
             kwargs.update(endpoint_override=ep.netloc or ep.path, scheme=ep.scheme or "https")
         return pafs.S3FileSystem(**kwargs), (parsed.netloc + parsed.path).rstrip("/")
-    if parsed.scheme not in ("", "file"):
-        raise InputError(f"unsupported input {uri!r}: give a local folder or an s3://bucket/prefix")
-    path = os.path.abspath(os.path.expanduser(parsed.path if parsed.scheme == "file" else uri))
-    return pafs.LocalFileSystem(), path
+    try:
+        path = local_path(uri)
+    except ValueError:
+        raise InputError(f"unsupported location {uri!r}: give a local path or an s3://bucket/prefix") from None
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def local_path(location: str) -> str:
+    """``location`` as a path on this machine: itself, or a ``file://`` URI's path.
+
+    Raises ValueError for a URI of any other scheme (``s3://``, ``s3:/``, ``gs://``), which ``pathlib`` would read as a
+    relative path (``s3:/bucket/x``) and so write to a folder named ``s3:`` in the working directory, and for a
+    ``file://`` URI that names a host (``file://out`` is the host ``out``, not the folder).
+    """
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(
+                f"{location!r} names the host {parsed.netloc!r}, not a folder; give file:///absolute/path or a path"
+            )
+        return parsed.path
+    if len(parsed.scheme) > 1:  # one letter is a drive, not a scheme
+        raise ValueError(f"must be a path on this machine, not {location!r}")
+    return location
 
 
 def s3_client(endpoint_url: str | None = None):

@@ -48,7 +48,7 @@ from scenecluster.augment import augment_batch, to_tensor
 from scenecluster.config import FinetuneConfig, dump_config
 from scenecluster.data import SceneListing, folder_label, list_scenes, open_filesystem
 from scenecluster.devices import Resources
-from scenecluster.errors import ConfigError, InputError, OutputError
+from scenecluster.errors import ConfigError, InputError, OutputError, one_line
 from scenecluster.ingest import READ_CPUS, count_scenes, read_scenes
 from scenecluster.models import (
     ResolvedBackbone,
@@ -620,8 +620,12 @@ def _union(datasets: list):
 
 
 def run_storage(cfg: FinetuneConfig) -> str:
-    """Where ``cfg``'s Ray Train run lives: ``storage_path``, by default the (resolved) ``output`` folder."""
-    return cfg.storage_path or str(Path(cfg.output).expanduser().resolve())
+    """Where ``cfg``'s Ray Train run lives: ``storage_path``, by default the (resolved) ``output`` folder.
+
+    A local ``storage_path`` is made absolute here: Ray Train refuses a relative one (``URI has empty scheme``)
+    after the workers have started."""
+    storage = cfg.storage_path or cfg.output
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
 def run_exists(cfg: FinetuneConfig) -> bool:
@@ -643,11 +647,13 @@ def discard_run(cfg: FinetuneConfig) -> None:
 
 
 def _run_exists(storage_path: str, name: str, endpoint_url: str | None) -> bool:
+    """Whether the run has a checkpoint snapshot. A store that does not answer raises: taken for "no run", it made
+    ``--resume`` start from scratch, and a fresh run could claim a folder that holds one."""
     fs, root = open_filesystem(storage_path, endpoint_url=endpoint_url)
     try:
         return fs.get_file_info(f"{root}/{name}/{SNAPSHOT_FILE}").type == pafs.FileType.File
-    except OSError:
-        return False
+    except OSError as exc:
+        raise OutputError(f"cannot read the fine-tuning run {storage_path}/{name}: {one_line(exc)}") from None
 
 
 @dataclass(frozen=True)

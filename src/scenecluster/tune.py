@@ -131,6 +131,8 @@ def run_tune(cfg: TuneJobConfig, *, echo=print) -> dict[str, Any]:
     out = Path(cfg.output).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     storage_path = cfg.storage_path or str(out / "ray_results")
+    if "://" not in storage_path:  # Ray Tune refuses a relative path (``URI has empty scheme``) once it has started
+        storage_path = str(Path(storage_path).expanduser().resolve())
     grid = _tuner(cfg, X, labels, use_gpu=cfg.gpus_per_trial > 0 and resources.use_gpu, storage_path=storage_path).fit()
 
     trials = _trial_rows(grid)
@@ -164,10 +166,13 @@ def run_tune(cfg: TuneJobConfig, *, echo=print) -> dict[str, Any]:
 
 def _read_search_input(cfg: TuneJobConfig) -> tuple[np.ndarray, list[str] | None]:
     """The embeddings and labels the search runs on, checked against the metric."""
+    from scenecluster.data import open_filesystem
     from scenecluster.embed import read_embeddings
 
+    # through open_filesystem, not a bare URI: pyarrow would take gs://... to Google's store and wait there
+    fs, path = open_filesystem(cfg.embeddings)
     try:
-        _, X, labels = read_embeddings(cfg.embeddings)
+        _, X, labels = read_embeddings(path, filesystem=fs)
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(f"cannot read embeddings {cfg.embeddings!r}: {one_line(exc)}") from None
     if len(X) < 3:

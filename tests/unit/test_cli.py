@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -99,32 +100,57 @@ def test_pipeline_reads_a_config_file_and_set_like_the_other_jobs(tmp_path, samp
 @pytest.mark.parametrize(
     "args, setting",
     [
-        (["finetune", "{data}", "-o", "s3://bucket/ft"], "setting output: must be a folder on this machine"),
-        (["pipeline", "{data}", "-t", "{data}", "-o", "s3://bucket/p"], "setting finetune.output: must be a folder"),
+        (["finetune", "{data}", "-o", "s3://bucket/ft"], "setting output: must be a path on this machine"),
+        (["finetune", "{data}", "-o", "s3:/bucket/ft"], "setting output: must be a path on this machine"),
+        (["finetune", "{data}", "-o", "file://ft"], "setting output: 'file://ft' names the host 'ft'"),
+        (["pipeline", "{data}", "-t", "{data}", "-o", "s3://bucket/p"], "setting finetune.output: must be a path"),
         (["benchmark", "--source", "{data}", "--target", "{data}", "-o", "s3://b/x"], "setting output: must be a"),
+        (["finetune", "{data}", "-o", "ft", "--storage-path", "gs://b/ckpt"], "must be a local folder or s3://"),
+        (["finetune", "{data}", "-o", "ft", "--storage-path", "s3:/b/ckpt"], "must be a local folder or s3://"),
+        (["report", "{data}", "-o", "s3://b/report.html"], "must be a path on this machine, not 's3://b/report.html'"),
+        (["compare", "{data}", "-o", "s3://b/table.md"], "must be a path on this machine, not 's3://b/table.md'"),
+        (["cluster", "{data}", "-o", "o", "--config", "s3://b/c.yaml"], "config file: must be a path on this"),
     ],
 )
 def test_an_output_only_a_local_folder_can_hold_refuses_a_store(
     tmp_path, sample_dir, monkeypatch, capsys, args, setting
 ):
-    """A fine-tune's, a pipeline's and a benchmark's outputs are local folders. Given ``s3://...`` they used to
-    write to a folder named ``s3:`` in the working directory (pathlib reads the URI as ``s3:/bucket/...``) and
-    train there; now the setting is refused before anything runs, saying where the store can be used instead."""
+    """A fine-tune's, a pipeline's and a benchmark's outputs, a report's or comparison's file and a config file are
+    on this machine. Given ``s3://...`` they used to write to a folder named ``s3:`` in the working directory
+    (pathlib reads the URI as ``s3:/bucket/...``) and train there; now the setting is refused before anything runs,
+    saying where the store can be used instead. ``file://ft`` names a host, not a folder."""
     monkeypatch.chdir(tmp_path)
-    assert main([a.format(data=sample_dir) for a in args]) == 2
+    with contextlib.suppress(SystemExit):  # argparse's own usage error (report, compare) exits 2 itself
+        assert main([a.format(data=sample_dir) for a in args]) == 2
     error = capsys.readouterr().err
-    assert setting in error and "Value error" not in error, error
-    assert error.strip().count("\n") == 0
-    assert list(tmp_path.iterdir()) == []  # no s3: folder
+    # one line (argparse prints its usage before its own errors: report's and compare's -o)
+    assert setting in error.strip().splitlines()[-1] and "Value error" not in error, error
+    assert list(tmp_path.iterdir()) == []  # no s3: (or file:) folder
 
 
 def test_tunes_output_is_a_local_folder():
     from scenecluster.config import TuneJobConfig, load_config
     from scenecluster.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"setting output: must be a folder on this machine.*storage_path"):
+    with pytest.raises(ConfigError, match=r"setting output: must be a path on this machine.*storage_path"):
         load_config(None, {"embeddings": "s3://b/e", "output": "s3://b/tune"}, model=TuneJobConfig)
+    with pytest.raises(ConfigError, match=r"setting storage_path: must be a local folder or s3://"):
+        load_config(None, {"embeddings": "s3://b/e", "output": "t", "storage_path": "gs://b/t"}, model=TuneJobConfig)
     assert load_config(None, {"embeddings": "s3://b/e", "output": "tune"}, model=TuneJobConfig).output == "tune"
+    assert load_config(None, {"embeddings": "e", "output": "file:///tmp/t"}, model=TuneJobConfig).output == "/tmp/t"
+
+
+def test_tune_refuses_embeddings_in_a_store_it_cannot_reach_instead_of_waiting(tmp_path):
+    """``embeddings: gs://...`` went to pyarrow as a bare URI, which tried Google's store and waited (over 300 s in
+    a probe); now it is one InputError before Ray starts."""
+    from scenecluster.config import TuneJobConfig, load_config
+    from scenecluster.errors import InputError
+    from scenecluster.tune import run_tune
+
+    cfg = load_config(None, {"embeddings": "gs://b/e.parquet", "output": str(tmp_path / "t")}, model=TuneJobConfig)
+    with pytest.raises(InputError, match="unsupported location 'gs://b/e.parquet'"):
+        run_tune(cfg, echo=lambda line: None)
+    assert not (tmp_path / "t").exists()
 
 
 def test_the_settings_tables_flag_column_holds_the_flags_each_command_takes():

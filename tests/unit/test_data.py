@@ -42,8 +42,26 @@ def test_bad_input_names_the_location(tmp_path, make, message):
 
 
 def test_unsupported_scheme():
-    with pytest.raises(InputError, match="unsupported input"):
+    with pytest.raises(InputError, match="unsupported location 'gs://bucket/prefix'"):
         list_scenes("gs://bucket/prefix")
+
+
+def test_a_file_uri_is_its_path_and_one_naming_a_host_is_refused(tmp_path, monkeypatch):
+    """``file:///abs`` reads the folder; ``file://out`` is the host ``out`` (RFC 8089). It used to lose the
+    ``out`` and list the working directory, or write there."""
+    from scenecluster.data import local_path, open_filesystem
+
+    assert local_path(f"file://{tmp_path}") == str(tmp_path) and local_path("file:/x") == "/x"
+    assert open_filesystem(f"file://{tmp_path}")[1] == str(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for uri in ("file://out", "file://imgs/Forest"):
+        with pytest.raises(InputError, match="unsupported location"):
+            open_filesystem(uri)
+        with pytest.raises(ValueError, match="names the host"):
+            local_path(uri)
+    for uri in ("s3://b/x", "s3:/b/x", "s3:b/x", "gs://b/x"):
+        with pytest.raises(ValueError, match="must be a path on this machine"):
+            local_path(uri)
 
 
 def test_decode_resizes_real_jpeg(sample_dir):

@@ -83,6 +83,14 @@ def test_a_store_that_does_not_answer_is_one_line_not_no_files():
 
     with pytest.raises(OutputError, match=r"cannot reach output 's3://bucket/run'"):  # before the model loads
         check_writable("s3://bucket/run", "http://127.0.0.1:9")
+    # a fine-tune's checkpoints there: "cannot read", where it was taken for "no run" (--resume started afresh)
+    from scenecluster.config import FinetuneConfig, load_config
+    from scenecluster.train import run_exists
+
+    settings = {"sources": ["src"], "output": "out", "storage_path": "s3://bucket/ckpt"}
+    cfg = load_config(None, {**settings, "data.endpoint_url": "http://127.0.0.1:9"}, model=FinetuneConfig)
+    with pytest.raises(OutputError, match=r"cannot read the fine-tuning run s3://bucket/ckpt/finetune: .*connect"):
+        run_exists(cfg)
 
 
 def test_damaged_run_files_are_one_line_naming_the_file(tmp_path):

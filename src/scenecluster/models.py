@@ -341,6 +341,16 @@ def _resolve(model: str | os.PathLike[str], load: Callable[..., _T], *, endpoint
     name = os.fspath(model)
     if is_store_uri(name):
         return _load_folder(fetch_model_folder(name, endpoint_url=endpoint_url), load)
+    if "://" in name:  # file:///abs is that folder; another scheme is nothing this can read
+        from scenecluster.data import local_path
+
+        try:
+            name = local_path(name)
+        except ValueError:
+            raise ModelLoadError(
+                f"cannot load model '{name}': give a local folder, file:///folder, s3://bucket/prefix or a "
+                "Hugging Face Hub id such as 'facebook/dinov2-small'"
+            ) from None
     path = Path(name).expanduser()
     if path.is_dir():
         return _load_folder(path, load)

@@ -270,6 +270,15 @@ def test_resolve_folder_config_only_and_custom_normalization(tmp_path: Path, tin
     assert resolved.num_hidden_layers == 2
 
 
+def test_a_file_uri_is_the_folder_and_another_scheme_is_one_line(tmp_path: Path, tiny_model: Dinov2Model) -> None:
+    """``--model file:///folder`` was refused as "no such folder" while inputs and outputs took ``file://``; an
+    unknown scheme (``gs://``) read as a missing folder instead of saying what can be given."""
+    folder = save_backbone(tiny_model, tmp_path / "tiny")
+    assert resolve_backbone(f"file://{folder}").num_hidden_layers == 2
+    with pytest.raises(ModelLoadError, match=r"cannot load model 'gs://b/m': give a local folder, file:///folder"):
+        resolve_backbone("gs://b/m")
+
+
 def test_resolved_source_loads_the_same_model(tmp_path: Path, tiny_model: Dinov2Model, pixels: torch.Tensor) -> None:
     folder = save_backbone(tiny_model, tmp_path / "backbone")
     loaded = load_backbone(resolve_backbone(folder).source)

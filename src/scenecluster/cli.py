@@ -222,10 +222,14 @@ def _add_benchmark_command(sub) -> None:
     b.set_defaults(run_fn=_cmd_benchmark)
 
 
-def _report_path(output: str) -> str:
-    """Where a run's ``report.html`` is, as the user would open it: absolute on this machine, a URI in a store."""
-    where = output if "://" in output else str(Path(output).resolve())
-    return f"{where.rstrip('/')}/report.html"
+def _file_in(output: str, name: str) -> str:
+    """Where the file ``name`` in a run's ``output`` is, as the user would open it: an absolute path on this
+    machine, a URI in a store."""
+    from scenecluster.data import local_path
+
+    if "://" in output and not output.startswith("file:"):
+        return f"{output.rstrip('/')}/{name}"
+    return str(Path(local_path(output)).expanduser().resolve() / name)
 
 
 def _under(output: str, name: str) -> str:
@@ -266,7 +270,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides, model=BenchmarkConfig)
     result = run_benchmark(cfg, overwrite=args.overwrite)
     print(markdown_table(result), end="")
-    print(f"results: {Path(cfg.output).expanduser().resolve() / 'benchmark.json'}")
+    print(f"results: {_file_in(cfg.output, 'benchmark.json')}")
     return 0
 
 
@@ -414,7 +418,7 @@ def _cmd_cluster(args: argparse.Namespace, *, input_uri: str, defaults: dict | N
 
     metrics = run_cluster_job(cfg, overwrite=args.overwrite)
     print(_cluster_summary(metrics))
-    print(f"report: {_report_path(cfg.output)}")
+    print(f"report: {_file_in(cfg.output, 'report.html')}")
     return 0
 
 
@@ -470,7 +474,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         )
     print(_finetune_summary(result["finetune"], result["backbone"]))
     print(_cluster_summary(result["cluster"], prefix="cluster: "))
-    print(f"report: {_report_path(result['cluster_output'])}")
+    print(f"report: {_file_in(result['cluster_output'], 'report.html')}")
     return 0
 
 

@@ -32,21 +32,33 @@ def local_folder(value: str, why: str) -> str:
     """``value`` as a folder on this machine (a ``file://`` URI becomes its path); any other URI raises, saying
     ``why`` (:func:`scenecluster.data.local_path`: ``pathlib`` would otherwise write ``s3://bucket/x`` to a folder
     named ``s3:`` in the working directory)."""
-    from scenecluster.data import local_path
+    from scenecluster.data import NotLocalError, local_path
 
     try:
         return local_path(value)
-    except ValueError as exc:
+    except NotLocalError as exc:
         raise ValueError(f"{exc}: {why}") from None
 
 
 def storage_location(value: str | None) -> str | None:
-    """``value`` when Ray can keep a run there: a local folder, ``file://`` or ``s3://``. Ray would take
-    ``gs://`` or ``hdfs://`` to a store this project never set up, and wait there."""
+    """``value`` when Ray can keep a run there: ``s3://bucket/prefix``, or a folder on this machine (a ``file://``
+    URI becomes its path). Ray would take ``gs://`` or ``hdfs://`` to a store this project never set up, and wait
+    there; ``s3:/bucket`` (one slash) would be a local folder named ``s3:``."""
     from urllib.parse import urlparse
+
+    from scenecluster.data import NotLocalError, local_path
 
     if value is None:
         return value
+    parsed = urlparse(value)
+    if parsed.scheme.lower() == "s3" and value[3:5] == "//":
+        if not parsed.netloc:
+            raise ValueError(f"{value!r} names no bucket: give s3://bucket/prefix")
+        return value
+    try:
+        return local_path(value)
+    except NotLocalError as exc:
+        raise ValueError(f"{exc}: give a local folder or s3://bucket/prefix") from None
     scheme = urlparse(value).scheme.lower()  # a one-letter scheme is a drive
     if len(scheme) > 1 and not (scheme in ("file", "s3") and "://" in value):  # gs://, s3:/bucket (one slash)
         raise ValueError(f"must be a local folder or s3://bucket/prefix, not {value!r}")
@@ -634,13 +646,10 @@ class BenchmarkConfig(_Section):
     is always ``folders`` (scoring needs them; no choice reads them).
     """
 
-    output: str = Field(description="local folder for finetune/, one clustering run per backbone, benchmark.json/.md")
-
-    @field_validator("output")
-    @classmethod
-    def _local_output(cls, value: str) -> str:
-        return local_folder(value, "a benchmark's fine-tunes and tables are written on this machine")
-
+    output: str = Field(
+        description="folder (or s3://bucket/prefix with backbone given) for finetune/, one clustering run per "
+        "backbone, benchmark.json/.md"
+    )
     backbone: str | None = Field(None, description="a fine-tuned backbone folder to reuse instead of fine-tuning")
     seeds: list[Annotated[int, Field(ge=0)]] = Field(
         [0, 1, 2], min_length=1, description="one clustering per seed, per backbone and method"

@@ -78,12 +78,21 @@ def open_filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
+class NotLocalError(ValueError):
+    """A location that is a URI of a store or a remote host, not a path on this machine."""
+
+
+#: Schemes read as a store or remote host even without ``//`` (``s3:/bucket/x``, ``s3:bucket/x`` were typos of
+#: ``s3://``); any other ``word:`` prefix is part of a relative path (``run:1``) unless ``://`` follows.
+URI_SCHEMES = frozenset({"s3", "s3a", "s3n", "gs", "gcs", "http", "https", "hdfs", "abfs", "abfss", "az", "ftp"})
+
+
 def local_path(location: str) -> str:
     """``location`` as a path on this machine: itself, or a ``file://`` URI's path.
 
-    Raises ValueError for a URI of any other scheme (``s3://``, ``s3:/``, ``gs://``), which ``pathlib`` would read as a
-    relative path (``s3:/bucket/x``) and so write to a folder named ``s3:`` in the working directory, and for a
-    ``file://`` URI that names a host (``file://out`` is the host ``out``, not the folder).
+    Raises :class:`NotLocalError` for a URI of another scheme (``s3://``, ``s3:/``, ``gs://``), which ``pathlib``
+    would read as a relative path (``s3:/bucket/x``) and so write to a folder named ``s3:`` in the working
+    directory, and ValueError for a ``file://`` URI that names a host (``file://out`` is the host ``out``).
     """
     parsed = urlparse(location)
     if parsed.scheme == "file":
@@ -92,8 +101,8 @@ def local_path(location: str) -> str:
                 f"{location!r} names the host {parsed.netloc!r}, not a folder; give file:///absolute/path or a path"
             )
         return parsed.path
-    if len(parsed.scheme) > 1:  # one letter is a drive, not a scheme
-        raise ValueError(f"must be a path on this machine, not {location!r}")
+    if parsed.scheme.lower() in URI_SCHEMES or (parsed.scheme and "://" in location):
+        raise NotLocalError(f"must be a path on this machine, not {location!r}")
     return location
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 
@@ -104,9 +103,9 @@ def test_pipeline_reads_a_config_file_and_set_like_the_other_jobs(tmp_path, samp
         (["finetune", "{data}", "-o", "s3:/bucket/ft"], "setting output: must be a path on this machine"),
         (["finetune", "{data}", "-o", "file://ft"], "setting output: 'file://ft' names the host 'ft'"),
         (["pipeline", "{data}", "-t", "{data}", "-o", "s3://bucket/p"], "setting finetune.output: must be a path"),
-        (["benchmark", "--source", "{data}", "--target", "{data}", "-o", "s3://b/x"], "setting output: must be a"),
-        (["finetune", "{data}", "-o", "ft", "--storage-path", "gs://b/ckpt"], "must be a local folder or s3://"),
-        (["finetune", "{data}", "-o", "ft", "--storage-path", "s3:/b/ckpt"], "must be a local folder or s3://"),
+        (["benchmark", "--source", "{data}", "--target", "{data}", "-o", "s3://b/x"], "finetune.output: must be a"),
+        (["finetune", "{data}", "-o", "ft", "--storage-path", "gs://b/ckpt"], "give a local folder or s3://bucket/prefix"),
+        (["finetune", "{data}", "-o", "ft", "--storage-path", "s3:/b/ckpt"], "give a local folder or s3://bucket/prefix"),
         (["report", "{data}", "-o", "s3://b/report.html"], "must be a path on this machine, not 's3://b/report.html'"),
         (["compare", "{data}", "-o", "s3://b/table.md"], "must be a path on this machine, not 's3://b/table.md'"),
         (["cluster", "{data}", "-o", "o", "--config", "s3://b/c.yaml"], "config file: must be a path on this"),
@@ -120,12 +119,41 @@ def test_an_output_only_a_local_folder_can_hold_refuses_a_store(
     (pathlib reads the URI as ``s3:/bucket/...``) and train there; now the setting is refused before anything runs,
     saying where the store can be used instead. ``file://ft`` names a host, not a folder."""
     monkeypatch.chdir(tmp_path)
-    with contextlib.suppress(SystemExit):  # argparse's own usage error (report, compare) exits 2 itself
-        assert main([a.format(data=sample_dir) for a in args]) == 2
+    try:
+        code = main([a.format(data=sample_dir) for a in args])
+    except SystemExit as exc:  # argparse's own usage error (report's and compare's -o) exits by itself
+        code = exc.code
+    assert code == 2
     error = capsys.readouterr().err
     # one line (argparse prints its usage before its own errors: report's and compare's -o)
     assert setting in error.strip().splitlines()[-1] and "Value error" not in error, error
     assert list(tmp_path.iterdir()) == []  # no s3: (or file:) folder
+
+
+def test_what_may_be_a_store_and_what_is_a_path():
+    """A benchmark that fine-tunes nothing writes to S3 as before; ``run:1`` is a relative folder, not a URI; a
+    storage path is a folder or ``s3://bucket/...``; ``--config ~/...`` is the home folder's file."""
+    from scenecluster.config import BenchmarkConfig, FinetuneConfig, load_config
+    from scenecluster.data import local_path
+    from scenecluster.errors import ConfigError
+
+    bench = {"output": "s3://b/bench", "backbone": "m", "cluster.data.input": "t", "cluster.output": "s3://b/bench/r"}
+    assert load_config(None, bench, model=BenchmarkConfig).output == "s3://b/bench"
+    assert [local_path(p) for p in ("run:1", "exp:v2/ft", "file://localhost/tmp/x")] == ["run:1", "exp:v2/ft", "/tmp/x"]
+    finetune = {"sources": ["s"], "output": "run:1"}
+    assert load_config(None, finetune, model=FinetuneConfig).output == "run:1"
+    for storage, message in (("s3://", "names no bucket"), ("file://h/c", "names the host 'h'"), ("s3:/b", "s3://")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, {**finetune, "storage_path": storage}, model=FinetuneConfig)
+    assert load_config(None, {**finetune, "storage_path": "file:///c"}, model=FinetuneConfig).storage_path == "/c"
+
+
+def test_a_config_file_under_home_is_found(tmp_path, monkeypatch):
+    from scenecluster.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.yaml").write_text("embed:\n  batch_size: 7\n")
+    assert load_config("~/c.yaml", {"data.input": "x", "output": "o"}).embed.batch_size == 7
 
 
 def test_tunes_output_is_a_local_folder():
@@ -134,7 +162,7 @@ def test_tunes_output_is_a_local_folder():
 
     with pytest.raises(ConfigError, match=r"setting output: must be a path on this machine.*storage_path"):
         load_config(None, {"embeddings": "s3://b/e", "output": "s3://b/tune"}, model=TuneJobConfig)
-    with pytest.raises(ConfigError, match=r"setting storage_path: must be a local folder or s3://"):
+    with pytest.raises(ConfigError, match=r"setting storage_path: .*gs://b/t.: give a local folder or s3://"):
         load_config(None, {"embeddings": "s3://b/e", "output": "t", "storage_path": "gs://b/t"}, model=TuneJobConfig)
     assert load_config(None, {"embeddings": "s3://b/e", "output": "tune"}, model=TuneJobConfig).output == "tune"
     assert load_config(None, {"embeddings": "e", "output": "file:///tmp/t"}, model=TuneJobConfig).output == "/tmp/t"

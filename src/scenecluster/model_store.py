@@ -64,10 +64,12 @@ def fetch_model_folder(
         objects = [item for page in pages for item in page.get("Contents", [])]
     except (BotoCoreError, ClientError) as exc:
         raise ModelLoadError(f"cannot load model '{uri}': the store cannot be read: {one_line(exc)}") from None
+    # a folder written through pyarrow (Ray Train's checkpoints in S3) has an empty "backbone/" marker object: its
+    # name under the prefix is "", and fetching it as a file once failed with "Is a directory"
     files = {
-        item["Key"][len(prefix) :]: [item["Size"], item.get("ETag", "")]
+        name: [item["Size"], item.get("ETag", "")]
         for item in objects
-        if not item["Key"][len(prefix) :].startswith(".")
+        if (name := item["Key"][len(prefix) :]) and not name.startswith(".")
     }
     if "config.json" not in files:
         raise ModelLoadError(

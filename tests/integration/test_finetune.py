@@ -129,6 +129,32 @@ def test_two_workers_recover_from_failure_then_resume(ray_cluster, tmp_path, sou
     assert emb.shape == (3, 32) and np.isfinite(emb).all()
 
 
+def test_checkpoints_in_s3_hold_the_backbone_that_later_jobs_load(
+    ray_cluster, s3_server, tmp_path, sources, tiny_model_dir, monkeypatch
+):
+    """The route that ``finetune -o s3://...``'s refusal points to, where a fine-tune's local output would be lost
+    with the machine (a KubeRay head pod): ``storage_path: s3://...`` on a store named by ``data.endpoint_url`` alone.
+    Each checkpoint there holds ``backbone/``, which ``--model s3://<checkpoint>/backbone`` loads: the same weights
+    as the exported folder."""
+    from scenecluster.models import resolve_backbone
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("SCENECLUSTER_CACHE", str(tmp_path / "cache"))
+    s3_server.create_bucket("ckpt")
+    endpoint = s3_server.endpoint_url
+    settings = {"workers": 1, "epochs": 1, "storage_path": "s3://ckpt/runs", "data.endpoint_url": endpoint}
+    exported = fit_backbone(_cfg(tmp_path, [sources[0]], tiny_model_dir, **settings), echo=lambda line: None)
+
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    checkpoint = metrics["checkpoint"]  # bucket/key, as Ray Train's storage filesystem names it
+    assert checkpoint.startswith("ckpt/runs/finetune/checkpoint_"), checkpoint
+    in_store = resolve_backbone(f"s3://{checkpoint}/backbone", endpoint_url=endpoint)
+    assert in_store.weights == resolve_backbone(exported).weights
+    assert not (tmp_path / "out" / "finetune").exists()  # no checkpoint was written beside the export
+
+
 def test_tar_shards_in_class_folders_train_like_loose_files(ray_cluster, tmp_path, tiny_model_dir):
     # Two classes, each two shards of 4 images stored at the shard's top level (labelled by the shard's folder);
     # half the shards of each class held out -> 8 train / 8 val rows, counted before training -> 2 steps.

@@ -36,6 +36,8 @@ def test_a_backbone_in_s3_loads_and_is_fetched_again_when_uploaded_again(
     endpoint = s3_server.endpoint_url
     s3_server.create_bucket("models")
     s3_server.upload_folder(tiny_model_dir, "models", "runs/ft/backbone")
+    # the empty folder marker pyarrow writes (Ray Train's checkpoints in S3 have them): not a file to fetch
+    s3_server.boto3_client().put_object(Bucket="models", Key="runs/ft/backbone/", Body=b"")
     uri = "s3://models/runs/ft/backbone"
 
     spec = resolve_feature_spec(uri, image_size=28, endpoint_url=endpoint)

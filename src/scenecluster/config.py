@@ -51,7 +51,7 @@ def storage_location(value: str | None) -> str | None:
     if value is None:
         return value
     parsed = urlparse(value)
-    if parsed.scheme.lower() == "s3" and value[3:5] == "//":
+    if parsed.scheme.lower() == "s3" and "://" in value:
         if not parsed.netloc:
             raise ValueError(f"{value!r} names no bucket: give s3://bucket/prefix")
         return value
@@ -59,10 +59,6 @@ def storage_location(value: str | None) -> str | None:
         return local_path(value)
     except NotLocalError as exc:
         raise ValueError(f"{exc}: give a local folder or s3://bucket/prefix") from None
-    scheme = urlparse(value).scheme.lower()  # a one-letter scheme is a drive
-    if len(scheme) > 1 and not (scheme in ("file", "s3") and "://" in value):  # gs://, s3:/bucket (one slash)
-        raise ValueError(f"must be a local folder or s3://bucket/prefix, not {value!r}")
-    return value
 
 
 def flag(name: str) -> dict[str, Any]:

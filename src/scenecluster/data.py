@@ -73,8 +73,10 @@ def open_filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.
         return pafs.S3FileSystem(**kwargs), (parsed.netloc + parsed.path).rstrip("/")
     try:
         path = local_path(uri)
-    except ValueError:
+    except NotLocalError:
         raise InputError(f"unsupported location {uri!r}: give a local path or an s3://bucket/prefix") from None
+    except ValueError as exc:  # file://host
+        raise InputError(f"unsupported location: {exc}") from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 

@@ -146,6 +146,10 @@ def test_what_may_be_a_store_and_what_is_a_path():
         with pytest.raises(ConfigError, match=message):
             load_config(None, {**finetune, "storage_path": storage}, model=FinetuneConfig)
     assert load_config(None, {**finetune, "storage_path": "file:///c"}, model=FinetuneConfig).storage_path == "/c"
+    # a pipeline's and a benchmark's stage folders: a URI joined as text, a path as a path ('' is here, not '/')
+    from scenecluster.cli import _under
+
+    assert [_under(o, "finetune") for o in ("", "out/", "s3://b/p/")] == ["finetune", "out/finetune", "s3://b/p/finetune"]
 
 
 def test_a_config_file_under_home_is_found(tmp_path, monkeypatch):

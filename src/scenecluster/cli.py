@@ -225,11 +225,9 @@ def _add_benchmark_command(sub) -> None:
 def _file_in(output: str, name: str) -> str:
     """Where the file ``name`` in a run's ``output`` is, as the user would open it: an absolute path on this
     machine, a URI in a store."""
-    from scenecluster.data import local_path
+    from scenecluster.data import absolute_location
 
-    if "://" in output and not output.startswith("file:"):
-        return f"{output.rstrip('/')}/{name}"
-    return str(Path(local_path(output)).expanduser().resolve() / name)
+    return f"{absolute_location(output).rstrip('/')}/{name}"
 
 
 def _under(output: str, name: str) -> str:

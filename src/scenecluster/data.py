@@ -16,6 +16,7 @@ import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
@@ -106,6 +107,15 @@ def local_path(location: str) -> str:
     if parsed.scheme.lower() in URI_SCHEMES or (parsed.scheme and "://" in location):
         raise NotLocalError(f"must be a path on this machine, not {location!r}")
     return location
+
+
+def absolute_location(location: str) -> str:
+    """``location`` as any process finds it again: a store's URI as given, a path on this machine made absolute
+    (``~`` expanded, ``file://`` read as its path). Ray refuses a relative storage path only once its workers have
+    started (``URI has empty scheme``), and a path printed for the user should not depend on where it was read."""
+    if "://" in location and urlparse(location).scheme != "file":
+        return location
+    return os.fspath(Path(local_path(location)).expanduser().resolve())
 
 
 def s3_client(endpoint_url: str | None = None):

@@ -328,21 +328,6 @@ def check_input(uri: str, endpoint_url: str | None) -> Check:
     return Check("input readable", uri, FAIL, f"listed {seen} entries but found no file two levels down")
 
 
-def _topmost_missing(fs, path: str) -> str | None:
-    """The highest folder on ``path`` (itself included) that does not exist yet; None when ``path`` exists."""
-    import posixpath
-
-    import pyarrow.fs as pafs
-
-    missing = None
-    while path and fs.get_file_info(path).type == pafs.FileType.NotFound:
-        missing, parent = path, posixpath.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return missing
-
-
 def check_output(uri: str, endpoint_url: str | None) -> Check:
     """Write a small object under the output, read it back and delete it: what a job does, minus the job. Folders
     (or S3 folder markers, which pyarrow leaves behind a deleted object) that were not there before are removed,
@@ -350,9 +335,10 @@ def check_output(uri: str, endpoint_url: str | None) -> Check:
     import pyarrow.fs as pafs
 
     from scenecluster.data import open_filesystem
+    from scenecluster.outputs import topmost_missing
 
     fs, root = open_filesystem(uri, endpoint_url=endpoint_url)
-    created = _topmost_missing(fs, root)  # what create_dir makes, parents included, and so what to remove
+    created = topmost_missing(fs, root)  # what create_dir makes, parents included, and so what to remove
     probe = f"{root.rstrip('/')}/.scenecluster-doctor-{uuid.uuid4().hex[:12]}"
     payload = b"scenecluster doctor probe\n"
     try:

@@ -192,6 +192,20 @@ class OutputFolder:
             ) from None
 
 
+def topmost_missing(fs: pafs.FileSystem, path: str) -> str | None:
+    """The highest folder on ``path`` (itself included) that does not exist yet; None when ``path`` exists.
+
+    Where a run's output would be created (:func:`check_writable` probes its parent), and what a probe that made
+    the folders must remove again (``scenecluster doctor``)."""
+    missing = None
+    while path and fs.get_file_info(path).type == pafs.FileType.NotFound:
+        missing, parent = path, posixpath.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
 def check_writable(uri: str, endpoint_url: str | None = None) -> None:
     """Fail now, with one line, when a local output folder cannot be created or written (before any heavy work).
 
@@ -215,9 +229,8 @@ def check_writable(uri: str, endpoint_url: str | None = None) -> None:
         except OSError as exc:
             raise OutputError(f"cannot reach output {uri!r}: {one_line(exc)}") from None
         return
-    existing = Path(root)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    missing = topmost_missing(fs, root)
+    existing = Path(posixpath.dirname(missing) if missing is not None else root)
     if existing.is_file() or (existing != Path(root) and not existing.is_dir()):
         raise OutputError(f"cannot create output {uri!r}: {str(existing)!r} is a file, not a folder")
     try:

@@ -46,7 +46,7 @@ from torch import nn
 
 from scenecluster.augment import augment_batch, to_tensor
 from scenecluster.config import FinetuneConfig, dump_config
-from scenecluster.data import SceneListing, folder_label, list_scenes, open_filesystem
+from scenecluster.data import SceneListing, absolute_location, folder_label, list_scenes, open_filesystem
 from scenecluster.devices import Resources
 from scenecluster.errors import ConfigError, InputError, OutputError, one_line
 from scenecluster.ingest import READ_CPUS, count_scenes, read_scenes
@@ -620,12 +620,9 @@ def _union(datasets: list):
 
 
 def run_storage(cfg: FinetuneConfig) -> str:
-    """Where ``cfg``'s Ray Train run lives: ``storage_path``, by default the (resolved) ``output`` folder.
-
-    A local ``storage_path`` is made absolute here: Ray Train refuses a relative one (``URI has empty scheme``)
-    after the workers have started."""
-    storage = cfg.storage_path or cfg.output
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    """Where ``cfg``'s Ray Train run lives: ``storage_path``, by default the ``output`` folder; absolute when local
+    (:func:`scenecluster.data.absolute_location`)."""
+    return absolute_location(cfg.storage_path or cfg.output)
 
 
 def run_exists(cfg: FinetuneConfig) -> bool:

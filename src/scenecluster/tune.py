@@ -123,6 +123,7 @@ def run_tune(cfg: TuneJobConfig, *, echo=print) -> dict[str, Any]:
     InputError
         When the embeddings cannot be read or hold fewer than 3 rows.
     """
+    from scenecluster.data import absolute_location
     from scenecluster.devices import decide
     from scenecluster.raycluster import ensure_ray
 
@@ -130,9 +131,7 @@ def run_tune(cfg: TuneJobConfig, *, echo=print) -> dict[str, Any]:
     resources = decide(cfg.resources.device, ensure_ray(cfg.resources), torch_threads=cfg.resources.torch_threads)
     out = Path(cfg.output).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    storage_path = cfg.storage_path or str(out / "ray_results")
-    if "://" not in storage_path:  # Ray Tune refuses a relative path (``URI has empty scheme``) once it has started
-        storage_path = str(Path(storage_path).expanduser().resolve())
+    storage_path = absolute_location(cfg.storage_path or str(out / "ray_results"))
     grid = _tuner(cfg, X, labels, use_gpu=cfg.gpus_per_trial > 0 and resources.use_gpu, storage_path=storage_path).fit()
 
     trials = _trial_rows(grid)

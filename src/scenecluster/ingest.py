@@ -4,10 +4,12 @@ Embedding (:func:`scenecluster.embed.build_embedding_dataset`) and fine-tuning (
 both build their input here, so a scene one stage can read the other can read too: loose image files and
 ``.tar`` shards alike (:func:`scenecluster.data.read_batch`), with a row per unreadable file or damaged shard that
 carries the reason in ``error`` instead of failing the job, then decoded to ``image_size`` squares in CPU tasks
-(:func:`scenecluster.data.decode_batch`). Labels are not read here; :func:`scenecluster.data.folder_label` gives
-them from a row's ``path``.
+(:func:`scenecluster.data.decode_batch`). Labels are not read from the files: :func:`attach_labels` gives a
+fine-tune's rows theirs from each row's ``path`` (:func:`scenecluster.data.folder_label`).
 
-Ray is imported inside the functions, so this module imports (and is documented) without Ray.
+Ray is imported inside the functions, so this module imports (and is documented) without Ray. Nor does it import
+torch or transformers: every Ray Data task and its ``SplitCoordinator`` imports the module its batch functions
+live in, and torch with transformers costs seconds per process (it doubled a small fine-tune's time).
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from collections import Counter
 import numpy as np
 import pyarrow.fs as pafs
 
-from scenecluster.data import decode_batch, is_archive, read_batch
+from scenecluster.data import decode_batch, folder_label, is_archive, read_batch
 from scenecluster.pixels import PixelSpec
 
-__all__ = ["READ_CPUS", "count_scenes", "read_scenes"]
+__all__ = ["READ_CPUS", "attach_labels", "count_scenes", "read_scenes"]
 
 #: CPUs per read or decode task: fractional, so that reading and decoding overlap with the model's actors or
 #: workers on a small node instead of waiting for a whole core (on 2 cores, whole-CPU tasks deadlock ingest).
@@ -101,3 +103,32 @@ def count_scenes(sources: list[str], filesystem: pafs.FileSystem, *, batch_size:
         for row in ds.iter_rows():  # a shard's rows may span blocks: add the partial counts
             counts[row["source"]] += int(row["n_rows"])
     return dict(counts)
+
+
+def attach_labels(
+    batch: dict[str, np.ndarray], *, classes: list[str], source: int, labels: dict[str, str] | None = None
+) -> dict[str, np.ndarray]:
+    """Ray Data batch function: add ``label`` (index into ``classes``) and ``source`` (the source's index).
+
+    The label name is :func:`scenecluster.data.folder_label` of the row's path, the rule the embedding stage
+    labels with. A row whose name is not among ``classes`` (a shard member stored under a folder that is no class
+    folder of the listing) becomes an error row, dropped from the loss and counted like an unreadable file.
+
+    A pseudo-labelled target (:mod:`scenecluster.self_train`) passes its ``labels`` by path instead: a readable
+    row without one (a member of a shard whose other members were picked) is left out, not counted.
+    """
+    index = {c: i for i, c in enumerate(classes)}
+    errors = np.array(batch["error"], dtype=object)
+    if labels is None:
+        names = [folder_label(str(p)) for p in batch["path"]]
+    else:
+        names = [labels.get(str(p)) for p in batch["path"]]
+        picked = np.array([n is not None or bool(e) for n, e in zip(names, errors, strict=True)], dtype=bool)
+        if not picked.all():
+            batch = {k: np.asarray(v)[picked] for k, v in batch.items()}
+            names, errors = [n for n, k in zip(names, picked, strict=True) if k], errors[picked]
+    for i, name in enumerate(names):
+        if name not in index and not errors[i]:
+            errors[i] = f"label {name!r} is not a class folder of its source"
+    ids = np.array([index.get(name, 0) for name in names], dtype=np.int64)
+    return {**batch, "error": errors, "label": ids, "source": np.full(len(ids), source, dtype=np.int64)}

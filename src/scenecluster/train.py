@@ -49,7 +49,7 @@ from scenecluster.config import FinetuneConfig, dump_config
 from scenecluster.data import SceneListing, absolute_location, folder_label, list_scenes, open_filesystem
 from scenecluster.devices import Resources
 from scenecluster.errors import ConfigError, InputError, OutputError, one_line
-from scenecluster.ingest import READ_CPUS, count_scenes, read_scenes
+from scenecluster.ingest import READ_CPUS, attach_labels, count_scenes, read_scenes
 from scenecluster.models import (
     ResolvedBackbone,
     load_backbone,
@@ -165,35 +165,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 
 # ------------------------------------------------------------------------------------------------ worker
-def _attach_labels(
-    batch: dict[str, np.ndarray], *, classes: list[str], source: int, labels: dict[str, str] | None = None
-) -> dict[str, np.ndarray]:
-    """Ray Data batch function: add ``label`` (index into ``classes``) and ``source`` (the source's index).
-
-    The label name is :func:`scenecluster.data.folder_label` of the row's path, the rule the embedding stage
-    labels with. A row whose name is not among ``classes`` (a shard member stored under a folder that is no class
-    folder of the listing) becomes an error row, dropped from the loss and counted like an unreadable file.
-
-    A pseudo-labelled target (:mod:`scenecluster.self_train`) passes its ``labels`` by path instead: a readable
-    row without one (a member of a shard whose other members were picked) is left out, not counted.
-    """
-    index = {c: i for i, c in enumerate(classes)}
-    errors = np.array(batch["error"], dtype=object)
-    if labels is None:
-        names = [folder_label(str(p)) for p in batch["path"]]
-    else:
-        names = [labels.get(str(p)) for p in batch["path"]]
-        picked = np.array([n is not None or bool(e) for n, e in zip(names, errors, strict=True)], dtype=bool)
-        if not picked.all():
-            batch = {k: np.asarray(v)[picked] for k, v in batch.items()}
-            names, errors = [n for n, k in zip(names, picked, strict=True) if k], errors[picked]
-    for i, name in enumerate(names):
-        if name not in index and not errors[i]:
-            errors[i] = f"label {name!r} is not a class folder of its source"
-    ids = np.array([index.get(name, 0) for name in names], dtype=np.int64)
-    return {**batch, "error": errors, "label": ids, "source": np.full(len(ids), source, dtype=np.int64)}
-
-
 def _all_reduce(values: list[float]) -> list[float]:
     """Sum ``values`` across workers (gloo or NCCL); identity on a single process."""
     import torch.distributed as dist
@@ -606,7 +577,7 @@ def _dataset(
     (by folder, or from ``labels`` by path for a pseudo-labelled target)."""
     ds = read_scenes(paths, listing.filesystem, image_size=image_size, batch_size=batch_size, pixels=pixels)
     kwargs = {"classes": classes, "source": source, "labels": labels}
-    return ds.map_batches(_attach_labels, fn_kwargs=kwargs, num_cpus=READ_CPUS)
+    return ds.map_batches(attach_labels, fn_kwargs=kwargs, num_cpus=READ_CPUS)
 
 
 def _count_rows(listing: SceneListing, splits: tuple[list[str], list[str]]) -> tuple[int, int]:

@@ -10,6 +10,7 @@ import pytest
 
 from scenecluster.config import PipelineConfig, load_config
 from scenecluster.errors import InputError
+from scenecluster.ingest import attach_labels
 from scenecluster.outputs import OutputFolder
 from scenecluster.self_train import (
     FIT_SAMPLE,
@@ -18,7 +19,6 @@ from scenecluster.self_train import (
     read_pseudo_labels,
     select_pseudo_labels,
 )
-from scenecluster.train import _attach_labels
 
 
 def test_each_cluster_keeps_its_densest_share_and_small_clusters_give_no_class():
@@ -71,7 +71,7 @@ def test_pseudo_labelled_rows_take_their_label_by_path_and_unpicked_shard_member
         "image": np.arange(4 * 12, dtype=np.uint8).reshape(4, 2, 2, 3),
         "source": np.array(["/t/a.jpg", "/t/x.tar", "/t/x.tar", "/t/bad.jpg"], dtype=object),
     }
-    out = _attach_labels(batch, classes=["p00", "p01"], source=2, labels=labels)
+    out = attach_labels(batch, classes=["p00", "p01"], source=2, labels=labels)
     assert out["path"].tolist() == ["/t/a.jpg", "/t/x.tar/b.jpg", "/t/bad.jpg"]
     assert out["label"].tolist() == [1, 0, 0] and out["source"].tolist() == [2, 2, 2]
     assert out["error"].tolist() == ["", "", "decode failed"]  # the unreadable one is still counted as skipped

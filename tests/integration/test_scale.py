@@ -122,6 +122,7 @@ def test_saved_clustering_assigns_held_out_scenes_and_flags_a_withheld_class(ray
         "embed.image_size": 112,
         "embed.layer": 8,
         "embed.pooling": "cls+mean",
+        "embed.views": "rot90",  # the default d4 gives the same margins here in 1.5x the test's time
         "embed.chunk_size": 64,
         "reduce.n_neighbors": 15,
     }
@@ -153,7 +154,8 @@ def test_saved_clustering_assigns_held_out_scenes_and_flags_a_withheld_class(ray
     novel_seen = table[table["label"].isin(seen)]["novel"].mean()
     assert novel_withheld > novel_seen, (novel_withheld, novel_seen)
     # The flag thresholds the distance to the nearest fitted scene, which is deterministic for given weights:
-    # measured 0.069 (withheld) against 0.045 (held-out scenes of the fitted classes), flags 0.38 against 0.27.
+    # measured 0.070 (withheld) against 0.047 (held-out scenes of the fitted classes), flags 0.37 against 0.25
+    # (d4 views: 0.069 against 0.045, 0.38 against 0.27).
     distance = table.groupby(table["label"].isin(withheld))["neighbour_distance"].median()
     assert distance[True] > 1.2 * distance[False], distance.to_dict()
 
@@ -175,7 +177,7 @@ def test_saved_clustering_assigns_held_out_scenes_and_flags_a_withheld_class(ray
     )
     assigned = table.set_index("path").loc[[new_paths[i] for i in held], "cluster"]
     ari = adjusted_rand_score(one_shot[len(X_fit) :], assigned)
-    print(f"assign vs one-shot ARI {ari:.3f}; novel: withheld {novel_withheld:.2f}, seen {novel_seen:.2f}")
+    print(f"assign vs one-shot ARI {ari:.3f}; novel: withheld {novel_withheld:.2f}, seen {novel_seen:.2f}; {distance.to_dict()}")
     assert ari > 0.3 and np.isfinite(table["log_likelihood"]).all()
 
 

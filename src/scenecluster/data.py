@@ -17,7 +17,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -96,6 +96,8 @@ def local_path(location: str) -> str:
     Raises :class:`NotLocalError` for a URI of another scheme (``s3://``, ``s3:/``, ``gs://``), which ``pathlib``
     would read as a relative path (``s3:/bucket/x``) and so write to a folder named ``s3:`` in the working
     directory, and ValueError for a ``file://`` URI that names a host (``file://out`` is the host ``out``).
+    A ``file://`` URI's path is percent-decoded (RFC 8089), as a browser or ``Path.as_uri()`` writes it:
+    ``file:///data/my%20scenes`` is the folder ``/data/my scenes``.
     """
     parsed = urlparse(location)
     if parsed.scheme == "file":
@@ -103,7 +105,7 @@ def local_path(location: str) -> str:
             raise ValueError(
                 f"{location!r} names the host {parsed.netloc!r}, not a folder; give file:///absolute/path or a path"
             )
-        return parsed.path
+        return unquote(parsed.path)
     if parsed.scheme.lower() in URI_SCHEMES or (parsed.scheme and "://" in location):
         raise NotLocalError(f"must be a path on this machine, not {location!r}")
     return location

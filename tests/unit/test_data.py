@@ -53,6 +53,9 @@ def test_a_file_uri_is_its_path_and_one_naming_a_host_is_refused(tmp_path, monke
 
     assert local_path(f"file://{tmp_path}") == str(tmp_path) and local_path("file:/x") == "/x"
     assert open_filesystem(f"file://{tmp_path}")[1] == str(tmp_path)
+    # percent-encoded as Path.as_uri() writes it (it used to look for a folder named 'my%20scenes')
+    spaced = tmp_path / "my scenes #1"
+    assert local_path(spaced.as_uri()) == str(spaced) and "%20" in spaced.as_uri()
     monkeypatch.chdir(tmp_path)
     for uri in ("file://out", "file://imgs/Forest"):
         with pytest.raises(InputError, match="unsupported location"):

@@ -33,6 +33,7 @@ from scenecluster.ingest import read_scenes
 from scenecluster.manifest import MANIFEST, manifest_parts, part_dataset, part_name, part_size, write_manifest_paths
 from scenecluster.models import load_backbone, normalize, pool_tokens
 from scenecluster.outputs import OutputFolder
+from scenecluster.vectors import vector_column, vector_matrix
 from scenecluster.views import scene_views
 
 EMBEDDINGS = "embeddings"  # the parts folder inside a run
@@ -158,12 +159,6 @@ def embedding_schema(n_features: int, with_labels: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
-def vector_column(embeddings: np.ndarray) -> pa.FixedSizeListArray:
-    """``(n, d)`` float32 matrix -> a fixed-size list column, without a per-row Python loop."""
-    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, embeddings.shape[1])
-
-
 def embedding_table(paths, embeddings: np.ndarray, labels=None) -> pa.Table:
     """Build the Parquet table: ``path``, optional ``label``, fixed-size float32 ``embedding``."""
     cols = {"path": pa.array(list(paths), pa.string())}
@@ -171,12 +166,6 @@ def embedding_table(paths, embeddings: np.ndarray, labels=None) -> pa.Table:
         cols["label"] = pa.array(list(labels), pa.string())
     cols["embedding"] = vector_column(embeddings)
     return pa.table(cols, schema=embedding_schema(embeddings.shape[1], labels is not None))
-
-
-def vector_matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
-    """A fixed-size list column -> ``(n, d)`` float32 matrix, without a per-row Python loop."""
-    col = table.column(column).combine_chunks()
-    return col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
 
 
 def read_embeddings(path, filesystem=None) -> tuple[list[str], np.ndarray, list[str] | None]:

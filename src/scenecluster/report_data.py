@@ -273,7 +273,7 @@ def _sample_assignments(out: OutputFolder, parts: list[str], size: int, seed: in
 
 def _agreement_for(out: OutputFolder, paths: np.ndarray, clusters: np.ndarray, seed: int) -> np.ndarray:
     """Neighbour agreement of up to ``KNN_SAMPLE`` of ``paths`` (NaN for the rest), from their embeddings."""
-    from scenecluster.embed import vector_matrix
+    from scenecluster.vectors import vector_matrix
 
     result = np.full(len(paths), np.nan)
     pick = np.arange(len(paths))

@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from scenecluster.data import decode_batch, folder_label, read_batch
-from scenecluster.embed import vector_column, vector_matrix
 from scenecluster.outputs import OutputFolder
+from scenecluster.vectors import vector_column, vector_matrix
 
 __all__ = [
     "PartAssigner",

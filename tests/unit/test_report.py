@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from scenecluster.cli import main, sample_data_dir
-from scenecluster.embed import vector_column
 from scenecluster.outputs import OutputFolder
 from scenecluster.report import build_report, write_report_file
 from scenecluster.report_compare import compare_runs
@@ -31,6 +30,7 @@ from scenecluster.report_data import (
     top_per_group,
 )
 from scenecluster.report_scatter import bokeh_js
+from scenecluster.vectors import vector_column
 
 XSS = "<img src=x onerror=alert(1)>.jpg"
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -47,19 +45,6 @@ def test_labels_come_from_the_row_path_and_unknown_ones_become_error_rows():
     assert out["error"].tolist()[:2] == ["", ""] and out["error"][3] == "decode failed"
     assert "'Lake' is not a class folder" in out["error"][2]
     assert out["source"].tolist() == [1, 1, 1, 1]
-
-
-def test_the_fine_tunes_data_functions_import_without_torch():
-    # Every Ray Data task of a fine-tune's datasets, and their SplitCoordinator, imports the modules of the batch
-    # functions: when the labels were attached from scenecluster.train, each such process imported torch and
-    # transformers first, and a 2-step fine-tune took twice as long (45 s against 22 s here).
-    code = (
-        "import sys, scenecluster.ingest as m; "
-        "assert m.attach_labels.__module__ == m.read_scenes.__module__ == 'scenecluster.ingest'; "
-        "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_step_plan_counts_whole_accumulation_groups_and_caps_at_max_steps():

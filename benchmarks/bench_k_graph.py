@@ -22,6 +22,9 @@ the count drift with N?). Labels only score.
         nwpu12=runs/emb112-nwpu12/embeddings --seeds 0 1 --full 1000 3000 8400 --priors 0.002 0.004 \\
         --local-priors 0.1 0.2 0.4 --local-k 30 0.01 > runs/k-graph.jsonl
     python benchmarks/bench_k_graph.py --summary runs/k-graph.jsonl
+
+A third rule, ``--adaptive-priors M --adaptive-share S``: neighbourhoods of ``S x N / K`` scenes, ``K`` the
+previous fit's count, refitted until a count repeats (:func:`fit_adaptive_prior`).
 """
 
 from __future__ import annotations
@@ -89,6 +92,31 @@ def fit_local_prior(Z: np.ndarray, y: np.ndarray, multiplier: float, k_spec: flo
     return {"m": multiplier, "local_k": k_spec, "k": int(s["n_clusters"]), **scores}
 
 
+def fit_adaptive_prior(
+    Z: np.ndarray, y: np.ndarray, multiplier: float, share: float, k0: int, seed: int, rounds: int = 5
+) -> dict:
+    """The local prior with neighbourhoods of ``share`` of a cluster's scenes: ``share x n / K`` neighbours, ``K``
+    the previous fit's count (first the default prior's ``k0``), refitted until the count repeats.
+
+    Fixed neighbours shrink with N (the count drifts up as the archive grows); a fixed share of all scenes is a
+    larger part of each class when the classes are many (the count saturates). A share of the *clusters'* size
+    scales with neither, if the count it gives is near the classes' own.
+    """
+    counts = [k0]
+    for _ in range(rounds):
+        k = max(10, round(share * len(Z) / max(counts[-1], 1)))
+        local = local_covariance(Z, min(k, len(Z) - 1))
+        mixture = make_clusterer(ClusterConfig(random_state=seed), Z, device="cpu")
+        mixture.set_params(covariance_prior=local * multiplier * len(Z)).fit(Z)
+        labels = np.asarray(mixture.predict(Z))
+        counts.append(len(np.unique(labels)))
+        if counts[-1] in counts[:-1]:
+            break
+    s = score_clusters(y, labels)
+    scores = {m: round(float(s[m]), 4) for m in ("acc", "nmi")}
+    return {"m": multiplier, "share": share, "k": int(s["n_clusters"]), "counts": counts, **scores}
+
+
 def load(args) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     if args.gpu224:
         return load_gpu224(args.gpu224, args.feature)
@@ -143,6 +171,12 @@ def run(args) -> None:
                 s = score_clusters(y[rows], labels)
                 fits.append({"c": c, "k": int(s["n_clusters"]), **{m: round(float(s[m]), 4) for m in ("acc", "nmi")}})
             local = [fit_local_prior(Z, y[rows], m, k, seed) for m in args.local_priors for k in args.local_k]
+            k0 = next((f["k"] for f in fits if f["c"] == 0.002), fits[0]["k"])
+            adaptive = [
+                fit_adaptive_prior(Z, y[rows], m, share, k0, seed)
+                for m in args.adaptive_priors
+                for share in args.adaptive_share
+            ]
             record = {
                 "case": case,
                 "classes": count,
@@ -152,6 +186,7 @@ def run(args) -> None:
                 "eigenvalues": [round(float(v), 5) for v in values],
                 "fits": fits,
                 "local_fits": local,
+                "adaptive_fits": adaptive,
                 "umap_s": round(umap_s, 1),
                 "spectrum_s": round(spectrum_s, 2),
             }
@@ -173,6 +208,10 @@ def variants(record: dict) -> list[tuple[str, dict]]:
     named = [(f"data prior, c = {f['c']}", f) for f in record["fits"]]
     named += [
         (f"local prior, m = {f['m']}, neighbours {f.get('local_k', 30):g}", f) for f in record.get("local_fits", [])
+    ]
+    named += [
+        (f"local prior, m = {f['m']}, neighbours {f['share']:g} of a cluster", f)
+        for f in record.get("adaptive_fits", [])
     ]
     named += [("data prior at the c nearest the eigengap", nearest(record["fits"], record["gap"]))]
     named += [("data prior at the c nearest the relative eigengap", nearest(record["fits"], record["relgap"]))]
@@ -224,6 +263,8 @@ def main() -> None:
     p.add_argument("--priors", type=float, nargs="+", default=[0.0005, 0.001, 0.002, 0.004, 0.008, 0.016])
     p.add_argument("--local-priors", type=float, nargs="*", default=[], help="multipliers of the local prior")
     p.add_argument("--local-k", type=float, nargs="+", default=[30], help="neighbours (or share if < 1)")
+    p.add_argument("--adaptive-priors", type=float, nargs="*", default=[], help="multipliers, cluster-share k")
+    p.add_argument("--adaptive-share", type=float, nargs="+", default=[0.25], help="neighbours: share of N / K")
     p.add_argument("--full", type=int, nargs="*", default=[5000], help="also each whole set, sampled to these sizes")
     p.add_argument("--max-k", type=int, default=40, help="eigenvalues looked at (the largest count it can give)")
     p.add_argument("--summary")

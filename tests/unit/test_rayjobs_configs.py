@@ -34,6 +34,8 @@ def test_cluster_configs_load(name):
 def test_s3_config_names_an_endpoint():
     cfg = load_config(CONFIGS / "cluster-s3.yaml", model=ClusterJobConfig)
     assert cfg.data.input.startswith("s3://") and cfg.data.endpoint_url
+    # the KubeRay cluster RayJob mounts this config and deletes its head when the job ends: a folder there is lost
+    assert cfg.output.startswith("s3://"), cfg.output
 
 
 def test_finetune_config_loads():

@@ -867,6 +867,29 @@ def _trainer(cfg: FinetuneConfig, train_loop, loop_config: LoopConfig, datasets,
     )
 
 
+def _finished_run(cfg: FinetuneConfig, storage: str, plan: StepPlan):
+    """The stored run's ``ray.train.Result`` when its last checkpoint already ends the training ``plan`` sets
+    (the loop would run no step), else None.
+
+    A run stopped between its final checkpoint and the export would otherwise start a worker group (on an
+    autoscaling cluster: launch GPU nodes) and decode its sources into the object store, only for the restored
+    workers to stop at once. ``Result.from_path`` is Ray Train's public reader of a run folder.
+    """
+    import ray.train
+
+    fs, path = _storage(cfg, storage)
+    try:
+        result = ray.train.Result.from_path(f"{path.rstrip('/')}/{cfg.name}", storage_filesystem=fs)
+    except (RuntimeError, OSError) as exc:  # no snapshot yet: a run stopped before its first checkpoint
+        log.debug("no finished run at %s/%s: %s", storage, cfg.name, one_line(exc))
+        return None
+    if result.checkpoint is None or not result.metrics:
+        return None
+    # the metrics reported with that checkpoint (read from the run's snapshot; the checkpoint is not downloaded)
+    done = result.metrics.get("epoch", 0) >= cfg.epochs or result.metrics.get("step", 0) >= plan.total_steps
+    return result if done else None
+
+
 def _export(
     result, cfg: FinetuneConfig, out: Path, storage: str, inputs: _Inputs, plan: StepPlan, start: float
 ) -> dict[str, Any]:
@@ -947,6 +970,15 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print, train_loop=train_loop_per_w
     splits = _splits(cfg, inputs)
     rows = _rows(inputs, splits)
     plan = plan_steps(cfg, n_train=sum(t for t, _ in rows), n_val=sum(v for _, v in rows))
+    finished = _finished_run(cfg, storage, plan) if cfg.resume else None
+    if finished is not None:
+        echo(
+            f"[finetune] {storage}/{cfg.name} had finished its {plan.total_steps} steps before its export; "
+            "exporting its last checkpoint without starting workers"
+        )
+        metrics = _export(finished, cfg, out, storage, inputs, plan, time.perf_counter())
+        echo(f"[finetune] step {metrics['step']}/{plan.total_steps}; backbone: {metrics['backbone']}")
+        return Path(metrics["backbone"])
     loop_config = _loop_config(cfg, inputs, plan, resources)
     datasets = _cache_datasets(_datasets(cfg, inputs, splits), cfg, plan, echo)
     trainer = _trainer(cfg, train_loop, loop_config, datasets, resources, storage)

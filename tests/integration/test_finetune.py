@@ -239,10 +239,14 @@ def test_pipeline_command_then_its_reruns_reuse_continue_or_refuse(
     (out / "finetune" / "metrics.json").unlink()
     shutil.rmtree(out / "finetune" / "backbone")
     assert main([str(a) for a in command]) == 0
-    assert "[finetune] continuing the interrupted fine-tune" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "[finetune] continuing the interrupted fine-tune" in printed
+    # The run had reached its last step: its last checkpoint is exported without a worker group (which would
+    # have decoded the source and, on an autoscaling cluster, launched GPU nodes only to stop at once).
+    assert f"had finished its {tuned['total_steps']} steps before its export" in printed, printed
+    assert "train / " not in printed, printed
     continued = json.loads((out / "finetune" / "metrics.json").read_text())
-    # Ray Train restored the run, which had reached its last step: no step ran again and no new checkpoint was
-    # made; the export was written again from the same one.
+    # no step ran again and no new checkpoint was made; the export was written again from the same one
     assert continued["step"] == tuned["step"] and continued["checkpoint"] == tuned["checkpoint"]
     assert backbone_weights.is_file()
 

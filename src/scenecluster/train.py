@@ -880,8 +880,8 @@ def _finished_run(cfg: FinetuneConfig, storage: str, plan: StepPlan):
     fs, path = _storage(cfg, storage)
     try:
         result = ray.train.Result.from_path(f"{path.rstrip('/')}/{cfg.name}", storage_filesystem=fs)
-    except (RuntimeError, OSError) as exc:  # no snapshot yet: a run stopped before its first checkpoint
-        log.debug("no finished run at %s/%s: %s", storage, cfg.name, one_line(exc))
+    except Exception as exc:  # only a shortcut: no snapshot yet, or one this Ray cannot read, trains as before
+        log.debug("no finished run read at %s/%s: %s", storage, cfg.name, one_line(exc))
         return None
     if result.checkpoint is None or not result.metrics:
         return None
@@ -972,9 +972,10 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print, train_loop=train_loop_per_w
     plan = plan_steps(cfg, n_train=sum(t for t, _ in rows), n_val=sum(v for _, v in rows))
     finished = _finished_run(cfg, storage, plan) if cfg.resume else None
     if finished is not None:
+        done = finished.metrics
         echo(
-            f"[finetune] {storage}/{cfg.name} had finished its {plan.total_steps} steps before its export; "
-            "exporting its last checkpoint without starting workers"
+            f"[finetune] {storage}/{cfg.name} had reached step {done['step']} of {plan.total_steps}, epoch "
+            f"{done['epoch']} of {cfg.epochs}, before its export; exporting its last checkpoint without workers"
         )
         metrics = _export(finished, cfg, out, storage, inputs, plan, time.perf_counter())
         echo(f"[finetune] step {metrics['step']}/{plan.total_steps}; backbone: {metrics['backbone']}")

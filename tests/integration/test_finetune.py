@@ -243,7 +243,8 @@ def test_pipeline_command_then_its_reruns_reuse_continue_or_refuse(
     assert "[finetune] continuing the interrupted fine-tune" in printed
     # The run had reached its last step: its last checkpoint is exported without a worker group (which would
     # have decoded the source and, on an autoscaling cluster, launched GPU nodes only to stop at once).
-    assert f"had finished its {tuned['total_steps']} steps before its export" in printed, printed
+    reached = f"had reached step {tuned['step']} of {tuned['total_steps']}, epoch {tuned['epoch']} of 1, before"
+    assert reached in printed, printed
     assert "train / " not in printed, printed
     continued = json.loads((out / "finetune" / "metrics.json").read_text())
     # no step ran again and no new checkpoint was made; the export was written again from the same one

@@ -82,14 +82,23 @@ def local_covariance(Z: np.ndarray, k: int = 30) -> np.ndarray:
     return np.einsum("nki,nkj->ij", local, local) / (len(Z) * (k - 1))
 
 
+def fit_with_covariance(Z: np.ndarray, covariance: np.ndarray, multiplier: float, seed: int) -> np.ndarray:
+    """Labels of the job's DP-GMM with its Wishart scale matrix ``multiplier x n x covariance``."""
+    mixture = make_clusterer(ClusterConfig(random_state=seed), Z, device="cpu")
+    mixture.set_params(covariance_prior=covariance * multiplier * len(Z)).fit(Z)
+    return np.asarray(mixture.predict(Z))
+
+
+def scored(y: np.ndarray, labels: np.ndarray) -> dict:
+    """The count, accuracy and NMI of ``labels`` against ``y``, as each fit's record holds them."""
+    s = score_clusters(y, labels)
+    return {"k": int(s["n_clusters"]), **{m: round(float(s[m]), 4) for m in ("acc", "nmi")}}
+
+
 def fit_local_prior(Z: np.ndarray, y: np.ndarray, multiplier: float, k_spec: float, seed: int) -> dict:
     """The job's DP-GMM, its Wishart scale matrix ``multiplier x n x`` the local covariance, not the data's."""
-    local = local_covariance(Z, neighbours(k_spec, len(Z)))
-    mixture = make_clusterer(ClusterConfig(random_state=seed), Z, device="cpu")
-    mixture.set_params(covariance_prior=local * multiplier * len(Z)).fit(Z)
-    s = score_clusters(y, np.asarray(mixture.predict(Z)))
-    scores = {m: round(float(s[m]), 4) for m in ("acc", "nmi")}
-    return {"m": multiplier, "local_k": k_spec, "k": int(s["n_clusters"]), **scores}
+    labels = fit_with_covariance(Z, local_covariance(Z, neighbours(k_spec, len(Z))), multiplier, seed)
+    return {"m": multiplier, "local_k": k_spec, **scored(y, labels)}
 
 
 def fit_adaptive_prior(
@@ -105,16 +114,11 @@ def fit_adaptive_prior(
     counts = [k0]
     for _ in range(rounds):
         k = max(10, round(share * len(Z) / max(counts[-1], 1)))
-        local = local_covariance(Z, min(k, len(Z) - 1))
-        mixture = make_clusterer(ClusterConfig(random_state=seed), Z, device="cpu")
-        mixture.set_params(covariance_prior=local * multiplier * len(Z)).fit(Z)
-        labels = np.asarray(mixture.predict(Z))
+        labels = fit_with_covariance(Z, local_covariance(Z, min(k, len(Z) - 1)), multiplier, seed)
         counts.append(len(np.unique(labels)))
         if counts[-1] in counts[:-1]:
             break
-    s = score_clusters(y, labels)
-    scores = {m: round(float(s[m]), 4) for m in ("acc", "nmi")}
-    return {"m": multiplier, "share": share, "k": int(s["n_clusters"]), "counts": counts, **scores}
+    return {"m": multiplier, "share": share, **scored(y, labels), "counts": counts}
 
 
 def load(args) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -168,8 +172,7 @@ def run(args) -> None:
             for c in args.priors:
                 cfg = ClusterConfig(covariance_prior_scale=max(2.0, c * len(rows)), random_state=seed)
                 labels = np.asarray(make_clusterer(cfg, Z, device="cpu").fit(Z).predict(Z))
-                s = score_clusters(y[rows], labels)
-                fits.append({"c": c, "k": int(s["n_clusters"]), **{m: round(float(s[m]), 4) for m in ("acc", "nmi")}})
+                fits.append({"c": c, **scored(y[rows], labels)})
             local = [fit_local_prior(Z, y[rows], m, k, seed) for m in args.local_priors for k in args.local_k]
             k0 = next((f["k"] for f in fits if f["c"] == 0.002), fits[0]["k"])
             adaptive = [

@@ -972,26 +972,25 @@ def fit_backbone(cfg: FinetuneConfig, *, echo=print, train_loop=train_loop_per_w
     plan = plan_steps(cfg, n_train=sum(t for t, _ in rows), n_val=sum(v for _, v in rows))
     finished = _finished_run(cfg, storage, plan) if cfg.resume else None
     if finished is not None:
-        done = finished.metrics
+        reached = finished.metrics
         echo(
-            f"[finetune] {storage}/{cfg.name} had reached step {done['step']} of {plan.total_steps}, epoch "
-            f"{done['epoch']} of {cfg.epochs}, before its export; exporting its last checkpoint without workers"
+            f"[finetune] {storage}/{cfg.name} had reached step {reached['step']} of {plan.total_steps}, epoch "
+            f"{reached['epoch']} of {cfg.epochs}, before its export; exporting its last checkpoint without workers"
         )
-        metrics = _export(finished, cfg, out, storage, inputs, plan, time.perf_counter())
-        echo(f"[finetune] step {metrics['step']}/{plan.total_steps}; backbone: {metrics['backbone']}")
-        return Path(metrics["backbone"])
-    loop_config = _loop_config(cfg, inputs, plan, resources)
-    datasets = _cache_datasets(_datasets(cfg, inputs, splits), cfg, plan, echo)
-    trainer = _trainer(cfg, train_loop, loop_config, datasets, resources, storage)
-    n_pseudo = len(cfg.pseudo_labels)
-    echo(
-        f"[finetune] {plan.n_train} train / {plan.n_val} val images from {len(cfg.sources)} source(s)"
-        f"{f' and {n_pseudo} pseudo-labelled target(s)' if n_pseudo else ''}, "
-        f"{cfg.workers} worker(s) x {_cpus_per_worker(cfg, resources):g} CPU{' + GPU' if resources.use_gpu else ''}, "
-        f"{plan.total_steps} steps"
-    )
-    start = time.perf_counter()
-    result = trainer.fit()
+        result, start = finished, time.perf_counter()
+    else:
+        loop_config = _loop_config(cfg, inputs, plan, resources)
+        datasets = _cache_datasets(_datasets(cfg, inputs, splits), cfg, plan, echo)
+        trainer = _trainer(cfg, train_loop, loop_config, datasets, resources, storage)
+        n_pseudo = len(cfg.pseudo_labels)
+        echo(
+            f"[finetune] {plan.n_train} train / {plan.n_val} val images from {len(cfg.sources)} source(s)"
+            f"{f' and {n_pseudo} pseudo-labelled target(s)' if n_pseudo else ''}, "
+            f"{cfg.workers} worker(s) x {_cpus_per_worker(cfg, resources):g} CPU"
+            f"{' + GPU' if resources.use_gpu else ''}, {plan.total_steps} steps"
+        )
+        start = time.perf_counter()
+        result = trainer.fit()
     metrics = _export(result, cfg, out, storage, inputs, plan, start)
     acc = metrics["val_accuracy"]
     echo(

@@ -10,6 +10,7 @@ time lands in ``metrics.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -23,18 +24,22 @@ import numpy as np
 
 from scenecluster import __version__
 from scenecluster.config import AssignJobConfig, ClusterJobConfig, dump_config
-from scenecluster.data import open_filesystem
+from scenecluster.data import local_path, open_filesystem
 from scenecluster.devices import Resources, decide
 from scenecluster.embed import SKIPPED, embed_parts, export_embeddings, write_skipped
 from scenecluster.errors import InputError
 from scenecluster.evaluate import scores_from_contingency
 from scenecluster.features import FeatureSpec, resolve_feature_spec
 from scenecluster.manifest import check_run_paths, write_manifest
+from scenecluster.model_store import is_store_uri, publish_model_folder
 from scenecluster.outputs import OutputFolder, prepare_output
 from scenecluster.report import build_report
 from scenecluster.stages import AssignSummary, assign_parts, check_enough_scenes, export_assignments, fit_remote
 
 __all__ = ["StageTimer", "relabel_by_size", "run_assign_job", "run_cluster_job", "run_identity"]
+
+#: The folder under an object-storage output that holds the run's copy of a local model folder.
+MODEL_FOLDER = "model"
 
 
 def run_identity(cfg: ClusterJobConfig | AssignJobConfig, spec: FeatureSpec) -> dict[str, Any]:
@@ -155,6 +160,27 @@ def _feature_settings(feature: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _local_model(model: str) -> Path | None:
+    """The local folder ``model`` names (a path or a ``file://`` URI), or None (a Hub id, an ``s3://`` URI)."""
+    try:
+        folder = Path(local_path(model)).expanduser()
+    except ValueError:  # NotLocalError is one: a Hub id is not, an s3:// URI is
+        return None
+    return folder if folder.is_dir() else None
+
+
+def _published_model(cfg) -> str | None:
+    """Where a run copies its local model folder: ``<output>/model`` when the output is in object storage.
+
+    Why: such a run's actors may start on nodes that cannot see the driver's disk (on an autoscaling or KubeRay
+    cluster, a fine-tuned backbone exported on the head node), and its saved clustering names the model for an
+    ``assign`` run long after that node is gone (:func:`scenecluster.model_store.publish_model_folder`).
+    """
+    if not is_store_uri(cfg.output) or _local_model(cfg.embed.model) is None:
+        return None
+    return f"{cfg.output.rstrip('/')}/{MODEL_FOLDER}"
+
+
 def _prepare(
     cfg, overwrite: bool, timer: StageTimer, fitted_feature: dict[str, Any] | None = None
 ) -> tuple[FeatureSpec, OutputFolder, Resources]:
@@ -178,6 +204,9 @@ def _prepare(
         views=cfg.embed.views,
         endpoint_url=cfg.data.endpoint_url,
     )
+    published = _published_model(cfg)
+    if published is not None:  # same weights, so the same fingerprint: only where workers read them changes
+        spec = dataclasses.replace(spec, model=published, source=published)
     saved_weights = (fitted_feature or {}).get("weights")
     if saved_weights is not None and spec.weights != saved_weights:
         raise InputError(
@@ -189,6 +218,12 @@ def _prepare(
         OutputFolder(cfg.output, endpoint_url=cfg.data.endpoint_url), run_identity(cfg, spec), overwrite=overwrite
     )
     out.write_text("config.yaml", dump_config(cfg))
+    if published is not None:
+        uploaded = publish_model_folder(_local_model(cfg.embed.model), published, endpoint_url=cfg.data.endpoint_url)
+        timer.echo(
+            f"[model] {cfg.embed.model} {'copied to' if uploaded else 'already in'} {published}: every node reads "
+            "it there, as does a later assign with this clustering"
+        )
     inventory = ensure_ray(cfg.resources)
     timer.echo(f"[ray] {inventory.where}: {inventory.num_cpus:g} CPUs, {inventory.num_gpus:g} GPUs")
     resources = decide(

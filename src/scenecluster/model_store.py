@@ -21,10 +21,13 @@ import tempfile
 import uuid
 from pathlib import Path
 
-__all__ = ["fetch_model_folder", "is_store_uri"]
+__all__ = ["fetch_model_folder", "is_store_uri", "publish_model_folder"]
 
 #: What a fetched copy records of the objects it was copied from: a copy whose record differs is fetched again.
 SOURCE_RECORD = ".scenecluster-source.json"
+#: What a published copy records of the local files it holds (names and SHA-256): written last, so a copy without
+#: it is incomplete, and a folder published again with the same files is not uploaded again.
+PUBLISHED_RECORD = ".scenecluster-published.json"
 
 
 def is_store_uri(model: str | os.PathLike[str]) -> bool:
@@ -118,3 +121,49 @@ def _swap_in(staging: Path, final: Path, record: dict) -> None:
         if _record(final) != record:
             raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def publish_model_folder(folder: str | os.PathLike[str], uri: str, *, endpoint_url: str | None = None) -> bool:
+    """Copy the local model folder ``folder`` to ``uri`` (``s3://bucket/prefix``); return whether anything was
+    uploaded (False: ``uri`` already holds these files).
+
+    Why: a job whose output is in object storage may run its actors on nodes that cannot see the driver's disk,
+    and the clustering it saves names its model for a later ``assign`` on another cluster; a fine-tuned backbone in
+    the head node's folder would be missing on both. The copy is what :func:`fetch_model_folder` reads. Files
+    under ``uri`` that the folder lacks are removed, so no stale shard is fetched beside the new weights; the
+    record of the files is written last, so a copy interrupted half way is uploaded again, whole.
+
+    Raises
+    ------
+    scenecluster.errors.OutputError
+        When the store cannot be written; one line naming ``folder`` and ``uri``.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from scenecluster.data import s3_client
+    from scenecluster.errors import OutputError, one_line
+    from scenecluster.models import _file_digest
+
+    local = Path(os.fspath(folder)).expanduser()
+    files = {p.name: _file_digest(p) for p in sorted(local.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    record = {"files": files}
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    client = s3_client(endpoint_url)
+    try:
+        with contextlib.suppress(ClientError, ValueError):
+            body = client.get_object(Bucket=bucket, Key=prefix + PUBLISHED_RECORD)["Body"].read()
+            if json.loads(body) == record:
+                return False
+        client.delete_object(Bucket=bucket, Key=prefix + PUBLISHED_RECORD)
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+        stale = [item["Key"] for page in pages for item in page.get("Contents", [])]
+        for key in stale:
+            if key[len(prefix) :] not in files and key != prefix + PUBLISHED_RECORD:
+                client.delete_object(Bucket=bucket, Key=key)
+        for name in files:
+            client.upload_file(str(local / name), bucket, prefix + name)
+        client.put_object(Bucket=bucket, Key=prefix + PUBLISHED_RECORD, Body=json.dumps(record).encode())
+    except (OSError, BotoCoreError, ClientError) as exc:
+        raise OutputError(f"cannot copy the model folder {local} to {uri}: {one_line(exc)}") from None
+    return True

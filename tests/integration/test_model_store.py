@@ -11,8 +11,9 @@ import torch
 from transformers import Dinov2Model
 
 from scenecluster.embed import Embedder
+from scenecluster.errors import OutputError
 from scenecluster.features import resolve_feature_spec
-from scenecluster.model_store import SOURCE_RECORD, fetch_model_folder
+from scenecluster.model_store import SOURCE_RECORD, fetch_model_folder, publish_model_folder
 from scenecluster.models import (
     ModelLoadError,
     load_backbone,
@@ -66,3 +67,33 @@ def test_a_backbone_in_s3_loads_and_is_fetched_again_when_uploaded_again(
 
     with pytest.raises(ModelLoadError, match=r"s3://models/runs/none.*no config.json"):
         resolve_backbone("s3://models/runs/none", endpoint_url=endpoint)
+
+
+def test_a_published_folder_is_fetched_whole_and_uploaded_again_only_when_its_weights_change(
+    s3_server, tiny_model_dir, tmp_path, monkeypatch
+):
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SCENECLUSTER_CACHE", str(tmp_path / "cache"))
+    s3_server.create_bucket("runs")
+    client = s3_server.boto3_client()
+    uri = "s3://runs/job/model"
+    client.put_object(Bucket="runs", Key="job/model/model-00002-of-00002.safetensors", Body=b"a stale shard")
+
+    assert publish_model_folder(tiny_model_dir, uri) is True
+    keys = {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket="runs", Prefix="job/model/")["Contents"]}
+    assert "job/model/model-00002-of-00002.safetensors" not in keys  # no stale shard is fetched beside the weights
+    assert resolve_backbone(uri).weights == resolve_backbone(str(tiny_model_dir)).weights
+
+    assert publish_model_folder(tiny_model_dir, uri) is False  # the same files: nothing uploaded, no ETag moves
+    assert {o["Key"]: o["ETag"] for o in client.list_objects_v2(Bucket="runs", Prefix="job/model/")["Contents"]} == keys
+
+    torch.manual_seed(5)  # the folder rewritten in place (a fine-tune exported again): uploaded again
+    retrained = tmp_path / "retrained"
+    save_backbone(Dinov2Model(tiny_dinov2_config()), retrained)
+    assert publish_model_folder(retrained, uri) is True
+    new_weights = resolve_backbone(retrained).weights
+    assert resolve_backbone(uri).weights == new_weights != resolve_backbone(tiny_model_dir).weights
+
+    with pytest.raises(OutputError, match=r"cannot copy the model folder .* to s3://no-such-bucket/model"):
+        publish_model_folder(tiny_model_dir, "s3://no-such-bucket/model")

@@ -16,7 +16,9 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from scenecluster.config import AssignJobConfig, load_config
+from scenecluster.fitted import read_clustering_meta
 from scenecluster.job import run_assign_job, run_cluster_job
+from scenecluster.outputs import OutputFolder
 from tests.conftest import copy_sample
 
 pytestmark = pytest.mark.integration
@@ -39,10 +41,14 @@ def _cfg(input_dir, out, model, **extra):
 
 
 def test_parts_are_parquet_datasets_on_s3(ray_cluster, s3_env, tmp_path, tiny_model_dir):
+    """With the output in S3, a local model folder (a fine-tune's backbone on the head node) is copied beside the
+    results: actors on any node load that copy, and the saved clustering still assigns once the folder is gone."""
     s3_env.create_bucket("runs")
     scenes = copy_sample(tmp_path / "scenes", per_class=8, classes=3)
-    cfg = _cfg(scenes, "s3://runs/run1", tiny_model_dir, **{"scale.export": "never"})
-    metrics = run_cluster_job(cfg, echo=lambda s: None)
+    backbone = shutil.copytree(tiny_model_dir, tmp_path / "finetune" / "backbone")
+    cfg = _cfg(scenes, "s3://runs/run1", backbone, **{"scale.export": "never"})
+    lines: list[str] = []
+    metrics = run_cluster_job(cfg, echo=lines.append)
     keys = [o["Key"] for o in s3_env.boto3_client().list_objects_v2(Bucket="runs", Prefix="run1/")["Contents"]]
     parts = sorted(k for k in keys if k.startswith("run1/embeddings/part-"))
     assigned = sorted(k for k in keys if k.startswith("run1/assignments/part-"))
@@ -50,6 +56,19 @@ def test_parts_are_parquet_datasets_on_s3(ray_cluster, s3_env, tmp_path, tiny_mo
     assert {"run1/clustering/clustering.json", "run1/clustering/mixture.safetensors", "run1/metrics.json"} <= set(keys)
     assert not any(k.endswith(("embeddings.parquet", "assignments.parquet")) for k in keys)  # export: never
     assert metrics["n_embedded"] == 24 and metrics["n_clusters"] >= 1 and "acc" in metrics
+    assert {"run1/model/config.json", "run1/model/model.safetensors"} <= set(keys)
+    assert f"[model] {backbone} copied to s3://runs/run1/model" in "\n".join(lines)
+    assert read_clustering_meta(OutputFolder("s3://runs/run1"))["feature"]["model"] == "s3://runs/run1/model"
+
+    shutil.rmtree(backbone)  # the head node is gone
+    assign_cfg = load_config(
+        None,
+        {"data.input": str(scenes), "output": "s3://runs/new", "clustering": "s3://runs/run1", "embed.chunk_size": 64},
+        model=AssignJobConfig,
+    )
+    lines.clear()
+    assert run_assign_job(assign_cfg, echo=lines.append)["n_embedded"] == 24
+    assert not any(line.startswith("[model]") for line in lines)  # a model already in the store is not copied
 
 
 def _assigner_pids() -> list[int]:

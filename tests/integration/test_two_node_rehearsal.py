@@ -134,5 +134,8 @@ def test_cluster_job_embeds_on_both_nodes(two_nodes, s3_scenes, tiny_model_dir, 
     s3 = s3_scenes.boto3_client()
     keys = {o["Key"].rsplit("/", 1)[-1] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="out/run1/")["Contents"]}
     assert {"embeddings.parquet", "assignments.parquet", "metrics.json", "report.html"} <= keys
+    # the local model folder was copied beside the results, and both nodes' actors loaded that copy: on a cluster
+    # whose nodes share no disk the head's folder would be missing on the other node
+    s3.head_object(Bucket=BUCKET, Key="out/run1/model/model.safetensors")
     metrics = json.loads(s3.get_object(Bucket=BUCKET, Key="out/run1/metrics.json")["Body"].read())
     assert metrics["n_embedded"] == 10 * PER_CLASS

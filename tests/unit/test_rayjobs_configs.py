@@ -53,6 +53,8 @@ def test_pipeline_config_loads():
     model = _model("PipelineConfig", "scenecluster.pipeline")
     cfg = load_config(CONFIGS / "pipeline.yaml", model=model)
     assert cfg.finetune.sources and cfg.cluster.data.input
+    # nodes share no disk: checkpoints and clusterings (with their copy of the backbone) outlive the head in S3
+    assert cfg.finetune.storage_path.startswith("s3://") and cfg.cluster.output.startswith("s3://")
 
 
 def test_assign_config_loads():
@@ -92,6 +94,7 @@ def test_benchmark_config_loads_and_couples_the_feature():
     # the target is embedded at the fine-tune's size and always scored against its folders
     assert cfg.cluster.embed.image_size == cfg.finetune.feature.image_size == 224
     assert cfg.cluster.data.labels == "folders"
+    assert cfg.output.startswith("s3://") and cfg.finetune.storage_path.startswith("s3://")
 
 
 def test_benchmark_config_needs_sources_or_a_backbone():

@@ -643,8 +643,8 @@ class BenchmarkConfig(_Section):
     """
 
     output: str = Field(
-        description="folder (or s3://bucket/prefix with backbone given) for finetune/, one clustering run per "
-        "backbone, benchmark.json/.md"
+        description="folder or s3://bucket/prefix for one clustering run per backbone and benchmark.json/.md "
+        "(the CLI also puts finetune/ under it, which needs a local folder)"
     )
     backbone: str | None = Field(None, description="a fine-tuned backbone folder to reuse instead of fine-tuning")
     seeds: list[Annotated[int, Field(ge=0)]] = Field(

@@ -120,11 +120,30 @@ def absolute_location(location: str) -> str:
     return os.fspath(Path(local_path(location)).expanduser().resolve())
 
 
-def s3_client(endpoint_url: str | None = None):
+def store_credentials() -> dict[str, str] | None:
+    """The explicit S3 keys in this process's environment, or None (each node then uses its own chain).
+
+    The driver resolves them once and hands them to the workers that read S3 through boto3 (an ``s3://`` model),
+    as :func:`open_filesystem`'s pickled filesystem carries them for every other read and write: a worker's own
+    environment may lack them (a job joining a cluster from a shell that holds the keys).
+    """
+    if not (os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")):
+        return None
+    keys = {
+        "aws_access_key_id": os.environ["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": os.environ["AWS_SECRET_ACCESS_KEY"],
+    }
+    if os.environ.get("AWS_SESSION_TOKEN"):
+        keys["aws_session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return keys
+
+
+def s3_client(endpoint_url: str | None = None, credentials: dict[str, str] | None = None):
     """A boto3 S3 client for what pyarrow does not give: paged key listings, ETags, managed downloads.
 
     Endpoint as :func:`open_filesystem` (``endpoint_url``, else ``AWS_ENDPOINT_URL``), path-style addressing
-    (which every S3-compatible store accepts), credentials from the standard chain.
+    (which every S3-compatible store accepts), credentials as :func:`store_credentials` gives them, else from
+    the standard chain.
     """
     import boto3
     from botocore.config import Config
@@ -134,6 +153,7 @@ def s3_client(endpoint_url: str | None = None):
         endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
         region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
         config=Config(s3={"addressing_style": "path"}),
+        **(credentials or {}),
     )
 
 

@@ -69,7 +69,11 @@ class Embedder:
         self.device = resolve_torch_device(device)
         self.dtype = getattr(torch, dtype) if dtype else torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = (
-            load_backbone(spec.source, torch_dtype=self.dtype, endpoint_url=spec.endpoint_url).to(self.device).eval()
+            load_backbone(
+                spec.source, torch_dtype=self.dtype, endpoint_url=spec.endpoint_url, credentials=spec.credentials
+            )
+            .to(self.device)
+            .eval()
         )
 
     @classmethod

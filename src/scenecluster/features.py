@@ -10,15 +10,18 @@ travels whole, from the job to the embedding actors, instead of as loose keyword
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
+from scenecluster.data import store_credentials
 from scenecluster.errors import ConfigError
+from scenecluster.model_store import is_store_uri
 from scenecluster.models import POOLINGS, pooled_width, resolve_backbone
 from scenecluster.pixels import PixelSpec
 from scenecluster.views import VIEWS
 
-__all__ = ["FeatureSpec", "resolve_feature_spec"]
+__all__ = ["FeatureSpec", "resolve_feature_spec", "store_access"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,8 @@ class FeatureSpec:
     Attributes
     ----------
     model : str
-        The model as the user named it (Hub id or folder); part of the identity.
+        The model as the user named it (Hub id, folder or ``s3://`` URI), or the run's copy of a local folder
+        (``<output>/model`` for an output in object storage); part of the identity.
     requested_layer : int
         The layer as configured (``-1`` = last, ``0`` = the model's choice); part of the identity, except that
         ``0`` is recorded as the layer it resolved to (so it shares embeddings with that layer named outright).
@@ -52,8 +56,11 @@ class FeatureSpec:
         identity when known, so a model folder rewritten in place (a fine-tune's ``OUTPUT/backbone``) is another
         feature, not a reason to reuse the old weights' embeddings or clustering.
     endpoint_url : str or None
-        The S3 endpoint of an ``s3://`` model on a non-AWS store, so that workers fetch it from there; not part
-        of the identity (the weights are).
+        The S3 endpoint of an ``s3://`` model on a non-AWS store (the driver's ``data.endpoint_url``, else its
+        ``AWS_ENDPOINT_URL``), so that workers fetch it from there; not part of the identity (the weights are).
+    credentials : dict or None
+        The driver's explicit S3 keys for an ``s3://`` model (:func:`scenecluster.data.store_credentials`),
+        carried to the workers as the job's pickled filesystem carries them; never printed, compared or written.
     """
 
     model: str
@@ -70,6 +77,7 @@ class FeatureSpec:
     views: str = "one"
     weights: str | None = None
     endpoint_url: str | None = None
+    credentials: dict[str, str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_features(self) -> int:
@@ -140,5 +148,13 @@ def resolve_feature_spec(
         pixels=pixels or PixelSpec(),
         views=views,
         weights=backbone.weights,
-        endpoint_url=endpoint_url,
+        **store_access(str(backbone.source), endpoint_url),
     )
+
+
+def store_access(source: str, endpoint_url: str | None) -> dict[str, Any]:
+    """The spec's ``endpoint_url`` and ``credentials`` for workers that load ``source``: the driver's own store
+    settings for an ``s3://`` model, else only the configured endpoint."""
+    if not is_store_uri(source):
+        return {"endpoint_url": endpoint_url}
+    return {"endpoint_url": endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), "credentials": store_credentials()}

@@ -29,7 +29,7 @@ from scenecluster.devices import Resources, decide
 from scenecluster.embed import SKIPPED, embed_parts, export_embeddings, write_skipped
 from scenecluster.errors import InputError
 from scenecluster.evaluate import scores_from_contingency
-from scenecluster.features import FeatureSpec, resolve_feature_spec
+from scenecluster.features import FeatureSpec, resolve_feature_spec, store_access
 from scenecluster.manifest import check_run_paths, write_manifest
 from scenecluster.model_store import is_store_uri, publish_model_folder
 from scenecluster.outputs import OutputFolder, prepare_output
@@ -204,9 +204,6 @@ def _prepare(
         views=cfg.embed.views,
         endpoint_url=cfg.data.endpoint_url,
     )
-    published = _published_model(cfg)
-    if published is not None:  # same weights, so the same fingerprint: only where workers read them changes
-        spec = dataclasses.replace(spec, model=published, source=published)
     saved_weights = (fitted_feature or {}).get("weights")
     if saved_weights is not None and spec.weights != saved_weights:
         raise InputError(
@@ -214,6 +211,10 @@ def _prepare(
             f"{saved_weights}, and it now holds {spec.weights}: assign with the backbone the clustering was "
             "fitted with, or cluster again with this one"
         )
+    published = _published_model(cfg)
+    if published is not None:  # same weights, so the same fingerprint: only where workers read them changes
+        access = store_access(published, cfg.data.endpoint_url)
+        spec = dataclasses.replace(spec, model=published, source=published, **access)
     out = prepare_output(
         OutputFolder(cfg.output, endpoint_url=cfg.data.endpoint_url), run_identity(cfg, spec), overwrite=overwrite
     )
@@ -221,8 +222,8 @@ def _prepare(
     if published is not None:
         uploaded = publish_model_folder(_local_model(cfg.embed.model), published, endpoint_url=cfg.data.endpoint_url)
         timer.echo(
-            f"[model] {cfg.embed.model} {'copied to' if uploaded else 'already in'} {published}: every node reads "
-            "it there, as does a later assign with this clustering"
+            f"[model] {cfg.embed.model} {'copied to' if uploaded else 'already in'} {published}: every node's "
+            "actors load it there, and the run names it for later runs"
         )
     inventory = ensure_ray(cfg.resources)
     timer.echo(f"[ray] {inventory.where}: {inventory.num_cpus:g} CPUs, {inventory.num_gpus:g} GPUs")

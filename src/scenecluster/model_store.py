@@ -36,7 +36,11 @@ def is_store_uri(model: str | os.PathLike[str]) -> bool:
 
 
 def fetch_model_folder(
-    uri: str, cache_dir: str | os.PathLike[str] | None = None, *, endpoint_url: str | None = None
+    uri: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    endpoint_url: str | None = None,
+    credentials: dict[str, str] | None = None,
 ) -> Path:
     """The local copy of the model folder ``uri`` (``s3://bucket/prefix``), fetched when missing or changed.
 
@@ -61,7 +65,7 @@ def fetch_model_folder(
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     if not bucket:
         raise ModelLoadError(f"cannot load model '{uri}': it names no bucket; give s3://bucket/prefix")
-    client = s3_client(endpoint_url)
+    client = s3_client(endpoint_url, credentials)
     try:
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
         objects = [item for page in pages for item in page.get("Contents", [])]
@@ -145,12 +149,13 @@ def publish_model_folder(folder: str | os.PathLike[str], uri: str, *, endpoint_u
     from scenecluster.models import _file_digest
 
     local = Path(os.fspath(folder)).expanduser()
-    files = {p.name: _file_digest(p) for p in sorted(local.iterdir()) if p.is_file() and not p.name.startswith(".")}
-    record = {"files": files}
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     prefix = prefix.rstrip("/") + "/" if prefix else ""
-    client = s3_client(endpoint_url)
     try:
+        names = sorted(p for p in local.iterdir() if p.is_file() and not p.name.startswith("."))
+        files = {p.name: _file_digest(p) for p in names}
+        record = {"files": files}
+        client = s3_client(endpoint_url)
         with contextlib.suppress(ClientError, ValueError):
             body = client.get_object(Bucket=bucket, Key=prefix + PUBLISHED_RECORD)["Body"].read()
             if json.loads(body) == record:
@@ -165,5 +170,7 @@ def publish_model_folder(folder: str | os.PathLike[str], uri: str, *, endpoint_u
             client.upload_file(str(local / name), bucket, prefix + name)
         client.put_object(Bucket=bucket, Key=prefix + PUBLISHED_RECORD, Body=json.dumps(record).encode())
     except (OSError, BotoCoreError, ClientError) as exc:
-        raise OutputError(f"cannot copy the model folder {local} to {uri}: {one_line(exc)}") from None
+        raise OutputError(
+            f"cannot copy the model folder {local} (--model) to {uri} (under --output): {one_line(exc)}"
+        ) from None
     return True

@@ -331,7 +331,13 @@ def _load_folder(folder: Path, load: Callable[..., _T]) -> _T:
         ) from exc
 
 
-def _resolve(model: str | os.PathLike[str], load: Callable[..., _T], *, endpoint_url: str | None = None) -> _T:
+def _resolve(
+    model: str | os.PathLike[str],
+    load: Callable[..., _T],
+    *,
+    endpoint_url: str | None = None,
+    credentials: dict[str, str] | None = None,
+) -> _T:
     """Apply ``load`` to the first place ``model`` can be read from, in :func:`load_backbone`'s order.
 
     ``load(source, **kwargs)`` reads a folder (a :class:`~pathlib.Path`) or a Hub id (a str, with
@@ -340,7 +346,7 @@ def _resolve(model: str | os.PathLike[str], load: Callable[..., _T], *, endpoint
     """
     name = os.fspath(model)
     if is_store_uri(name):
-        return _load_folder(fetch_model_folder(name, endpoint_url=endpoint_url), load)
+        return _load_folder(fetch_model_folder(name, endpoint_url=endpoint_url, credentials=credentials), load)
     if "://" in name:  # file:///abs is that folder; another scheme is nothing this can read
         from scenecluster.data import local_path
 
@@ -396,6 +402,7 @@ def load_backbone(
     *,
     torch_dtype: torch.dtype = torch.float32,
     endpoint_url: str | None = None,
+    credentials: dict[str, str] | None = None,
 ) -> PreTrainedModel:
     """Load a DINOv2 backbone from a local folder or a Hugging Face Hub id, in eval mode.
 
@@ -419,6 +426,8 @@ def load_backbone(
         Dtype to load the weights in (``devices.resolve`` picks bf16 on GPU).
     endpoint_url : str, optional
         The S3 endpoint of an ``s3://`` model on a non-AWS store (else ``AWS_ENDPOINT_URL``).
+    credentials : dict, optional
+        Explicit S3 keys for an ``s3://`` model (:func:`scenecluster.data.store_credentials`), else the chain's.
 
     Returns
     -------
@@ -432,7 +441,10 @@ def load_backbone(
         With a one-line message naming ``model`` and the fix.
     """
     return _resolve(
-        model, lambda source, **kwargs: _from_pretrained(source, torch_dtype, **kwargs), endpoint_url=endpoint_url
+        model,
+        lambda source, **kwargs: _from_pretrained(source, torch_dtype, **kwargs),
+        endpoint_url=endpoint_url,
+        credentials=credentials,
     )
 
 

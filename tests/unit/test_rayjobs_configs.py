@@ -63,6 +63,20 @@ def test_assign_config_loads():
     assert cfg.clustering and cfg.data.input
 
 
+def test_the_examples_fine_tunes_keep_their_checkpoints_apart():
+    # one storage_path, several examples: a shared run name would make one example resume (or with --overwrite
+    # delete) another's checkpoints
+    from scenecluster.config import BenchmarkConfig, FinetuneConfig, PipelineConfig
+
+    runs = [
+        load_config(CONFIGS / "finetune.yaml", model=FinetuneConfig),
+        load_config(CONFIGS / "pipeline.yaml", model=PipelineConfig).finetune,
+        load_config(CONFIGS / "benchmark.yaml", model=BenchmarkConfig).finetune,
+    ]
+    where = [(cfg.storage_path or cfg.output, cfg.name) for cfg in runs]
+    assert len(set(where)) == len(where), where
+
+
 def test_every_example_is_tested():
     assert {p.name for p in CONFIGS.glob("*.yaml")} == {
         "cluster-local.yaml", "cluster-s3.yaml", "finetune.yaml", "tune.yaml", "pipeline.yaml", "assign.yaml",

@@ -43,6 +43,7 @@ from scenecluster.cluster import make_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
 from scenecluster.embed import read_embeddings
 from scenecluster.evaluate import score_clusters
+from scenecluster.neighbourhood_prior import neighbourhood_covariance
 from scenecluster.reduce import make_projection
 
 
@@ -75,11 +76,7 @@ def neighbours(spec: float, n: int) -> int:
 def local_covariance(Z: np.ndarray, k: int = 30) -> np.ndarray:
     """The mean covariance of each scene's ``k`` nearest neighbours in the projection: the grain of UMAP's blobs,
     which unlike the data's whole covariance does not grow as more classes spread the layout out."""
-    from sklearn.neighbors import NearestNeighbors
-
-    _, idx = NearestNeighbors(n_neighbors=k).fit(Z).kneighbors(Z)
-    local = Z[idx] - Z[idx].mean(axis=1, keepdims=True)  # (n, k, d)
-    return np.einsum("nki,nkj->ij", local, local) / (len(Z) * (k - 1))
+    return neighbourhood_covariance(Z, k)
 
 
 def fit_with_covariance(Z: np.ndarray, covariance: np.ndarray, multiplier: float, seed: int) -> np.ndarray:
@@ -101,24 +98,21 @@ def fit_local_prior(Z: np.ndarray, y: np.ndarray, multiplier: float, k_spec: flo
     return {"m": multiplier, "local_k": k_spec, **scored(y, labels)}
 
 
-def fit_adaptive_prior(
-    Z: np.ndarray, y: np.ndarray, multiplier: float, share: float, k0: int, seed: int, rounds: int = 5
-) -> dict:
+def fit_adaptive_prior(Z: np.ndarray, y: np.ndarray, multiplier: float, share: float, seed: int) -> dict:
     """The local prior with neighbourhoods of ``share`` of a cluster's scenes: ``share x n / K`` neighbours, ``K``
-    the previous fit's count (first the default prior's ``k0``), refitted until the count repeats.
+    the previous fit's count (first the default prior's), refitted until the count repeats: the job's own
+    ``cluster.prior_covariance: neighbourhoods`` (:class:`scenecluster.neighbourhood_prior.NeighbourhoodPriorDPGMM`).
 
     Fixed neighbours shrink with N (the count drifts up as the archive grows); a fixed share of all scenes is a
     larger part of each class when the classes are many (the count saturates). A share of the *clusters'* size
     scales with neither, if the count it gives is near the classes' own.
     """
-    counts = [k0]
-    for _ in range(rounds):
-        k = max(10, round(share * len(Z) / max(counts[-1], 1)))
-        labels = fit_with_covariance(Z, local_covariance(Z, min(k, len(Z) - 1)), multiplier, seed)
-        counts.append(len(np.unique(labels)))
-        if counts[-1] in counts[:-1]:
-            break
-    return {"m": multiplier, "share": share, **scored(y, labels), "counts": counts}
+    cfg = ClusterConfig(
+        random_state=seed, prior_covariance="neighbourhoods", neighbourhood_prior=multiplier, neighbourhood_share=share
+    )
+    mixture = make_clusterer(cfg, Z, device="cpu")
+    labels = mixture.fit_predict(Z)
+    return {"m": multiplier, "share": share, **scored(y, labels), "counts": mixture.counts_}
 
 
 def load(args) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -174,9 +168,8 @@ def run(args) -> None:
                 labels = np.asarray(make_clusterer(cfg, Z, device="cpu").fit(Z).predict(Z))
                 fits.append({"c": c, **scored(y[rows], labels)})
             local = [fit_local_prior(Z, y[rows], m, k, seed) for m in args.local_priors for k in args.local_k]
-            k0 = next((f["k"] for f in fits if f["c"] == 0.002), fits[0]["k"])
             adaptive = [
-                fit_adaptive_prior(Z, y[rows], m, share, k0, seed)
+                fit_adaptive_prior(Z, y[rows], m, share, seed)
                 for m in args.adaptive_priors
                 for share in args.adaptive_share
             ]

@@ -45,7 +45,7 @@ MIN_PRIOR_SCALE = 2.0
 
 
 @register("dpgmm")
-def _dpgmm(cfg: ClusterConfig, X: np.ndarray, device: str) -> DPGMM:
+def _dpgmm(cfg: ClusterConfig, X: np.ndarray, device: str) -> Any:
     """The variational DP-GMM.
 
     The Wishart prior's scale matrix is a scale times the data's covariance (1.0 is scikit-learn's default).
@@ -54,6 +54,9 @@ def _dpgmm(cfg: ClusterConfig, X: np.ndarray, device: str) -> DPGMM:
     (13 clusters at 1,000 EuroSAT scenes, 44 at 27,000). The scale is therefore ``prior_per_scene`` times the
     number of scenes fitted (at least ``MIN_PRIOR_SCALE``), unless ``covariance_prior_scale`` fixes it: the same
     prior strength, and about the same number of clusters, at any size (``docs/benchmarks.md``).
+    ``prior_covariance: neighbourhoods`` wraps that mixture in
+    :class:`~scenecluster.neighbourhood_prior.NeighbourhoodPriorDPGMM`, which refits it with a prior scaled to
+    its clusters' neighbourhoods.
     """
     scale = cfg.covariance_prior_scale
     if scale is None:
@@ -62,7 +65,7 @@ def _dpgmm(cfg: ClusterConfig, X: np.ndarray, device: str) -> DPGMM:
         covariance_prior = np.atleast_2d(np.cov(X.T)) * scale
     else:
         covariance_prior = np.var(X, axis=0, ddof=1) * scale
-    return DPGMM(
+    mixture = DPGMM(
         covariance_prior=covariance_prior,
         n_components=cfg.n_components,
         weight_concentration_prior=cfg.weight_concentration_prior,
@@ -74,6 +77,11 @@ def _dpgmm(cfg: ClusterConfig, X: np.ndarray, device: str) -> DPGMM:
         random_state=cfg.random_state,
         device=device,
     )
+    if cfg.prior_covariance == "neighbourhoods":
+        from scenecluster.neighbourhood_prior import NeighbourhoodPriorDPGMM
+
+        return NeighbourhoodPriorDPGMM(mixture, multiplier=cfg.neighbourhood_prior, share=cfg.neighbourhood_share)
+    return mixture
 
 
 @register("kmeans")

@@ -255,6 +255,19 @@ class ClusterConfig(_Section):
         "directions and targets of 3-22 classes, docs/benchmarks.md)",
         json_schema_extra=flag("--prior-per-scene"),
     )
+    prior_covariance: Literal["data", "neighbourhoods"] = Field(
+        "data",
+        description="the Wishart prior's scale matrix: 'data' is prior_per_scene x n x the covariance of all fitted "
+        "scenes; 'neighbourhoods' refits with neighbourhood_prior x n x the mean covariance of neighbourhoods of "
+        "neighbourhood_share of a cluster until the count repeats (scenecluster.neighbourhood_prior)",
+        json_schema_extra=flag("--prior-covariance"),
+    )
+    neighbourhood_prior: float = Field(
+        0.4, gt=0, description="'neighbourhoods' prior: the scale per fitted scene of the neighbourhood covariance"
+    )
+    neighbourhood_share: float = Field(
+        0.1, gt=0, le=1, description="'neighbourhoods' prior: each neighbourhood holds this share of a cluster's scenes"
+    )
     covariance_type: Literal["full", "diag"] = Field(
         "full", description="covariance of each component", json_schema_extra=flag("--covariance-type")
     )

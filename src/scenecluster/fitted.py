@@ -169,6 +169,8 @@ def fit_clustering(
     reduce_seconds = time.perf_counter() - start
     clusterer = make_clusterer(cluster, Z, device=device)
     raw = np.asarray(clusterer.fit_predict(Z))
+    prior_counts = getattr(clusterer, "counts_", None)
+    clusterer = getattr(clusterer, "mixture_", clusterer)  # a prior search keeps the mixture it chose
     clusters = relabel_by_size(raw)
     n_components = int(getattr(clusterer, "n_components", raw.max() + 1))
     cluster_ids = np.full(max(n_components, int(raw.max()) + 1), -1, dtype=np.int32)
@@ -183,6 +185,7 @@ def fit_clustering(
         "n_iter": _maybe_int(getattr(clusterer, "n_iter_", None)),
         "converged": bool(getattr(clusterer, "converged_", True)),
         "lower_bound": float(getattr(clusterer, "lower_bound_", float("nan"))),
+        **({"prior_counts": [int(k) for k in prior_counts]} if prior_counts is not None else {}),
         "versions": _versions(settings.get("method", "umap"), settings.get("backend", "umap-learn")),
         "seconds": {"reduce": round(reduce_seconds, 3), "cluster": round(cluster_end - start - reduce_seconds, 3)},
     }

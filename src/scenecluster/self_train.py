@@ -126,7 +126,12 @@ def _fit_pseudo_labels(
         raise InputError(f"{out.display(FIT_SAMPLE)} is missing: self-training needs a finished clustering run")
     table = out.read_table(FIT_SAMPLE, columns=["path", "coords"])
     Z = matrix(table, "coords")
-    over_segmented = {"method": "dpgmm", "prior_per_scene": st.prior_per_scene, "covariance_prior_scale": None}
+    over_segmented = {
+        "method": "dpgmm",
+        "prior_per_scene": st.prior_per_scene,
+        "covariance_prior_scale": None,
+        "prior_covariance": "data",
+    }
     settings = cluster.model_copy(update=over_segmented)  # a mixture whatever the run used: its density ranks
     mixture = make_clusterer(settings, Z, device="cpu")
     found = np.asarray(mixture.fit_predict(Z))

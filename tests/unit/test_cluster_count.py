@@ -35,3 +35,33 @@ def test_a_fixed_prior_scale_splits_more_as_the_sample_grows():
     # why the default scales the prior with the sample: at a fixed scale more scenes mean more clusters
     counts = [n_clusters(ClusterConfig(covariance_prior_scale=2.0), crescents(n)[0]) for n in (500, 8000)]
     assert counts[0] == 5 and counts[1] > 7
+
+
+def blobs(k: int, per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` round unit blobs in 5-d, in a box that widens slowly with ``k`` (more classes spread the layout)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(0, 12 * k ** (1 / 5), (k, 5))
+    labels = np.repeat(np.arange(k), per_class)
+    return (centres[labels] + rng.normal(0, 1, (len(labels), 5))).astype(np.float32), labels
+
+
+def test_neighbourhood_covariance_is_the_mean_covariance_of_each_points_nearest_neighbours():
+    from sklearn.neighbors import NearestNeighbors
+
+    from scenecluster.neighbourhood_prior import neighbourhood_covariance
+
+    X = np.random.default_rng(1).normal(size=(700, 5)).astype(np.float32) * [1, 2, 3, 0.5, 0.1]
+    _, idx = NearestNeighbors(n_neighbors=25).fit(X).kneighbors(X)
+    local = X[idx] - X[idx].mean(axis=1, keepdims=True)
+    expected = np.einsum("nki,nkj->ij", local, local) / (len(X) * 24)
+    np.testing.assert_allclose(neighbourhood_covariance(X, 25, chunk_size=128), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [5, 10, 20])
+def test_the_neighbourhood_prior_finds_the_count_at_two_sizes(k):
+    cfg = ClusterConfig(prior_covariance="neighbourhoods")
+    for per_class in (50, 200):  # the count holds from 4x fewer scenes to 4x more
+        X, _ = blobs(k, per_class)
+        model = make_clusterer(cfg, X, device="cpu").fit(X)
+        assert len(np.unique(model.labels_)) in (k - 1, k), (k, per_class, model.counts_)
+        assert model.counts_[-1] in model.counts_[:-1] and model.neighbours_ >= 10

@@ -25,12 +25,15 @@ def blobs(n_per: int = 80, centres: int = 3, dim: int = 12, seed: int = 0) -> tu
 
 
 def fit(method: str, X: np.ndarray):
+    """``method``: a ``cluster.method``, or ``neighbourhoods`` for the DP-GMM with that prior."""
     reduce = ReduceConfig(method="pca", n_components=3, backend="umap-learn")
-    cluster = ClusterConfig(method=method, n_components=6 if method == "dpgmm" else 3, n_init=2)
+    prior = {"prior_covariance": "neighbourhoods"} if method == "neighbourhoods" else {}
+    kind = "kmeans" if method == "kmeans" else "dpgmm"
+    cluster = ClusterConfig(method=kind, n_components=3 if kind == "kmeans" else 6, n_init=2, **prior)
     return fit_clustering(X, feature=FEATURE, reduce=reduce, cluster=cluster, device="cpu", novelty_quantile=0.02)
 
 
-@pytest.mark.parametrize("method", ["dpgmm", "kmeans"])
+@pytest.mark.parametrize("method", ["dpgmm", "kmeans", "neighbourhoods"])
 def test_saved_clustering_assigns_exactly_as_the_fitted_one(tmp_path, method):
     X, truth = blobs()
     fitted, clusters, _ = fit(method, X)
@@ -44,12 +47,16 @@ def test_saved_clustering_assigns_exactly_as_the_fitted_one(tmp_path, method):
     np.testing.assert_array_equal(after["cluster"], clusters)
     assert loaded.feature == FEATURE
     meta = json.loads((tmp_path / "clustering" / "clustering.json").read_text())
-    assert meta["clusterer"] == ("dpgmm" if method == "dpgmm" else "pickle")
+    assert meta["clusterer"] == ("pickle" if method == "kmeans" else "dpgmm")
     assert meta["run"] == "test"
-    # ours is plain arrays; k-means is pickled with its library's version recorded for the load-time check
-    assert (tmp_path / "clustering" / "mixture.safetensors").exists() == (method == "dpgmm")
+    # ours is plain arrays (the neighbourhood prior keeps the mixture it chose); k-means is pickled with its
+    # library's version recorded for the load-time check
+    assert (tmp_path / "clustering" / "mixture.safetensors").exists() == (method != "kmeans")
     assert (tmp_path / "clustering" / "clusterer.pkl").exists() == (method == "kmeans")
     assert "scikit-learn" in meta["info"]["versions"]
+    # the counts that chose the prior: the data prior's first, then each refit's until one repeats
+    counts = meta["info"].get("prior_counts")
+    assert (counts is not None and len(counts) >= 2 and counts[-1] in counts[:-1]) == (method == "neighbourhoods")
 
 
 def test_points_far_from_every_cluster_are_flagged_novel():

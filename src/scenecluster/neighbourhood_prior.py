@@ -1,0 +1,116 @@
+"""A DP-GMM whose Wishart prior is scaled to the grain of the clusters it finds, not to the whole layout.
+
+Why: the default prior's scale matrix is ``prior_per_scene x n x`` the covariance of all fitted scenes. More
+classes spread UMAP's layout wider while each blob stays the same size, so that prior weighs more on each class as
+the classes multiply, and the count saturates (about 8 clusters for 3 classes, 15 for 22; docs/benchmarks.md,
+issue 10). Here the scale matrix is ``multiplier x n x`` the mean covariance of each scene's neighbourhood of
+``share x n / K`` scenes, ``K`` the previous fit's count (first the default prior's): a neighbourhood that is a
+fixed share of a *cluster* neither shrinks as the archive grows (the drift of a fixed neighbour count) nor grows
+with the number of classes (the saturation of a fixed share of all scenes). The mixture is refitted until a count
+repeats, which took one to four refits in every case measured.
+
+:class:`NeighbourhoodPriorDPGMM` is a scikit-learn meta-estimator in the manner of ``GridSearchCV``: the fitted
+mixture that assigns scenes is ``mixture_`` (a plain :class:`~scenecluster.mixture.DPGMM`, saved and loaded as
+any other), and ``counts_`` records the path that chose its prior.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClusterMixin, clone
+
+from scenecluster.mixture import DPGMM
+
+__all__ = ["NeighbourhoodPriorDPGMM", "neighbourhood_covariance"]
+
+MIN_NEIGHBOURS = 10
+
+
+def neighbourhood_covariance(Z: np.ndarray, k: int, *, device: str = "cpu", chunk_size: int = 1024) -> np.ndarray:
+    """The mean covariance of every scene's ``k`` nearest neighbours (itself included) in ``Z`` (n, d).
+
+    Exact neighbours by chunked distances in torch, on the mixture's device: at most ``chunk_size x n`` distances
+    are held at once, and the fit sample's few projected dimensions make that cheap on a CPU too.
+    """
+    import torch
+
+    from scenecluster.devices import resolve_torch_device
+
+    n = len(Z)
+    k = int(min(max(k, 2), n))
+    data = torch.as_tensor(np.asarray(Z), dtype=torch.float32, device=resolve_torch_device(device))
+    scatter = torch.zeros(data.shape[1], data.shape[1], dtype=torch.float64, device=data.device)
+    for start in range(0, n, chunk_size):
+        block = data[start : start + chunk_size]
+        nearest = torch.cdist(block, data).topk(k, largest=False).indices  # (c, k)
+        local = data[nearest]
+        local = (local - local.mean(dim=1, keepdim=True)).double()
+        scatter += torch.einsum("cki,ckj->ij", local, local)
+    return (scatter / (n * (k - 1))).cpu().numpy()
+
+
+class NeighbourhoodPriorDPGMM(ClusterMixin, BaseEstimator):
+    """Fit ``mixture`` with its data prior, then refit it with a neighbourhood prior until the count repeats.
+
+    Parameters
+    ----------
+    mixture : DPGMM
+        The unfitted mixture with the default (data-covariance) prior: the first fit, and the settings of every
+        refit, whose ``covariance_prior`` alone is replaced.
+    multiplier : float, default=0.4
+        The scale matrix is ``multiplier x n x`` the neighbourhood covariance.
+    share : float, default=0.1
+        Neighbourhoods of ``share x n / K`` scenes (at least 10), ``K`` the previous fit's count.
+    max_refits : int, default=5
+        Refits before the last one is kept even if no count has repeated.
+
+    Attributes
+    ----------
+    mixture_ : DPGMM
+        The last fit: the one that assigns.
+    counts_ : list of int
+        The count of each fit, the data prior's first.
+    neighbours_ : int
+        The neighbourhood size of the last fit's prior.
+    labels_ : ndarray of shape (n_samples,)
+    """
+
+    def __init__(self, mixture: DPGMM, *, multiplier: float = 0.4, share: float = 0.1, max_refits: int = 5):
+        self.mixture = mixture
+        self.multiplier = multiplier
+        self.share = share
+        self.max_refits = max_refits
+
+    def fit(self, X: Any, y: Any = None) -> NeighbourhoodPriorDPGMM:
+        X = np.asarray(X)
+        n = len(X)
+        fitted = clone(self.mixture).fit(X)
+        labels = np.asarray(fitted.predict(X))
+        counts = [len(np.unique(labels))]
+        neighbours = 0
+        for _ in range(self.max_refits):
+            neighbours = min(max(MIN_NEIGHBOURS, round(self.share * n / counts[-1])), n)
+            covariance = neighbourhood_covariance(X, neighbours, device=self.mixture.device)
+            if self.mixture.covariance_type == "diag":
+                covariance = np.diag(covariance).copy()
+            fitted = clone(self.mixture).set_params(covariance_prior=covariance * self.multiplier * n).fit(X)
+            labels = np.asarray(fitted.predict(X))
+            counts.append(len(np.unique(labels)))
+            if counts[-1] in counts[:-1]:
+                break
+        self.mixture_, self.counts_, self.neighbours_, self.labels_ = fitted, counts, neighbours, labels
+        return self
+
+    def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
+        return self.fit(X).labels_
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.mixture_.predict(X)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        return self.mixture_.predict_proba(X)
+
+    def score_samples(self, X: Any) -> np.ndarray:
+        return self.mixture_.score_samples(X)

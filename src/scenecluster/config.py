@@ -279,6 +279,13 @@ class ClusterConfig(_Section):
     init_params: Literal["kmeans", "kmeans++", "random"] = Field("kmeans", description="initialisation")
     random_state: int | None = Field(0, ge=0, description="seed")
 
+    def key_settings(self) -> dict[str, Any]:
+        """The settings that decide a fit, for the keys that reuse one (a run's fit, a round's pseudo-labels): the
+        neighbourhood prior's only when it is chosen, so a run made before they existed keeps its key and its
+        fit, and changing them under the data prior refits nothing."""
+        unused = {"neighbourhood_prior", "neighbourhood_share", "prior_covariance"}
+        return self.model_dump(exclude=unused if self.prior_covariance == "data" else set())
+
 
 class ScaleConfig(_Section):
     """How the job scales past one machine: the fit sample, the novelty flag and the single-file exports."""

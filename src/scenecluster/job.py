@@ -281,7 +281,7 @@ def _fit_key(cfg: ClusterJobConfig, spec: FeatureSpec) -> str:
     settings = {
         "run": run_identity(cfg, spec),
         "reduce": cfg.reduce.model_dump(),
-        "cluster": cfg.cluster.model_dump(),
+        "cluster": cfg.cluster.key_settings(),
         "fit_sample": cfg.scale.fit_sample,
         "novelty_quantile": cfg.scale.novelty_quantile,
         "seed": cfg.data.seed,

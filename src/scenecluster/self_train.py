@@ -229,7 +229,7 @@ def pseudo_label_key(
     meta = read_clustering_meta(OutputFolder(run_uri, endpoint_url=endpoint_url))
     made_from = {
         "fit_key": meta.get("fit_key"),
-        "cluster": cluster.model_dump(),
+        "cluster": cluster.key_settings(),
         "self_train": self_train.model_dump(include={"keep", "min_size", "prior_per_scene"}),
     }
     return hashlib.sha1(json.dumps(made_from, sort_keys=True, default=str).encode()).hexdigest()[:12]

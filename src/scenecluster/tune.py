@@ -87,8 +87,9 @@ def evaluate_trial(
     result: dict[str, Any] = {
         "n_clusters": n_clusters,
         "silhouette": silhouette,
-        "lower_bound": float(getattr(model, "lower_bound_", math.nan)),
-        "converged": bool(getattr(model, "converged_", True)),
+        # a prior search (cluster.prior_covariance: neighbourhoods) reports the mixture it kept
+        "lower_bound": float(getattr(getattr(model, "mixture_", model), "lower_bound_", math.nan)),
+        "converged": bool(getattr(getattr(model, "mixture_", model), "converged_", True)),
     }
     if labels is not None:
         scores = score_clusters(labels, clusters)

@@ -65,3 +65,13 @@ def test_the_neighbourhood_prior_finds_the_count_at_two_sizes(k):
         model = make_clusterer(cfg, X, device="cpu").fit(X)
         assert len(np.unique(model.labels_)) in (k - 1, k), (k, per_class, model.counts_)
         assert model.counts_[-1] in model.counts_[:-1] and model.neighbours_ >= 10
+
+
+def test_the_neighbourhood_settings_key_a_fit_only_when_chosen():
+    # a run made before the setting existed keeps its fit key (no refit on upgrade), and tuning the neighbourhood
+    # prior while the data prior is used refits nothing
+    default = ClusterConfig()
+    assert default.key_settings() == ClusterConfig(neighbourhood_prior=0.9).key_settings()
+    assert not {"prior_covariance", "neighbourhood_prior", "neighbourhood_share"} & set(default.key_settings())
+    chosen = ClusterConfig(prior_covariance="neighbourhoods")
+    assert chosen.key_settings() != chosen.model_copy(update={"neighbourhood_share": 0.2}).key_settings()

@@ -73,12 +73,6 @@ def neighbours(spec: float, n: int) -> int:
     return int(spec) if spec >= 1 else max(10, round(spec * n))
 
 
-def local_covariance(Z: np.ndarray, k: int = 30) -> np.ndarray:
-    """The mean covariance of each scene's ``k`` nearest neighbours in the projection: the grain of UMAP's blobs,
-    which unlike the data's whole covariance does not grow as more classes spread the layout out."""
-    return neighbourhood_covariance(Z, k)
-
-
 def fit_with_covariance(Z: np.ndarray, covariance: np.ndarray, multiplier: float, seed: int) -> np.ndarray:
     """Labels of the job's DP-GMM with its Wishart scale matrix ``multiplier x n x covariance``."""
     mixture = make_clusterer(ClusterConfig(random_state=seed), Z, device="cpu")
@@ -93,8 +87,10 @@ def scored(y: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def fit_local_prior(Z: np.ndarray, y: np.ndarray, multiplier: float, k_spec: float, seed: int) -> dict:
-    """The job's DP-GMM, its Wishart scale matrix ``multiplier x n x`` the local covariance, not the data's."""
-    labels = fit_with_covariance(Z, local_covariance(Z, neighbours(k_spec, len(Z))), multiplier, seed)
+    """The job's DP-GMM, its Wishart scale matrix ``multiplier x n x`` the mean covariance of each scene's
+    neighbourhood (the grain of UMAP's blobs, which unlike the data's whole covariance does not grow as more
+    classes spread the layout out), not the data's."""
+    labels = fit_with_covariance(Z, neighbourhood_covariance(Z, neighbours(k_spec, len(Z))), multiplier, seed)
     return {"m": multiplier, "local_k": k_spec, **scored(y, labels)}
 
 

@@ -60,13 +60,13 @@ def open_filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.
             raise InputError(f"{uri!r} names no bucket: give s3://bucket/prefix")
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
-        if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        if keys := store_credentials():
             # Explicit keys travel with the (pickled) filesystem to Ray workers, whose environment may
             # lack them; without keys each node uses its own credential chain (e.g. an instance profile).
             kwargs.update(
-                access_key=os.environ["AWS_ACCESS_KEY_ID"],
-                secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
-                session_token=os.environ.get("AWS_SESSION_TOKEN"),
+                access_key=keys["aws_access_key_id"],
+                secret_key=keys["aws_secret_access_key"],
+                session_token=keys.get("aws_session_token"),
             )
         if endpoint:
             ep = urlparse(endpoint)

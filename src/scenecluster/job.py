@@ -169,16 +169,16 @@ def _local_model(model: str) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def _published_model(cfg) -> str | None:
-    """Where a run copies its local model folder: ``<output>/model`` when the output is in object storage.
+def _published_model(cfg) -> tuple[Path, str] | None:
+    """The run's local model folder and where the run copies it, ``<output>/model``, when the output is in object
+    storage; else None.
 
     Why: such a run's actors may start on nodes that cannot see the driver's disk (on an autoscaling or KubeRay
     cluster, a fine-tuned backbone exported on the head node), and its saved clustering names the model for an
     ``assign`` run long after that node is gone (:func:`scenecluster.model_store.publish_model_folder`).
     """
-    if not is_store_uri(cfg.output) or _local_model(cfg.embed.model) is None:
-        return None
-    return f"{cfg.output.rstrip('/')}/{MODEL_FOLDER}"
+    folder = _local_model(cfg.embed.model) if is_store_uri(cfg.output) else None
+    return None if folder is None else (folder, f"{cfg.output.rstrip('/')}/{MODEL_FOLDER}")
 
 
 def _prepare(
@@ -213,16 +213,17 @@ def _prepare(
         )
     published = _published_model(cfg)
     if published is not None:  # same weights, so the same fingerprint: only where workers read them changes
-        access = store_access(published, cfg.data.endpoint_url)
-        spec = dataclasses.replace(spec, model=published, source=published, **access)
+        copy = published[1]
+        spec = dataclasses.replace(spec, model=copy, source=copy, **store_access(copy, cfg.data.endpoint_url))
     out = prepare_output(
         OutputFolder(cfg.output, endpoint_url=cfg.data.endpoint_url), run_identity(cfg, spec), overwrite=overwrite
     )
     out.write_text("config.yaml", dump_config(cfg))
     if published is not None:
-        uploaded = publish_model_folder(_local_model(cfg.embed.model), published, endpoint_url=cfg.data.endpoint_url)
+        folder, copy = published
+        uploaded = publish_model_folder(folder, copy, endpoint_url=cfg.data.endpoint_url)
         timer.echo(
-            f"[model] {cfg.embed.model} {'copied to' if uploaded else 'already in'} {published}: every node's "
+            f"[model] {cfg.embed.model} {'copied to' if uploaded else 'already in'} {copy}: every node's "
             "actors load it there, and the run names it for later runs"
         )
     inventory = ensure_ray(cfg.resources)

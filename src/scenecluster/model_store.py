@@ -61,14 +61,12 @@ def fetch_model_folder(
     from scenecluster.errors import one_line
     from scenecluster.models import ModelLoadError, _default_cache_dir
 
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    bucket, prefix = _bucket_and_prefix(uri)
     if not bucket:
         raise ModelLoadError(f"cannot load model '{uri}': it names no bucket; give s3://bucket/prefix")
     client = s3_client(endpoint_url, credentials)
     try:
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
-        objects = [item for page in pages for item in page.get("Contents", [])]
+        objects = _objects_under(client, bucket, prefix)
     except (BotoCoreError, ClientError) as exc:
         raise ModelLoadError(f"cannot load model '{uri}': the store cannot be read: {one_line(exc)}") from None
     # a folder written through pyarrow (Ray Train's checkpoints in S3) has an empty "backbone/" marker object: its
@@ -100,6 +98,18 @@ def fetch_model_folder(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def _bucket_and_prefix(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b/")``: the prefix of a folder's objects ("" at the bucket's root)."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    return bucket, prefix.rstrip("/") + "/" if prefix else ""
+
+
+def _objects_under(client, bucket: str, prefix: str) -> list[dict]:
+    """The objects directly under ``prefix`` (a model folder is flat), every page of the listing."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+    return [item for page in pages for item in page.get("Contents", [])]
 
 
 def _record(folder: Path) -> dict | None:
@@ -149,8 +159,7 @@ def publish_model_folder(folder: str | os.PathLike[str], uri: str, *, endpoint_u
     from scenecluster.models import _file_digest
 
     local = Path(os.fspath(folder)).expanduser()
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    bucket, prefix = _bucket_and_prefix(uri)
     try:
         names = sorted(p for p in local.iterdir() if p.is_file() and not p.name.startswith("."))
         files = {p.name: _file_digest(p) for p in names}
@@ -161,9 +170,7 @@ def publish_model_folder(folder: str | os.PathLike[str], uri: str, *, endpoint_u
             if json.loads(body) == record:
                 return False
         client.delete_object(Bucket=bucket, Key=prefix + PUBLISHED_RECORD)
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
-        stale = [item["Key"] for page in pages for item in page.get("Contents", [])]
-        for key in stale:
+        for key in (item["Key"] for item in _objects_under(client, bucket, prefix)):
             if key[len(prefix) :] not in files and key != prefix + PUBLISHED_RECORD:
                 client.delete_object(Bucket=bucket, Key=key)
         for name in files:

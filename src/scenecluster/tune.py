@@ -84,12 +84,12 @@ def evaluate_trial(
     clusters = model.fit_predict(Z)
     n_clusters = int(len(np.unique(clusters)))
     silhouette = input_silhouette(X, clusters, silhouette_index, metric=reduce_params.get("metric", "cosine"))
+    kept = getattr(model, "mixture_", model)  # a prior search (prior_covariance: neighbourhoods) reports its mixture
     result: dict[str, Any] = {
         "n_clusters": n_clusters,
         "silhouette": silhouette,
-        # a prior search (cluster.prior_covariance: neighbourhoods) reports the mixture it kept
-        "lower_bound": float(getattr(getattr(model, "mixture_", model), "lower_bound_", math.nan)),
-        "converged": bool(getattr(getattr(model, "mixture_", model), "converged_", True)),
+        "lower_bound": float(getattr(kept, "lower_bound_", math.nan)),
+        "converged": bool(getattr(kept, "converged_", True)),
     }
     if labels is not None:
         scores = score_clusters(labels, clusters)

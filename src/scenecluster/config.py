@@ -250,16 +250,17 @@ class ClusterConfig(_Section):
     prior_per_scene: float = Field(
         0.002,
         gt=0,
-        description="the prior scale per fitted scene: the same prior strength, and so about the same number of "
-        "clusters, at any sample size; larger merges more, smaller splits more (chosen across both transfer "
+        description="the data prior's scale per fitted scene (under 'neighbourhoods', the first fit's): the same "
+        "prior strength at any sample size; larger merges more, smaller splits more (chosen across both transfer "
         "directions and targets of 3-22 classes, docs/benchmarks.md)",
         json_schema_extra=flag("--prior-per-scene"),
     )
     prior_covariance: Literal["data", "neighbourhoods"] = Field(
-        "data",
+        "neighbourhoods",
         description="the Wishart prior's scale matrix: 'data' is prior_per_scene x n x the covariance of all fitted "
         "scenes; 'neighbourhoods' refits with neighbourhood_prior x n x the mean covariance of neighbourhoods of "
-        "neighbourhood_share of a cluster until the count repeats (scenecluster.neighbourhood_prior)",
+        "neighbourhood_share of a cluster until the count repeats (scenecluster.neighbourhood_prior; the default: "
+        "counts nearer the truth with every backbone measured, docs/benchmarks.md)",
         json_schema_extra=flag("--prior-covariance"),
     )
     neighbourhood_prior: float = Field(
@@ -282,7 +283,8 @@ class ClusterConfig(_Section):
     def key_settings(self) -> dict[str, Any]:
         """The settings that decide a fit, for the keys that reuse one (a run's fit, a round's pseudo-labels): the
         neighbourhood prior's only when it is chosen, so a run made before they existed keeps its key and its
-        fit, and changing them under the data prior refits nothing."""
+        fit when rerun with ``prior_covariance: data`` (the default before), and changing them under the data
+        prior refits nothing."""
         unused = {"neighbourhood_prior", "neighbourhood_share", "prior_covariance"}
         return self.model_dump(exclude=unused if self.prior_covariance == "data" else set())
 
@@ -558,7 +560,8 @@ class TuneJobConfig(_Section):
     seed: int = Field(0, ge=0, description="seed of the search and of the silhouette subsample")
     search: SearchSpace = SearchSpace()
     reduce: ReduceConfig = ReduceConfig()
-    cluster: ClusterConfig = ClusterConfig()
+    # the search tunes the data prior's scale; under the neighbourhood prior it would set only the first fit's
+    cluster: ClusterConfig = ClusterConfig(prior_covariance="data")
     resources: ResourcesConfig = ResourcesConfig()
 
 
@@ -745,20 +748,29 @@ def config_flags(model: type[BaseModel], prefix: str = "") -> list[ConfigFlag]:
     return flags
 
 
-def settings_table(model: type[BaseModel], flags: dict[str, str], prefix: str = "") -> list[str]:
+def settings_table(
+    model: type[BaseModel], flags: dict[str, str], prefix: str = "", defaults: BaseModel | None = None
+) -> list[str]:
     """Markdown rows ``| dotted name | flag | default | what |`` for every setting of ``model`` and its sections.
 
     ``flags`` maps dotted names to the command-line flag that sets them (empty for a job with no command).
-    ``docs/configuration.md`` is this table for each job (``python -m scenecluster.config`` rewrites it; a test
-    keeps it current), so the documentation cannot drift from the defaults.
+    ``defaults`` is the section's default instance where its parent gives one (a job may default a section
+    differently from the section's own defaults: Tune's search keeps the data prior). ``docs/configuration.md``
+    is this table for each job (``python -m scenecluster.config`` rewrites it; a test keeps it current), so the
+    documentation cannot drift from the defaults.
     """
     rows: list[str] = []
     for name, field in model.model_fields.items():
         scalar, _ = _scalar_type(field.annotation)
         if isinstance(scalar, type) and issubclass(scalar, BaseModel):
-            rows += settings_table(scalar, flags, f"{prefix}{name}.")
+            section = getattr(defaults, name) if defaults is not None else None
+            if section is None and not field.is_required():
+                section = field.get_default()
+            section = section if isinstance(section, BaseModel) else None
+            rows += settings_table(scalar, flags, f"{prefix}{name}.", section)
             continue
-        default = "(required)" if field.is_required() else f"`{field.get_default()}`"
+        value = getattr(defaults, name) if defaults is not None else field.get_default()
+        default = "(required)" if field.is_required() else f"`{value}`"
         flag = flags.get(f"{prefix}{name}")
         cli = f"`{flag}`" if flag else ""
         rows.append(f"| `{prefix}{name}` | {cli} | {default} | {(field.description or '').replace('|', '/')} |")

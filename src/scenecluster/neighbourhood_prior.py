@@ -1,13 +1,13 @@
 """A DP-GMM whose Wishart prior is scaled to the grain of the clusters it finds, not to the whole layout.
 
-Why: the default prior's scale matrix is ``prior_per_scene x n x`` the covariance of all fitted scenes. More
-classes spread UMAP's layout wider while each blob stays the same size, so that prior weighs more on each class as
-the classes multiply, and the count saturates (about 8 clusters for 3 classes, 15 for 22; docs/benchmarks.md,
-issue 10). Here the scale matrix is ``multiplier x n x`` the mean covariance of each scene's neighbourhood of
-``share x n / K`` scenes, ``K`` the previous fit's count (first the default prior's): a neighbourhood that is a
-fixed share of a *cluster* neither shrinks as the archive grows (the drift of a fixed neighbour count) nor grows
-with the number of classes (the saturation of a fixed share of all scenes). The mixture is refitted until a count
-repeats, which took one to four refits (two to five fits) in every case measured.
+Why: the data prior's scale matrix (``prior_covariance: data``) is ``prior_per_scene x n x`` the covariance of all
+fitted scenes. More classes spread UMAP's layout wider while each blob stays the same size, so that prior weighs
+more on each class as the classes multiply, and the count saturates (about 8 clusters for 3 classes, 15 for 22;
+docs/benchmarks.md, issue 10). Here the scale matrix is ``multiplier x n x`` the mean covariance of each scene's
+neighbourhood of ``share x n / K`` scenes, ``K`` the previous fit's count (first the data prior's): a
+neighbourhood that is a fixed share of a *cluster* neither shrinks as the archive grows (the drift of a fixed
+neighbour count) nor grows with the number of classes (the saturation of a fixed share of all scenes). The mixture
+is refitted until a count repeats, which took one to four refits (two to five fits) in every case measured.
 
 :class:`NeighbourhoodPriorDPGMM` is a scikit-learn meta-estimator in the manner of ``GridSearchCV``: the fitted
 mixture that assigns scenes is ``mixture_`` (a plain :class:`~scenecluster.mixture.DPGMM`, saved and loaded as

@@ -25,9 +25,10 @@ def blobs(n_per: int = 80, centres: int = 3, dim: int = 12, seed: int = 0) -> tu
 
 
 def fit(method: str, X: np.ndarray):
-    """``method``: a ``cluster.method``, or ``neighbourhoods`` for the DP-GMM with that prior."""
+    """``method``: a ``cluster.method`` (``dpgmm`` with the data prior), or ``neighbourhoods`` for the DP-GMM with
+    that prior (the default)."""
     reduce = ReduceConfig(method="pca", n_components=3, backend="umap-learn")
-    prior = {"prior_covariance": "neighbourhoods"} if method == "neighbourhoods" else {}
+    prior = {"prior_covariance": "neighbourhoods" if method == "neighbourhoods" else "data"}
     kind = "kmeans" if method == "kmeans" else "dpgmm"
     cluster = ClusterConfig(method=kind, n_components=3 if kind == "kmeans" else 6, n_init=2, **prior)
     return fit_clustering(X, feature=FEATURE, reduce=reduce, cluster=cluster, device="cpu", novelty_quantile=0.02)

@@ -75,7 +75,7 @@ def neighbours(spec: float, n: int) -> int:
 
 def fit_with_covariance(Z: np.ndarray, covariance: np.ndarray, multiplier: float, seed: int) -> np.ndarray:
     """Labels of the job's DP-GMM with its Wishart scale matrix ``multiplier x n x covariance``."""
-    mixture = make_clusterer(ClusterConfig(random_state=seed), Z, device="cpu")
+    mixture = make_clusterer(ClusterConfig(random_state=seed, prior_covariance="data"), Z, device="cpu")
     mixture.set_params(covariance_prior=covariance * multiplier * len(Z)).fit(Z)
     return np.asarray(mixture.predict(Z))
 
@@ -160,7 +160,8 @@ def run(args) -> None:
             spectrum_s = time.perf_counter() - start
             fits = []
             for c in args.priors:
-                cfg = ClusterConfig(covariance_prior_scale=max(2.0, c * len(rows)), random_state=seed)
+                scale = max(2.0, c * len(rows))  # the data prior, as the job set it before the neighbourhood prior
+                cfg = ClusterConfig(covariance_prior_scale=scale, random_state=seed, prior_covariance="data")
                 labels = np.asarray(make_clusterer(cfg, Z, device="cpu").fit(Z).predict(Z))
                 fits.append({"c": c, **scored(y[rows], labels)})
             local = [fit_local_prior(Z, y[rows], m, k, seed) for m in args.local_priors for k in args.local_k]

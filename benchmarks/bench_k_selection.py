@@ -89,7 +89,7 @@ def project(X: np.ndarray, seed: int, fit_cap: int) -> np.ndarray:
 
 def fit_labels(Z: np.ndarray, scale: float, seed: int, rows: np.ndarray | None = None) -> np.ndarray:
     fit_on = Z if rows is None else Z[rows]
-    cfg = ClusterConfig(covariance_prior_scale=scale, random_state=seed)
+    cfg = ClusterConfig(covariance_prior_scale=scale, random_state=seed, prior_covariance="data")
     mixture = make_clusterer(cfg, fit_on, device="cpu").fit(fit_on)
     return np.asarray(mixture.predict(Z))
 

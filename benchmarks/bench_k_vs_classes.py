@@ -83,7 +83,7 @@ def main() -> None:
             umap_s = time.perf_counter() - start
             for c in args.priors:
                 scale = c * len(rows)
-                cfg = ClusterConfig(covariance_prior_scale=scale, random_state=seed)
+                cfg = ClusterConfig(covariance_prior_scale=scale, random_state=seed, prior_covariance="data")
                 mixture = make_clusterer(cfg, Z, device="cpu").fit(Z)
                 s = score_clusters(y[rows], np.asarray(mixture.predict(Z)))
                 print(

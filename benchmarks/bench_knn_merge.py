@@ -67,11 +67,16 @@ def main() -> None:
         Z = np.asarray(projection.fit_transform(X), np.float32)
         graph = sp.csr_matrix(projection.graph_)
         for c in args.priors:
-            cfg = ClusterConfig(covariance_prior_scale=c * len(X), random_state=0)
+            cfg = ClusterConfig(covariance_prior_scale=c * len(X), random_state=0, prior_covariance="data")
             labels = np.asarray(make_clusterer(cfg, Z, device="cpu").fit_predict(Z))
             base = score_clusters(y, labels)
-            row = {"case": case, "classes": int(base["n_classes"]), "prior_c": c,
-                   "k": int(base["n_clusters"]), "acc": round(base["acc"], 3)}
+            row = {
+                "case": case,
+                "classes": int(base["n_classes"]),
+                "prior_c": c,
+                "k": int(base["n_clusters"]),
+                "acc": round(base["acc"], 3),
+            }
             for t in args.thresholds:
                 merged = score_clusters(y, merge(graph, labels, t))
                 row[f"t={t}"] = [int(merged["n_clusters"]), round(merged["acc"], 3)]

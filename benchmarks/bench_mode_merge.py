@@ -146,7 +146,9 @@ def main() -> None:
             Z = np.asarray(make_projection(**settings).fit_transform(X), np.float32)
             umap_s = time.perf_counter() - start
             for c in args.priors:
-                cfg = ClusterConfig(covariance_prior_scale=max(c * len(Z), 2.0), random_state=seed)
+                cfg = ClusterConfig(
+                    covariance_prior_scale=max(c * len(Z), 2.0), random_state=seed, prior_covariance="data"
+                )
                 mixture = make_clusterer(cfg, Z, device="cpu").fit(Z)
                 labels = np.asarray(mixture.predict(Z))
                 merged = merge_by_mode(mixture, labels)

@@ -64,7 +64,7 @@ def main() -> None:
         for seed in args.seeds:
             settings = {**ReduceConfig(random_state=seed).model_dump(), "backend": "umap-learn"}
             Z = np.asarray(make_projection(**settings).fit_transform(X), np.float32)
-            cfg = ClusterConfig(random_state=seed)  # the scale: the default prior per scene x len(X)
+            cfg = ClusterConfig(random_state=seed, prior_covariance="data")  # the data prior per scene x len(X)
             responsibility = np.asarray(make_clusterer(cfg, Z, device="cpu").fit(Z).predict_proba(Z))
             labels = responsibility.argmax(axis=1)
             variants = {"dpgmm": labels}

@@ -57,7 +57,11 @@ def main() -> None:
     paths, X, truth = read_embeddings(args.embeddings)
     rows = fit_rows(len(paths), args.fit_sample, args.seed)
     Z = umap(X[rows], args.seed)
-    model = make_clusterer(ClusterConfig(random_state=args.seed, prior_per_scene=args.prior_per_scene), Z, device="cpu")
+    model = make_clusterer(
+        ClusterConfig(random_state=args.seed, prior_per_scene=args.prior_per_scene, prior_covariance="data"),
+        Z,
+        device="cpu",
+    )
     labels = np.asarray(model.fit_predict(Z))
     index, pseudo = select_pseudo_labels(labels, model.score_samples(Z), keep=args.keep, min_size=args.min_size)
     kept = {paths[rows[i]]: int(c) for i, c in zip(index, pseudo, strict=True)}

@@ -282,11 +282,12 @@ class ClusterConfig(_Section):
 
     def key_settings(self) -> dict[str, Any]:
         """The settings that decide a fit, for the keys that reuse one (a run's fit, a round's pseudo-labels): the
-        neighbourhood prior's only when it is chosen, so a run made before they existed keeps its key and its
-        fit when rerun with ``prior_covariance: data`` (the default before), and changing them under the data
-        prior refits nothing."""
+        neighbourhood prior's only where it acts (the DP-GMM with ``prior_covariance: neighbourhoods``), so a run
+        made before they existed keeps its key and its fit when rerun with ``prior_covariance: data`` (the default
+        before), and changing them under the data prior or k-means refits nothing."""
         unused = {"neighbourhood_prior", "neighbourhood_share", "prior_covariance"}
-        return self.model_dump(exclude=unused if self.prior_covariance == "data" else set())
+        acts = self.method == "dpgmm" and self.prior_covariance == "neighbourhoods"
+        return self.model_dump(exclude=set() if acts else unused)
 
 
 class ScaleConfig(_Section):
@@ -563,6 +564,14 @@ class TuneJobConfig(_Section):
     # the search tunes the data prior's scale; under the neighbourhood prior it would set only the first fit's
     cluster: ClusterConfig = ClusterConfig(prior_covariance="data")
     resources: ResourcesConfig = ResourcesConfig()
+
+    @field_validator("cluster", mode="before")
+    @classmethod
+    def _data_prior_unless_chosen(cls, value: Any) -> Any:
+        """A ``cluster`` section from YAML or ``--set`` keeps the data prior unless it names a prior itself."""
+        if isinstance(value, dict) and "prior_covariance" not in value:
+            return {**value, "prior_covariance": "data"}
+        return value
 
 
 class SelfTrainConfig(_Section):

@@ -86,7 +86,8 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
     spec, out, resources = _prepare(cfg, overwrite, timer)
     embedded = _embed_stage(cfg, out, spec, resources, timer, check=lambda n, where: check_enough_scenes(n, cfg, where))
     with timer.stage("fit") as note:
-        fit = fit_remote(out, embedded.parts, cfg, spec, resources, fit_key=_fit_key(cfg, spec))
+        keys = {"fit_key": _fit_key(cfg, spec), "data_prior_fit_key": _fit_key(_with_data_prior(cfg), spec)}
+        fit = fit_remote(out, embedded.parts, cfg, spec, resources, **keys)
         timer.seconds.update({k: v for k, v in fit["stage_seconds"].items()})
         note["summary"] = (
             f"{'reused' if fit['reused'] else 'fitted'} {cfg.reduce.method} + {cfg.cluster.method} on "
@@ -288,6 +289,15 @@ def _fit_key(cfg: ClusterJobConfig, spec: FeatureSpec) -> str:
         "seed": cfg.data.seed,
     }
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _with_data_prior(cfg: ClusterJobConfig) -> ClusterJobConfig:
+    """``cfg`` with the mixture's data prior: its fit key (``data_prior_fit_key`` in ``clustering.json``) is what
+    self-training's pseudo-labels are keyed on (:func:`scenecluster.self_train.pseudo_label_key`). They always
+    refit with the data prior, so a run made before the neighbourhood prior became the default keeps its
+    pseudo-labels, and its round's fine-tune, after the upgrade."""
+    cluster = cfg.cluster.model_copy(update={"prior_covariance": "data"})
+    return cfg.model_copy(update={"cluster": cluster})
 
 
 def _metrics(embedded, assigned: AssignSummary, fit: dict[str, Any] | None) -> dict[str, Any]:

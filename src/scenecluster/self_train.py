@@ -227,9 +227,11 @@ def pseudo_label_key(
     from scenecluster.fitted import read_clustering_meta
 
     meta = read_clustering_meta(OutputFolder(run_uri, endpoint_url=endpoint_url))
+    # the pseudo-label mixture always uses the data prior (_fit_pseudo_labels): keyed as under it, the key does not
+    # move with the clustering's prior, and one made before the neighbourhood prior was the default still matches
     made_from = {
-        "fit_key": meta.get("fit_key"),
-        "cluster": cluster.key_settings(),
+        "fit_key": meta.get("data_prior_fit_key") or meta.get("fit_key"),
+        "cluster": cluster.model_copy(update={"prior_covariance": "data"}).key_settings(),
         "self_train": self_train.model_dump(include={"keep", "min_size", "prior_per_scene"}),
     }
     return hashlib.sha1(json.dumps(made_from, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -72,9 +72,19 @@ def check_enough_scenes(n: int, cfg, where: str) -> None:
 
 
 def fit_remote(
-    out: OutputFolder, parts: list[tuple[str, int]], cfg, spec, resources, *, fit_key: str
+    out: OutputFolder,
+    parts: list[tuple[str, int]],
+    cfg,
+    spec,
+    resources,
+    *,
+    fit_key: str,
+    data_prior_fit_key: str = "",
 ) -> dict[str, Any]:
-    """Fit (or reuse) the run's clustering in one Ray task; a changed ``fit_key`` refits and drops assignments."""
+    """Fit (or reuse) the run's clustering in one Ray task; a changed ``fit_key`` refits and drops assignments.
+
+    ``data_prior_fit_key`` (the fit key under the data prior, which self-training's pseudo-labels are keyed on)
+    is recorded beside it in ``clustering.json``."""
     import ray
 
     from scenecluster.scale import fit_on_sample
@@ -100,6 +110,7 @@ def fit_remote(
             novelty_quantile=cfg.scale.novelty_quantile,
             scatter_points=cfg.report.scatter_points,
             fit_key=fit_key,
+            data_prior_fit_key=data_prior_fit_key or fit_key,
         )
     )
     _write_report_sample(out, result["report"])

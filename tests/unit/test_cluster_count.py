@@ -98,3 +98,6 @@ def test_the_neighbourhood_settings_key_a_fit_only_when_chosen():
     assert not {"prior_covariance", "neighbourhood_prior", "neighbourhood_share"} & set(data.key_settings())
     chosen = ClusterConfig(prior_covariance="neighbourhoods")
     assert chosen.key_settings() != chosen.model_copy(update={"neighbourhood_share": 0.2}).key_settings()
+    # k-means (the benchmark's oracle on K) has no prior: its key is the same whatever the prior settings say
+    kmeans = ClusterConfig(method="kmeans", n_components=10)
+    assert kmeans.key_settings() == kmeans.model_copy(update={"prior_covariance": "data"}).key_settings()

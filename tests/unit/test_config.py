@@ -61,3 +61,23 @@ def test_an_explicit_null_override_clears_what_the_config_file_set(tmp_path):
     assert load_config(f, {"reduce.random_state": None}).reduce.random_state == 7  # None: a flag not given
     with pytest.raises(ConfigError, match=r"embed\.batch_size"):
         load_config(f, dict([parse_override("embed.batch_size=null")]))
+
+
+def test_tune_keeps_the_data_prior_whose_scale_it_searches_unless_a_prior_is_named():
+    from pathlib import Path
+
+    from scenecluster.config import TuneJobConfig
+
+    base = {"embeddings": "e.parquet", "output": "tune"}
+    assert load_config(None, base, model=TuneJobConfig).cluster.prior_covariance == "data"
+    # a cluster section of its own (the shipped example has one, so does --set cluster.x=...) keeps it too
+    shipped = Path(__file__).parents[2] / "rayjobs" / "configs" / "tune.yaml"
+    assert load_config(shipped, base, model=TuneJobConfig).cluster.prior_covariance == "data"
+    overridden = load_config(None, {**base, "cluster.n_components": 30}, model=TuneJobConfig)
+    assert overridden.cluster.prior_covariance == "data"
+    named = load_config(None, {**base, "cluster.prior_covariance": "neighbourhoods"}, model=TuneJobConfig)
+    assert named.cluster.prior_covariance == "neighbourhoods"
+    # the clustering job itself defaults to the neighbourhood prior
+    assert ClusterJobConfig.model_validate({"output": "o", "data": {"input": "i"}}).cluster.prior_covariance == (
+        "neighbourhoods"
+    )

@@ -118,3 +118,26 @@ def test_agreement_compares_two_rounds_on_the_scenes_both_fitted(tmp_path):
     assert clustering_agreement(first, mixed) < 0.1
     elsewhere = _fitted_clusters(tmp_path / "d", ["/u/a.jpg", "/u/b.jpg"], [0, 1])
     assert clustering_agreement(first, elsewhere) is None
+
+
+def test_the_pseudo_label_key_does_not_move_with_the_clustering_prior(tmp_path):
+    # the pseudo-label mixture always uses the data prior, so a run refitted after the neighbourhood prior became
+    # the default keeps the key (and so the pseudo-labels and the round's fine-tune) of the run made before it
+    from scenecluster.config import ClusterConfig, ReduceConfig, SelfTrainConfig
+    from scenecluster.fitted import fit_clustering, save_clustering
+    from scenecluster.self_train import pseudo_label_key
+
+    X = np.random.default_rng(0).normal(size=(60, 6)).astype(np.float32)
+    reduce = ReduceConfig(method="pca", n_components=2, backend="umap-learn")
+    fitted, _, _ = fit_clustering(X, feature={}, reduce=reduce, cluster=ClusterConfig(n_components=3), device="cpu")
+    before, after, other = (OutputFolder(str(tmp_path / name)) for name in ("before", "after", "other"))
+    save_clustering(fitted, before, fit_key="old-data-prior-fit", summary={})  # made before: one key
+    save_clustering(fitted, after, fit_key="neighbourhood-fit", data_prior_fit_key="old-data-prior-fit", summary={})
+    save_clustering(fitted, other, fit_key="neighbourhood-fit", data_prior_fit_key="another-sample", summary={})
+    st = SelfTrainConfig()
+    old = pseudo_label_key(before.uri, cluster=ClusterConfig(prior_covariance="data"), self_train=st)
+    assert pseudo_label_key(after.uri, cluster=ClusterConfig(), self_train=st) == old
+    assert pseudo_label_key(after.uri, cluster=ClusterConfig(neighbourhood_share=0.3), self_train=st) == old
+    # what does decide them still moves it: the run's sample and projection, and self-training's own settings
+    assert pseudo_label_key(other.uri, cluster=ClusterConfig(), self_train=st) != old
+    assert pseudo_label_key(after.uri, cluster=ClusterConfig(), self_train=SelfTrainConfig(keep=0.3)) != old

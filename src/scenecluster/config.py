@@ -289,6 +289,12 @@ class ClusterConfig(_Section):
         acts = self.method == "dpgmm" and self.prior_covariance == "neighbourhoods"
         return self.model_dump(exclude=set() if acts else unused)
 
+    def with_data_prior(self) -> ClusterConfig:
+        """These settings with the data prior: what self-training's pseudo-label mixture always fits, and so what
+        its key is taken under (the job's ``data_prior_fit_key``, :func:`scenecluster.self_train.pseudo_label_key`),
+        whichever prior the clustering itself uses."""
+        return self.model_copy(update={"prior_covariance": "data"})
+
 
 class ScaleConfig(_Section):
     """How the job scales past one machine: the fit sample, the novelty flag and the single-file exports."""

@@ -296,8 +296,7 @@ def _with_data_prior(cfg: ClusterJobConfig) -> ClusterJobConfig:
     self-training's pseudo-labels are keyed on (:func:`scenecluster.self_train.pseudo_label_key`). They always
     refit with the data prior, so a run made before the neighbourhood prior became the default keeps its
     pseudo-labels, and its round's fine-tune, after the upgrade."""
-    cluster = cfg.cluster.model_copy(update={"prior_covariance": "data"})
-    return cfg.model_copy(update={"cluster": cluster})
+    return cfg.model_copy(update={"cluster": cfg.cluster.with_data_prior()})
 
 
 def _metrics(embedded, assigned: AssignSummary, fit: dict[str, Any] | None) -> dict[str, Any]:

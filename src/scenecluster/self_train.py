@@ -231,7 +231,7 @@ def pseudo_label_key(
     # move with the clustering's prior, and one made before the neighbourhood prior was the default still matches
     made_from = {
         "fit_key": meta.get("data_prior_fit_key") or meta.get("fit_key"),
-        "cluster": cluster.model_copy(update={"prior_covariance": "data"}).key_settings(),
+        "cluster": cluster.with_data_prior().key_settings(),
         "self_train": self_train.model_dump(include={"keep", "min_size", "prior_per_scene"}),
     }
     return hashlib.sha1(json.dumps(made_from, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -79,7 +79,7 @@ def fit_remote(
     resources,
     *,
     fit_key: str,
-    data_prior_fit_key: str = "",
+    data_prior_fit_key: str,
 ) -> dict[str, Any]:
     """Fit (or reuse) the run's clustering in one Ray task; a changed ``fit_key`` refits and drops assignments.
 
@@ -110,7 +110,7 @@ def fit_remote(
             novelty_quantile=cfg.scale.novelty_quantile,
             scatter_points=cfg.report.scatter_points,
             fit_key=fit_key,
-            data_prior_fit_key=data_prior_fit_key or fit_key,
+            data_prior_fit_key=data_prior_fit_key,
         )
     )
     _write_report_sample(out, result["report"])

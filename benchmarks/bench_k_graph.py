@@ -94,29 +94,21 @@ def fit_local_prior(Z: np.ndarray, y: np.ndarray, multiplier: float, k_spec: flo
     return {"m": multiplier, "local_k": k_spec, **scored(y, labels)}
 
 
-def fit_adaptive_prior(
-    Z: np.ndarray, y: np.ndarray, multiplier: float, share: float, seed: int, evidence: int | None = None
-) -> dict:
+def fit_adaptive_prior(Z: np.ndarray, y: np.ndarray, multiplier: float, share: float, seed: int) -> dict:
     """The local prior with neighbourhoods of ``share`` of a cluster's scenes: ``share x n / K`` neighbours, ``K``
     the previous fit's count (first the default prior's), refitted until the count repeats: the job's own
     ``cluster.prior_covariance: neighbourhoods`` (:class:`scenecluster.neighbourhood_prior.NeighbourhoodPriorDPGMM`).
 
     Fixed neighbours shrink with N (the count drifts up as the archive grows); a fixed share of all scenes is a
     larger part of each class when the classes are many (the count saturates). A share of the *clusters'* size
-    scales with neither, if the count it gives is near the classes' own. ``evidence`` is the job's
-    ``cluster.evidence_scenes`` (the mixture weighs at most that many scenes' evidence).
+    scales with neither, if the count it gives is near the classes' own.
     """
     cfg = ClusterConfig(
-        random_state=seed,
-        prior_covariance="neighbourhoods",
-        neighbourhood_prior=multiplier,
-        neighbourhood_share=share,
-        evidence_scenes=evidence,
+        random_state=seed, prior_covariance="neighbourhoods", neighbourhood_prior=multiplier, neighbourhood_share=share
     )
     mixture = make_clusterer(cfg, Z, device="cpu")
     labels = mixture.fit_predict(Z)
-    record = {"m": multiplier, "share": share, **scored(y, labels), "counts": mixture.counts_}
-    return record if evidence is None else {**record, "evidence": evidence}
+    return {"m": multiplier, "share": share, **scored(y, labels), "counts": mixture.counts_}
 
 
 def load(args) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -174,10 +166,9 @@ def run(args) -> None:
                 fits.append({"c": c, **scored(y[rows], labels)})
             local = [fit_local_prior(Z, y[rows], m, k, seed) for m in args.local_priors for k in args.local_k]
             adaptive = [
-                fit_adaptive_prior(Z, y[rows], m, share, seed, evidence or None)
+                fit_adaptive_prior(Z, y[rows], m, share, seed)
                 for m in args.adaptive_priors
                 for share in args.adaptive_share
-                for evidence in args.evidence
             ]
             record = {
                 "case": case,
@@ -212,11 +203,7 @@ def variants(record: dict) -> list[tuple[str, dict]]:
         (f"local prior, m = {f['m']}, neighbours {f.get('local_k', 30):g}", f) for f in record.get("local_fits", [])
     ]
     named += [
-        (
-            f"local prior, m = {f['m']}, neighbours {f['share']:g} of a cluster"
-            + (f", evidence of {f['evidence']} scenes" if "evidence" in f else ""),
-            f,
-        )
+        (f"local prior, m = {f['m']}, neighbours {f['share']:g} of a cluster", f)
         for f in record.get("adaptive_fits", [])
     ]
     named += [("data prior at the c nearest the eigengap", nearest(record["fits"], record["gap"]))]
@@ -271,9 +258,6 @@ def main() -> None:
     p.add_argument("--local-k", type=float, nargs="+", default=[30], help="neighbours (or share if < 1)")
     p.add_argument("--adaptive-priors", type=float, nargs="*", default=[], help="multipliers, cluster-share k")
     p.add_argument("--adaptive-share", type=float, nargs="+", default=[0.25], help="neighbours: share of N / K")
-    p.add_argument(
-        "--evidence", type=int, nargs="+", default=[0], help="cluster.evidence_scenes of the adaptive fits (0: None)"
-    )
     p.add_argument("--full", type=int, nargs="*", default=[5000], help="also each whole set, sampled to these sizes")
     p.add_argument("--max-k", type=int, default=40, help="eigenvalues looked at (the largest count it can give)")
     p.add_argument("--summary")

@@ -58,17 +58,15 @@ def _dpgmm(cfg: ClusterConfig, X: np.ndarray, device: str) -> Any:
     :class:`~scenecluster.neighbourhood_prior.NeighbourhoodPriorDPGMM`, which refits it with a prior scaled to
     its clusters' neighbourhoods.
     """
-    evidence = len(X) if cfg.evidence_scenes is None else min(len(X), cfg.evidence_scenes)
     scale = cfg.covariance_prior_scale
     if scale is None:
-        scale = max(cfg.prior_per_scene * evidence, MIN_PRIOR_SCALE)
+        scale = max(cfg.prior_per_scene * len(X), MIN_PRIOR_SCALE)
     if cfg.covariance_type == "full":
         covariance_prior = np.atleast_2d(np.cov(X.T)) * scale
     else:
         covariance_prior = np.var(X, axis=0, ddof=1) * scale
     mixture = DPGMM(
         covariance_prior=covariance_prior,
-        likelihood_weight=evidence / max(len(X), 1),
         n_components=cfg.n_components,
         weight_concentration_prior=cfg.weight_concentration_prior,
         covariance_type=cfg.covariance_type,

@@ -269,14 +269,6 @@ class ClusterConfig(_Section):
     neighbourhood_share: float = Field(
         0.1, gt=0, le=1, description="'neighbourhoods' prior: each neighbourhood holds this share of a cluster's scenes"
     )
-    evidence_scenes: int | None = Field(
-        None,
-        ge=2,
-        description="the DP-GMM weighs the evidence of at most this many scenes: above it each fitted scene's "
-        "likelihood is tempered by evidence_scenes / n, so the count does not grow with the sample "
-        "(scenecluster.mixture.DPGMM likelihood_weight; None: every scene counts fully)",
-        json_schema_extra=flag("--evidence-scenes"),
-    )
     covariance_type: Literal["full", "diag"] = Field(
         "full", description="covariance of each component", json_schema_extra=flag("--covariance-type")
     )
@@ -295,10 +287,7 @@ class ClusterConfig(_Section):
         before), and changing them under the data prior or k-means refits nothing."""
         unused = {"neighbourhood_prior", "neighbourhood_share", "prior_covariance"}
         acts = self.method == "dpgmm" and self.prior_covariance == "neighbourhoods"
-        exclude = set() if acts else unused
-        if self.evidence_scenes is None or self.method != "dpgmm":
-            exclude.add("evidence_scenes")
-        return self.model_dump(exclude=exclude)
+        return self.model_dump(exclude=set() if acts else unused)
 
     def with_data_prior(self) -> ClusterConfig:
         """These settings with the data prior: what self-training's pseudo-label mixture always fits, and so what

@@ -101,8 +101,7 @@ class NeighbourhoodPriorDPGMM(ClusterMixin, BaseEstimator):
             covariance = neighbourhood_covariance(X, neighbours, device=self.mixture.device)
             if self.mixture.covariance_type == "diag":
                 covariance = np.diag(covariance).copy()
-            evidence = n * self.mixture.likelihood_weight  # a tempered mixture weighs this many scenes' evidence
-            fitted = clone(self.mixture).set_params(covariance_prior=covariance * self.multiplier * evidence).fit(X)
+            fitted = clone(self.mixture).set_params(covariance_prior=covariance * self.multiplier * n).fit(X)
             labels = np.asarray(fitted.predict(X))
             counts.append(len(np.unique(labels)))
             if counts[-1] in counts[:-1]:

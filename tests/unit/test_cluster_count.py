@@ -90,20 +90,6 @@ def test_the_default_prior_on_curved_classes(n):
     assert n_clusters(ClusterConfig(), X) in (5, 6)
 
 
-def test_the_evidence_of_a_fixed_number_of_scenes_holds_that_numbers_count():
-    # the drift above at 8,000 half-ring scenes (7-9 clusters for 5), and its cure: the mixture weighs the evidence
-    # of 2,000 scenes, so it counts as it does at 2,000
-    X, _ = crescents(8000)
-    at_2000 = n_clusters(ClusterConfig(), crescents(2000)[0])
-    assert n_clusters(ClusterConfig(), X) > at_2000
-    held = make_clusterer(ClusterConfig(evidence_scenes=2000), X, device="cpu")
-    assert held.mixture.likelihood_weight == pytest.approx(0.25)
-    assert len(np.unique(held.fit_predict(X))) == at_2000
-    # at or under the evidence nothing changes
-    small = crescents(1000)[0]
-    assert make_clusterer(ClusterConfig(evidence_scenes=2000), small, device="cpu").mixture.likelihood_weight == 1.0
-
-
 def test_the_neighbourhood_settings_key_a_fit_only_when_chosen():
     # a run made before the setting existed, rerun with the data prior, keeps its fit key, and tuning the neighbourhood
     # prior while the data prior is used refits nothing
@@ -115,6 +101,3 @@ def test_the_neighbourhood_settings_key_a_fit_only_when_chosen():
     # k-means (the benchmark's oracle on K) has no prior: its key is the same whatever the prior settings say
     kmeans = ClusterConfig(method="kmeans", n_components=10)
     assert kmeans.key_settings() == kmeans.model_copy(update={"prior_covariance": "data"}).key_settings()
-    # the evidence cap keys a fit only when set (a run made before it existed keeps its key)
-    assert "evidence_scenes" not in ClusterConfig().key_settings()
-    assert ClusterConfig(evidence_scenes=5000).key_settings() != ClusterConfig(evidence_scenes=10000).key_settings()

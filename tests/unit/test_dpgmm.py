@@ -336,24 +336,6 @@ def test_non_finite_input(bad):
         fitted.predict(X)
 
 
-@pytest.mark.parametrize("covariance_type", COV_TYPES)
-def test_a_likelihood_weight_of_one_third_on_three_copies_is_the_plain_fit(covariance_type):
-    # the tempered posterior: n scenes at weight w weigh like w x n scenes laid out like them, exactly
-    X, _ = _blobs(n=300, d=3, centers=4, std=1.5, seed=4)
-    resp = _random_resp(len(X), 7, seed=2)
-    prior = np.cov(X.T) if covariance_type == "full" else np.var(X, axis=0, ddof=1)
-    settings = dict(covariance_type=covariance_type, covariance_prior=prior, max_iter=15, tol=0.0, device="cpu")
-    plain = DPGMM(7, **settings)._fit_from_resp(X, resp)
-    tempered = DPGMM(7, likelihood_weight=1 / 3, **settings)._fit_from_resp(np.tile(X, (3, 1)), np.tile(resp, (3, 1)))
-    np.testing.assert_allclose(tempered.lower_bounds_, plain.lower_bounds_, rtol=1e-9)
-    np.testing.assert_allclose(tempered.means_, plain.means_, rtol=1e-8, atol=1e-9)
-    np.testing.assert_allclose(tempered.covariances_, plain.covariances_, rtol=1e-8, atol=1e-9)
-    np.testing.assert_allclose(tempered.weights_, plain.weights_, rtol=1e-8, atol=1e-12)
-    # and the weight matters: the three copies at full weight are a different posterior
-    untempered = DPGMM(7, **settings)._fit_from_resp(np.tile(X, (3, 1)), np.tile(resp, (3, 1)))
-    assert not np.allclose(untempered.covariances_, plain.covariances_, rtol=1e-3)
-
-
 def test_input_validation():
     with pytest.raises(ValueError, match="minimum of 2"):
         DPGMM(3, device="cpu").fit(np.zeros((1, 2)))
@@ -368,8 +350,6 @@ def test_input_validation():
         DPGMM(3, mean_prior=[0.0, 0.0, 0.0], device="cpu").fit(X)
     with pytest.raises(ValueError, match="device"):
         DPGMM(3, device="tpu").fit(X)
-    with pytest.raises(ValueError, match="likelihood_weight"):
-        DPGMM(3, likelihood_weight=1.5, device="cpu").fit(X)
     with pytest.raises(ValueError, match="features"):
         DPGMM(3, device="cpu", random_state=0).fit(X).predict(np.zeros((4, 3)))
 

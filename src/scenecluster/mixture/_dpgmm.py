@@ -77,13 +77,6 @@ class DPGMM(ChunkedMixture):
     covariance_prior : array-like or None, default=None
         Wishart scale prior, (D, D) for "full" or (D,) for "diag"; None means the empirical covariance
         ``np.cov(X.T)`` (resp. variances with ddof=1), as in scikit-learn.
-    likelihood_weight : float in (0, 1], default=1.0
-        Each sample's likelihood is raised to this power (a tempered, or power, posterior): every sufficient
-        statistic and the responsibilities' entropy are scaled by it. The posterior of ``n`` samples at weight
-        ``w`` is then that of ``w x n`` samples laid out like them. Why: a mixture of Gaussians finds more
-        evidence for splitting a non-Gaussian blob the more samples it has, so its count grows with ``n``;
-        fitting every sample with the evidence of a fixed number keeps the count of that number while the
-        means and covariances still use all samples. 1.0 is the ordinary posterior (scikit-learn's).
     random_state : int, RandomState instance or None, default=None
         Seeds a ``torch.Generator`` on the fit device, one seed per initialisation.
     device : {"auto", "cpu", "cuda"} or torch.device, default="auto"
@@ -166,7 +159,6 @@ class DPGMM(ChunkedMixture):
         "mean_prior": [None, "array-like"],
         "degrees_of_freedom_prior": [None, Interval(Real, 0.0, None, closed="neither")],
         "covariance_prior": [None, "array-like"],
-        "likelihood_weight": [Interval(Real, 0.0, 1.0, closed="right")],
         "random_state": ["random_state"],
         "device": [str, torch.device],
         "dtype": [None, StrOptions({"float32", "float64"}), torch.dtype],
@@ -191,7 +183,6 @@ class DPGMM(ChunkedMixture):
         mean_prior: Any = None,
         degrees_of_freedom_prior: float | None = None,
         covariance_prior: Any = None,
-        likelihood_weight: float = 1.0,
         random_state: Any = None,
         device: str | torch.device = "auto",
         dtype: str | torch.dtype | None = None,
@@ -212,7 +203,6 @@ class DPGMM(ChunkedMixture):
         self.mean_prior = mean_prior
         self.degrees_of_freedom_prior = degrees_of_freedom_prior
         self.covariance_prior = covariance_prior
-        self.likelihood_weight = likelihood_weight
         self.random_state = random_state
         self.device = device
         self.dtype = dtype
@@ -240,17 +230,9 @@ class DPGMM(ChunkedMixture):
         self._priors = self._priors.centred(self._data.shift, self._data.device)
 
     def _initialize(self, stats: torch.Tensor) -> VariationalParams:
-        """sklearn ``_initialize``: an M-step from the initial responsibilities' statistics (weighted as every
-        E-step's are). With the hyper-prior, the first sticks use the prior mean of alpha."""
-        return self._m_step(stats * self.likelihood_weight, None)
-
-    def _e_step(self, params: VariationalParams) -> tuple[torch.Tensor, float]:
-        """The base's fused pass, its statistics and entropy scaled by ``likelihood_weight`` (the tempered
-        posterior: every data term of the lower bound and of the updates carries the weight)."""
-        stats, entropy = super()._e_step(params)
-        if self.likelihood_weight == 1.0:
-            return stats, entropy
-        return stats * self.likelihood_weight, entropy * self.likelihood_weight
+        """sklearn ``_initialize``: an M-step from the initial responsibilities' statistics. With the
+        hyper-prior, the first sticks use the prior mean of alpha."""
+        return self._m_step(stats, None)
 
     def _m_step(self, stats: torch.Tensor, params: VariationalParams | None) -> VariationalParams:
         """Variational M-step from the sufficient statistics (sklearn ``_m_step``: ``_estimate_weights``,

@@ -94,21 +94,43 @@ def fit_local_prior(Z: np.ndarray, y: np.ndarray, multiplier: float, k_spec: flo
     return {"m": multiplier, "local_k": k_spec, **scored(y, labels)}
 
 
-def fit_adaptive_prior(Z: np.ndarray, y: np.ndarray, multiplier: float, share: float, seed: int) -> dict:
+def fit_adaptive_prior(
+    Z: np.ndarray, y: np.ndarray, multiplier: float, share: float, seed: int, min_shares: list[float] | None = None
+) -> dict:
     """The local prior with neighbourhoods of ``share`` of a cluster's scenes: ``share x n / K`` neighbours, ``K``
     the previous fit's count (first the default prior's), refitted until the count repeats: the job's own
     ``cluster.prior_covariance: neighbourhoods`` (:class:`scenecluster.neighbourhood_prior.NeighbourhoodPriorDPGMM`).
 
     Fixed neighbours shrink with N (the count drifts up as the archive grows); a fixed share of all scenes is a
     larger part of each class when the classes are many (the count saturates). A share of the *clusters'* size
-    scales with neither, if the count it gives is near the classes' own.
+    scales with neither, if the count it gives is near the classes' own. ``min_shares``: also score the fit with
+    its clusters of fewer than that share of the scenes dropped (:func:`without_small_clusters`).
     """
     cfg = ClusterConfig(
         random_state=seed, prior_covariance="neighbourhoods", neighbourhood_prior=multiplier, neighbourhood_share=share
     )
     mixture = make_clusterer(cfg, Z, device="cpu")
     labels = mixture.fit_predict(Z)
-    return {"m": multiplier, "share": share, **scored(y, labels), "counts": mixture.counts_}
+    record = {"m": multiplier, "share": share, **scored(y, labels), "counts": mixture.counts_}
+    if min_shares:
+        record["pruned"] = without_small_clusters(mixture.mixture_, Z, y, min_shares)
+    return record
+
+
+def without_small_clusters(mixture, Z: np.ndarray, y: np.ndarray, shares: list[float]) -> list[dict]:
+    """The fitted mixture's labels with each cluster of fewer than ``share x n`` scenes dropped: its scenes go to
+    their next most responsible cluster (``predict`` considers used components only). One record per share."""
+    import copy
+
+    counts = np.bincount(mixture.predict(Z), minlength=mixture.n_components)
+    records = []
+    for share in shares:
+        pruned = copy.deepcopy(mixture)
+        pruned.used_components_ = mixture.used_components_ & (counts >= share * len(Z))
+        if not pruned.used_components_.any():
+            pruned.used_components_ = mixture.used_components_
+        records.append({"min_share": share, **scored(y, np.asarray(pruned.predict(Z)))})
+    return records
 
 
 def load(args) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -166,7 +188,7 @@ def run(args) -> None:
                 fits.append({"c": c, **scored(y[rows], labels)})
             local = [fit_local_prior(Z, y[rows], m, k, seed) for m in args.local_priors for k in args.local_k]
             adaptive = [
-                fit_adaptive_prior(Z, y[rows], m, share, seed)
+                fit_adaptive_prior(Z, y[rows], m, share, seed, args.min_share)
                 for m in args.adaptive_priors
                 for share in args.adaptive_share
             ]
@@ -205,6 +227,11 @@ def variants(record: dict) -> list[tuple[str, dict]]:
     named += [
         (f"local prior, m = {f['m']}, neighbours {f['share']:g} of a cluster", f)
         for f in record.get("adaptive_fits", [])
+    ]
+    named += [
+        (f"local prior, m = {f['m']}, share {f['share']:g}, clusters under {p['min_share']:g} dropped", p)
+        for f in record.get("adaptive_fits", [])
+        for p in f.get("pruned", [])
     ]
     named += [("data prior at the c nearest the eigengap", nearest(record["fits"], record["gap"]))]
     named += [("data prior at the c nearest the relative eigengap", nearest(record["fits"], record["relgap"]))]
@@ -258,6 +285,9 @@ def main() -> None:
     p.add_argument("--local-k", type=float, nargs="+", default=[30], help="neighbours (or share if < 1)")
     p.add_argument("--adaptive-priors", type=float, nargs="*", default=[], help="multipliers, cluster-share k")
     p.add_argument("--adaptive-share", type=float, nargs="+", default=[0.25], help="neighbours: share of N / K")
+    p.add_argument(
+        "--min-share", type=float, nargs="*", default=[], help="also drop clusters under these shares of the scenes"
+    )
     p.add_argument("--full", type=int, nargs="*", default=[5000], help="also each whole set, sampled to these sizes")
     p.add_argument("--max-k", type=int, default=40, help="eigenvalues looked at (the largest count it can give)")
     p.add_argument("--summary")

@@ -269,6 +269,15 @@ class ClusterConfig(_Section):
     neighbourhood_share: float = Field(
         0.1, gt=0, le=1, description="'neighbourhoods' prior: each neighbourhood holds this share of a cluster's scenes"
     )
+    min_cluster_share: float = Field(
+        0.005,
+        ge=0,
+        lt=1,
+        description="the DP-GMM's clusters holding fewer than this share of the fitted scenes are dropped, their "
+        "scenes given to their next most likely cluster: tiny pure islands UMAP draws inside one class at "
+        "large samples (docs/benchmarks.md); a class this rare was not found as a cluster anyway (0: keep all)",
+        json_schema_extra=flag("--min-cluster-share"),
+    )
     covariance_type: Literal["full", "diag"] = Field(
         "full", description="covariance of each component", json_schema_extra=flag("--covariance-type")
     )
@@ -287,13 +296,17 @@ class ClusterConfig(_Section):
         before), and changing them under the data prior or k-means refits nothing."""
         unused = {"neighbourhood_prior", "neighbourhood_share", "prior_covariance"}
         acts = self.method == "dpgmm" and self.prior_covariance == "neighbourhoods"
-        return self.model_dump(exclude=set() if acts else unused)
+        exclude = set() if acts else set(unused)
+        if self.method != "dpgmm" or self.min_cluster_share == 0:
+            exclude.add("min_cluster_share")  # a run made before the setting existed keeps its key with 0
+        return self.model_dump(exclude=exclude)
 
     def with_data_prior(self) -> ClusterConfig:
         """These settings with the data prior: what self-training's pseudo-label mixture always fits, and so what
         its key is taken under (the job's ``data_prior_fit_key``, :func:`scenecluster.self_train.pseudo_label_key`),
-        whichever prior the clustering itself uses."""
-        return self.model_copy(update={"prior_covariance": "data"})
+        whichever prior the clustering itself uses. That mixture keeps its small clusters (it is over-segmented on
+        purpose), so ``min_cluster_share`` is 0 here: a round's key does not move with that setting either."""
+        return self.model_copy(update={"prior_covariance": "data", "min_cluster_share": 0.0})
 
 
 class ScaleConfig(_Section):

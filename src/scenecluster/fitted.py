@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from scenecluster.cluster import make_clusterer
+from scenecluster.cluster import DPGMM, drop_small_clusters, make_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
 from scenecluster.errors import InputError
 from scenecluster.reduce import fit_settings, make_projection
@@ -171,6 +171,9 @@ def fit_clustering(
     raw = np.asarray(clusterer.fit_predict(Z))
     prior_counts = getattr(clusterer, "counts_", None)
     clusterer = getattr(clusterer, "mixture_", clusterer)  # a prior search keeps the mixture it chose
+    found = int(len(np.unique(raw)))
+    if isinstance(clusterer, DPGMM) and cluster.min_cluster_share > 0:
+        raw = drop_small_clusters(clusterer, Z, cluster.min_cluster_share)
     clusters = relabel_by_size(raw)
     n_components = int(getattr(clusterer, "n_components", raw.max() + 1))
     cluster_ids = np.full(max(n_components, int(raw.max()) + 1), -1, dtype=np.int32)
@@ -186,6 +189,7 @@ def fit_clustering(
         "converged": bool(getattr(clusterer, "converged_", True)),
         "lower_bound": float(getattr(clusterer, "lower_bound_", float("nan"))),
         **({"prior_counts": [int(k) for k in prior_counts]} if prior_counts is not None else {}),
+        "small_clusters_dropped": found - int(len(np.unique(raw))),
         "versions": _versions(settings.get("method", "umap"), settings.get("backend", "umap-learn")),
         "seconds": {"reduce": round(reduce_seconds, 3), "cluster": round(cluster_end - start - reduce_seconds, 3)},
     }
@@ -259,8 +263,6 @@ def save_clustering(fitted: FittedClustering, out, folder: str = "clustering", *
     The DP-GMM is written as plain arrays and JSON; any other clusterer (k-means) is pickled, the same trusted
     input as the projection.
     """
-    from scenecluster.mixture import DPGMM
-
     if isinstance(fitted.clusterer, DPGMM):
         kind = _MIXTURE
         _save_mixture(fitted.clusterer, out, folder)

@@ -101,3 +101,9 @@ def test_the_neighbourhood_settings_key_a_fit_only_when_chosen():
     # k-means (the benchmark's oracle on K) has no prior: its key is the same whatever the prior settings say
     kmeans = ClusterConfig(method="kmeans", n_components=10)
     assert kmeans.key_settings() == kmeans.model_copy(update={"prior_covariance": "data"}).key_settings()
+    # the small-cluster floor keys a DP-GMM's fit when set; at 0 the key is what it was before the setting existed;
+    # the pseudo-label mixture keeps its small clusters, so a round's key never holds it
+    assert ClusterConfig().key_settings()["min_cluster_share"] == 0.005
+    assert "min_cluster_share" not in ClusterConfig(min_cluster_share=0).key_settings()
+    assert "min_cluster_share" not in ClusterConfig().with_data_prior().key_settings()
+    assert "min_cluster_share" not in kmeans.key_settings()

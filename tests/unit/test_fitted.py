@@ -103,3 +103,30 @@ def test_scores_from_counts_equal_scores_from_labels():
     assert from_counts["ari"] == pytest.approx(adjusted_rand_score(truth, pred))
     assert from_counts["nmi"] == pytest.approx(normalized_mutual_info_score(truth, pred))
     assert (from_counts["n_clusters"], from_counts["n_classes"]) == (7, 5)
+
+
+def test_a_tiny_island_is_dropped_and_its_scenes_join_a_kept_cluster(tmp_path):
+    # three classes and an island of 3 scenes far from them (1.2% of the scenes): kept as a fourth cluster with
+    # min_cluster_share 0, dropped at 0.02, where no scene (fitted, saved, loaded or new) is ever given to it
+    X, _ = blobs()
+    island = X[:3] + 40.0
+    X = np.concatenate([X, island])
+    reduce = ReduceConfig(method="pca", n_components=3, backend="umap-learn")
+
+    def fit_with(share: float):
+        cluster = ClusterConfig(n_components=6, prior_covariance="data", min_cluster_share=share)
+        return fit_clustering(X, feature=FEATURE, reduce=reduce, cluster=cluster, device="cpu")
+
+    kept, kept_clusters, _ = fit_with(0.0)
+    assert len(np.unique(kept_clusters)) == 4 and len(np.unique(kept_clusters[-3:])) == 1
+    assert kept.info["small_clusters_dropped"] == 0
+    fitted, clusters, _ = fit_with(0.02)
+    assert len(np.unique(clusters)) == 3 and fitted.info["small_clusters_dropped"] == 1
+    assert fitted.clusterer.n_clusters_ == 3
+    np.testing.assert_array_equal(clusters[:-3], kept_clusters[:-3])  # the other scenes keep their clusters
+    out = OutputFolder(str(tmp_path))
+    save_clustering(fitted, out, run="test")
+    loaded = load_clustering(out, device="cpu")
+    np.testing.assert_array_equal(loaded.assign(X)["cluster"], clusters)
+    new = loaded.assign(island + 0.1)
+    assert set(new["cluster"]) <= set(clusters)  # a dropped component would map to -1

@@ -38,16 +38,21 @@ def make_clusterer(cfg: ClusterConfig, X: np.ndarray, *, device: str = "auto") -
     return CLUSTERERS[cfg.method](cfg, X, device)
 
 
-def drop_small_clusters(mixture: DPGMM, Z: np.ndarray, min_share: float) -> np.ndarray:
-    """Drop the fitted ``mixture``'s clusters holding fewer than ``min_share`` of the scenes ``Z`` it was fitted on;
-    return the scenes' labels, each dropped cluster's scenes given to their next most likely cluster.
+def drop_small_clusters(model: Any, Z: np.ndarray, labels: np.ndarray, min_share: float) -> np.ndarray:
+    """Drop the clusters of a fitted DP-GMM ``model`` that hold fewer than ``min_share`` of the scenes ``Z`` it was
+    fitted on (``labels``: its labels of them); return the labels, each dropped cluster's scenes given to their next
+    most likely cluster. Any other clusterer, or ``min_share`` 0, keeps its labels.
 
     Why: on large samples UMAP draws a few tiny, pure islands inside one class (of 27,000 EuroSAT scenes, two
     islands of 47 and 84 sea scenes beside three larger ones), and the mixture counts each as a cluster. A cluster
     is dropped by marking its component unused (``used_components_``), so ``predict`` and ``predict_proba`` never
-    return it, here and wherever the saved mixture assigns scenes later. Keeps every cluster if none is that big.
+    return it, here and wherever the saved mixture assigns scenes later. The job's fit and each Tune trial call
+    this after the fit, so both see the partition the job keeps.
     """
-    labels = np.asarray(mixture.predict(Z))
+    mixture = getattr(model, "mixture_", model)  # a prior search keeps the mixture it chose
+    labels = np.asarray(labels)
+    if min_share <= 0 or not isinstance(mixture, DPGMM):
+        return labels
     sizes = np.bincount(labels, minlength=mixture.n_components)
     keep = mixture.used_components_ & (sizes >= min_share * len(Z))
     if not keep.any() or keep.sum() == mixture.used_components_.sum():

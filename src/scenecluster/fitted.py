@@ -170,10 +170,9 @@ def fit_clustering(
     clusterer = make_clusterer(cluster, Z, device=device)
     raw = np.asarray(clusterer.fit_predict(Z))
     prior_counts = getattr(clusterer, "counts_", None)
-    clusterer = getattr(clusterer, "mixture_", clusterer)  # a prior search keeps the mixture it chose
     found = int(len(np.unique(raw)))
-    if isinstance(clusterer, DPGMM) and cluster.min_cluster_share > 0:
-        raw = drop_small_clusters(clusterer, Z, cluster.min_cluster_share)
+    raw = drop_small_clusters(clusterer, Z, raw, cluster.min_cluster_share)
+    clusterer = getattr(clusterer, "mixture_", clusterer)  # a prior search keeps the mixture it chose
     clusters = relabel_by_size(raw)
     n_components = int(getattr(clusterer, "n_components", raw.max() + 1))
     cluster_ids = np.full(max(n_components, int(raw.max()) + 1), -1, dtype=np.int32)

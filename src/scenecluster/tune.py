@@ -74,14 +74,15 @@ def evaluate_trial(
         ``n_clusters``, ``silhouette``, ``lower_bound``, ``converged``, and ``acc``/``nmi``/``ari`` when
         ``labels`` is given.
     """
-    from scenecluster.cluster import make_clusterer
+    from scenecluster.cluster import drop_small_clusters, make_clusterer
     from scenecluster.evaluate import input_silhouette, score_clusters
     from scenecluster.reduce import reduce_embeddings
 
     reduce_params, cluster_cfg = _trial_configs(params, reduce, cluster)
     Z = reduce_embeddings(X, **reduce_params)
     model = make_clusterer(cluster_cfg, Z, device=device)
-    clusters = model.fit_predict(Z)
+    # the partition the job keeps with these settings: its small clusters dropped as fit_clustering drops them
+    clusters = drop_small_clusters(model, Z, model.fit_predict(Z), cluster_cfg.min_cluster_share)
     n_clusters = int(len(np.unique(clusters)))
     silhouette = input_silhouette(X, clusters, silhouette_index, metric=reduce_params.get("metric", "cosine"))
     kept = getattr(model, "mixture_", model)  # a prior search (prior_covariance: neighbourhoods) reports its mixture

@@ -130,3 +130,17 @@ def test_a_tiny_island_is_dropped_and_its_scenes_join_a_kept_cluster(tmp_path):
     np.testing.assert_array_equal(loaded.assign(X)["cluster"], clusters)
     new = loaded.assign(island + 0.1)
     assert set(new["cluster"]) <= set(clusters)  # a dropped component would map to -1
+
+
+def test_a_tune_trial_scores_the_partition_the_job_keeps():
+    # Tune's trial drops small clusters as the job's fit does, so the count it reports is the job's
+    from scenecluster.tune import evaluate_trial
+
+    X, _ = blobs()
+    X = np.concatenate([X, X[:3] + 40.0])
+    reduce = {"method": "pca", "n_components": 3, "backend": "umap-learn"}
+    trial = dict(X=X, labels=None, silhouette_index=np.arange(len(X)), reduce=reduce, device="cpu")
+    cluster = {"n_components": 6, "prior_covariance": "data"}
+    kept = evaluate_trial({}, **trial, cluster={**cluster, "min_cluster_share": 0.0})
+    dropped = evaluate_trial({"cluster.min_cluster_share": 0.02}, **trial, cluster=cluster)
+    assert (kept["n_clusters"], dropped["n_clusters"]) == (4, 3)

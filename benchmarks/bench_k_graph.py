@@ -39,7 +39,7 @@ from _results import load_gpu224, read_json_lines  # benchmarks/ is on sys.path 
 from scipy.sparse import csgraph
 from scipy.sparse.linalg import eigsh
 
-from scenecluster.cluster import make_clusterer
+from scenecluster.cluster import drop_small_clusters, make_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
 from scenecluster.embed import read_embeddings
 from scenecluster.evaluate import score_clusters
@@ -113,24 +113,20 @@ def fit_adaptive_prior(
     labels = mixture.fit_predict(Z)
     record = {"m": multiplier, "share": share, **scored(y, labels), "counts": mixture.counts_}
     if min_shares:
-        record["pruned"] = without_small_clusters(mixture.mixture_, Z, y, min_shares)
+        record["pruned"] = without_small_clusters(mixture, Z, y, min_shares)
     return record
 
 
-def without_small_clusters(mixture, Z: np.ndarray, y: np.ndarray, shares: list[float]) -> list[dict]:
-    """The fitted mixture's labels with each cluster of fewer than ``share x n`` scenes dropped: its scenes go to
-    their next most responsible cluster (``predict`` considers used components only). One record per share."""
+def without_small_clusters(model, Z: np.ndarray, y: np.ndarray, shares: list[float]) -> list[dict]:
+    """The fitted ``model``'s labels with each cluster of fewer than ``share x n`` scenes dropped, as the job drops
+    them (:func:`scenecluster.cluster.drop_small_clusters`, on a copy per share). One record per share."""
     import copy
 
-    counts = np.bincount(mixture.predict(Z), minlength=mixture.n_components)
-    records = []
-    for share in shares:
-        pruned = copy.deepcopy(mixture)
-        pruned.used_components_ = mixture.used_components_ & (counts >= share * len(Z))
-        if not pruned.used_components_.any():
-            pruned.used_components_ = mixture.used_components_
-        records.append({"min_share": share, **scored(y, np.asarray(pruned.predict(Z)))})
-    return records
+    labels = np.asarray(model.predict(Z))
+    return [
+        {"min_share": share, **scored(y, drop_small_clusters(copy.deepcopy(model), Z, labels, share))}
+        for share in shares
+    ]
 
 
 def load(args) -> dict[str, tuple[np.ndarray, np.ndarray]]:

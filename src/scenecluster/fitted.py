@@ -42,7 +42,7 @@ import numpy as np
 from scenecluster.cluster import DPGMM, drop_small_clusters, make_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
 from scenecluster.errors import InputError
-from scenecluster.reduce import fit_settings, make_projection
+from scenecluster.reduce import fast_small_transform, fit_settings, make_projection
 
 __all__ = ["FittedClustering", "fit_clustering", "load_clustering", "read_clustering_meta", "save_clustering"]
 
@@ -85,6 +85,9 @@ class FittedClustering:
     reduce: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     reference: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        fast_small_transform(self.projection)  # fitted here or loaded from an older run alike
 
     @property
     def n_clusters(self) -> int:

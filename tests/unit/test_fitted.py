@@ -144,3 +144,35 @@ def test_a_tune_trial_scores_the_partition_the_job_keeps():
     kept = evaluate_trial({}, **trial, cluster={**cluster, "min_cluster_share": 0.0})
     dropped = evaluate_trial({"cluster.min_cluster_share": 0.02}, **trial, cluster=cluster)
     assert (kept["n_clusters"], dropped["n_clusters"]) == (4, 3)
+
+
+def test_a_small_umap_fit_places_new_scenes_with_vectorised_distances_in_the_same_clusters():
+    """Below 4,096 fitted scenes umap-learn measures each new scene against every fitted one through its numba
+    metric called from Python per pair; a fitted clustering names the metric instead, for scikit-learn's
+    vectorised one (reduce.fast_small_transform). Those distances must be umap's own, so that new scenes land
+    in the clusters umap's own path would give them."""
+    import copy
+
+    import umap
+    from sklearn.metrics import pairwise_distances
+
+    X, truth = blobs(n_per=60, centres=4, dim=16)
+    new, new_truth = blobs(n_per=15, centres=4, dim=16)
+    new = new + np.random.default_rng(1).normal(scale=0.3, size=new.shape).astype(np.float32)
+    reduce = ReduceConfig(n_components=3, n_neighbors=10, backend="umap-learn")
+    fitted, clusters, _ = fit_clustering(X, feature=FEATURE, reduce=reduce, cluster=ClusterConfig(), device="cpu")
+    assert adjusted_rand_score(truth, clusters) > 0.95
+    model = fitted.projection
+    assert model._small_data and model._input_distance_func == "cosine"
+
+    own = copy.deepcopy(model)
+    own._input_distance_func = umap.distances.named_distances["cosine"]  # umap-learn's own small-data path
+    np.testing.assert_allclose(
+        pairwise_distances(new, model._raw_data, metric="cosine"),
+        pairwise_distances(new, model._raw_data, metric=own._input_distance_func),
+        atol=1e-5,
+    )
+    vectorised = fitted.assign(new)["cluster"]
+    by_umaps_own = fitted.cluster_ids[fitted.clusterer.predict(own.transform(new))]
+    assert (vectorised == by_umaps_own).mean() >= 0.95
+    assert adjusted_rand_score(new_truth, vectorised) > 0.9

@@ -44,7 +44,9 @@ def job_fit_rows(n: int, fit_sample: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=fit_sample, replace=False))
 
 
-def run(name: str, path: str, sizes: list[int], seeds: list[int], fit_sample: int, quantile: float) -> None:
+def run(
+    name: str, path: str, sizes: list[int], seeds: list[int], fit_sample: int, quantile: float, reduce: dict
+) -> None:
     """One JSON line per (size, seed): clusters found, the truth, and the scores of every assigned scene."""
     _, X, labels = read_embeddings(path)
     labels = np.asarray(labels)
@@ -53,9 +55,8 @@ def run(name: str, path: str, sizes: list[int], seeds: list[int], fit_sample: in
         for seed in seeds:
             rows = archive_rows(len(X), size, seed)
             Xa, ya = X[rows], labels[rows]
-            assigned, timing = fit_and_assign(
-                Xa, job_fit_rows(len(rows), fit_sample, seed), seed=seed, quantile=quantile
-            )
+            fit_rows = job_fit_rows(len(rows), fit_sample, seed)
+            assigned, timing = fit_and_assign(Xa, fit_rows, seed=seed, quantile=quantile, reduce_overrides=reduce)
             scores = score_clusters(ya, assigned["cluster"])
             record = {
                 **head,
@@ -64,10 +65,22 @@ def run(name: str, path: str, sizes: list[int], seeds: list[int], fit_sample: in
                 "seed": seed,
                 "classes": int(len(np.unique(ya))),
                 "fit_sample": fit_sample,
+                **({"reduce": reduce} if reduce else {}),
                 **{k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()},
                 **timing,
             }
             print(json.dumps(record), flush=True)
+
+
+def setting(text: str) -> tuple[str, int | float | str]:
+    """``KEY=VALUE``, the value as a number where it is one."""
+    key, _, value = text.partition("=")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
 
 
 def summary(path: str) -> None:
@@ -77,7 +90,7 @@ def summary(path: str) -> None:
         groups[(r["set"], r["size"])].append(r)
     print("| target | scenes | classes | clusters per seed | within 20% | acc (mean) | NMI | ARI |")
     print("|---|---|---|---|---|---|---|---|")
-    for (name, size), rs in sorted(groups.items()):
+    for (name, size), rs in sorted(groups.items()):  # one variant per file
         truth = rs[0]["classes"]
         ks = [r["n_clusters"] for r in sorted(rs, key=lambda r: r["seed"])]
         within = sum(abs(k - truth) <= 0.2 * truth for k in ks)
@@ -95,6 +108,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--fit-sample", type=int, default=ScaleConfig().fit_sample, help="the job's scale.fit_sample")
     p.add_argument("--novelty-quantile", type=float, default=ScaleConfig().novelty_quantile)
+    p.add_argument("--reduce", nargs="*", default=[], help="KEY=VALUE overrides of the reduce section")
     p.add_argument("--summary", help="print a Markdown table of a result file instead")
     args = p.parse_args()
     if args.summary:
@@ -104,7 +118,8 @@ def main() -> None:
         p.error("give --embeddings name=path (or --summary FILE)")
     for spec in args.embeddings:
         name, _, path = spec.partition("=")
-        run(name, path, args.sizes, args.seeds, args.fit_sample, args.novelty_quantile)
+        reduce = dict(setting(o) for o in args.reduce)
+        run(name, path, args.sizes, args.seeds, args.fit_sample, args.novelty_quantile, reduce)
 
 
 if __name__ == "__main__":

@@ -33,15 +33,18 @@ from scenecluster.fitted import fit_clustering
 from scenecluster.scale import calibration_split
 
 
-def settings(seed: int) -> tuple[dict, ClusterConfig]:
-    """The job's default projection and mixture settings, with both seeded by ``seed``."""
-    reduce = {**ReduceConfig().model_dump(), "backend": "umap-learn", "random_state": seed}
+def settings(seed: int, reduce_overrides: dict | None = None) -> tuple[dict, ClusterConfig]:
+    """The job's default projection and mixture settings, with both seeded by ``seed`` (and the ``reduce``
+    section's ``reduce_overrides``, e.g. ``{"n_neighbors": 15}``)."""
+    reduce = {**ReduceConfig().model_dump(), "backend": "umap-learn", "random_state": seed, **(reduce_overrides or {})}
     return reduce, ClusterConfig(random_state=seed)
 
 
-def fit_and_assign(X: np.ndarray, fit_rows: np.ndarray, *, seed: int, quantile: float) -> tuple[np.ndarray, dict]:
+def fit_and_assign(
+    X: np.ndarray, fit_rows: np.ndarray, *, seed: int, quantile: float, reduce_overrides: dict | None = None
+) -> tuple[np.ndarray, dict]:
     """Fit on ``X[fit_rows]`` (minus a calibration tenth, as the job does), assign all of ``X``."""
-    reduce, cluster = settings(seed)
+    reduce, cluster = settings(seed, reduce_overrides)
     fit_index, calibration = calibration_split(len(fit_rows), seed)
     start = time.perf_counter()
     fitted, _, _ = fit_clustering(

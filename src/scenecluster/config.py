@@ -199,7 +199,19 @@ class ReduceConfig(_Section):
         json_schema_extra=flag("--umap-dims"),
     )
     n_neighbors: int = Field(
-        30, ge=2, description="UMAP neighbourhood size", json_schema_extra=flag("--umap-neighbors")
+        30,
+        ge=2,
+        description="UMAP neighbourhood size (the most, under neighbors_share)",
+        json_schema_extra=flag("--umap-neighbors"),
+    )
+    neighbors_share: float = Field(
+        0.011,
+        ge=0.0,
+        le=1.0,
+        description="UMAP neighbours as this share of the fitted scenes, at least 10 and at most n_neighbors (0: "
+        "always n_neighbors): a fixed 30 is a large part of each class in a fit of a few hundred scenes and merges "
+        "classes; 0.011 gives 10 at 900 fitted scenes, 20 at 1,800, 30 from 2,700 (docs/benchmarks.md)",
+        json_schema_extra=flag("--umap-neighbors-share"),
     )
     min_dist: float = Field(0.0, ge=0.0, description="UMAP minimum distance", json_schema_extra=flag("--umap-min-dist"))
     # the metrics both umap-learn and cuML's UMAP know: any other would fail only in the fit, after the embedding
@@ -579,7 +591,7 @@ class TuneJobConfig(_Section):
     silhouette_samples: int = Field(2000, ge=10, description="subsample size of the label-free score")
     seed: int = Field(0, ge=0, description="seed of the search and of the silhouette subsample")
     search: SearchSpace = SearchSpace()
-    reduce: ReduceConfig = ReduceConfig()
+    reduce: ReduceConfig = ReduceConfig(neighbors_share=0.0)  # the searched n_neighbors is used as it is
     # the search tunes the data prior's scale; under the neighbourhood prior it would set only the first fit's
     cluster: ClusterConfig = ClusterConfig(prior_covariance="data")
     resources: ResourcesConfig = ResourcesConfig()

@@ -33,6 +33,7 @@ from scenecluster.features import FeatureSpec, resolve_feature_spec, store_acces
 from scenecluster.manifest import check_run_paths, write_manifest
 from scenecluster.model_store import is_store_uri, publish_model_folder
 from scenecluster.outputs import OutputFolder, prepare_output
+from scenecluster.reduce import umap_neighbours
 from scenecluster.report import build_report
 from scenecluster.stages import AssignSummary, assign_parts, check_enough_scenes, export_assignments, fit_remote
 
@@ -86,7 +87,13 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
     spec, out, resources = _prepare(cfg, overwrite, timer)
     embedded = _embed_stage(cfg, out, spec, resources, timer, check=lambda n, where: check_enough_scenes(n, cfg, where))
     with timer.stage("fit") as note:
-        keys = {"fit_key": _fit_key(cfg, spec), "data_prior_fit_key": _fit_key(_with_data_prior(cfg), spec)}
+        from scenecluster.scale import fit_count
+
+        n_fit = fit_count(embedded.n_ok, cfg.scale.fit_sample)
+        keys = {
+            "fit_key": _fit_key(cfg, spec, n_fit),
+            "data_prior_fit_key": _fit_key(_with_data_prior(cfg), spec, n_fit),
+        }
         fit = fit_remote(out, embedded.parts, cfg, spec, resources, **keys)
         timer.seconds.update({k: v for k, v in fit["stage_seconds"].items()})
         note["summary"] = (
@@ -273,16 +280,20 @@ def _embed_stage(
     return embedded
 
 
-def _fit_key(cfg: ClusterJobConfig, spec: FeatureSpec) -> str:
+def _fit_key(cfg: ClusterJobConfig, spec: FeatureSpec, n_fit: int) -> str:
     """What decides the fitted clustering: a change refits and reassigns.
 
     The run's identity (input, sample, feature and weights) is in it: ``--overwrite`` over a run of other scenes or
     another feature replaces the embeddings, and a fit kept from the old ones would assign the new scenes with the
-    old clusters (and show the old scenes in the report).
+    old clusters (and show the old scenes in the report). UMAP's neighbour count is in it as the fit of ``n_fit``
+    scenes uses it (:func:`scenecluster.reduce.umap_neighbours`), not as ``neighbors_share``: a run fitted on
+    2,700 scenes or more, whose count the share does not change, keeps the key it had before the setting existed.
     """
+    reduce = cfg.reduce.model_dump(exclude={"neighbors_share"})
+    reduce["n_neighbors"] = umap_neighbours(cfg.reduce.n_neighbors, cfg.reduce.neighbors_share, n_fit)
     settings = {
         "run": run_identity(cfg, spec),
-        "reduce": cfg.reduce.model_dump(),
+        "reduce": reduce,
         "cluster": cfg.cluster.key_settings(),
         "fit_sample": cfg.scale.fit_sample,
         "novelty_quantile": cfg.scale.novelty_quantile,

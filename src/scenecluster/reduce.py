@@ -31,6 +31,7 @@ __all__ = [
     "min_samples",
     "reduce_embeddings",
     "register",
+    "umap_neighbours",
     "whitened",
 ]
 
@@ -142,6 +143,7 @@ def make_projection(method: str = "umap", *, whiten: int = 0, **settings: Any):
     """
     if method not in PROJECTIONS:
         raise ValueError(f"projection method must be one of {', '.join(PROJECTIONS)}, not {method!r}")
+    settings.pop("neighbors_share", None)  # fit_settings applies it (it knows the sample); n_neighbors is as given
     projection = PROJECTIONS[method](**settings)
     return whitened(projection, whiten, settings.get("random_state", 0)) if whiten else projection
 
@@ -160,10 +162,31 @@ def whitened(projection: Any, n_components: int, random_state: int | None):
     return make_pipeline(PCA(n_components=n_components, whiten=True, random_state=random_state), projection)
 
 
+MIN_UMAP_NEIGHBOURS = 10
+
+
+def umap_neighbours(n_neighbors: int, share: float, n_samples: int) -> int:
+    """UMAP's neighbour count for a fit on ``n_samples`` scenes: ``share`` of them, at least
+    :data:`MIN_UMAP_NEIGHBOURS`, at most ``n_neighbors`` (``share`` 0: ``n_neighbors``).
+
+    Why: UMAP's neighbourhood should stay a small part of a class. A fixed 30 is 40% of a class of 75 in a fit of
+    900 scenes of 12 classes; the layout then joins touching classes and the mixture under-counts (EuroSAT and
+    nwpu12, both transfer directions: 1 of 12 fits within 20% of the classes at 500 scenes, 7 at 1,000; with this
+    rule 8 and 10, docs/benchmarks.md). Fits of 2,700 scenes or more keep ``n_neighbors``.
+    """
+    if share <= 0:
+        return n_neighbors
+    return min(n_neighbors, max(MIN_UMAP_NEIGHBOURS, round(share * n_samples)))
+
+
 def fit_settings(settings: dict[str, Any], n_samples: int, n_features: int) -> dict[str, Any]:
-    """The ``reduce`` settings capped for a sample of this size: neighbours below the sample, whitening
-    components within its rank (a few dozen scenes still run)."""
+    """The ``reduce`` settings for a sample of this size: neighbours a share of it (``neighbors_share``, then
+    removed, see :func:`umap_neighbours`) and below it, whitening components within its rank (a few dozen scenes
+    still run)."""
     settings = dict(settings)
+    share = settings.pop("neighbors_share", 0.0)
+    if "n_neighbors" in settings:
+        settings["n_neighbors"] = umap_neighbours(settings["n_neighbors"], share, n_samples)
     if settings.get("n_neighbors", 30) >= n_samples:
         log.warning("n_neighbors=%d >= n_samples=%d; using %d", settings["n_neighbors"], n_samples, n_samples - 1)
         settings["n_neighbors"] = max(2, n_samples - 1)

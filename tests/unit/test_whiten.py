@@ -64,3 +64,41 @@ def test_whitening_is_capped_at_the_sample_rank(n, d, expected):
 def test_a_tiny_sample_still_projects_with_whitening():
     X, _ = stretched_blobs()
     assert reduce_embeddings(X[:12], method="umap", n_components=2, n_neighbors=5, whiten=64).shape == (12, 2)
+
+
+@pytest.mark.parametrize(
+    ("n_fit", "share", "cap", "expected"),
+    [
+        (450, 0.011, 30, 10),
+        (900, 0.011, 30, 10),
+        (1800, 0.011, 30, 20),
+        (2700, 0.011, 30, 30),
+        (18000, 0.011, 30, 30),
+        (18000, 0.011, 60, 60),
+        (900, 0.011, 5, 5),
+        (900, 0.0, 30, 30),
+        (40, 0.011, 30, 10),
+    ],
+)
+def test_umaps_neighbours_are_a_share_of_the_fitted_scenes_between_ten_and_the_setting(n_fit, share, cap, expected):
+    """The measured points of the rule (10 at 900 fitted scenes, 20 at 1,800, 30 from 2,700), the cap, and 0."""
+    settings = fit_settings({"n_neighbors": cap, "neighbors_share": share}, n_fit, 384)
+    assert settings["n_neighbors"] == expected
+    assert "neighbors_share" not in settings  # consumed here: the projection's factory never sees it
+
+
+def test_a_fit_key_moves_with_the_share_only_where_it_changes_the_neighbour_count():
+    """A run fitted on thousands of scenes keeps the key it had before ``neighbors_share`` existed, so an upgrade
+    refits only the small runs whose projection actually changes."""
+    from scenecluster.config import ClusterJobConfig
+    from scenecluster.features import FeatureSpec
+    from scenecluster.job import _fit_key
+
+    def key(share: float, n_fit: int) -> str:
+        cfg = ClusterJobConfig(data={"input": "scenes"}, output="out", reduce={"neighbors_share": share})
+        spec = FeatureSpec("m", 0, "cls", 112, "m", 8, 12, 384, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        return _fit_key(cfg, spec, n_fit)
+
+    assert key(0.011, 18000) == key(0.0, 18000) == key(0.02, 18000)
+    assert key(0.011, 900) != key(0.0, 900)
+    assert key(0.011, 900) == key(0.01, 900)  # both give 10 neighbours: the same fit

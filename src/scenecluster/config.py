@@ -604,6 +604,15 @@ class TuneJobConfig(_Section):
             return {**value, "prior_covariance": "data"}
         return value
 
+    @field_validator("reduce", mode="before")
+    @classmethod
+    def _searched_neighbours_as_they_are(cls, value: Any) -> Any:
+        """A ``reduce`` section from YAML or ``--set`` keeps ``neighbors_share`` 0 unless it names one itself: a
+        trial's ``n_neighbors`` is the searched value, not a cap."""
+        if isinstance(value, dict) and "neighbors_share" not in value:
+            return {**value, "neighbors_share": 0.0}
+        return value
+
 
 class SelfTrainConfig(_Section):
     """Self-training on the target (:mod:`scenecluster.self_train`): after a clustering, fine-tune again on the

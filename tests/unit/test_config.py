@@ -81,3 +81,20 @@ def test_tune_keeps_the_data_prior_whose_scale_it_searches_unless_a_prior_is_nam
     assert ClusterJobConfig.model_validate({"output": "o", "data": {"input": "i"}}).cluster.prior_covariance == (
         "neighbourhoods"
     )
+
+
+def test_tune_uses_the_neighbour_counts_it_searches_unless_a_share_is_named():
+    """The job's UMAP neighbours are a share of the fitted scenes, capped by n_neighbors; a Tune trial's searched
+    n_neighbors must be used as it is, with or without a reduce section of its own."""
+    from pathlib import Path
+
+    from scenecluster.config import TuneJobConfig
+
+    base = {"embeddings": "e.parquet", "output": "tune"}
+    shipped = Path(__file__).parents[2] / "rayjobs" / "configs" / "tune.yaml"  # it has a reduce section
+    assert load_config(None, base, model=TuneJobConfig).reduce.neighbors_share == 0
+    assert load_config(shipped, base, model=TuneJobConfig).reduce.neighbors_share == 0
+    assert load_config(None, {**base, "reduce.min_dist": 0.1}, model=TuneJobConfig).reduce.neighbors_share == 0
+    named = load_config(None, {**base, "reduce.neighbors_share": 0.02}, model=TuneJobConfig)
+    assert named.reduce.neighbors_share == 0.02
+    assert ClusterJobConfig.model_validate({"output": "o", "data": {"input": "i"}}).reduce.neighbors_share == 0.011

@@ -44,23 +44,40 @@ def job_fit_rows(n: int, fit_sample: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=fit_sample, replace=False))
 
 
+def class_pool(labels: np.ndarray, classes: int, seed: int) -> np.ndarray:
+    """The rows of ``classes`` seeded classes of ``labels`` (every row when ``classes`` is 0)."""
+    if not classes:
+        return np.arange(len(labels))
+    chosen = np.random.default_rng([seed, classes]).choice(np.unique(labels), size=classes, replace=False)
+    return np.flatnonzero(np.isin(labels, chosen))
+
+
 def run(
-    name: str, path: str, sizes: list[int], seeds: list[int], fit_sample: int, quantile: float, reduce: dict
+    name: str,
+    path: str,
+    sizes: list[int],
+    seeds: list[int],
+    fit_sample: int,
+    quantile: float,
+    reduce: dict,
+    classes: int = 0,
 ) -> None:
-    """One JSON line per (size, seed): clusters found, the truth, and the scores of every assigned scene."""
+    """One JSON line per (size, seed): clusters found, the truth, and the scores of every assigned scene. With
+    ``classes``, each seed's archive is drawn from that many of the set's classes only."""
     _, X, labels = read_embeddings(path)
     labels = np.asarray(labels)
     head = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count()}
     for size in sizes:
         for seed in seeds:
-            rows = archive_rows(len(X), size, seed)
+            pool = class_pool(labels, classes, seed)
+            rows = pool[archive_rows(len(pool), size, seed)]
             Xa, ya = X[rows], labels[rows]
             fit_rows = job_fit_rows(len(rows), fit_sample, seed)
             assigned, timing = fit_and_assign(Xa, fit_rows, seed=seed, quantile=quantile, reduce_overrides=reduce)
             scores = score_clusters(ya, assigned["cluster"])
             record = {
                 **head,
-                "set": name,
+                "set": f"{name}[{classes} classes]" if classes else name,
                 "size": len(rows),
                 "seed": seed,
                 "classes": int(len(np.unique(ya))),
@@ -109,6 +126,7 @@ def main() -> None:
     p.add_argument("--fit-sample", type=int, default=ScaleConfig().fit_sample, help="the job's scale.fit_sample")
     p.add_argument("--novelty-quantile", type=float, default=ScaleConfig().novelty_quantile)
     p.add_argument("--reduce", nargs="*", default=[], help="KEY=VALUE overrides of the reduce section")
+    p.add_argument("--classes", type=int, default=0, help="draw each archive from this many seeded classes")
     p.add_argument("--summary", help="print a Markdown table of a result file instead")
     args = p.parse_args()
     if args.summary:
@@ -119,7 +137,7 @@ def main() -> None:
     for spec in args.embeddings:
         name, _, path = spec.partition("=")
         reduce = dict(setting(o) for o in args.reduce)
-        run(name, path, args.sizes, args.seeds, args.fit_sample, args.novelty_quantile, reduce)
+        run(name, path, args.sizes, args.seeds, args.fit_sample, args.novelty_quantile, reduce, args.classes)
 
 
 if __name__ == "__main__":

@@ -205,12 +205,12 @@ class ReduceConfig(_Section):
         json_schema_extra=flag("--umap-neighbors"),
     )
     neighbors_share: float = Field(
-        0.011,
+        0.0,
         ge=0.0,
         le=1.0,
         description="UMAP neighbours as this share of the fitted scenes, at least 10 and at most n_neighbors (0: "
-        "always n_neighbors): a fixed 30 is a large part of each class in a fit of a few hundred scenes and merges "
-        "classes; 0.011 gives 10 at 900 fitted scenes, 20 at 1,800, 30 from 2,700 (docs/benchmarks.md)",
+        "always n_neighbors). 0.011 (10 at 900 fitted scenes, 30 from 2,700) counts small archives of 10-12 "
+        "classes better and splits those of 3-6 classes more (docs/benchmarks.md), so it is not the default",
         json_schema_extra=flag("--umap-neighbors-share"),
     )
     min_dist: float = Field(0.0, ge=0.0, description="UMAP minimum distance", json_schema_extra=flag("--umap-min-dist"))
@@ -591,7 +591,7 @@ class TuneJobConfig(_Section):
     silhouette_samples: int = Field(2000, ge=10, description="subsample size of the label-free score")
     seed: int = Field(0, ge=0, description="seed of the search and of the silhouette subsample")
     search: SearchSpace = SearchSpace()
-    reduce: ReduceConfig = ReduceConfig(neighbors_share=0.0)  # the searched n_neighbors is used as it is
+    reduce: ReduceConfig = ReduceConfig(neighbors_share=0.0)  # the searched n_neighbors is used as it is, always
     # the search tunes the data prior's scale; under the neighbourhood prior it would set only the first fit's
     cluster: ClusterConfig = ClusterConfig(prior_covariance="data")
     resources: ResourcesConfig = ResourcesConfig()

@@ -171,8 +171,10 @@ def umap_neighbours(n_neighbors: int, share: float, n_samples: int) -> int:
 
     Why: UMAP's neighbourhood should stay a small part of a class. A fixed 30 is 40% of a class of 75 in a fit of
     900 scenes of 12 classes; the layout then joins touching classes and the mixture under-counts (EuroSAT and
-    nwpu12, both transfer directions: 1 of 12 fits within 20% of the classes at 500 scenes, 7 at 1,000; with this
-    rule 8 and 10, docs/benchmarks.md). Fits of 2,700 scenes or more keep ``n_neighbors``.
+    nwpu12, both transfer directions: 1 of 12 fits within 20% of the classes at 500 scenes, 7 at 1,000; with a
+    share of 0.011, 8 and 10). But on archives of 3-6 classes the smaller neighbourhoods split classes (accuracy
+    0.09 lower for 3 classes), so the share is an option, off by default (docs/benchmarks.md). Fits of 2,700
+    scenes or more keep ``n_neighbors`` at that share.
     """
     if share <= 0:
         return n_neighbors

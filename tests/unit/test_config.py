@@ -97,4 +97,4 @@ def test_tune_uses_the_neighbour_counts_it_searches_unless_a_share_is_named():
     assert load_config(None, {**base, "reduce.min_dist": 0.1}, model=TuneJobConfig).reduce.neighbors_share == 0
     named = load_config(None, {**base, "reduce.neighbors_share": 0.02}, model=TuneJobConfig)
     assert named.reduce.neighbors_share == 0.02
-    assert ClusterJobConfig.model_validate({"output": "o", "data": {"input": "i"}}).reduce.neighbors_share == 0.011
+    assert ClusterJobConfig.model_validate({"output": "o", "data": {"input": "i"}}).reduce.neighbors_share == 0

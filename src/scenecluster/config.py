@@ -591,7 +591,7 @@ class TuneJobConfig(_Section):
     silhouette_samples: int = Field(2000, ge=10, description="subsample size of the label-free score")
     seed: int = Field(0, ge=0, description="seed of the search and of the silhouette subsample")
     search: SearchSpace = SearchSpace()
-    reduce: ReduceConfig = ReduceConfig(neighbors_share=0.0)  # the searched n_neighbors is used as it is, always
+    reduce: ReduceConfig = ReduceConfig()
     # the search tunes the data prior's scale; under the neighbourhood prior it would set only the first fit's
     cluster: ClusterConfig = ClusterConfig(prior_covariance="data")
     resources: ResourcesConfig = ResourcesConfig()
@@ -602,15 +602,6 @@ class TuneJobConfig(_Section):
         """A ``cluster`` section from YAML or ``--set`` keeps the data prior unless it names a prior itself."""
         if isinstance(value, dict) and "prior_covariance" not in value:
             return {**value, "prior_covariance": "data"}
-        return value
-
-    @field_validator("reduce", mode="before")
-    @classmethod
-    def _searched_neighbours_as_they_are(cls, value: Any) -> Any:
-        """A ``reduce`` section from YAML or ``--set`` keeps ``neighbors_share`` 0 unless it names one itself: a
-        trial's ``n_neighbors`` is the searched value, not a cap."""
-        if isinstance(value, dict) and "neighbors_share" not in value:
-            return {**value, "neighbors_share": 0.0}
         return value
 
 

@@ -84,8 +84,9 @@ def test_tune_keeps_the_data_prior_whose_scale_it_searches_unless_a_prior_is_nam
 
 
 def test_tune_uses_the_neighbour_counts_it_searches_unless_a_share_is_named():
-    """The job's UMAP neighbours are a share of the fitted scenes, capped by n_neighbors; a Tune trial's searched
-    n_neighbors must be used as it is, with or without a reduce section of its own."""
+    """With a neighbour share, UMAP's neighbours are a share of the fitted scenes capped by n_neighbors; a Tune
+    trial's searched n_neighbors must be used as it is, with or without a reduce section of its own, so Tune's
+    share is 0 unless named (as is the job's default; a new default must not reach Tune unnoticed)."""
     from pathlib import Path
 
     from scenecluster.config import TuneJobConfig

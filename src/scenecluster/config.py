@@ -290,6 +290,23 @@ class ClusterConfig(_Section):
         "large samples (docs/benchmarks.md); a class this rare was not found as a cluster anyway (0: keep all)",
         json_schema_extra=flag("--min-cluster-share"),
     )
+    consensus_runs: int = Field(
+        1,
+        ge=1,
+        description="the DP-GMM fitted with this many seeds (projection and mixture alike); above 1, the first "
+        "fit's clusters that the other fits keep together are merged (scenecluster.consensus): UMAP cuts a broad "
+        "class into sub-blobs that move with the seed, where two classes stay apart in every seed. Each run "
+        "costs one more fit (1: off)",
+        json_schema_extra=flag("--consensus-runs"),
+    )
+    consensus_threshold: float = Field(
+        0.4,
+        gt=0,
+        le=1,
+        description="consensus: two clusters are merged when a scene of one and a scene of the other share a "
+        "cluster in the other fits at least this often",
+        json_schema_extra=flag("--consensus-threshold"),
+    )
     covariance_type: Literal["full", "diag"] = Field(
         "full", description="covariance of each component", json_schema_extra=flag("--covariance-type")
     )
@@ -311,14 +328,17 @@ class ClusterConfig(_Section):
         exclude = set() if acts else set(unused)
         if self.method != "dpgmm" or self.min_cluster_share == 0:
             exclude.add("min_cluster_share")  # a run made before the setting existed keeps its key with 0
+        if self.method != "dpgmm" or self.consensus_runs == 1:
+            exclude |= {"consensus_runs", "consensus_threshold"}  # likewise without a consensus
         return self.model_dump(exclude=exclude)
 
     def with_data_prior(self) -> ClusterConfig:
         """These settings with the data prior: what self-training's pseudo-label mixture always fits, and so what
         its key is taken under (the job's ``data_prior_fit_key``, :func:`scenecluster.self_train.pseudo_label_key`),
         whichever prior the clustering itself uses. That mixture keeps its small clusters (it is over-segmented on
-        purpose), so ``min_cluster_share`` is 0 here: a round's key does not move with that setting either."""
-        return self.model_copy(update={"prior_covariance": "data", "min_cluster_share": 0.0})
+        purpose), so ``min_cluster_share`` is 0 here: a round's key does not move with that setting either. Nor
+        with the consensus: it merges the run's clusters, not the coordinates that mixture is fitted on."""
+        return self.model_copy(update={"prior_covariance": "data", "min_cluster_share": 0.0, "consensus_runs": 1})
 
 
 class ScaleConfig(_Section):

@@ -41,10 +41,19 @@ import numpy as np
 
 from scenecluster.cluster import DPGMM, drop_small_clusters, make_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
+from scenecluster.consensus import merge_co_associated
 from scenecluster.errors import InputError
 from scenecluster.reduce import fast_small_transform, fit_settings, make_projection
 
-__all__ = ["FittedClustering", "fit_clustering", "load_clustering", "read_clustering_meta", "save_clustering"]
+__all__ = [
+    "FittedClustering",
+    "cluster_probabilities",
+    "fit_clustering",
+    "load_clustering",
+    "merge_by_consensus",
+    "read_clustering_meta",
+    "save_clustering",
+]
 
 FORMAT = "scenecluster-clustering/1"
 _LIBRARIES = {"umap": "umap-learn", "pca": "scikit-learn"}
@@ -91,7 +100,7 @@ class FittedClustering:
 
     @property
     def n_clusters(self) -> int:
-        return int((self.cluster_ids >= 0).sum())
+        return int(len(np.unique(self.cluster_ids[self.cluster_ids >= 0])))
 
     def neighbour_distance(self, X: np.ndarray) -> np.ndarray:
         """Cosine distance of each row of ``X`` to its nearest fitted scene (zeros without a reference)."""
@@ -124,11 +133,9 @@ class FittedClustering:
         Z = self.projection.transform(X)
         Z = np.asarray(Z.get() if hasattr(Z, "get") else Z, dtype=np.float32)
         if hasattr(self.clusterer, "predict_proba"):
-            proba = self.clusterer.predict_proba(Z)
-            component = proba.argmax(axis=1)
-            probability = proba[np.arange(len(Z)), component]
+            cluster, probability = cluster_probabilities(self.clusterer.predict_proba(Z), self.cluster_ids)
         else:
-            component = self.clusterer.predict(Z)
+            cluster = self.cluster_ids[self.clusterer.predict(Z)]
             probability = np.ones(len(Z))
         if hasattr(self.clusterer, "score_samples"):
             log_likelihood = self.clusterer.score_samples(Z)
@@ -136,7 +143,7 @@ class FittedClustering:
             log_likelihood = np.zeros(len(Z))
         result = {
             "coords": Z,
-            "cluster": self.cluster_ids[component].astype(np.int32),
+            "cluster": cluster.astype(np.int32),
             "probability": probability.astype(np.float32),
             "log_likelihood": log_likelihood.astype(np.float32),
             "neighbour_distance": self.neighbour_distance(X),
@@ -167,19 +174,16 @@ def fit_clustering(
     if n_distinct < cluster.n_components:
         cluster = cluster.model_copy(update={"n_components": n_distinct})
     start = time.perf_counter()
-    projection = make_projection(**settings)
-    Z = np.asarray(_as_numpy(projection.fit_transform(np.asarray(X, dtype=np.float32))), dtype=np.float32)
-    reduce_seconds = time.perf_counter() - start
-    clusterer = make_clusterer(cluster, Z, device=device)
-    raw = np.asarray(clusterer.fit_predict(Z))
-    prior_counts = getattr(clusterer, "counts_", None)
-    found = int(len(np.unique(raw)))
-    raw = drop_small_clusters(clusterer, Z, raw, cluster.min_cluster_share)
-    clusterer = getattr(clusterer, "mixture_", clusterer)  # a prior search keeps the mixture it chose
+    first = _fit_once(X, settings, cluster, device)
+    projection, clusterer, Z, raw = first.projection, first.clusterer, first.coords, first.labels
+    components = raw
+    consensus: dict[str, Any] = {}
+    if cluster.method == "dpgmm" and cluster.consensus_runs > 1:
+        raw, consensus = merge_by_consensus(X, raw, settings, cluster, device)
     clusters = relabel_by_size(raw)
     n_components = int(getattr(clusterer, "n_components", raw.max() + 1))
     cluster_ids = np.full(max(n_components, int(raw.max()) + 1), -1, dtype=np.int32)
-    cluster_ids[raw] = clusters
+    cluster_ids[components] = clusters  # a merged cluster's components share its id
     reference = _unit(np.asarray(X, np.float32)).astype(np.float16)
     threshold = _leave_one_out_threshold(reference, novelty_quantile)
     cluster_end = time.perf_counter()
@@ -190,10 +194,15 @@ def fit_clustering(
         "n_iter": _maybe_int(getattr(clusterer, "n_iter_", None)),
         "converged": bool(getattr(clusterer, "converged_", True)),
         "lower_bound": float(getattr(clusterer, "lower_bound_", float("nan"))),
-        **({"prior_counts": [int(k) for k in prior_counts]} if prior_counts is not None else {}),
-        "small_clusters_dropped": found - int(len(np.unique(raw))),
+        **({"prior_counts": [int(k) for k in first.prior_counts]} if first.prior_counts is not None else {}),
+        "small_clusters_dropped": first.found - int(len(np.unique(components))),
+        **({"consensus": consensus} if consensus else {}),
         "versions": _versions(settings.get("method", "umap"), settings.get("backend", "umap-learn")),
-        "seconds": {"reduce": round(reduce_seconds, 3), "cluster": round(cluster_end - start - reduce_seconds, 3)},
+        "seconds": {
+            "reduce": round(first.reduce_seconds, 3),
+            "cluster": round(cluster_end - start - first.reduce_seconds - consensus.get("seconds", 0.0), 3),
+            **({"consensus": consensus["seconds"]} if consensus else {}),
+        },
     }
     fitted = FittedClustering(
         feature=dict(feature),
@@ -207,6 +216,80 @@ def fit_clustering(
         reference=reference,
     )
     return fitted, clusters, Z
+
+
+@dataclass
+class _Fit:
+    """One projection and one mixture fitted on the same scenes."""
+
+    projection: Any
+    clusterer: Any  # a prior search's chosen mixture
+    coords: np.ndarray
+    labels: np.ndarray  # each scene's component, the small clusters dropped
+    found: int  # clusters before they were dropped
+    prior_counts: Any  # the prior search's counts, or None
+    reduce_seconds: float
+
+
+def _fit_once(X: np.ndarray, settings: dict[str, Any], cluster: ClusterConfig, device: str) -> _Fit:
+    """Fit the projection ``settings`` describe on ``X``, then the mixture on its coordinates."""
+    start = time.perf_counter()
+    projection = make_projection(**settings)
+    Z = np.asarray(_as_numpy(projection.fit_transform(np.asarray(X, dtype=np.float32))), dtype=np.float32)
+    reduce_seconds = time.perf_counter() - start
+    clusterer = make_clusterer(cluster, Z, device=device)
+    raw = np.asarray(clusterer.fit_predict(Z))
+    prior_counts = getattr(clusterer, "counts_", None)
+    found = int(len(np.unique(raw)))
+    raw = drop_small_clusters(clusterer, Z, raw, cluster.min_cluster_share)
+    return _Fit(projection, getattr(clusterer, "mixture_", clusterer), Z, raw, found, prior_counts, reduce_seconds)
+
+
+def merge_by_consensus(
+    X: np.ndarray, raw: np.ndarray, settings: dict[str, Any], cluster: ClusterConfig, device: str
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Fit ``cluster.consensus_runs - 1`` more projections and mixtures on ``X`` with the next seeds, and merge
+    the clusters of ``raw`` (the first fit's components) that they keep together
+    (:func:`scenecluster.consensus.merge_co_associated`). Returns each scene's surviving component and a summary.
+    ``settings`` are the projection's for this sample (:func:`scenecluster.reduce.fit_settings`). The job's fit
+    and each Tune trial call it, so a search scores the partition the job keeps."""
+    start = time.perf_counter()
+    others, counts = [], []
+    for run in range(1, cluster.consensus_runs):
+        seeded = {**settings, "random_state": _next_seed(settings.get("random_state"), run)}
+        mixture = cluster.model_copy(update={"random_state": _next_seed(cluster.random_state, run)})
+        labels = _fit_once(X, seeded, mixture, device).labels
+        others.append(labels)
+        counts.append(int(len(np.unique(labels))))
+    into = merge_co_associated(raw, others, cluster.consensus_threshold)
+    merged = np.array([into[int(c)] for c in raw], dtype=raw.dtype)
+    summary = {
+        "runs": cluster.consensus_runs,
+        "threshold": cluster.consensus_threshold,
+        "clusters_first": int(len(np.unique(raw))),
+        "clusters_other_runs": counts,
+        "clusters_merged": int(len(np.unique(raw)) - len(np.unique(merged))),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return merged, summary
+
+
+def _next_seed(seed: int | None, run: int) -> int | None:
+    """The seed of a consensus run: unseeded stays unseeded."""
+    return None if seed is None else seed + run
+
+
+def cluster_probabilities(proba: np.ndarray, cluster_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each scene's most probable cluster and its probability, from the mixture's component probabilities
+    ``proba`` (n, n_components): a cluster that merged several components (:mod:`scenecluster.consensus`) has
+    the sum of theirs. Components of no cluster (id -1) get no scene."""
+    ids = np.asarray(cluster_ids[: proba.shape[1]])
+    used = ids >= 0
+    per_cluster = np.zeros((proba.shape[1], int(ids.max()) + 1 if used.any() else 1))
+    per_cluster[np.flatnonzero(used), ids[used]] = 1.0
+    summed = np.asarray(proba) @ per_cluster
+    cluster = summed.argmax(axis=1)
+    return cluster, summed[np.arange(len(summed)), cluster]
 
 
 def nearest_distance(Xn: np.ndarray, reference: np.ndarray, chunk: int = 2048) -> np.ndarray:

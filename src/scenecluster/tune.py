@@ -76,13 +76,17 @@ def evaluate_trial(
     """
     from scenecluster.cluster import drop_small_clusters, make_clusterer
     from scenecluster.evaluate import input_silhouette, score_clusters
-    from scenecluster.reduce import reduce_embeddings
+    from scenecluster.fitted import merge_by_consensus
+    from scenecluster.reduce import fit_settings, reduce_embeddings
 
     reduce_params, cluster_cfg = _trial_configs(params, reduce, cluster)
     Z = reduce_embeddings(X, **reduce_params)
     model = make_clusterer(cluster_cfg, Z, device=device)
     # the partition the job keeps with these settings: its small clusters dropped as fit_clustering drops them
     clusters = drop_small_clusters(model, Z, model.fit_predict(Z), cluster_cfg.min_cluster_share)
+    if cluster_cfg.method == "dpgmm" and cluster_cfg.consensus_runs > 1:  # and merged as it merges them
+        settings = fit_settings(reduce_params, *np.shape(X))
+        clusters = merge_by_consensus(X, clusters, settings, cluster_cfg, device)[0]
     n_clusters = int(len(np.unique(clusters)))
     silhouette = input_silhouette(X, clusters, silhouette_index, metric=reduce_params.get("metric", "cosine"))
     kept = getattr(model, "mixture_", model)  # a prior search (prior_covariance: neighbourhoods) reports its mixture

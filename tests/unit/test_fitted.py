@@ -176,3 +176,48 @@ def test_a_small_umap_fit_places_new_scenes_with_vectorised_distances_in_the_sam
     by_umaps_own = fitted.cluster_ids[fitted.clusterer.predict(own.transform(new))]
     assert (vectorised == by_umaps_own).mean() >= 0.95
     assert adjusted_rand_score(new_truth, vectorised) > 0.9
+
+
+def test_a_consensus_merges_the_pieces_umap_cuts_a_broad_class_into_and_keeps_the_other_classes(tmp_path):
+    # three tight classes far apart and one broad, structureless one (uniform in 8 dimensions) that UMAP cuts into
+    # pieces which move with its seed; merging what the other seeds keep together joins those pieces only
+    rng = np.random.default_rng(0)
+    tight = [60.0 * np.eye(8)[i + 2] + rng.normal(size=(60, 8)) for i in range(3)]
+    broad = rng.uniform(-10, 10, size=(400, 8)) - 60.0 * np.eye(8)[5]
+    X = np.concatenate([*tight, broad]).astype(np.float32)
+    merges = 0
+    for seed in (1, 2):
+        reduce = ReduceConfig(metric="euclidean", backend="umap-learn", random_state=seed)
+
+        def fit_with(runs: int, seed=seed, reduce=reduce):
+            cluster = ClusterConfig(random_state=seed, consensus_runs=runs)
+            return fit_clustering(X, feature=FEATURE, reduce=reduce, cluster=cluster, device="cpu")
+
+        alone, alone_clusters, _ = fit_with(1)
+        fitted, clusters, _ = fit_with(3)
+        summary = fitted.info["consensus"]
+        assert summary["clusters_first"] == alone.n_clusters  # the first of the three is the fit without consensus
+        assert fitted.n_clusters == alone.n_clusters - summary["clusters_merged"] <= alone.n_clusters
+        for i in range(3):  # each tight class is still one cluster of its own
+            assert len(set(clusters[i * 60 : (i + 1) * 60])) == 1
+        assert len(set(clusters[:180])) == 3 and not set(clusters[:180]) & set(clusters[180:])
+        # merging joins clusters, never splits one: the first fit's clusters nest in the merged ones
+        assert all(len(set(clusters[alone_clusters == c])) == 1 for c in np.unique(alone_clusters))
+        merges += summary["clusters_merged"]
+        if seed == 1:  # a Tune trial with these settings reports the count the job keeps, merges included
+            from scenecluster.tune import evaluate_trial
+
+            cluster = {"random_state": seed, "consensus_runs": 3}
+            trial = evaluate_trial(
+                {}, X=X, labels=None, silhouette_index=np.arange(len(X)), reduce=reduce.model_dump(), cluster=cluster
+            )
+            assert trial["n_clusters"] == fitted.n_clusters
+        out = OutputFolder(str(tmp_path / str(seed)))
+        save_clustering(fitted, out, run="test")
+        loaded = load_clustering(out, device="cpu")
+        assert loaded.n_clusters == fitted.n_clusters
+        before, after = fitted.assign(X), loaded.assign(X)
+        np.testing.assert_array_equal(after["cluster"], before["cluster"])
+        np.testing.assert_allclose(after["probability"], before["probability"], rtol=1e-5, atol=1e-5)
+        assert set(after["cluster"]) <= set(clusters)  # several components, one cluster id each
+    assert merges >= 1

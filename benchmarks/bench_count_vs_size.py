@@ -23,7 +23,7 @@ from collections import defaultdict
 import numpy as np
 from _hardware import cpu_model  # benchmarks/ is on sys.path when run as a script
 from _results import read_json_lines
-from bench_fit_sample import fit_and_assign
+from bench_fit_sample import fit_and_assign, setting
 
 from scenecluster.config import ScaleConfig
 from scenecluster.embed import read_embeddings
@@ -87,17 +87,6 @@ def run(
                 **timing,
             }
             print(json.dumps(record), flush=True)
-
-
-def setting(text: str) -> tuple[str, int | float | str]:
-    """``KEY=VALUE``, the value as a number where it is one."""
-    key, _, value = text.partition("=")
-    for kind in (int, float):
-        try:
-            return key, kind(value)
-        except ValueError:
-            pass
-    return key, value
 
 
 def summary(path: str) -> None:

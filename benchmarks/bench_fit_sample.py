@@ -33,18 +33,26 @@ from scenecluster.fitted import fit_clustering
 from scenecluster.scale import calibration_split
 
 
-def settings(seed: int, reduce_overrides: dict | None = None) -> tuple[dict, ClusterConfig]:
-    """The job's default projection and mixture settings, with both seeded by ``seed`` (and the ``reduce``
-    section's ``reduce_overrides``, e.g. ``{"n_neighbors": 15}``)."""
+def settings(
+    seed: int, reduce_overrides: dict | None = None, cluster_overrides: dict | None = None
+) -> tuple[dict, ClusterConfig]:
+    """The job's default projection and mixture settings, with both seeded by ``seed`` (and the ``reduce`` and
+    ``cluster`` sections' overrides, e.g. ``{"n_neighbors": 15}``, ``{"consensus_runs": 3}``)."""
     reduce = {**ReduceConfig().model_dump(), "backend": "umap-learn", "random_state": seed, **(reduce_overrides or {})}
-    return reduce, ClusterConfig(random_state=seed)
+    return reduce, ClusterConfig(**{"random_state": seed, **(cluster_overrides or {})})
 
 
 def fit_and_assign(
-    X: np.ndarray, fit_rows: np.ndarray, *, seed: int, quantile: float, reduce_overrides: dict | None = None
+    X: np.ndarray,
+    fit_rows: np.ndarray,
+    *,
+    seed: int,
+    quantile: float,
+    reduce_overrides: dict | None = None,
+    cluster_overrides: dict | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Fit on ``X[fit_rows]`` (minus a calibration tenth, as the job does), assign all of ``X``."""
-    reduce, cluster = settings(seed, reduce_overrides)
+    reduce, cluster = settings(seed, reduce_overrides, cluster_overrides)
     fit_index, calibration = calibration_split(len(fit_rows), seed)
     start = time.perf_counter()
     fitted, _, _ = fit_clustering(
@@ -77,19 +85,24 @@ def main() -> None:
         "the ceiling of any sample fit's agreement",
     )
     p.add_argument("--novelty-quantile", type=float, default=0.01)
+    p.add_argument("--cluster", nargs="*", default=[], help="KEY=VALUE overrides of the cluster section")
     args = p.parse_args()
+    overrides = dict(setting(text) for text in args.cluster)
     _, X, labels = read_embeddings(args.embeddings)
     labels = np.asarray(labels)
     rng = np.random.default_rng(args.seed)
     head = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count(), "n": len(X)}
 
-    full, full_clusters = fit_all(X, labels, args.seed)
+    head = {**head, **({"cluster": overrides} if overrides else {})}
+    full, full_clusters = fit_all(X, labels, args.seed, overrides)
     if args.full_seeds:
-        print_ceiling(X, labels, head, args.seed, full_clusters, args.full_seeds)
+        print_ceiling(X, labels, head, args.seed, full_clusters, args.full_seeds, overrides)
 
     for fit_sample in args.fit_sample:
         rows = np.sort(rng.choice(len(X), size=min(fit_sample, len(X)), replace=False))
-        assigned, timing = fit_and_assign(X, rows, seed=args.seed, quantile=args.novelty_quantile)
+        assigned, timing = fit_and_assign(
+            X, rows, seed=args.seed, quantile=args.novelty_quantile, cluster_overrides=overrides
+        )
         sampled = score_clusters(labels, assigned["cluster"])
         print(
             json.dumps(
@@ -112,7 +125,9 @@ def main() -> None:
         seen = ~np.isin(labels, withheld)
         pool = np.flatnonzero(seen)
         rows = np.sort(rng.choice(pool, size=min(args.fit_sample[0], len(pool)), replace=False))
-        assigned, timing = fit_and_assign(X, rows, seed=args.seed, quantile=args.novelty_quantile)
+        assigned, timing = fit_and_assign(
+            X, rows, seed=args.seed, quantile=args.novelty_quantile, cluster_overrides=overrides
+        )
         novel = {c: round(float(assigned["novel"][labels == c].mean()), 4) for c in withheld}
         print(
             json.dumps(
@@ -129,18 +144,20 @@ def main() -> None:
         )
 
 
-def fit_all(X: np.ndarray, labels: np.ndarray, seed: int) -> tuple[dict, np.ndarray]:
-    """The clustering fitted on every scene with ``seed``: its scores and cluster ids."""
-    reduce, cluster = settings(seed)
+def fit_all(X: np.ndarray, labels: np.ndarray, seed: int, overrides: dict | None = None) -> tuple[dict, np.ndarray]:
+    """The clustering fitted on every scene with ``seed`` (and ``cluster`` ``overrides``): scores, cluster ids."""
+    reduce, cluster = settings(seed, cluster_overrides=overrides)
     start = time.perf_counter()
     _, clusters, _ = fit_clustering(X, feature={}, reduce=reduce, cluster=cluster)
     return {**score_clusters(labels, clusters), "fit_s": round(time.perf_counter() - start, 1)}, clusters
 
 
-def print_ceiling(X, labels, head: dict, seed: int, clusters: np.ndarray, other_seeds: list[int]) -> None:
+def print_ceiling(
+    X, labels, head: dict, seed: int, clusters: np.ndarray, other_seeds: list[int], overrides: dict | None = None
+) -> None:
     """Full fits with other seeds against the one with ``seed``: ARI between them, and each one's K."""
     for other in other_seeds:
-        scores, other_clusters = fit_all(X, labels, other)
+        scores, other_clusters = fit_all(X, labels, other, overrides)
         record = {
             **head,
             "what": "fit on all vs fit on all, another seed",
@@ -150,6 +167,17 @@ def print_ceiling(X, labels, head: dict, seed: int, clusters: np.ndarray, other_
             "other": _round(scores),
         }
         print(json.dumps(record), flush=True)
+
+
+def setting(text: str) -> tuple[str, int | float | str]:
+    """``KEY=VALUE``, the value as a number where it is one."""
+    key, _, value = text.partition("=")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
 
 
 def _round(d: dict) -> dict:

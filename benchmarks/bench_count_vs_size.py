@@ -61,6 +61,7 @@ def run(
     quantile: float,
     reduce: dict,
     classes: int = 0,
+    cluster: dict | None = None,
 ) -> None:
     """One JSON line per (size, seed): clusters found, the truth, and the scores of every assigned scene. With
     ``classes``, each seed's archive is drawn from that many of the set's classes only."""
@@ -73,7 +74,9 @@ def run(
             rows = pool[archive_rows(len(pool), size, seed)]
             Xa, ya = X[rows], labels[rows]
             fit_rows = job_fit_rows(len(rows), fit_sample, seed)
-            assigned, timing = fit_and_assign(Xa, fit_rows, seed=seed, quantile=quantile, reduce_overrides=reduce)
+            assigned, timing = fit_and_assign(
+                Xa, fit_rows, seed=seed, quantile=quantile, reduce_overrides=reduce, cluster_overrides=cluster
+            )
             scores = score_clusters(ya, assigned["cluster"])
             record = {
                 **head,
@@ -83,6 +86,7 @@ def run(
                 "classes": int(len(np.unique(ya))),
                 "fit_sample": fit_sample,
                 **({"reduce": reduce} if reduce else {}),
+                **({"cluster": cluster} if cluster else {}),
                 **{k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()},
                 **timing,
             }
@@ -115,6 +119,7 @@ def main() -> None:
     p.add_argument("--fit-sample", type=int, default=ScaleConfig().fit_sample, help="the job's scale.fit_sample")
     p.add_argument("--novelty-quantile", type=float, default=ScaleConfig().novelty_quantile)
     p.add_argument("--reduce", nargs="*", default=[], help="KEY=VALUE overrides of the reduce section")
+    p.add_argument("--cluster", nargs="*", default=[], help="KEY=VALUE overrides of the cluster section")
     p.add_argument("--classes", type=int, default=0, help="draw each archive from this many seeded classes")
     p.add_argument("--summary", help="print a Markdown table of a result file instead")
     args = p.parse_args()
@@ -126,7 +131,8 @@ def main() -> None:
     for spec in args.embeddings:
         name, _, path = spec.partition("=")
         reduce = dict(setting(o) for o in args.reduce)
-        run(name, path, args.sizes, args.seeds, args.fit_sample, args.novelty_quantile, reduce, args.classes)
+        cluster = dict(setting(o) for o in args.cluster)
+        run(name, path, args.sizes, args.seeds, args.fit_sample, args.novelty_quantile, reduce, args.classes, cluster)
 
 
 if __name__ == "__main__":

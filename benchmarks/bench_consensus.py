@@ -32,7 +32,7 @@ from _results import read_json_lines
 from bench_count_vs_size import archive_rows, class_pool, job_fit_rows
 from bench_fit_sample import fit_and_assign
 
-from scenecluster.consensus import merge_co_associated
+from scenecluster.consensus import apply_merges, merge_co_associated
 from scenecluster.embed import read_embeddings
 from scenecluster.evaluate import score_clusters
 
@@ -44,12 +44,6 @@ def scores(y: np.ndarray, labels: np.ndarray) -> list:
     """``[clusters, acc, nmi, ari]``, rounded."""
     s = score_clusters(y, labels)
     return [int(s["n_clusters"]), round(s["acc"], 3), round(s["nmi"], 3), round(s["ari"], 3)]
-
-
-def merged(first: np.ndarray, others: list[np.ndarray], threshold: float) -> np.ndarray:
-    """``first``'s labels after the consensus merge."""
-    into = merge_co_associated(first, others, threshold)
-    return np.array([into[int(c)] for c in first])
 
 
 def load(specs: list[str], union: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -95,7 +89,8 @@ def run(args) -> None:
             }
             for n_others in sorted({2, args.runs - 1}):
                 for threshold in args.thresholds:
-                    labels_after = merged(runs[0], runs[1 : 1 + n_others], threshold)
+                    into = merge_co_associated(runs[0], runs[1 : 1 + n_others], threshold)
+                    labels_after = apply_merges(runs[0], into)
                     record[f"r{n_others + 1}t{threshold}"] = scores(y, labels_after)
             print(json.dumps(record), flush=True)
 

@@ -128,10 +128,10 @@ def main() -> None:
         return
     if not args.embeddings:
         p.error("give --embeddings name=path (or --summary FILE)")
+    reduce = dict(setting(o) for o in args.reduce)
+    cluster = dict(setting(o) for o in args.cluster)
     for spec in args.embeddings:
         name, _, path = spec.partition("=")
-        reduce = dict(setting(o) for o in args.reduce)
-        cluster = dict(setting(o) for o in args.cluster)
         run(name, path, args.sizes, args.seeds, args.fit_sample, args.novelty_quantile, reduce, args.classes, cluster)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["co_association", "merge_co_associated"]
+__all__ = ["apply_merges", "co_association", "merge_co_associated"]
 
 
 def co_association(labels: np.ndarray, others: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -64,3 +64,10 @@ def merge_co_associated(labels: np.ndarray, others: list[np.ndarray], threshold:
         for label, target in into.items():
             if target == gone:
                 into[label] = keep
+
+
+def apply_merges(labels: np.ndarray, into: dict[int, int]) -> np.ndarray:
+    """``labels`` with each replaced by the one it was merged into (``into``, from :func:`merge_co_associated`)."""
+    labels = np.asarray(labels)
+    ids, inverse = np.unique(labels, return_inverse=True)
+    return np.array([into[int(c)] for c in ids], dtype=labels.dtype)[inverse]

@@ -41,7 +41,7 @@ import numpy as np
 
 from scenecluster.cluster import DPGMM, drop_small_clusters, make_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
-from scenecluster.consensus import merge_co_associated
+from scenecluster.consensus import apply_merges, merge_co_associated
 from scenecluster.errors import InputError
 from scenecluster.reduce import fast_small_transform, fit_settings, make_projection
 
@@ -175,14 +175,13 @@ def fit_clustering(
         cluster = cluster.model_copy(update={"n_components": n_distinct})
     start = time.perf_counter()
     first = _fit_once(X, settings, cluster, device)
-    projection, clusterer, Z, raw = first.projection, first.clusterer, first.coords, first.labels
-    components = raw
-    consensus: dict[str, Any] = {}
+    projection, clusterer, Z, components = first.projection, first.clusterer, first.coords, first.labels
+    merged, consensus = components, {}
     if cluster.method == "dpgmm" and cluster.consensus_runs > 1:
-        raw, consensus = merge_by_consensus(X, raw, settings, cluster, device)
-    clusters = relabel_by_size(raw)
-    n_components = int(getattr(clusterer, "n_components", raw.max() + 1))
-    cluster_ids = np.full(max(n_components, int(raw.max()) + 1), -1, dtype=np.int32)
+        merged, consensus = merge_by_consensus(X, components, settings, cluster, device)
+    clusters = relabel_by_size(merged)
+    n_components = int(getattr(clusterer, "n_components", components.max() + 1))
+    cluster_ids = np.full(max(n_components, int(components.max()) + 1), -1, dtype=np.int32)
     cluster_ids[components] = clusters  # a merged cluster's components share its id
     reference = _unit(np.asarray(X, np.float32)).astype(np.float16)
     threshold = _leave_one_out_threshold(reference, novelty_quantile)
@@ -254,20 +253,17 @@ def merge_by_consensus(
     ``settings`` are the projection's for this sample (:func:`scenecluster.reduce.fit_settings`). The job's fit
     and each Tune trial call it, so a search scores the partition the job keeps."""
     start = time.perf_counter()
-    others, counts = [], []
+    others = []
     for run in range(1, cluster.consensus_runs):
         seeded = {**settings, "random_state": _next_seed(settings.get("random_state"), run)}
         mixture = cluster.model_copy(update={"random_state": _next_seed(cluster.random_state, run)})
-        labels = _fit_once(X, seeded, mixture, device).labels
-        others.append(labels)
-        counts.append(int(len(np.unique(labels))))
-    into = merge_co_associated(raw, others, cluster.consensus_threshold)
-    merged = np.array([into[int(c)] for c in raw], dtype=raw.dtype)
+        others.append(_fit_once(X, seeded, mixture, device).labels)
+    merged = apply_merges(raw, merge_co_associated(raw, others, cluster.consensus_threshold))
     summary = {
         "runs": cluster.consensus_runs,
         "threshold": cluster.consensus_threshold,
         "clusters_first": int(len(np.unique(raw))),
-        "clusters_other_runs": counts,
+        "clusters_other_runs": [int(len(np.unique(labels))) for labels in others],
         "clusters_merged": int(len(np.unique(raw)) - len(np.unique(merged))),
         "seconds": round(time.perf_counter() - start, 3),
     }

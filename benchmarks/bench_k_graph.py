@@ -105,9 +105,14 @@ def fit_adaptive_prior(
     larger part of each class when the classes are many (the count saturates). A share of the *clusters'* size
     scales with neither, if the count it gives is near the classes' own. ``min_shares``: also score the fit with
     its clusters of fewer than that share of the scenes dropped (:func:`without_small_clusters`).
+
+    ``multiplier`` is the job's ``neighbourhood_weight``: since the twenty-second session a weight per scene of a
+    cluster of mean size (4.0 equals the old 0.4 at 10 clusters). The tables in ``docs/benchmarks.md`` that ran
+    ``--adaptive-priors 0.4`` measured the earlier weight per archive scene; ``bench_prior_weight.py`` compares
+    the two.
     """
     cfg = ClusterConfig(
-        random_state=seed, prior_covariance="neighbourhoods", neighbourhood_prior=multiplier, neighbourhood_share=share
+        random_state=seed, prior_covariance="neighbourhoods", neighbourhood_weight=multiplier, neighbourhood_share=share
     )
     mixture = make_clusterer(cfg, Z, device="cpu")
     labels = mixture.fit_predict(Z)

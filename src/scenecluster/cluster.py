@@ -105,7 +105,7 @@ def _dpgmm(cfg: ClusterConfig, X: np.ndarray, device: str) -> Any:
     if cfg.prior_covariance == "neighbourhoods":
         from scenecluster.neighbourhood_prior import NeighbourhoodPriorDPGMM
 
-        return NeighbourhoodPriorDPGMM(mixture, multiplier=cfg.neighbourhood_prior, share=cfg.neighbourhood_share)
+        return NeighbourhoodPriorDPGMM(mixture, weight=cfg.neighbourhood_weight, share=cfg.neighbourhood_share)
     return mixture
 
 

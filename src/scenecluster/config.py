@@ -270,13 +270,18 @@ class ClusterConfig(_Section):
     prior_covariance: Literal["data", "neighbourhoods"] = Field(
         "neighbourhoods",
         description="the Wishart prior's scale matrix: 'data' is prior_per_scene x n x the covariance of all fitted "
-        "scenes; 'neighbourhoods' refits with neighbourhood_prior x n x the mean covariance of neighbourhoods of "
+        "scenes; 'neighbourhoods' refits with neighbourhood_weight x n / K x the mean covariance of neighbourhoods of "
         "neighbourhood_share of a cluster until the count repeats (scenecluster.neighbourhood_prior; the default: "
         "counts nearer the truth with every backbone measured, docs/benchmarks.md)",
         json_schema_extra=flag("--prior-covariance"),
     )
-    neighbourhood_prior: float = Field(
-        0.4, gt=0, description="'neighbourhoods' prior: the scale per fitted scene of the neighbourhood covariance"
+    neighbourhood_weight: float = Field(
+        4.0,
+        gt=0,
+        description="'neighbourhoods' prior: the scale of the neighbourhood covariance per scene of a cluster of "
+        "mean size (n / K, K the previous fit's count), so the prior weighs as much on each cluster at any number of "
+        "clusters (counts nearer the truth for 3 and for 15-22 classes than a weight per fitted scene; "
+        "docs/benchmarks.md); larger merges more",
     )
     neighbourhood_share: float = Field(
         0.1, gt=0, le=1, description="'neighbourhoods' prior: each neighbourhood holds this share of a cluster's scenes"
@@ -323,7 +328,7 @@ class ClusterConfig(_Section):
         neighbourhood prior's only where it acts (the DP-GMM with ``prior_covariance: neighbourhoods``), so a run
         made before they existed keeps its key and its fit when rerun with ``prior_covariance: data`` (the default
         before), and changing them under the data prior or k-means refits nothing."""
-        unused = {"neighbourhood_prior", "neighbourhood_share", "prior_covariance"}
+        unused = {"neighbourhood_weight", "neighbourhood_share", "prior_covariance"}
         acts = self.method == "dpgmm" and self.prior_covariance == "neighbourhoods"
         exclude = set() if acts else set(unused)
         if self.method != "dpgmm" or self.min_cluster_share == 0:

@@ -3,11 +3,19 @@
 Why: the data prior's scale matrix (``prior_covariance: data``) is ``prior_per_scene x n x`` the covariance of all
 fitted scenes. More classes spread UMAP's layout wider while each blob stays the same size, so that prior weighs
 more on each class as the classes multiply, and the count saturates (about 8 clusters for 3 classes, 15 for 22;
-docs/benchmarks.md, issue 10). Here the scale matrix is ``multiplier x n x`` the mean covariance of each scene's
-neighbourhood of ``share x n / K`` scenes, ``K`` the previous fit's count (first the data prior's): a
-neighbourhood that is a fixed share of a *cluster* neither shrinks as the archive grows (the drift of a fixed
-neighbour count) nor grows with the number of classes (the saturation of a fixed share of all scenes). The mixture
-is refitted until a count repeats, which took one to four refits (two to five fits) in every case measured.
+docs/benchmarks.md, issue 10). Here the scale matrix is ``weight x (n / K) x`` the mean covariance of each scene's
+neighbourhood of ``share x n / K`` scenes, ``K`` the previous fit's count (first the data prior's):
+
+- a neighbourhood that is a fixed share of a *cluster* neither shrinks as the archive grows (the drift of a fixed
+  neighbour count) nor grows with the number of classes (the saturation of a fixed share of all scenes);
+- the weight is per scene of a cluster of mean size (``n / K``), not per scene of the archive. A component of
+  ``n_k`` scenes adds the scale matrix over ``n_k`` to its own covariance; with a weight per archive scene
+  (``x n``, this module's rule until the twenty-second session) that inflation is ``K`` times the neighbourhood
+  covariance for clusters of mean size, so it grew with the number of classes: 22 classes were counted as 13-15
+  and 3 classes as 5-6. Per scene of a mean cluster it is ``weight`` times the neighbourhood covariance at any
+  count (22 classes: 18-19; 3 classes: 4; the rule equals the old one at 10 clusters; docs/benchmarks.md).
+
+The mixture is refitted until a count repeats, which took one to five refits in every case measured.
 
 :class:`NeighbourhoodPriorDPGMM` is a scikit-learn meta-estimator in the manner of ``GridSearchCV``: the fitted
 mixture that assigns scenes is ``mixture_`` (a plain :class:`~scenecluster.mixture.DPGMM`, saved and loaded as
@@ -65,8 +73,9 @@ class NeighbourhoodPriorDPGMM(ClusterMixin, BaseEstimator):
     mixture : DPGMM
         The unfitted mixture with the default (data-covariance) prior: the first fit, and the settings of every
         refit, whose ``covariance_prior`` alone is replaced.
-    multiplier : float, default=0.4
-        The scale matrix is ``multiplier x n x`` the neighbourhood covariance.
+    weight : float, default=4.0
+        The scale matrix is ``weight x (n / K) x`` the neighbourhood covariance, ``n / K`` the previous fit's mean
+        cluster size (:meth:`prior_weight`).
     share : float, default=0.1
         Neighbourhoods of ``share x n / K`` scenes (at least 10), ``K`` the previous fit's count.
     max_refits : int, default=5
@@ -83,9 +92,9 @@ class NeighbourhoodPriorDPGMM(ClusterMixin, BaseEstimator):
     labels_ : ndarray of shape (n_samples,)
     """
 
-    def __init__(self, mixture: DPGMM, *, multiplier: float = 0.4, share: float = 0.1, max_refits: int = 5):
+    def __init__(self, mixture: DPGMM, *, weight: float = 4.0, share: float = 0.1, max_refits: int = 5):
         self.mixture = mixture
-        self.multiplier = multiplier
+        self.weight = weight
         self.share = share
         self.max_refits = max_refits
 
@@ -101,7 +110,8 @@ class NeighbourhoodPriorDPGMM(ClusterMixin, BaseEstimator):
             covariance = neighbourhood_covariance(X, neighbours, device=self.mixture.device)
             if self.mixture.covariance_type == "diag":
                 covariance = np.diag(covariance).copy()
-            fitted = clone(self.mixture).set_params(covariance_prior=covariance * self.multiplier * n).fit(X)
+            prior = covariance * self.prior_weight(n, counts[-1])
+            fitted = clone(self.mixture).set_params(covariance_prior=prior).fit(X)
             labels = np.asarray(fitted.predict(X))
             counts.append(len(np.unique(labels)))
             if counts[-1] in counts[:-1]:
@@ -118,6 +128,13 @@ class NeighbourhoodPriorDPGMM(ClusterMixin, BaseEstimator):
             )
         self.mixture_, self.counts_, self.neighbours_, self.labels_ = fitted, counts, neighbours, labels
         return self
+
+    def prior_weight(self, n: int, count: int) -> float:
+        """What the neighbourhood covariance is multiplied by for a refit of ``n`` scenes after a fit of ``count``
+        clusters: ``weight`` per scene of a cluster of mean size, so the prior weighs the same on each cluster
+        whatever the number of clusters (a subclass may weigh otherwise: ``benchmarks/bench_prior_weight.py``
+        measures the old weight per archive scene through one)."""
+        return self.weight * n / count
 
     def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
         return self.fit(X).labels_

@@ -82,22 +82,43 @@ def test_the_default_count_does_not_grow_with_the_sample():
         assert len(np.unique(model.labels_)) in (9, 10), (n, model.counts_)
 
 
-@pytest.mark.parametrize("n", [500, 2000])
+@pytest.mark.parametrize("n", [500, 2000, 8000])
 def test_the_default_prior_on_curved_classes(n):
-    # half rings: one more cluster than classes at most up to 2,000 scenes (at 8,000 and beyond it splits more,
-    # 7-9 for 5: docs/benchmarks.md; the job fits at most scale.fit_sample scenes)
+    # half rings: one more cluster than classes at most, at every size (a weight per archive scene gave 8 for 5
+    # at 8,000: once a first fit over-splits, its clusters' own scatter no longer outweighs a prior of K x the
+    # neighbourhood covariance)
     X, _ = crescents(n)
     assert n_clusters(ClusterConfig(), X) in (5, 6)
+
+
+def test_many_classes_are_counted_within_a_fifth():
+    # 40 round classes of 50: the prior weighs per scene of a mean cluster, so it does not grow 40-fold on each
+    # (a weight per archive scene found 31 of 40, the data prior 35)
+    X, _ = blobs(40, 50)
+    assert 36 <= n_clusters(ClusterConfig(), X) <= 44
+
+
+def test_the_refit_prior_is_the_weight_per_scene_of_a_mean_cluster():
+    from scenecluster.neighbourhood_prior import neighbourhood_covariance
+
+    X, _ = blobs(10, 60)
+    cfg = ClusterConfig(neighbourhood_weight=3.0)
+    model = make_clusterer(cfg, X, device="cpu").fit(X)
+    n, previous = len(X), model.counts_[-2]
+    assert model.neighbours_ == max(10, round(cfg.neighbourhood_share * n / previous))
+    expected = 3.0 * n / previous * neighbourhood_covariance(X, model.neighbours_)
+    np.testing.assert_allclose(model.mixture_.covariance_prior, expected, rtol=1e-5)
 
 
 def test_the_neighbourhood_settings_key_a_fit_only_when_chosen():
     # a run made before the setting existed, rerun with the data prior, keeps its fit key, and tuning the neighbourhood
     # prior while the data prior is used refits nothing
     data = DATA_PRIOR
-    assert data.key_settings() == data.model_copy(update={"neighbourhood_prior": 0.9}).key_settings()
-    assert not {"prior_covariance", "neighbourhood_prior", "neighbourhood_share"} & set(data.key_settings())
+    assert data.key_settings() == data.model_copy(update={"neighbourhood_weight": 0.9}).key_settings()
+    assert not {"prior_covariance", "neighbourhood_weight", "neighbourhood_share"} & set(data.key_settings())
     chosen = ClusterConfig(prior_covariance="neighbourhoods")
     assert chosen.key_settings() != chosen.model_copy(update={"neighbourhood_share": 0.2}).key_settings()
+    assert chosen.key_settings() != chosen.model_copy(update={"neighbourhood_weight": 3.0}).key_settings()
     # k-means (the benchmark's oracle on K) has no prior: its key is the same whatever the prior settings say
     kmeans = ClusterConfig(method="kmeans", n_components=10)
     assert kmeans.key_settings() == kmeans.model_copy(update={"prior_covariance": "data"}).key_settings()

@@ -14,6 +14,7 @@ neighbourhood of ``share x n / K`` scenes, ``K`` the previous fit's count (first
   covariance for clusters of mean size, so it grew with the number of classes: 22 classes were counted as 13-15
   and 3 classes as 5-6. Per scene of a mean cluster it is ``weight`` times the neighbourhood covariance at any
   count (22 classes: 18-19; 3 classes: 4; the rule equals the old one at 10 clusters; docs/benchmarks.md).
+  Clusters under 100 scenes, whose neighbourhoods hold the 10-scene minimum, get a proportionally lighter weight.
 
 The mixture is refitted until a count repeats, which took one to five refits in every case measured.
 
@@ -106,7 +107,7 @@ class NeighbourhoodPriorDPGMM(ClusterMixin, BaseEstimator):
         counts = [len(np.unique(labels))]
         neighbours = 0
         for _ in range(self.max_refits):
-            neighbours = min(max(MIN_NEIGHBOURS, round(self.share * n / counts[-1])), n)
+            neighbours = self.neighbours_for(n, counts[-1])
             covariance = neighbourhood_covariance(X, neighbours, device=self.mixture.device)
             if self.mixture.covariance_type == "diag":
                 covariance = np.diag(covariance).copy()
@@ -129,12 +130,21 @@ class NeighbourhoodPriorDPGMM(ClusterMixin, BaseEstimator):
         self.mixture_, self.counts_, self.neighbours_, self.labels_ = fitted, counts, neighbours, labels
         return self
 
+    def neighbours_for(self, n: int, count: int) -> int:
+        """Neighbourhood size for a refit of ``n`` scenes after a fit of ``count`` clusters: ``share`` of a cluster
+        of mean size, at least ``MIN_NEIGHBOURS`` (and at most ``n``)."""
+        return min(max(MIN_NEIGHBOURS, round(self.share * n / count)), n)
+
     def prior_weight(self, n: int, count: int) -> float:
         """What the neighbourhood covariance is multiplied by for a refit of ``n`` scenes after a fit of ``count``
         clusters: ``weight`` per scene of a cluster of mean size, so the prior weighs the same on each cluster
-        whatever the number of clusters (a subclass may weigh otherwise: ``benchmarks/bench_prior_weight.py``
-        measures the old weight per archive scene through one)."""
-        return self.weight * n / count
+        whatever the number of clusters. Where ``share`` of a cluster is fewer than ``MIN_NEIGHBOURS`` scenes
+        (clusters under 100 at the default share) the neighbourhoods hold more of each cluster than they should, and
+        their covariance is too broad; the weight is scaled down by the share they were meant to hold over the share
+        they hold. Without that, the 300-scene demo (27 scenes a cluster) ran away from 10 clusters to 4. A subclass
+        may weigh otherwise: ``benchmarks/bench_prior_weight.py`` measures the old weight per archive scene."""
+        per_cluster = n / count
+        return self.weight * per_cluster * min(1.0, self.share * per_cluster / self.neighbours_for(n, count))
 
     def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
         return self.fit(X).labels_

@@ -98,16 +98,22 @@ def test_many_classes_are_counted_within_a_fifth():
     assert 36 <= n_clusters(ClusterConfig(), X) <= 44
 
 
-def test_the_refit_prior_is_the_weight_per_scene_of_a_mean_cluster():
+@pytest.mark.parametrize("per_class", [150, 40])
+def test_the_refit_prior_is_the_weight_per_scene_of_a_mean_cluster(per_class):
+    # 150 a class: neighbourhoods of a tenth of a cluster (15); 40 a class: a tenth is 4, the neighbourhoods hold 10,
+    # and the weight is scaled by 4 / 10, the share they were meant to hold over the share they hold
     from scenecluster.neighbourhood_prior import neighbourhood_covariance
 
-    X, _ = blobs(10, 60)
+    X, _ = blobs(10, per_class)
     cfg = ClusterConfig(neighbourhood_weight=3.0)
     model = make_clusterer(cfg, X, device="cpu").fit(X)
-    n, previous = len(X), model.counts_[-2]
-    assert model.neighbours_ == max(10, round(cfg.neighbourhood_share * n / previous))
-    expected = 3.0 * n / previous * neighbourhood_covariance(X, model.neighbours_)
+    mean_cluster = len(X) / model.counts_[-2]
+    intended = cfg.neighbourhood_share * mean_cluster
+    assert model.neighbours_ == max(10, round(intended))
+    covariance = neighbourhood_covariance(X, model.neighbours_)
+    expected = 3.0 * mean_cluster * min(1.0, intended / model.neighbours_) * covariance
     np.testing.assert_allclose(model.mixture_.covariance_prior, expected, rtol=1e-5)
+    assert (intended < 10) == (per_class == 40)
 
 
 def test_the_neighbourhood_settings_key_a_fit_only_when_chosen():

@@ -967,12 +967,22 @@ def load_config(
         raise ConfigError(describe_validation_error(exc, source=str(path) if path else None)) from None
 
 
+# Settings renamed because their meaning changed: a config written for the old meaning fails, and says what to use.
+RENAMED_SETTINGS = {
+    "neighbourhood_prior": "no longer a setting: it became neighbourhood_weight in the same section, a weight per "
+    "scene of a cluster of mean size (4.0 there is 0.4 here at 10 clusters; docs/benchmarks.md)",
+}
+
+
 def describe_validation_error(exc: ValidationError, source: str | None = None) -> str:
-    """One line per bad setting, with its dotted name."""
+    """One line per bad setting, with its dotted name (and, for a renamed one, its new name)."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(root)"
         message = err["msg"].removeprefix("Value error, ")  # pydantic's wrapper of our validators' own words
+        renamed = RENAMED_SETTINGS.get(str(err["loc"][-1])) if err["type"] == "extra_forbidden" else None
+        if renamed:
+            message = renamed
         parts.append(f"setting {loc}: {message}")
     where = f" in {source!r}" if source else ""
     return f"invalid configuration{where}: " + "; ".join(parts)

@@ -35,6 +35,12 @@ def test_bad_setting_is_named(overrides, named):
         load_config(None, {"output": "o", "data.input": "/x", **overrides})
 
 
+def test_a_renamed_setting_names_its_new_name():
+    # the neighbourhood prior's weight changed meaning (per scene of a mean cluster, not per fitted scene)
+    with pytest.raises(ConfigError, match=r"cluster\.neighbourhood_prior: .*became neighbourhood_weight"):
+        load_config(None, {"output": "o", "data.input": "/x", "cluster.neighbourhood_prior": 0.4})
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

@@ -14,6 +14,19 @@ def read_json_lines(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_embedding_sets(specs: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``name=path`` specs (a run's ``embeddings/`` folder or ``embeddings.parquet``) -> ``{name: (X, labels)}``,
+    X float32 (n, d) as the job wrote it, labels its folder labels."""
+    from scenecluster.embed import read_embeddings
+
+    sets = {}
+    for spec in specs:
+        name, path = spec.split("=", 1)
+        _, X, labels = read_embeddings(path)
+        sets[name] = (X, np.asarray(labels))
+    return sets
+
+
 def load_gpu224(folder: str | Path, feature: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """A ``gpu_transfer.py`` result folder's float16 features (``<set>__<feature>.npy``; ``feature`` may be a glob,
     e.g. ``selftrain-*__d4`` for each set's own) as float32, with labels from ``meta.json``'s paths."""

@@ -28,12 +28,11 @@ from collections import defaultdict
 
 import numpy as np
 from _hardware import cpu_model  # benchmarks/ is on sys.path when run as a script
-from _results import read_json_lines
+from _results import read_embedding_sets, read_json_lines
 from bench_count_vs_size import archive_rows, class_pool, job_fit_rows
 from bench_fit_sample import fit_and_assign
 
 from scenecluster.consensus import apply_merges, merge_co_associated
-from scenecluster.embed import read_embeddings
 from scenecluster.evaluate import score_clusters
 
 PLAN = ((3, 300), (4, 300), (6, 300), (0, 3000))  # (classes, scenes per class), or (0: the whole set, scenes)
@@ -48,11 +47,7 @@ def scores(y: np.ndarray, labels: np.ndarray) -> list:
 
 def load(specs: list[str], union: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``name=path`` embeddings with their labels, plus ``union`` (the named sets' rows, labels prefixed)."""
-    sets = {}
-    for spec in specs:
-        name, path = spec.split("=", 1)
-        _, X, labels = read_embeddings(path)
-        sets[name] = (X, np.asarray(labels).astype(str))
+    sets = {name: (X, labels.astype(str)) for name, (X, labels) in read_embedding_sets(specs).items()}
     if union:
         parts = [sets[name] for name in union]
         sets["union"] = (

@@ -35,13 +35,16 @@ import time
 from collections import defaultdict
 
 import numpy as np
-from _results import load_gpu224, read_json_lines  # benchmarks/ is on sys.path when run as a script
+from _results import (  # benchmarks/ is on sys.path when run as a script
+    load_gpu224,
+    read_embedding_sets,
+    read_json_lines,
+)
 from scipy.sparse import csgraph
 from scipy.sparse.linalg import eigsh
 
 from scenecluster.cluster import drop_small_clusters, make_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
-from scenecluster.embed import read_embeddings
 from scenecluster.evaluate import score_clusters
 from scenecluster.neighbourhood_prior import neighbourhood_covariance
 from scenecluster.reduce import make_projection
@@ -137,12 +140,7 @@ def without_small_clusters(model, Z: np.ndarray, y: np.ndarray, shares: list[flo
 def load(args) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     if args.gpu224:
         return load_gpu224(args.gpu224, args.feature)
-    sets = {}
-    for spec in args.embeddings:
-        name, path = spec.split("=", 1)
-        _, X, labels = read_embeddings(path)
-        sets[name] = (X, np.array(labels))
-    return sets
+    return read_embedding_sets(args.embeddings)
 
 
 def cases_for(seed: int, args, y: np.ndarray, sets) -> list[tuple[str, int, np.ndarray]]:

@@ -38,12 +38,11 @@ from collections.abc import Iterator
 
 import numpy as np
 from _hardware import cpu_model  # benchmarks/ is on sys.path when run as a script
-from _results import read_json_lines
+from _results import read_embedding_sets, read_json_lines
 from sklearn.metrics import adjusted_rand_score, calinski_harabasz_score, davies_bouldin_score
 
 from scenecluster.cluster import make_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
-from scenecluster.embed import read_embeddings
 from scenecluster.evaluate import input_silhouette, score_clusters
 from scenecluster.reduce import make_projection
 
@@ -111,11 +110,7 @@ def criteria(X: np.ndarray, Z: np.ndarray, labels: np.ndarray, scale: float, see
 
 
 def run(args: argparse.Namespace) -> None:
-    sets = {}
-    for spec in args.embeddings:
-        name, path = spec.split("=", 1)
-        _, X, y = read_embeddings(path)
-        sets[name] = (X, np.asarray(y))
+    sets = read_embedding_sets(args.embeddings)
     head = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count()}
     for seed in args.seeds:
         for case, X, y in cases(sets, args.sizes, args.subsets if seed == args.seeds[0] else 0, seed, args.only):

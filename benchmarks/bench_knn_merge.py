@@ -18,11 +18,11 @@ import json
 
 import numpy as np
 import scipy.sparse as sp
+from _results import read_embedding_sets  # benchmarks/ is on sys.path when run as a script
 from bench_k_selection import cases  # benchmarks/ is on sys.path when run as a script
 
 from scenecluster.cluster import make_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
-from scenecluster.embed import read_embeddings
 from scenecluster.evaluate import score_clusters
 from scenecluster.reduce import make_projection
 
@@ -57,11 +57,7 @@ def main() -> None:
     p.add_argument("--priors", type=float, nargs="+", default=[0.001, 0.002, 0.004])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.3])
     args = p.parse_args()
-    sets = {}
-    for spec in args.embeddings:
-        name, path = spec.split("=", 1)
-        _, X, y = read_embeddings(path)
-        sets[name] = (X, np.asarray(y))
+    sets = read_embedding_sets(args.embeddings)
     for case, X, y in cases(sets, [args.size], 2, 0, None):
         projection = make_projection(**{**ReduceConfig(random_state=0).model_dump(), "backend": "umap-learn"})
         Z = np.asarray(projection.fit_transform(X), np.float32)

@@ -29,12 +29,15 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
-from _results import load_gpu224, read_json_lines  # benchmarks/ is on sys.path when run as a script
+from _results import (  # benchmarks/ is on sys.path when run as a script
+    load_gpu224,
+    read_embedding_sets,
+    read_json_lines,
+)
 from bench_k_selection import cases
 
 from scenecluster.cluster import make_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
-from scenecluster.embed import read_embeddings
 from scenecluster.evaluate import score_clusters
 from scenecluster.reduce import make_projection
 
@@ -134,10 +137,7 @@ def main() -> None:
     if args.summary:
         return summary(args.summary)
     sets = load_gpu224(args.gpu224, args.feature) if args.gpu224 else {}
-    for spec in args.embeddings:
-        name, path = spec.split("=", 1)
-        _, X, y = read_embeddings(path)
-        sets[name] = (X, np.asarray(y))
+    sets.update(read_embedding_sets(args.embeddings))
     feature = args.feature if args.gpu224 else "embeddings"
     for seed in args.seeds:
         for case, X, y in cases(sets, [args.size], args.subsets, seed, None):

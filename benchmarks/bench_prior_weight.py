@@ -34,11 +34,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from _results import read_json_lines  # benchmarks/ is on sys.path when run as a script
+from _results import read_embedding_sets, read_json_lines  # benchmarks/ is on sys.path when run as a script
 
 from scenecluster.cluster import drop_small_clusters, make_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
-from scenecluster.embed import read_embeddings
 from scenecluster.evaluate import score_clusters
 from scenecluster.neighbourhood_prior import NeighbourhoodPriorDPGMM
 from scenecluster.reduce import make_projection
@@ -107,11 +106,7 @@ def fit_variant(variant: str, Z: np.ndarray, seed: int) -> tuple[np.ndarray, lis
 
 
 def run(args) -> None:
-    sets = {}
-    for spec in args.embeddings:
-        name, path = spec.split("=", 1)
-        _, X, labels = read_embeddings(path)
-        sets[name] = (np.asarray(X, np.float32), np.array(labels))
+    sets = read_embedding_sets(args.embeddings)
     cache = Path(args.layouts)
     cache.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:

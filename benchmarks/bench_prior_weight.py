@@ -32,9 +32,11 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from _results import read_embedding_sets, read_json_lines  # benchmarks/ is on sys.path when run as a script
+from sklearn.cluster import KMeans
 
 from scenecluster.cluster import drop_small_clusters, make_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
@@ -51,6 +53,15 @@ class PerSceneWeight(NeighbourhoodPriorDPGMM):
 
     def prior_weight(self, n: int, count: int) -> float:
         return self.weight * n
+
+
+class StartedAt(NeighbourhoodPriorDPGMM):
+    """The job's rule, its refits started from ``start`` clusters instead of the data prior's first fit."""
+
+    start = 10
+
+    def first_fit(self, X: np.ndarray) -> tuple[Any, np.ndarray, int]:
+        return None, np.zeros(len(X), dtype=int), self.start
 
 
 def draw_classes(y: np.ndarray, count: int, per_class: int, rng: np.random.Generator) -> np.ndarray:
@@ -92,15 +103,29 @@ def layout(cache: Path, key: str, X: np.ndarray, seed: int) -> np.ndarray:
     return Z
 
 
-def fit_variant(variant: str, Z: np.ndarray, seed: int) -> tuple[np.ndarray, list[int]]:
-    """Labels (after the job's size floor) and the count path of one variant (``cluster:W`` or ``scene:M``)."""
-    rule, weight = variant.split(":")
-    cfg = ClusterConfig(random_state=seed, neighbourhood_weight=float(weight))
+def fit_variant(variant: str, Z: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, list[int]]:
+    """Labels (after the job's size floor) and the count path of one variant (see ``--variants``); ``y`` only
+    tells ``kmeans:true`` the number of classes."""
+    rule, value = variant.split(":")
+    if rule == "kmeans":
+        if value == "true":
+            k = len(np.unique(y))
+        elif value == "job":
+            k = len(np.unique(fit_variant("cluster:4", Z, y, seed)[0]))
+        else:
+            raise SystemExit(f"--variants: {variant!r}: k-means takes the true count or the job's (kmeans:true, :job)")
+        return KMeans(k, n_init=10, random_state=seed).fit_predict(Z), [k]
+    cfg = ClusterConfig(random_state=seed)
     model = make_clusterer(cfg, Z, device="cpu")
-    if rule == "scene":
-        model = PerSceneWeight(model.mixture, weight=float(weight), share=cfg.neighbourhood_share)
-    elif rule != "cluster":
-        raise SystemExit(f"--variants: {variant!r} is neither cluster:W nor scene:M")
+    if rule == "cluster":
+        model.set_params(weight=float(value))
+    elif rule == "scene":
+        model = PerSceneWeight(model.mixture, weight=float(value), share=cfg.neighbourhood_share)
+    elif rule == "start":
+        model = StartedAt(model.mixture, weight=cfg.neighbourhood_weight, share=cfg.neighbourhood_share)
+        model.start = int(value)
+    else:
+        raise SystemExit(f"--variants: {variant!r} is none of cluster:W, scene:M, start:K, kmeans:true, kmeans:job")
     labels = np.asarray(model.fit_predict(Z))
     return drop_small_clusters(model, Z, labels, cfg.min_cluster_share), [int(c) for c in model.counts_]
 
@@ -116,7 +141,7 @@ def run(args) -> None:
             umap_s = time.perf_counter() - start
             for variant in args.variants:
                 start = time.perf_counter()
-                labels, counts = fit_variant(variant, Z, seed)
+                labels, counts = fit_variant(variant, Z, y, seed)
                 s = score_clusters(y, labels)
                 record = {
                     "case": key,
@@ -179,7 +204,13 @@ def main() -> None:
     p.add_argument("--whole", type=int, nargs="*", default=[1000, 3000], help="each set sampled to these sizes")
     p.add_argument("--big", nargs="*", default=[], help="NAME=SIZE,... larger samples of a set")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=["scene:0.4", "cluster:4"])
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["scene:0.4", "cluster:4"],
+        help="cluster:W the job's rule at weight W; scene:M the old rule; start:K the job's rule started from K "
+        "clusters instead of the data prior's fit; kmeans:true / kmeans:job k-means told the true count / the job's",
+    )
     p.add_argument("--layouts", default="prior-weight-layouts", help="folder caching each archive's projection")
     p.add_argument("--summary", help="print a Markdown table of a result file instead")
     args = p.parse_args()

@@ -23,6 +23,13 @@ from scenecluster.errors import ConfigError, one_line
 # (scenecluster.self_train.pseudo_label_key)
 PSEUDO_LABELS_FILE = "pseudo_labels-{key}.parquet"
 
+# The version of the neighbourhood prior's rule (scenecluster.neighbourhood_prior). A run's fit key holds its settings,
+# so a rerun keeps a fit whose settings are unchanged; bump this with any change to that rule that fits other clusters
+# from the same settings, so a rerun after an upgrade refits instead of keeping what the new code would not make.
+# 2: the weight per scene of a cluster of mean size (twenty-second session). It enters only the keys of fits that use
+# the rule (ClusterConfig.key_settings), never self-training's data-prior keys.
+NEIGHBOURHOOD_RULE = 2
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -327,7 +334,8 @@ class ClusterConfig(_Section):
         """The settings that decide a fit, for the keys that reuse one (a run's fit, a round's pseudo-labels): the
         neighbourhood prior's only where it acts (the DP-GMM with ``prior_covariance: neighbourhoods``), so a run
         made before they existed keeps its key and its fit when rerun with ``prior_covariance: data`` (the default
-        before), and changing them under the data prior or k-means refits nothing."""
+        before), and changing them under the data prior or k-means refits nothing. Where the rule acts, its version
+        (``NEIGHBOURHOOD_RULE``) is in the key too: the same settings under a changed rule refit."""
         unused = {"neighbourhood_weight", "neighbourhood_share", "prior_covariance"}
         acts = self.method == "dpgmm" and self.prior_covariance == "neighbourhoods"
         exclude = set() if acts else set(unused)
@@ -335,7 +343,10 @@ class ClusterConfig(_Section):
             exclude.add("min_cluster_share")  # a run made before the setting existed keeps its key with 0
         if self.method != "dpgmm" or self.consensus_runs == 1:
             exclude |= {"consensus_runs", "consensus_threshold"}  # likewise without a consensus
-        return self.model_dump(exclude=exclude)
+        settings = self.model_dump(exclude=exclude)
+        if acts:
+            settings["neighbourhood_rule"] = NEIGHBOURHOOD_RULE  # the same settings under another rule refit
+        return settings
 
     def with_data_prior(self) -> ClusterConfig:
         """These settings with the data prior: what self-training's pseudo-label mixture always fits, and so what

@@ -134,3 +134,25 @@ def test_the_neighbourhood_settings_key_a_fit_only_when_chosen():
     assert "min_cluster_share" not in ClusterConfig(min_cluster_share=0).key_settings()
     assert "min_cluster_share" not in ClusterConfig().with_data_prior().key_settings()
     assert "min_cluster_share" not in kmeans.key_settings()
+
+
+def test_a_changed_neighbourhood_rule_refits_only_the_fits_that_use_it(monkeypatch):
+    """A rerun after an upgrade that changed the rule must not keep a fit the new code would not make, and must not
+    throw away self-training's pseudo-labels, which the data prior alone decides."""
+    from scenecluster import config
+    from scenecluster.config import ClusterJobConfig
+    from scenecluster.features import FeatureSpec
+    from scenecluster.job import _fit_key
+
+    spec = FeatureSpec("m", 0, "cls", 112, "m", 8, 12, 384, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+    def keys() -> tuple[str, str, dict]:
+        job = ClusterJobConfig(data={"input": "scenes"}, output="out")
+        data_prior = job.model_copy(update={"cluster": job.cluster.with_data_prior()})
+        return _fit_key(job, spec, 5000), _fit_key(data_prior, spec, 5000), job.cluster.with_data_prior().key_settings()
+
+    before = keys()
+    monkeypatch.setattr(config, "NEIGHBOURHOOD_RULE", config.NEIGHBOURHOOD_RULE + 1)
+    after = keys()
+    assert after[0] != before[0]  # the default job's fit (the neighbourhood prior) refits
+    assert after[1:] == before[1:]  # the data prior's fit and the pseudo-labels' key do not move

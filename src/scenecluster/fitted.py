@@ -50,6 +50,7 @@ __all__ = [
     "cluster_probabilities",
     "fit_clustering",
     "load_clustering",
+    "fit_once",
     "merge_by_consensus",
     "read_clustering_meta",
     "save_clustering",
@@ -174,7 +175,7 @@ def fit_clustering(
     if n_distinct < cluster.n_components:
         cluster = cluster.model_copy(update={"n_components": n_distinct})
     start = time.perf_counter()
-    first = _fit_once(X, settings, cluster, device)
+    first = fit_once(X, settings, cluster, device)
     projection, clusterer, Z, components = first.projection, first.clusterer, first.coords, first.labels
     merged, consensus = components, {}
     if cluster.method == "dpgmm" and cluster.consensus_runs > 1:
@@ -218,7 +219,7 @@ def fit_clustering(
 
 
 @dataclass
-class _Fit:
+class SingleFit:
     """One projection and one mixture fitted on the same scenes."""
 
     projection: Any
@@ -230,8 +231,10 @@ class _Fit:
     reduce_seconds: float
 
 
-def _fit_once(X: np.ndarray, settings: dict[str, Any], cluster: ClusterConfig, device: str) -> _Fit:
-    """Fit the projection ``settings`` describe on ``X``, then the mixture on its coordinates."""
+def fit_once(X: np.ndarray, settings: dict[str, Any], cluster: ClusterConfig, device: str) -> SingleFit:
+    """Fit the projection ``settings`` describe on ``X`` (:func:`scenecluster.reduce.fit_settings`), then the
+    mixture on its coordinates, and drop its small clusters: the partition the job keeps before any consensus. The
+    job's fit, the consensus's other runs and each Tune trial call it, so a search scores what the job would keep."""
     start = time.perf_counter()
     projection = make_projection(**settings)
     Z = np.asarray(_as_numpy(projection.fit_transform(np.asarray(X, dtype=np.float32))), dtype=np.float32)
@@ -241,7 +244,7 @@ def _fit_once(X: np.ndarray, settings: dict[str, Any], cluster: ClusterConfig, d
     prior_counts = getattr(clusterer, "counts_", None)
     found = int(len(np.unique(raw)))
     raw = drop_small_clusters(clusterer, Z, raw, cluster.min_cluster_share)
-    return _Fit(projection, getattr(clusterer, "mixture_", clusterer), Z, raw, found, prior_counts, reduce_seconds)
+    return SingleFit(projection, getattr(clusterer, "mixture_", clusterer), Z, raw, found, prior_counts, reduce_seconds)
 
 
 def merge_by_consensus(
@@ -257,7 +260,7 @@ def merge_by_consensus(
     for run in range(1, cluster.consensus_runs):
         seeded = {**settings, "random_state": _next_seed(settings.get("random_state"), run)}
         mixture = cluster.model_copy(update={"random_state": _next_seed(cluster.random_state, run)})
-        others.append(_fit_once(X, seeded, mixture, device).labels)
+        others.append(fit_once(X, seeded, mixture, device).labels)
     merged = apply_merges(raw, merge_co_associated(raw, others, cluster.consensus_threshold))
     summary = {
         "runs": cluster.consensus_runs,

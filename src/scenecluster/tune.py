@@ -1,8 +1,8 @@
 """Ray Tune search over the projection and the mixture on fixed embeddings.
 
 The embeddings are computed once (``embeddings.parquet`` from a clustering run) and shared by every trial
-through the object store; one trial is UMAP (:func:`scenecluster.reduce.reduce_embeddings`) then the DP-GMM
-(:func:`scenecluster.cluster.make_clusterer`), scored by :func:`scenecluster.evaluate.score_clusters` when
+through the object store; one trial is the job's own fit, UMAP then the DP-GMM with its small clusters dropped
+(:func:`scenecluster.fitted.fit_once`), scored by :func:`scenecluster.evaluate.score_clusters` when
 labels exist and always by a label-free score, so a search also runs on an unlabelled target archive.
 
 Why the label-free score is the silhouette *in the input embedding space*: trials differ in
@@ -74,22 +74,20 @@ def evaluate_trial(
         ``n_clusters``, ``silhouette``, ``lower_bound``, ``converged``, and ``acc``/``nmi``/``ari`` when
         ``labels`` is given.
     """
-    from scenecluster.cluster import drop_small_clusters, make_clusterer
     from scenecluster.evaluate import input_silhouette, score_clusters
-    from scenecluster.fitted import merge_by_consensus
-    from scenecluster.reduce import fit_settings, reduce_embeddings
+    from scenecluster.fitted import fit_once, merge_by_consensus
+    from scenecluster.reduce import fit_settings
 
     reduce_params, cluster_cfg = _trial_configs(params, reduce, cluster)
-    Z = reduce_embeddings(X, **reduce_params)
-    model = make_clusterer(cluster_cfg, Z, device=device)
-    # the partition the job keeps with these settings: its small clusters dropped as fit_clustering drops them
-    clusters = drop_small_clusters(model, Z, model.fit_predict(Z), cluster_cfg.min_cluster_share)
-    if cluster_cfg.method == "dpgmm" and cluster_cfg.consensus_runs > 1:  # and merged as it merges them
-        settings = fit_settings(reduce_params, *np.shape(X))
+    settings = fit_settings(reduce_params, *np.shape(X))
+    # the partition the job keeps with these settings: the job's own fit, small clusters dropped
+    fit = fit_once(X, settings, cluster_cfg, device)
+    clusters = fit.labels
+    if cluster_cfg.method == "dpgmm" and cluster_cfg.consensus_runs > 1:  # and merged as the job merges them
         clusters = merge_by_consensus(X, clusters, settings, cluster_cfg, device)[0]
     n_clusters = int(len(np.unique(clusters)))
     silhouette = input_silhouette(X, clusters, silhouette_index, metric=reduce_params.get("metric", "cosine"))
-    kept = getattr(model, "mixture_", model)  # a prior search (prior_covariance: neighbourhoods) reports its mixture
+    kept = fit.clusterer  # a prior search (prior_covariance: neighbourhoods) reports the mixture it kept
     result: dict[str, Any] = {
         "n_clusters": n_clusters,
         "silhouette": silhouette,

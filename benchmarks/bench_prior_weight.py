@@ -8,9 +8,11 @@ grew with the number of classes (22 classes counted as 13-15, 3 as 5-6). The job
 ``neighbourhood_weight x n / K``, ``K`` the previous fit's count: the same inflation at any count. This benchmark
 fits both on the same UMAP layouts of archives that the count has to follow:
 
-- per feature set: 3 and 6 classes of 300 scenes and 10 of 200, drawn at random (seeded), and the whole set at
-  1,000 and 3,000 scenes (``--whole``), and at ``--big NAME=SIZE,...``;
-- the union of the ``--union`` sets' classes: 15, 18, 20 and 22 classes of 100-250 scenes.
+- per feature set: 3 and 6 classes of 300 scenes and 10 of 200, drawn at random (seeded; ``--few``), and the whole
+  set at 1,000 and 3,000 scenes (``--whole``), and at ``--big NAME=SIZE,...``;
+- the union of the ``--union`` sets' classes: 15, 18, 20 and 22 classes of 100-250 scenes (``--many``; ``--many
+  19x50 21x100`` are the shapes of WHU-RS19 and UC Merced). Union layouts are cached by shape and seed only: give
+  each ``--union`` its own ``--layouts`` folder.
 
 Each archive is projected once (the job's UMAP settings, umap-learn, cached under ``--layouts``); each variant
 fits the job's mixture on it and drops clusters under ``cluster.min_cluster_share`` as the job does. Variants:
@@ -44,8 +46,16 @@ from scenecluster.evaluate import score_clusters
 from scenecluster.neighbourhood_prior import NeighbourhoodPriorDPGMM
 from scenecluster.reduce import make_projection
 
-FEW = ((3, 300), (6, 300), (10, 200))
-MANY = ((15, 200), (18, 150), (20, 250), (22, 100), (22, 200))
+FEW = ["3x300", "6x300", "10x200"]
+MANY = ["15x200", "18x150", "20x250", "22x100", "22x200"]
+
+
+def shapes(specs: list[str]) -> list[tuple[int, int]]:
+    """``CLASSESxSCENES`` specs (``19x50``: 19 classes of 50 scenes) as (classes, scenes) pairs."""
+    try:
+        return [(int(c), int(s)) for c, s in (spec.lower().split("x") for spec in specs)]
+    except ValueError:
+        raise SystemExit(f"--few / --many: {specs} are not all CLASSESxSCENES, e.g. 19x50") from None
 
 
 class PerSceneWeight(NeighbourhoodPriorDPGMM):
@@ -76,7 +86,7 @@ def cases(args, sets: dict[str, tuple[np.ndarray, np.ndarray]], seed: int):
     """(name, group, X, y) of every archive of one seed."""
     big = {name: [int(s) for s in sizes.split(",")] for name, sizes in (b.split("=", 1) for b in args.big)}
     for name, (X, y) in sets.items():
-        for count, per_class in FEW:
+        for count, per_class in shapes(args.few):
             rows = draw_classes(y, count, per_class, np.random.default_rng([seed, count, per_class, len(X)]))
             yield f"{name}|{count}x{per_class}", f"{count} classes", X[rows], y[rows]
         for size in args.whole + big.get(name, []):
@@ -86,9 +96,11 @@ def cases(args, sets: dict[str, tuple[np.ndarray, np.ndarray]], seed: int):
     if args.union:
         X = np.concatenate([sets[name][0] for name in args.union])
         y = np.concatenate([[f"{name}/{c}" for c in sets[name][1]] for name in args.union])
-        for count, per_class in MANY:
+        many = shapes(args.many)
+        span = f"{min(c for c, _ in many)}-{max(c for c, _ in many)}" if many else ""
+        for count, per_class in many:
             rows = draw_classes(y, count, per_class, np.random.default_rng([seed, count, per_class]))
-            yield f"union|{count}x{per_class}", "union, 15-22 classes", X[rows], y[rows]
+            yield f"union|{count}x{per_class}", f"union, {span} classes", X[rows], y[rows]
 
 
 def layout(cache: Path, key: str, X: np.ndarray, seed: int) -> np.ndarray:
@@ -201,6 +213,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--embeddings", nargs="*", default=[], help="name=path of each set's embeddings")
     p.add_argument("--union", nargs="*", default=[], help="sets whose classes are pooled for 15-22 class archives")
+    p.add_argument("--few", nargs="*", default=FEW, help="archives of one set: CLASSESxSCENES each")
+    p.add_argument("--many", nargs="*", default=MANY, help="archives of the union: CLASSESxSCENES each")
     p.add_argument("--whole", type=int, nargs="*", default=[1000, 3000], help="each set sampled to these sizes")
     p.add_argument("--big", nargs="*", default=[], help="NAME=SIZE,... larger samples of a set")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -16,8 +16,9 @@ fits both on the same UMAP layouts of archives that the count has to follow:
 
 Each archive is projected once (the job's UMAP settings, umap-learn, cached under ``--layouts``); each variant
 fits the job's mixture on it and drops clusters under ``cluster.min_cluster_share`` as the job does. Variants:
-``cluster:W`` is the job's rule with ``neighbourhood_weight`` W; ``scene:M`` the old rule with multiplier M.
-Labels only score.
+``cluster:W`` is the job's rule with ``neighbourhood_weight`` W; ``scene:M`` the old rule with multiplier M;
+``start:K`` the job's rule with its refits started from K clusters; ``kmeans:true`` and ``kmeans:job`` k-means
+told the true count or the job's. Labels only score, and tell ``kmeans:true`` its count.
 
     python benchmarks/bench_prior_weight.py --embeddings u-eurosat=runs/emb112-eurosat-all/embeddings \\
         u-nwpu12=runs/emb112-nwpu12/embeddings ft-eurosat=runs/emb112-eurosat-ft-nwpu12/embeddings \\
@@ -122,8 +123,8 @@ def fit_variant(variant: str, Z: np.ndarray, y: np.ndarray, seed: int) -> tuple[
     if rule == "kmeans":
         if value == "true":
             k = len(np.unique(y))
-        elif value == "job":
-            k = len(np.unique(fit_variant("cluster:4", Z, y, seed)[0]))
+        elif value == "job":  # the job's count: its rule at the default weight
+            k = len(np.unique(fit_variant(f"cluster:{ClusterConfig().neighbourhood_weight}", Z, y, seed)[0]))
         else:
             raise SystemExit(f"--variants: {variant!r}: k-means takes the true count or the job's (kmeans:true, :job)")
         return KMeans(k, n_init=10, random_state=seed).fit_predict(Z), [k]

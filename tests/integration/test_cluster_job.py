@@ -58,7 +58,8 @@ def test_tiny_model_job_writes_every_output_and_lists_corrupt_images(ray_cluster
     assert set(metrics["stage_seconds"]) >= {"list", "embed", "reduce", "cluster", "report"}
 
     emb = pq.read_table(out / "embeddings.parquet")
-    assert emb.num_rows == 24 and emb.schema.field("embedding").type.list_size == 32
+    # the default feature is the CLS token and the mean patch token: twice the tiny model's 32 hidden units
+    assert emb.num_rows == 24 and emb.schema.field("embedding").type.list_size == 2 * 32
     assert set(emb.column("label").to_pylist()) == {"AnnualCrop", "Forest", "HerbaceousVegetation", "Highway"}
     assign = pq.read_table(out / "assignments.parquet").to_pandas()
     assert len(assign) == 24 and set(assign.columns) == {

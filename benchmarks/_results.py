@@ -14,24 +14,25 @@ def read_json_lines(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def read_embedding_sets(specs: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``name=path`` specs (a run's ``embeddings/`` folder or ``embeddings.parquet``) -> ``{name: (X, labels)}``,
-    X float32 (n, d) as the job wrote it, labels its folder labels. ``name=path#cls`` keeps only the CLS token of a
-    ``cls+mean`` embedding (its first half, exactly what ``embed.pooling: cls`` embeds, views averaged alike), so
-    both poolings are measured on one embedding run."""
+def read_embedding_set(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """One run's ``embeddings/`` folder or ``embeddings.parquet`` -> ``(X, labels)``, X float32 (n, d) as the job
+    wrote it, labels its folder labels. ``path#cls`` keeps only the CLS token of a ``cls+mean`` embedding (its first
+    half, exactly what ``embed.pooling: cls`` embeds, views averaged alike), so both poolings are measured on one
+    embedding run."""
     from scenecluster.embed import read_embeddings
 
-    sets = {}
-    for spec in specs:
-        name, path = spec.split("=", 1)
-        path, _, part = path.partition("#")
-        _, X, labels = read_embeddings(path)
-        if part == "cls":
-            X = np.ascontiguousarray(X[:, : X.shape[1] // 2])
-        elif part:
-            raise SystemExit(f"{spec!r}: only '#cls' (the CLS half of a cls+mean embedding) may follow the path")
-        sets[name] = (X, np.asarray(labels))
-    return sets
+    path, _, part = path.partition("#")
+    _, X, labels = read_embeddings(path)
+    if part == "cls":
+        X = np.ascontiguousarray(X[:, : X.shape[1] // 2])
+    elif part:
+        raise SystemExit(f"{path}#{part}: only '#cls' (the CLS half of a cls+mean embedding) may follow the path")
+    return X, np.asarray(labels)
+
+
+def read_embedding_sets(specs: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``name=path`` specs -> ``{name: (X, labels)}``, each read by :func:`read_embedding_set` (``path#cls`` too)."""
+    return {name: read_embedding_set(path) for name, path in (spec.split("=", 1) for spec in specs)}
 
 
 def load_gpu224(folder: str | Path, feature: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import numpy as np
 from _hardware import cpu_model  # benchmarks/ is on sys.path when run as a script
-from _results import read_embedding_sets, read_json_lines
+from _results import read_embedding_set, read_json_lines
 from bench_fit_sample import fit_and_assign, setting
 
 from scenecluster.config import ScaleConfig
@@ -64,7 +64,7 @@ def run(
 ) -> None:
     """One JSON line per (size, seed): clusters found, the truth, and the scores of every assigned scene. With
     ``classes``, each seed's archive is drawn from that many of the set's classes only."""
-    ((X, labels),) = read_embedding_sets([f"set={path}"]).values()  # path#cls: the CLS half of cls+mean
+    X, labels = read_embedding_set(path)  # path#cls: the CLS half of cls+mean
     head = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cores": os.cpu_count()}
     for size in sizes:
         for seed in seeds:

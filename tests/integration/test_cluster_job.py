@@ -97,6 +97,11 @@ def test_real_weights_end_to_end(ray_cluster, tmp_path):
     assert metrics["n_embedded"] == 40 and metrics["n_skipped"] == 0
     _, X, _ = __import__("scenecluster.embed", fromlist=["read_embeddings"]).read_embeddings(out / "embeddings.parquet")
     assert X.shape == (40, 768) and np.isfinite(X).all()
-    # four visually distinct classes: real features separate them far above chance (0.25)
-    assert metrics["acc"] >= 0.6, metrics
+    # four visually distinct classes: real features separate them far above chance. Forty scenes leave the count
+    # loose (one 2-core machine found 9 clusters, 36 of 40 scenes in their cluster's class, acc 0.55), so the check
+    # is that the clusters are pure and informative, not the Hungarian accuracy, which a split class halves.
+    # Random clusters of those sizes: purity 0.49 on average (0.65 at the 99.9th percentile), NMI 0.21 (0.37).
     assert 2 <= metrics["n_clusters"] <= 10
+    assign = pq.read_table(out / "assignments.parquet").to_pandas()
+    purity = assign.groupby("cluster")["label"].agg(lambda s: s.value_counts().iloc[0]).sum() / len(assign)
+    assert purity >= 0.8 and metrics["nmi"] >= 0.5, (purity, metrics)

@@ -49,6 +49,7 @@ from scenecluster.config import FinetuneConfig, dump_config
 from scenecluster.data import SceneListing, absolute_location, folder_label, list_scenes, open_filesystem
 from scenecluster.devices import Resources
 from scenecluster.errors import ConfigError, InputError, OutputError, one_line
+from scenecluster.features import store_access
 from scenecluster.ingest import READ_CPUS, attach_labels, count_scenes, read_scenes
 from scenecluster.models import (
     ResolvedBackbone,
@@ -222,6 +223,9 @@ class LoopConfig:
     n_val: int
     torch_threads: int | None = None
     endpoint_url: str | None = None  # the store of an s3:// start model
+    # The driver's explicit S3 keys for an s3:// start model: `ray job submit` leaves the user's AWS variables in
+    # the driver, so workers on other nodes would have none (as the embedding actors' FeatureSpec carries them).
+    credentials: dict[str, str] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -290,7 +294,7 @@ def _build_state(cfg: LoopConfig) -> TrainState:
     import ray.train.torch
 
     torch.manual_seed(cfg.seed)  # same head init on every rank (DDP also broadcasts rank 0's)
-    backbone = load_backbone(cfg.model, endpoint_url=cfg.endpoint_url)
+    backbone = load_backbone(cfg.model, endpoint_url=cfg.endpoint_url, credentials=cfg.credentials)
     model = SceneClassifier(backbone, [len(c) for c in cfg.classes], cfg.pooling)
     freeze_layers(model, cfg.freeze_blocks)
     model = ray.train.torch.prepare_model(model)
@@ -748,16 +752,18 @@ def _datasets(cfg: FinetuneConfig, inputs: _Inputs, splits: list[tuple[list[str]
     for i, (listing, classes, split, labels) in enumerate(heads):
         for name, paths in zip(("train", "val"), split, strict=True):
             if paths:
-                parts[name].append(_dataset(
-                    listing,
-                    paths,
-                    classes,
-                    i,
-                    cfg.feature.image_size,
-                    cfg.batch_size,
-                    cfg.feature.pixel_spec(),
-                    labels,
-                ))
+                parts[name].append(
+                    _dataset(
+                        listing,
+                        paths,
+                        classes,
+                        i,
+                        cfg.feature.image_size,
+                        cfg.batch_size,
+                        cfg.feature.pixel_spec(),
+                        labels,
+                    )
+                )
     return {name: _union(found) for name, found in parts.items() if found}
 
 
@@ -830,7 +836,7 @@ def _loop_config(cfg: FinetuneConfig, inputs: _Inputs, plan: StepPlan, resources
         total_steps=plan.total_steps,
         n_val=plan.n_val,
         torch_threads=resources.torch_threads,
-        endpoint_url=cfg.data.endpoint_url,
+        **store_access(inputs.backbone.source, cfg.data.endpoint_url),
     )
 
 

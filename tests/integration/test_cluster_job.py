@@ -64,7 +64,15 @@ def test_tiny_model_job_writes_every_output_and_lists_corrupt_images(ray_cluster
     assert set(emb.column("label").to_pylist()) == {"AnnualCrop", "Forest", "HerbaceousVegetation", "Highway"}
     assign = pq.read_table(out / "assignments.parquet").to_pandas()
     assert len(assign) == 24 and set(assign.columns) == {
-        "path", "cluster", "probability", "label", "log_likelihood", "neighbour_distance", "novel", "coords"}
+        "path",
+        "cluster",
+        "probability",
+        "label",
+        "log_likelihood",
+        "neighbour_distance",
+        "novel",
+        "coords",
+    }
     assert assign["cluster"].nunique() == metrics["n_clusters"]
     assert ((assign["probability"] > 0) & (assign["probability"] <= 1)).all()
     html = (out / "report.html").read_text()

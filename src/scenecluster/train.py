@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
+from pydantic import SecretStr
 from torch import nn
 
 from scenecluster.augment import augment_batch, to_tensor
@@ -224,8 +225,10 @@ class LoopConfig:
     torch_threads: int | None = None
     endpoint_url: str | None = None  # the store of an s3:// start model
     # The driver's explicit S3 keys for an s3:// start model: `ray job submit` leaves the user's AWS variables in
-    # the driver, so workers on other nodes would have none (as the embedding actors' FeatureSpec carries them).
-    credentials: dict[str, str] | None = field(default=None, repr=False)
+    # the driver, so workers on other nodes would have none (the embedding actors' FeatureSpec carries them too).
+    # SecretStr, because Ray Train records the loop config in its run state (dashboard, state API) as str() of each
+    # value, which for a SecretStr is stars.
+    credentials: dict[str, SecretStr] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -294,7 +297,8 @@ def _build_state(cfg: LoopConfig) -> TrainState:
     import ray.train.torch
 
     torch.manual_seed(cfg.seed)  # same head init on every rank (DDP also broadcasts rank 0's)
-    backbone = load_backbone(cfg.model, endpoint_url=cfg.endpoint_url, credentials=cfg.credentials)
+    keys = {k: v.get_secret_value() for k, v in cfg.credentials.items()} if cfg.credentials else None
+    backbone = load_backbone(cfg.model, endpoint_url=cfg.endpoint_url, credentials=keys)
     model = SceneClassifier(backbone, [len(c) for c in cfg.classes], cfg.pooling)
     freeze_layers(model, cfg.freeze_blocks)
     model = ray.train.torch.prepare_model(model)
@@ -836,8 +840,16 @@ def _loop_config(cfg: FinetuneConfig, inputs: _Inputs, plan: StepPlan, resources
         total_steps=plan.total_steps,
         n_val=plan.n_val,
         torch_threads=resources.torch_threads,
-        **store_access(inputs.backbone.source, cfg.data.endpoint_url),
+        **_start_model_access(inputs.backbone.source, cfg.data.endpoint_url),
     )
+
+
+def _start_model_access(source: str, endpoint_url: str | None) -> dict[str, Any]:
+    """:func:`scenecluster.features.store_access` for the workers' start model, its keys as ``SecretStr``."""
+    access = store_access(source, endpoint_url)
+    if access.get("credentials"):
+        access["credentials"] = {k: SecretStr(v) for k, v in access["credentials"].items()}
+    return access
 
 
 def _storage(cfg: FinetuneConfig, storage: str) -> tuple[pafs.FileSystem | None, str]:

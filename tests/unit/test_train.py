@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import asdict
 
 import numpy as np
@@ -78,6 +79,21 @@ def test_decoded_images_are_cached_only_when_a_later_epoch_gains_and_they_fit_a_
 def test_loop_config_travels_as_a_plain_dict():
     cfg = _loop_config()
     assert LoopConfig(**asdict(cfg)) == cfg
+
+
+def test_the_start_models_keys_travel_to_workers_but_never_show(monkeypatch):
+    # Ray Train records the loop config in its run state as str() of each non-JSON value (ray.train.v2's
+    # RunSettings), so a key must not be a plain string there; the workers unwrap it (_build_state)
+    from scenecluster.train import _start_model_access
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    access = _start_model_access("s3://bucket/backbone", "http://127.0.0.1:1")
+    cfg = _loop_config(**access)
+    assert {k: v.get_secret_value() for k, v in cfg.credentials.items()}["aws_secret_access_key"] == "very-secret-value"
+    shown = json.dumps(asdict(cfg), default=str) + repr(cfg)
+    assert "very-secret-value" not in shown and "AKIDTEST" not in shown
+    assert _start_model_access("/local/backbone", None) == {"endpoint_url": None}  # no keys for a local model
 
 
 class _Checkpoint:

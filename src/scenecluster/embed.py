@@ -28,7 +28,7 @@ from scenecluster.config import EmbedConfig
 from scenecluster.data import SceneListing
 from scenecluster.devices import Resources, resolve_torch_device
 from scenecluster.errors import InputError
-from scenecluster.features import FeatureSpec, resolve_feature_spec
+from scenecluster.features import FeatureSpec, resolve_feature_spec, revealed_keys
 from scenecluster.ingest import read_scenes
 from scenecluster.manifest import MANIFEST, manifest_parts, part_dataset, part_name, part_size, write_manifest_paths
 from scenecluster.models import load_backbone, normalize, pool_tokens
@@ -70,7 +70,10 @@ class Embedder:
         self.dtype = getattr(torch, dtype) if dtype else torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = (
             load_backbone(
-                spec.source, torch_dtype=self.dtype, endpoint_url=spec.endpoint_url, credentials=spec.credentials
+                spec.source,
+                torch_dtype=self.dtype,
+                endpoint_url=spec.endpoint_url,
+                credentials=revealed_keys(spec.credentials),
             )
             .to(self.device)
             .eval()
@@ -341,9 +344,7 @@ def embed_parts(
         record_pass(out, rows)
     else:
         write_skipped(out)
-        raise InputError(
-            f"none of the {summary.n_images} images could be read and decoded; see {out.display(SKIPPED)}"
-        )
+        raise InputError(f"none of the {summary.n_images} images could be read and decoded; see {out.display(SKIPPED)}")
     return summary
 
 

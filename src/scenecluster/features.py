@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import SecretStr
+
 from scenecluster.data import store_credentials
 from scenecluster.errors import ConfigError
 from scenecluster.model_store import is_store_uri
@@ -21,7 +23,7 @@ from scenecluster.models import POOLINGS, pooled_width, resolve_backbone
 from scenecluster.pixels import PixelSpec
 from scenecluster.views import VIEWS
 
-__all__ = ["FeatureSpec", "resolve_feature_spec", "store_access"]
+__all__ = ["FeatureSpec", "resolve_feature_spec", "revealed_keys", "store_access"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,8 @@ class FeatureSpec:
         ``AWS_ENDPOINT_URL``), so that workers fetch it from there; not part of the identity (the weights are).
     credentials : dict or None
         The driver's explicit S3 keys for an ``s3://`` model (:func:`scenecluster.data.store_credentials`),
-        carried to the workers as the job's pickled filesystem carries them; never printed, compared or written.
+        carried to the workers as the job's pickled filesystem carries them, as ``SecretStr`` (:func:`store_access`);
+        never printed, compared or written.
     """
 
     model: str
@@ -77,7 +80,7 @@ class FeatureSpec:
     views: str = "one"
     weights: str | None = None
     endpoint_url: str | None = None
-    credentials: dict[str, str] | None = field(default=None, repr=False, compare=False)
+    credentials: dict[str, SecretStr] | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_features(self) -> int:
@@ -154,7 +157,21 @@ def resolve_feature_spec(
 
 def store_access(source: str, endpoint_url: str | None) -> dict[str, Any]:
     """The spec's ``endpoint_url`` and ``credentials`` for workers that load ``source``: the driver's own store
-    settings for an ``s3://`` model, else only the configured endpoint."""
+    settings for an ``s3://`` model, else only the configured endpoint.
+
+    The keys are ``SecretStr``: Ray records what it hands to workers (Ray Data's operator arguments, Ray Train's
+    loop config) as ``str()`` of each value in its run state and, when the cluster enables them, its export
+    events, and a ``SecretStr`` prints as stars there. Workers unwrap them with :func:`revealed_keys`.
+    """
     if not is_store_uri(source):
         return {"endpoint_url": endpoint_url}
-    return {"endpoint_url": endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), "credentials": store_credentials()}
+    keys = store_credentials()
+    return {
+        "endpoint_url": endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
+        "credentials": {k: SecretStr(v) for k, v in keys.items()} if keys else None,
+    }
+
+
+def revealed_keys(keys: dict[str, SecretStr] | None) -> dict[str, str] | None:
+    """The plain S3 keys :func:`store_access` hid, for the boto3 client that fetches the model."""
+    return {k: v.get_secret_value() for k, v in keys.items()} if keys else None

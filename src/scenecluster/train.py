@@ -50,7 +50,7 @@ from scenecluster.config import FinetuneConfig, dump_config
 from scenecluster.data import SceneListing, absolute_location, folder_label, list_scenes, open_filesystem
 from scenecluster.devices import Resources
 from scenecluster.errors import ConfigError, InputError, OutputError, one_line
-from scenecluster.features import store_access
+from scenecluster.features import revealed_keys, store_access
 from scenecluster.ingest import READ_CPUS, attach_labels, count_scenes, read_scenes
 from scenecluster.models import (
     ResolvedBackbone,
@@ -226,8 +226,7 @@ class LoopConfig:
     endpoint_url: str | None = None  # the store of an s3:// start model
     # The driver's explicit S3 keys for an s3:// start model: `ray job submit` leaves the user's AWS variables in
     # the driver, so workers on other nodes would have none (the embedding actors' FeatureSpec carries them too).
-    # SecretStr, because Ray Train records the loop config in its run state (dashboard, state API) as str() of each
-    # value, which for a SecretStr is stars.
+    # SecretStr (scenecluster.features.store_access): Ray Train records the loop config in its run state.
     credentials: dict[str, SecretStr] | None = field(default=None, repr=False)
 
 
@@ -297,8 +296,7 @@ def _build_state(cfg: LoopConfig) -> TrainState:
     import ray.train.torch
 
     torch.manual_seed(cfg.seed)  # same head init on every rank (DDP also broadcasts rank 0's)
-    keys = {k: v.get_secret_value() for k, v in cfg.credentials.items()} if cfg.credentials else None
-    backbone = load_backbone(cfg.model, endpoint_url=cfg.endpoint_url, credentials=keys)
+    backbone = load_backbone(cfg.model, endpoint_url=cfg.endpoint_url, credentials=revealed_keys(cfg.credentials))
     model = SceneClassifier(backbone, [len(c) for c in cfg.classes], cfg.pooling)
     freeze_layers(model, cfg.freeze_blocks)
     model = ray.train.torch.prepare_model(model)
@@ -840,16 +838,8 @@ def _loop_config(cfg: FinetuneConfig, inputs: _Inputs, plan: StepPlan, resources
         total_steps=plan.total_steps,
         n_val=plan.n_val,
         torch_threads=resources.torch_threads,
-        **_start_model_access(inputs.backbone.source, cfg.data.endpoint_url),
+        **store_access(inputs.backbone.source, cfg.data.endpoint_url),
     )
-
-
-def _start_model_access(source: str, endpoint_url: str | None) -> dict[str, Any]:
-    """:func:`scenecluster.features.store_access` for the workers' start model, its keys as ``SecretStr``."""
-    access = store_access(source, endpoint_url)
-    if access.get("credentials"):
-        access["credentials"] = {k: SecretStr(v) for k, v in access["credentials"].items()}
-    return access
 
 
 def _storage(cfg: FinetuneConfig, storage: str) -> tuple[pafs.FileSystem | None, str]:

@@ -82,18 +82,21 @@ def test_loop_config_travels_as_a_plain_dict():
 
 
 def test_the_start_models_keys_travel_to_workers_but_never_show(monkeypatch):
-    # Ray Train records the loop config in its run state as str() of each non-JSON value (ray.train.v2's
-    # RunSettings), so a key must not be a plain string there; the workers unwrap it (_build_state)
-    from scenecluster.train import _start_model_access
+    # Ray records what it hands to workers (Ray Train's loop config, Ray Data's operator arguments such as the
+    # embedding actors' FeatureSpec) as str() of each non-JSON value in its run state and export events, so a key
+    # must not be a plain string there; the workers unwrap it
+    from scenecluster.features import FeatureSpec, revealed_keys, store_access
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
-    access = _start_model_access("s3://bucket/backbone", "http://127.0.0.1:1")
+    access = store_access("s3://bucket/backbone", "http://127.0.0.1:1")
     cfg = _loop_config(**access)
-    assert {k: v.get_secret_value() for k, v in cfg.credentials.items()}["aws_secret_access_key"] == "very-secret-value"
-    shown = json.dumps(asdict(cfg), default=str) + repr(cfg)
-    assert "very-secret-value" not in shown and "AKIDTEST" not in shown
-    assert _start_model_access("/local/backbone", None) == {"endpoint_url": None}  # no keys for a local model
+    spec = FeatureSpec("m", 8, "cls", 28, "s3://bucket/backbone", 8, 12, 32, (0.5,) * 3, (0.2,) * 3, **access)
+    for carrier in (cfg, spec):
+        assert revealed_keys(carrier.credentials)["aws_secret_access_key"] == "very-secret-value"
+        shown = json.dumps(asdict(carrier), default=str) + repr(carrier)
+        assert "very-secret-value" not in shown and "AKIDTEST" not in shown
+    assert store_access("/local/backbone", None) == {"endpoint_url": None}  # no keys for a local model
 
 
 class _Checkpoint:

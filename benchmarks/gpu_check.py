@@ -281,7 +281,7 @@ def check_dpgmm(n: int, iters: int) -> None:
 def check_finetune(tmp: Path, image_size: int, batch_size: int, steps: int) -> None:
     from scenecluster.augment import augment_batch, normalize, to_tensor
     from scenecluster.models import load_backbone
-    from scenecluster.train import SceneClassifier, param_groups
+    from scenecluster.train_recipe import SceneClassifier, param_groups
 
     device = torch.device(DEVICE)
     model = SceneClassifier(load_backbone(random_backbone_folder(tmp, "small")), [12]).to(device)

@@ -14,20 +14,9 @@ from scenecluster.config import FinetuneConfig, load_config
 from scenecluster.errors import ConfigError
 from scenecluster.ingest import attach_labels
 from scenecluster.models import load_backbone, save_backbone
-from scenecluster.train import (
-    BACKBONE_DIR,
-    STATE_FILE,
-    LoopConfig,
-    SceneClassifier,
-    TrainState,
-    _restore,
-    _training_state,
-    decoded_bytes,
-    param_groups,
-    plan_steps,
-    should_cache,
-    warmup_cosine,
-)
+from scenecluster.train import decoded_bytes, plan_steps, should_cache
+from scenecluster.train_loop import BACKBONE_DIR, STATE_FILE, LoopConfig, TrainState, _restore, _training_state
+from scenecluster.train_recipe import SceneClassifier, param_groups, warmup_cosine
 
 
 def _cfg(**overrides) -> FinetuneConfig:

@@ -389,8 +389,12 @@ def _loop_config(cfg: FinetuneConfig, inputs: _Inputs, plan: StepPlan, resources
 
 
 def _storage(cfg: FinetuneConfig, storage: str) -> tuple[pafs.FileSystem | None, str]:
-    """Ray Train's ``(storage_filesystem, storage_path)``: an S3 store at ``cfg.data.endpoint_url`` needs its own."""
-    if storage.startswith("s3://") and cfg.data.endpoint_url:
+    """Ray Train's ``(storage_filesystem, storage_path)``. An ``s3://`` storage path gets the filesystem every other
+    read and write of the run uses (:func:`scenecluster.data.open_filesystem`: the driver's endpoint and explicit
+    keys, pickled with it to Ray Train's controller and workers). Left to Ray, the controller (an actor) would build
+    its own from its environment, which lacks them when only the driver holds them (Ray Tune resolves it in the
+    driver, so its trials need nothing)."""
+    if storage.startswith("s3://"):
         return open_filesystem(storage, endpoint_url=cfg.data.endpoint_url)
     return None, storage
 

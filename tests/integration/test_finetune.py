@@ -155,34 +155,35 @@ def test_checkpoints_in_s3_hold_the_backbone_that_later_jobs_load(
     assert not (tmp_path / "out" / "finetune").exists()  # no checkpoint was written beside the export
 
 
-def test_a_start_model_in_s3_reaches_workers_that_hold_no_keys(
+def test_a_start_model_and_checkpoints_in_s3_reach_workers_that_hold_no_store_settings(
     ray_cluster, s3_server, tmp_path, sources, tiny_model_dir, monkeypatch
 ):
-    """On a real cluster the S3 keys a user exported are in the driver's environment only (``ray job submit``
-    does not copy them to the workers), so each Ray Train worker must fetch an ``s3://`` start model with the
-    driver's keys, as the embedding actors do. Here the local Ray was started before the keys were set, so its
-    workers do not have them either."""
+    """On a real cluster the store settings a user exported (``AWS_ENDPOINT_URL`` and keys) may be in the driver's
+    environment only, so the Ray Train workers must fetch an ``s3://`` start model, and Ray Train must write the
+    checkpoints to an ``s3://`` storage path, with the driver's settings, as the embedding actors do. Here the local
+    Ray was started before the variables were set, so its workers do not have them either."""
     import ray
 
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL")
     monkeypatch.setenv("SCENECLUSTER_CACHE", str(tmp_path / "cache"))
 
     @ray.remote(num_cpus=0)
-    def worker_keys() -> list[str]:
+    def worker_store_settings() -> list[str]:
         import os
 
-        return sorted(k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if k in os.environ)
+        return sorted(k for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if k in os.environ)
 
-    assert ray.get(worker_keys.remote()) == []  # the premise: only the driver holds the keys
+    assert ray.get(worker_store_settings.remote()) == []  # the premise: only the driver holds them
     s3_server.create_bucket("start")
     s3_server.upload_folder(tiny_model_dir, "start", "models/tiny")
-    settings = {"workers": 1, "epochs": 1, "data.endpoint_url": s3_server.endpoint_url}
+    settings = {"workers": 1, "epochs": 1, "storage_path": "s3://start/runs"}
     exported = fit_backbone(_cfg(tmp_path, [sources[0]], "s3://start/models/tiny", **settings), echo=lambda line: None)
     assert (exported / "model.safetensors").is_file()
     record = json.loads((tmp_path / "out" / "start_model.json").read_text())
     assert record["model"] == "s3://start/models/tiny"
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["checkpoint"].startswith("start/runs/finetune/checkpoint_"), metrics["checkpoint"]
     secret = s3_server.env()["AWS_SECRET_ACCESS_KEY"].encode()
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and secret in p.read_bytes()]
     assert written == []  # the keys travel to the workers, never into the run's files

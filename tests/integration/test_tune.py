@@ -60,13 +60,18 @@ def test_tune_finds_blobs_and_writes_results(ray_cluster, tmp_path):
     assert len(trials) == 4
     assert max(t["nmi"] for t in trials) == pytest.approx(summary["best"]["nmi"])
     for t in trials:
-        assert set(t["params"]) == {"reduce.n_neighbors", "reduce.n_components",
-                                    "cluster.weight_concentration_prior", "cluster.covariance_prior_scale"}
+        assert set(t["params"]) == {
+            "reduce.n_neighbors",
+            "reduce.n_components",
+            "cluster.weight_concentration_prior",
+            "cluster.covariance_prior_scale",
+        }
         assert 0.5 <= t["params"]["cluster.covariance_prior_scale"] <= 8.0
     best = yaml.safe_load((out / "best_config.yaml").read_text())
     assert best["reduce"]["n_neighbors"] == summary["best_params"]["reduce.n_neighbors"]
     assert best["cluster"]["covariance_prior_scale"] == pytest.approx(
-        summary["best_params"]["cluster.covariance_prior_scale"])
+        summary["best_params"]["cluster.covariance_prior_scale"]
+    )
     # the best settings are a valid overlay of a clustering config
     load_config(out / "best_config.yaml", {"output": str(tmp_path / "x"), "data.input": str(tmp_path)})
     assert json.loads((out / "metrics.json").read_text())["best"] == summary["best"]
@@ -82,3 +87,31 @@ def test_label_metric_on_unlabelled_embeddings_is_a_config_error(tmp_path):
 def test_search_space_rejects_bad_ranges(tmp_path):
     with pytest.raises(ConfigError, match="covariance_prior_scale"):
         _cfg(tmp_path, tmp_path / "e.parquet", **{"search.covariance_prior_scale": [8.0, 0.5]})
+
+
+def test_trials_kept_in_s3_with_the_drivers_store_settings(ray_cluster, s3_server, tmp_path, monkeypatch):
+    """``storage_path: s3://...`` on a store that only the driver's environment names (endpoint and keys): Tune's
+    trials write there through the run's own filesystem, not one each trial builds from an environment without
+    them (this local Ray was started before the variables were set)."""
+    import ray
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+
+    @ray.remote(num_cpus=0)
+    def worker_store_settings() -> list[str]:
+        import os
+
+        return sorted(k for k in ("AWS_ENDPOINT_URL", "AWS_SECRET_ACCESS_KEY") if k in os.environ)
+
+    assert ray.get(worker_store_settings.remote()) == []  # the premise: only the driver holds them
+    s3_server.create_bucket("tune")
+    embeddings = _blobs(tmp_path / "embeddings.parquet", n_per_class=30, n_classes=3)
+    cfg = _cfg(tmp_path, embeddings, num_samples=2, storage_path="s3://tune/runs", name="blobs")
+    summary = run_tune(cfg, echo=lambda s: None)
+
+    assert summary["n_trials"] == 2 and summary["n_errored"] == 0
+    assert summary["storage_path"] == "s3://tune/runs"
+    listed = s3_server.boto3_client().list_objects_v2(Bucket="tune", Prefix="runs/blobs/")
+    keys = [o["Key"] for o in listed.get("Contents", [])]
+    assert any(k.endswith("result.json") for k in keys), keys  # each trial's results, written by the trial

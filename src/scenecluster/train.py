@@ -452,7 +452,6 @@ def _export(
     result, cfg: FinetuneConfig, out: Path, storage: str, inputs: _Inputs, plan: StepPlan, start: float
 ) -> dict[str, Any]:
     """Save the last checkpoint's backbone as ``OUTPUT/backbone`` and write ``OUTPUT/metrics.json``; return those."""
-    storage = _storage(cfg, storage)[1]
     if result.checkpoint is None:
         raise OutputError(f"fine-tuning {cfg.name!r} finished without a checkpoint under {storage}")
     with result.checkpoint.as_directory() as folder:
@@ -462,8 +461,8 @@ def _export(
     last = state["history"][-1] if state["history"] else {}
     metrics = {
         "run": cfg.name,
-        "storage_path": str(storage),
-        "checkpoint": result.checkpoint.path,
+        "storage_path": storage,  # as given (s3://bucket/prefix or an absolute folder)
+        "checkpoint": result.checkpoint.path,  # as Ray Train names it: bucket/key in a store
         "backbone": str(target),
         "sources": cfg.sources,
         "pseudo_labels": cfg.pseudo_labels,

@@ -184,6 +184,7 @@ def test_a_start_model_and_checkpoints_in_s3_reach_workers_that_hold_no_store_se
     assert record["model"] == "s3://start/models/tiny"
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["checkpoint"].startswith("start/runs/finetune/checkpoint_"), metrics["checkpoint"]
+    assert metrics["storage_path"] == "s3://start/runs"
     secret = s3_server.env()["AWS_SECRET_ACCESS_KEY"].encode()
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and secret in p.read_bytes()]
     assert written == []  # the keys travel to the workers, never into the run's files

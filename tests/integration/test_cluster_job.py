@@ -115,3 +115,25 @@ def test_real_weights_end_to_end(ray_cluster, tmp_path):
     assign = pq.read_table(out / "assignments.parquet", columns=["label", "cluster"]).to_pydict()
     purity = pseudo_label_purity(assign["label"], assign["cluster"])["purity_score_only"]
     assert purity >= 0.8 and metrics["nmi"] >= 0.5, (purity, metrics)
+
+
+def test_the_demo_command_clusters_the_shipped_sample_with_its_settings(ray_cluster, tmp_path, tiny_model_dir, capsys):
+    """`scenecluster demo`, the README's first command: the job on the sample the package ships, at 112 px and
+    scored against its folders; any flag still overrides (here the tiny model at 28 px on a 60-scene sample, for
+    speed: the real weights run in test_real_weights_end_to_end)."""
+    import yaml
+
+    from scenecluster.cli import DEMO_DEFAULTS, main, sample_data_dir
+
+    assert DEMO_DEFAULTS == {"data.labels": "folders", "embed.image_size": 112}
+    out = tmp_path / "demo"
+    args = ["demo", "-o", str(out), "--model", str(tiny_model_dir), "--image-size", "28", "--sample", "60"]
+    assert main([*args, "--set", "reduce.n_neighbors=10", "--set", "cluster.n_components=10"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"\d+ clusters from 60 images \(0 skipped\); acc \d\.\d{3}", printed), printed
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["data"]["input"] == str(sample_data_dir()) and config["data"]["labels"] == "folders"
+    assert config["embed"]["image_size"] == 28  # the flag wins over the demo's 112
+    assert config["embed"]["layer"] == 0  # the model's own feature layer, as `cluster` takes it
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_embedded"] == 60 and 0.0 <= metrics["acc"] <= 1.0

@@ -51,8 +51,19 @@ def build_input(data: Path, dest: Path, n_scenes: int, corrupt_share: float) -> 
 
 
 def command(inp: Path, out: Path, model: Path) -> list[str]:
-    return [sys.executable, "-m", "scenecluster.cli", "cluster", str(inp), "-o", str(out), "--model", str(model),
-            "--image-size", "28"]
+    return [
+        sys.executable,
+        "-m",
+        "scenecluster.cli",
+        "cluster",
+        str(inp),
+        "-o",
+        str(out),
+        "--model",
+        str(model),
+        "--image-size",
+        "28",
+    ]
 
 
 def run(cmd: list[str], log: Path) -> dict:

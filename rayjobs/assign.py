@@ -1,6 +1,6 @@
 """Ray job: assign new scenes with a finished run's clustering (:func:`scenecluster.job.run_assign_job`).
 
-    ray job submit --working-dir . -- python rayjobs/assign.py --config rayjobs/configs/assign.yaml
+ray job submit --working-dir . -- python rayjobs/assign.py --config rayjobs/configs/assign.yaml
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Ray job: fine-tune a DINOv2 backbone on labelled sources (:func:`scenecluster.train.fit_backbone`).
 
-    ray job submit --working-dir . -- python rayjobs/finetune.py --config rayjobs/configs/finetune.yaml
+ray job submit --working-dir . -- python rayjobs/finetune.py --config rayjobs/configs/finetune.yaml
 """
 
 from __future__ import annotations

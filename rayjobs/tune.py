@@ -1,6 +1,6 @@
 """Ray job: search UMAP and DP-GMM settings on fixed embeddings (:func:`scenecluster.tune.run_tune`).
 
-    ray job submit --working-dir . -- python rayjobs/tune.py --config rayjobs/configs/tune.yaml
+ray job submit --working-dir . -- python rayjobs/tune.py --config rayjobs/configs/tune.yaml
 """
 
 from __future__ import annotations

@@ -304,22 +304,38 @@ def _add_doctor_command(sub) -> None:
         "check the input readable, the output writable (with this shell's AWS_* credentials) and the model "
         "loadable. Prints a table; exits 1 when a check failed.",
     )
-    d.add_argument("--address", metavar="ADDR", help="Ray cluster (host:6379, ray://host:10001; default "
-                   "RAY_ADDRESS, else the cluster started on this machine)")
+    d.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="Ray cluster (host:6379, ray://host:10001; default RAY_ADDRESS, else the cluster started on this machine)",
+    )
     d.add_argument("--input", metavar="URI", help="input folder or s3://bucket/prefix that a job will read")
     d.add_argument("--output", metavar="URI", help="output folder or s3://bucket/prefix that a job will write")
     d.add_argument("--model", metavar="MODEL", help="Hugging Face id or folder of the backbone a job will load")
     d.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for non-AWS stores (else AWS_ENDPOINT_URL)")
-    d.add_argument("--timeout", type=_positive_seconds, default=120.0, metavar="S",
-                   help="seconds to wait for the probe tasks on the nodes (default 120)")
+    d.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=120.0,
+        metavar="S",
+        help="seconds to wait for the probe tasks on the nodes (default 120)",
+    )
     d.set_defaults(run_fn=_cmd_doctor)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from scenecluster.doctor import DoctorOptions, exit_code, format_table, run_doctor
 
-    checks = run_doctor(DoctorOptions(address=args.address, input=args.input, output=args.output,
-                                      model=args.model, endpoint_url=args.endpoint_url, timeout=args.timeout))
+    checks = run_doctor(
+        DoctorOptions(
+            address=args.address,
+            input=args.input,
+            output=args.output,
+            model=args.model,
+            endpoint_url=args.endpoint_url,
+            timeout=args.timeout,
+        )
+    )
     print(format_table(checks))
     return exit_code(checks)
 

@@ -60,8 +60,9 @@ def format_table(checks: Sequence[Check]) -> str:
     """The rows as a plain-text table with a header, columns padded to their widest cell."""
     rows = [("CHECK", "WHERE", "STATUS", "DETAIL"), *((c.name, c.where, c.status, c.detail) for c in checks)]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ["  ".join([*(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)), row[3]]).rstrip()
-             for row in rows]
+    lines = [
+        "  ".join([*(cell.ljust(w) for cell, w in zip(row[:3], widths, strict=True)), row[3]]).rstrip() for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in (*widths, len("DETAIL"))))
     return "\n".join(lines)
 
@@ -232,8 +233,11 @@ def probe_groups(nodes: list[dict[str, Any]], timeout: float) -> dict[str, dict[
         for group, node in first.items():
             has_gpu = node.get("Resources", {}).get("GPU", 0) > 0
             task = ray.remote(probe_node).options(
-                num_cpus=0, num_gpus=0.01 if has_gpu else 0, max_retries=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+                num_cpus=0,
+                num_gpus=0.01 if has_gpu else 0,
+                max_retries=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+            )
             refs[group] = (task.remote(has_gpu), has_gpu)
     finally:
         cloudpickle.unregister_pickle_by_value(this)
@@ -243,8 +247,11 @@ def probe_groups(nodes: list[dict[str, Any]], timeout: float) -> dict[str, dict[
     results = {}
     for group, (ref, has_gpu) in refs.items():
         try:
-            results[group] = {**ray.get(ref, timeout=0), "gpu": has_gpu} if ref in ready else {
-                "error": f"no answer in {timeout:g} s (busy, or no worker could start)", "gpu": has_gpu}
+            results[group] = (
+                {**ray.get(ref, timeout=0), "gpu": has_gpu}
+                if ref in ready
+                else {"error": f"no answer in {timeout:g} s (busy, or no worker could start)", "gpu": has_gpu}
+            )
         except Exception as exc:
             results[group] = {"error": one_line(exc, with_type=True), "gpu": has_gpu}
         if ref not in ready:
@@ -261,8 +268,14 @@ def check_probes(results: dict[str, dict[str, Any]], client_ray: str, driver_ver
             rows.append(Check("package", group, FAIL, f"the probe task failed: {found['error']}"))
             continue
         same_ray = found.get("ray") == client_ray
-        rows.append(Check("ray version", group, PASS if same_ray else FAIL,
-                          f"node {found.get('ray', found.get('ray_error'))}, client {client_ray}"))
+        rows.append(
+            Check(
+                "ray version",
+                group,
+                PASS if same_ray else FAIL,
+                f"node {found.get('ray', found.get('ray_error'))}, client {client_ray}",
+            )
+        )
         version = found.get("scenecluster")
         if version is None:
             rows.append(Check("package", group, FAIL, f"scenecluster: {found.get('scenecluster_error')}"))
@@ -363,8 +376,10 @@ def check_model(model: str) -> Check:
     start = time.perf_counter()
     backbone = load_backbone(model)
     n_params = sum(p.numel() for p in backbone.parameters())
-    detail = (f"{type(backbone).__name__}, {backbone.config.num_hidden_layers} layers, "
-              f"{n_params / 1e6:.1f}M parameters, loaded in {time.perf_counter() - start:.1f} s on the driver")
+    detail = (
+        f"{type(backbone).__name__}, {backbone.config.num_hidden_layers} layers, "
+        f"{n_params / 1e6:.1f}M parameters, loaded in {time.perf_counter() - start:.1f} s on the driver"
+    )
     return Check("model loadable", model, PASS, detail)
 
 
@@ -375,9 +390,11 @@ def run_doctor(options: DoctorOptions) -> list[Check]:
         rows += check_cluster(options)
     except Exception as exc:  # e.g. Ray not installed: a row, so the other checks still run
         rows.append(Check("ray", resolve_address(options.address), FAIL, one_line(exc, with_type=True)))
-    targets = [("input readable", options.input, lambda uri: check_input(uri, options.endpoint_url)),
-               ("output writable", options.output, lambda uri: check_output(uri, options.endpoint_url)),
-               ("model loadable", options.model, check_model)]
+    targets = [
+        ("input readable", options.input, lambda uri: check_input(uri, options.endpoint_url)),
+        ("output writable", options.output, lambda uri: check_output(uri, options.endpoint_url)),
+        ("model loadable", options.model, check_model),
+    ]
     for name, target, check in targets:
         if target is None:
             rows.append(Check(name, "-", SKIP, f"not asked (--{name.split()[0]})"))

@@ -135,8 +135,19 @@ def test_a_run_on_one_cpu_with_one_whole_cpu_actor_finishes(tmp_path, sample_dir
     try:
         env = {"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""}
         res = _subprocess(
-            "cluster", tmp_path / "in", "-o", tmp_path / "out", "--num-cpus", "1", "--actor-cpus", "1",
-            "--projection", "pca", *_tiny(tiny_model_dir), env=env, timeout=300,
+            "cluster",
+            tmp_path / "in",
+            "-o",
+            tmp_path / "out",
+            "--num-cpus",
+            "1",
+            "--actor-cpus",
+            "1",
+            "--projection",
+            "pca",
+            *_tiny(tiny_model_dir),
+            env=env,
+            timeout=300,
         )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -161,10 +172,18 @@ def test_a_named_ray_cluster_that_does_not_answer_is_one_line(tmp_path, sample_d
     "n, flags, message",
     [
         (2, [], "too few scenes to cluster: 2 under {in}; clustering needs at least 4"),
-        (6, [], "too few scenes to cluster: 6 under {in}; a 5-d umap projection needs at least 7: use --umap-dims "
-         "4 or fewer, or add scenes"),
-        (30, ["--umap-dims", "40"], "too few scenes to cluster: 30 under {in}; a 40-d umap projection needs at "
-         "least 42: use --umap-dims 28 or fewer, or add scenes"),
+        (
+            6,
+            [],
+            "too few scenes to cluster: 6 under {in}; a 5-d umap projection needs at least 7: use --umap-dims "
+            "4 or fewer, or add scenes",
+        ),
+        (
+            30,
+            ["--umap-dims", "40"],
+            "too few scenes to cluster: 30 under {in}; a 40-d umap projection needs at "
+            "least 42: use --umap-dims 28 or fewer, or add scenes",
+        ),
     ],
 )
 def test_too_few_scenes_or_too_wide_a_projection_is_refused_before_embedding(
@@ -187,8 +206,16 @@ def test_a_small_input_with_a_narrow_enough_projection_clusters(ray_cluster, tmp
 def test_actors_larger_than_the_machine_are_refused_not_waited_for(tmp_path, sample_dir, tiny_model_dir):
     start = time.monotonic()
     res = _subprocess(
-        "cluster", sample_dir, "-o", tmp_path / "out", "--num-cpus", "2", "--actor-cpus", "4",
-        *_tiny(tiny_model_dir), timeout=180,
+        "cluster",
+        sample_dir,
+        "-o",
+        tmp_path / "out",
+        "--num-cpus",
+        "2",
+        "--actor-cpus",
+        "4",
+        *_tiny(tiny_model_dir),
+        timeout=180,
     )
     assert res.returncode == 2 and time.monotonic() - start < 120
     assert _error_line(res.stderr) == (
@@ -245,9 +272,20 @@ def test_ctrl_c_during_the_projection_stops_the_run(tmp_path, sample_dir, tiny_m
     and a second Ray on the 2 cores, whenever the signal came (0-12 s after the embedding line). The bound is
     30x that, for a loaded CI machine; a hang in the teardown still fails."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scenecluster.cli", "cluster", str(sample_dir), "-o", str(tmp_path / "out"),
-         *_tiny(tiny_model_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "scenecluster.cli",
+            "cluster",
+            str(sample_dir),
+            "-o",
+            str(tmp_path / "out"),
+            *_tiny(tiny_model_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         lines = []

@@ -59,9 +59,23 @@ def _submit(head: LocalRayHead, s3, config: dict, tmp_path: Path) -> tuple[str, 
     cfg_file.write_text(yaml.safe_dump(config))
     job_id = f"test-cluster-{uuid.uuid4().hex[:8]}"
     runtime_env = {"env_vars": s3.env(), "excludes": [".git", ".venv", "**/__pycache__", "*.egg-info"]}
-    args = ["job", "submit", "--address", head.dashboard_url, "--submission-id", job_id,
-            "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
-            "--", "python", "rayjobs/cluster.py", "--config", str(cfg_file)]
+    args = [
+        "job",
+        "submit",
+        "--address",
+        head.dashboard_url,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        "python",
+        "rayjobs/cluster.py",
+        "--config",
+        str(cfg_file),
+    ]
     try:
         proc = head.ray(*args, timeout=JOB_TIMEOUT)
         output = proc.stdout + proc.stderr
@@ -94,8 +108,9 @@ def _metrics_from_output(output: str) -> dict:
 
 def test_submit_cluster_job_s3_loose_files_to_local_output(ray_head, s3_scenes, tiny_model_dir, tmp_path):
     out = tmp_path / "out"
-    status, output = _submit(ray_head, s3_scenes,
-                             _config(s3_scenes, f"s3://{BUCKET}/loose/", str(out), tiny_model_dir), tmp_path)
+    status, output = _submit(
+        ray_head, s3_scenes, _config(s3_scenes, f"s3://{BUCKET}/loose/", str(out), tiny_model_dir), tmp_path
+    )
     assert status == "SUCCEEDED", output[-4000:]
     metrics = _metrics_from_output(output)
     assert metrics["n_images"] == CLASSES * PER_CLASS and metrics["n_skipped"] == 0
@@ -115,8 +130,9 @@ def test_submit_with_a_bad_setting_fails_the_job(ray_head, s3_scenes, tiny_model
 
 def test_submit_cluster_job_on_tar_shards_with_s3_output(ray_head, s3_scenes, tiny_model_dir, tmp_path):
     output_uri = f"s3://{BUCKET}/out/run1"
-    status, output = _submit(ray_head, s3_scenes,
-                             _config(s3_scenes, f"s3://{BUCKET}/shards/", output_uri, tiny_model_dir), tmp_path)
+    status, output = _submit(
+        ray_head, s3_scenes, _config(s3_scenes, f"s3://{BUCKET}/shards/", output_uri, tiny_model_dir), tmp_path
+    )
     assert status == "SUCCEEDED", output[-4000:]
     listed = s3_scenes.boto3_client().list_objects_v2(Bucket=BUCKET, Prefix="out/run1/")
     keys = {o["Key"].rsplit("/", 1)[-1] for o in listed.get("Contents", [])}

@@ -85,8 +85,9 @@ def test_tar_shards_with_a_truncated_member_and_a_damaged_shard(ray_cluster, tmp
 
     monkeypatch.setattr(scenecluster.embed, "part_dataset", no_second_pass)
     lines: list[str] = []
-    again = run_cluster_job(cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"random_state": 1})}),
-                            echo=lines.append)
+    again = run_cluster_job(
+        cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"random_state": 1})}), echo=lines.append
+    )
     assert any(line.startswith(f"[embed] reused {metrics['n_embedded']} embeddings") for line in lines), lines
     assert any(line.startswith("[fit] fitted") for line in lines), lines
     assert (again["n_embedded"], again["n_skipped"]) == (metrics["n_embedded"], 2)

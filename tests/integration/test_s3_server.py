@@ -43,8 +43,7 @@ def test_right_secret_lists_uploads(s3_server, bucket):
 def test_pyarrow_filesystem_with_env_credentials(s3_env, bucket):
     fs, root = open_filesystem("s3://scenes/loose", endpoint_url=s3_env.endpoint_url)
     assert isinstance(fs, pafs.S3FileSystem) and root == "scenes/loose"
-    files = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-             if i.type == pafs.FileType.File]
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
     assert sorted(files) == sorted(f"scenes/{k}" for k in bucket["keys"])
 
 

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 BUCKET = "rehearsal"
 MARK = "rehearsal_node"  # the second node's custom resource, as a worker group's marker in cluster_configs/
 PER_CLASS = 4  # 40 real EuroSAT scenes
-JOB_TIMEOUT = int(os.environ.get('REHEARSAL_JOB_TIMEOUT', 420))
+JOB_TIMEOUT = int(os.environ.get("REHEARSAL_JOB_TIMEOUT", 420))
 
 # Ray's state API, run as a client of the cluster (its own process: the token is read from its environment).
 # Once the job is over its actors are DEAD, and Ray 2.60 keeps node_id for some of them only; their death record
@@ -47,8 +47,7 @@ print(json.dumps([{"class_name": a.class_name, "state": a.state, "node_id": a.no
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    with LocalRayHead(num_cpus=1, multi_node=True) as head, \
-            LocalRayNode(head, num_cpus=1, resources={MARK: 1}) as node:
+    with LocalRayHead(num_cpus=1, multi_node=True) as head, LocalRayNode(head, num_cpus=1, resources={MARK: 1}) as node:
         yield head, node
 
 
@@ -68,8 +67,20 @@ def _table(stdout: str) -> list[list[str]]:
 
 def test_doctor_reports_both_nodes_and_the_stores(two_nodes, s3_scenes, tiny_model_dir):
     head, node = two_nodes
-    cmd = [sys.executable, "-m", "scenecluster.cli", "doctor", "--address", head.gcs_address,
-           "--input", f"s3://{BUCKET}/in/", "--output", f"s3://{BUCKET}/out/doctor", "--model", str(tiny_model_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scenecluster.cli",
+        "doctor",
+        "--address",
+        head.gcs_address,
+        "--input",
+        f"s3://{BUCKET}/in/",
+        "--output",
+        f"s3://{BUCKET}/out/doctor",
+        "--model",
+        str(tiny_model_dir),
+    ]
     proc = subprocess.run(cmd, env={**head.env(), **s3_scenes.env()}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     rows = _table(proc.stdout)
@@ -87,8 +98,16 @@ def test_doctor_reports_both_nodes_and_the_stores(two_nodes, s3_scenes, tiny_mod
 def test_doctor_fails_on_a_store_it_may_not_write(two_nodes, s3_scenes):
     head, _ = two_nodes
     env = {**head.env(), **s3_scenes.env(), "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
-    cmd = [sys.executable, "-m", "scenecluster.cli", "doctor", "--address", "127.0.0.1:1",
-           "--output", f"s3://{BUCKET}/out/doctor"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "scenecluster.cli",
+        "doctor",
+        "--address",
+        "127.0.0.1:1",
+        "--output",
+        f"s3://{BUCKET}/out/doctor",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     rows = {r[0]: r for r in _table(proc.stdout)}
@@ -107,10 +126,27 @@ def test_cluster_job_embeds_on_both_nodes(two_nodes, s3_scenes, tiny_model_dir, 
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
     job_id = f"rehearsal-{uuid.uuid4().hex[:8]}"
     runtime_env = {"env_vars": s3_scenes.env(), "excludes": [".git", ".venv", "**/__pycache__", "*.egg-info"]}
-    submit = ["job", "submit", "--address", head.dashboard_url, "--submission-id", job_id,
-              "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--",
-              "python", "rayjobs/cluster.py", "--config", str(tmp_path / "cfg.yaml"),
-              "--set", "embed.num_actors=2", "--set", "embed.actor_cpus=0.5"]
+    submit = [
+        "job",
+        "submit",
+        "--address",
+        head.dashboard_url,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        "python",
+        "rayjobs/cluster.py",
+        "--config",
+        str(tmp_path / "cfg.yaml"),
+        "--set",
+        "embed.num_actors=2",
+        "--set",
+        "embed.actor_cpus=0.5",
+    ]
     try:
         proc = head.ray(*submit, timeout=JOB_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -120,8 +156,13 @@ def test_cluster_job_embeds_on_both_nodes(two_nodes, s3_scenes, tiny_model_dir, 
     info = head.job_info(job_id)
     assert info["status"] == "SUCCEEDED", (proc.stdout + proc.stderr)[-4000:]
 
-    listed = subprocess.run([sys.executable, "-c", LIST_ACTORS, head.dashboard_url, info["job_id"]],
-                            env=head.env(), capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        [sys.executable, "-c", LIST_ACTORS, head.dashboard_url, info["job_id"]],
+        env=head.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listed.returncode == 0, listed.stderr[-3000:]
     actors = json.loads(listed.stdout)
     embedders = [a for a in actors if a["class_name"] == "MapWorker(MapBatches(PartEmbedder))"]

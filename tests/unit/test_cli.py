@@ -104,8 +104,14 @@ def test_pipeline_reads_a_config_file_and_set_like_the_other_jobs(tmp_path, samp
         (["finetune", "{data}", "-o", "file://ft"], "setting output: 'file://ft' names the host 'ft'"),
         (["pipeline", "{data}", "-t", "{data}", "-o", "s3://bucket/p"], "setting finetune.output: must be a path"),
         (["benchmark", "--source", "{data}", "--target", "{data}", "-o", "s3://b/x"], "finetune.output: must be a"),
-        (["finetune", "{data}", "-o", "ft", "--storage-path", "gs://b/ckpt"], "give a local folder or s3://bucket/prefix"),
-        (["finetune", "{data}", "-o", "ft", "--storage-path", "s3:/b/ckpt"], "give a local folder or s3://bucket/prefix"),
+        (
+            ["finetune", "{data}", "-o", "ft", "--storage-path", "gs://b/ckpt"],
+            "give a local folder or s3://bucket/prefix",
+        ),
+        (
+            ["finetune", "{data}", "-o", "ft", "--storage-path", "s3:/b/ckpt"],
+            "give a local folder or s3://bucket/prefix",
+        ),
         (["report", "{data}", "-o", "s3://b/report.html"], "must be a path on this machine, not 's3://b/report.html'"),
         (["compare", "{data}", "-o", "s3://b/table.md"], "must be a path on this machine, not 's3://b/table.md'"),
         (["cluster", "{data}", "-o", "o", "--config", "s3://b/c.yaml"], "config file: must be a path on this"),
@@ -149,7 +155,11 @@ def test_what_may_be_a_store_and_what_is_a_path():
     # a pipeline's and a benchmark's stage folders: a URI joined as text, a path as a path ('' is here, not '/')
     from scenecluster.cli import _under
 
-    assert [_under(o, "finetune") for o in ("", "out/", "s3://b/p/")] == ["finetune", "out/finetune", "s3://b/p/finetune"]
+    assert [_under(o, "finetune") for o in ("", "out/", "s3://b/p/")] == [
+        "finetune",
+        "out/finetune",
+        "s3://b/p/finetune",
+    ]
 
 
 def test_a_config_file_under_home_is_found(tmp_path, monkeypatch):

@@ -77,8 +77,12 @@ def checkov(request) -> str:
         return str(exe)
     shutil.rmtree(env_dir, ignore_errors=True)
     venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
-    proc = subprocess.run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", requirement],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", requirement],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if proc.returncode != 0:
         pytest.skip(f"{requirement} could not be installed: {proc.stderr.strip().splitlines()[-1:]}")
     marker.write_text("")
@@ -112,8 +116,18 @@ def checkov_reports(checkov, tmp_path_factory) -> dict[str, dict]:
     (scan / "kuberay").mkdir()
     for manifest in MANIFESTS:
         (scan / "kuberay" / manifest.name).write_text(yaml.safe_dump_all(_pods(manifest)))
-    cmd = [checkov, "--skip-download", "--output", "json", "--framework", "terraform", "dockerfile", "kubernetes",
-           "-d", str(scan)]
+    cmd = [
+        checkov,
+        "--skip-download",
+        "--output",
+        "json",
+        "--framework",
+        "terraform",
+        "dockerfile",
+        "kubernetes",
+        "-d",
+        str(scan),
+    ]
     env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=scan)
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
@@ -127,8 +141,9 @@ def test_cloud_and_kubernetes_files_pass_checkov(checkov_reports, framework):
     results = checkov_reports.get(framework)
     assert results is not None, f"checkov scanned no {framework} file"
     assert results["passed_checks"], f"checkov ran no {framework} check"
-    failed = [f"{c['check_id']} {c['resource']} ({c['file_path']}): {c['check_name']}"
-              for c in results["failed_checks"]]
+    failed = [
+        f"{c['check_id']} {c['resource']} ({c['file_path']}): {c['check_name']}" for c in results["failed_checks"]
+    ]
     assert not failed, "\n".join(failed)
 
 

@@ -25,10 +25,18 @@ from scenecluster.doctor import (
 )
 from scenecluster.testing.s3server import free_ports
 
-HEAD = {"NodeID": "a" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.1",
-        "Resources": {"CPU": 0.0, "memory": 1e9, "node:10.0.0.1": 1.0, "node:__internal_head__": 1.0}}
-EMBED = {"NodeID": "b" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.2",
-         "Resources": {"CPU": 8.0, "GPU": 1.0, "gpu_embed": 1.0, "accelerator_type:L4": 1.0, "node:10.0.0.2": 1.0}}
+HEAD = {
+    "NodeID": "a" * 56,
+    "Alive": True,
+    "NodeManagerAddress": "10.0.0.1",
+    "Resources": {"CPU": 0.0, "memory": 1e9, "node:10.0.0.1": 1.0, "node:__internal_head__": 1.0},
+}
+EMBED = {
+    "NodeID": "b" * 56,
+    "Alive": True,
+    "NodeManagerAddress": "10.0.0.2",
+    "Resources": {"CPU": 8.0, "GPU": 1.0, "gpu_embed": 1.0, "accelerator_type:L4": 1.0, "node:10.0.0.2": 1.0},
+}
 PLAIN = {"NodeID": "c" * 56, "Alive": True, "NodeManagerAddress": "10.0.0.3", "Resources": {"CPU": 4.0}}
 GONE = {"NodeID": "d" * 56, "Alive": False, "NodeManagerAddress": "10.0.0.4", "Resources": {"CPU": 4.0}}
 
@@ -54,10 +62,18 @@ def test_node_types_are_told_apart_by_their_marker_resources():
 def test_probe_answers_become_rows():
     probes = {
         "head": {"ray": "2.60.0", "scenecluster": "0.1.0", "gpu": False},
-        "gpu_embed": {"ray": "2.60.0", "scenecluster": "0.1.0", "gpu": True, "torch": "torch 2.13.0 CUDA 13.0",
-                      "cuml_error": "ModuleNotFoundError: No module named 'cuml'"},
-        "cpu_tune": {"ray": "2.59.0", "scenecluster_error": "ModuleNotFoundError: No module named 'scenecluster'",
-                     "gpu": False},
+        "gpu_embed": {
+            "ray": "2.60.0",
+            "scenecluster": "0.1.0",
+            "gpu": True,
+            "torch": "torch 2.13.0 CUDA 13.0",
+            "cuml_error": "ModuleNotFoundError: No module named 'cuml'",
+        },
+        "cpu_tune": {
+            "ray": "2.59.0",
+            "scenecluster_error": "ModuleNotFoundError: No module named 'scenecluster'",
+            "gpu": False,
+        },
         "gpu_train": {"error": "no answer in 120 s (busy, or no worker could start)", "gpu": True},
     }
     rows = {(r.name, r.where): r for r in check_probes(probes, "2.60.0", "0.1.0")}
@@ -90,7 +106,11 @@ def test_unreachable_cluster_fails_fast_and_the_other_checks_still_run(sample_di
     port = free_ports(1)[0]  # nothing listens there
     rows = run_doctor(DoctorOptions(address=f"127.0.0.1:{port}", input=str(sample_dir), output=str(tmp_path)))
     assert [(r.name, r.status) for r in rows] == [
-        ("ray reachable", FAIL), ("input readable", PASS), ("output writable", PASS), ("model loadable", SKIP)]
+        ("ray reachable", FAIL),
+        ("input readable", PASS),
+        ("output writable", PASS),
+        ("model loadable", SKIP),
+    ]
     assert main(["doctor", "--address", f"127.0.0.1:{port}"]) == 1
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["CHECK", "WHERE", "STATUS", "DETAIL"] and "FAIL" in out

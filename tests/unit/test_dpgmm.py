@@ -165,9 +165,7 @@ def test_lower_bound_never_decreases(covariance_type, hyper):
 
 def test_gamma_hyperprior_updates_concentration():
     X, _ = _blobs(n=400, d=2, centers=3, std=0.5, seed=4)
-    model = DPGMM(
-        10, concentration_prior_shape=2.0, concentration_prior_rate=0.5, random_state=0, device="cpu"
-    )
+    model = DPGMM(10, concentration_prior_shape=2.0, concentration_prior_rate=0.5, random_state=0, device="cpu")
     model.fit(X)
     w1, w2 = model.concentration_posterior_
     assert w1 == pytest.approx(2.0 + 10)
@@ -184,9 +182,7 @@ def test_gamma_hyperprior_updates_concentration():
 @pytest.mark.parametrize("init_params", ["kmeans", "kmeans++", "random"])
 def test_fit_predict_equals_fit_then_predict(covariance_type, init_params):
     X, _ = _blobs(n=300, d=3, centers=4, std=1.5, seed=5)
-    kw = dict(
-        covariance_type=covariance_type, init_params=init_params, max_iter=7, random_state=1, device="cpu"
-    )
+    kw = dict(covariance_type=covariance_type, init_params=init_params, max_iter=7, random_state=1, device="cpu")
     labels = DPGMM(10, **kw).fit_predict(X)
     model = DPGMM(10, **kw).fit(X)
     np.testing.assert_array_equal(labels, model.predict(X))
@@ -250,17 +246,13 @@ def test_float32_close_to_float64():
 
 def test_n_init_keeps_best_bound():
     X, _ = _blobs(n=300, d=2, centers=5, std=1.5, seed=11)
-    single = [
-        DPGMM(8, init_params="random", max_iter=20, random_state=s, device="cpu").fit(X) for s in range(3)
-    ]
+    single = [DPGMM(8, init_params="random", max_iter=20, random_state=s, device="cpu").fit(X) for s in range(3)]
     multi = DPGMM(8, init_params="random", max_iter=20, n_init=3, random_state=0, device="cpu").fit(X)
     assert multi.lower_bound_ >= single[0].lower_bound_ - 1e-9
     # The same three restarts fitted one by one: a shared RandomState hands each fit the seed that the
     # n_init=3 fit draws for that restart, so the kept bound must be the best of theirs.
     shared = np.random.RandomState(0)
-    restarts = [
-        DPGMM(8, init_params="random", max_iter=20, random_state=shared, device="cpu").fit(X) for _ in range(3)
-    ]
+    restarts = [DPGMM(8, init_params="random", max_iter=20, random_state=shared, device="cpu").fit(X) for _ in range(3)]
     assert multi.lower_bound_ == pytest.approx(max(r.lower_bound_ for r in restarts))
 
 

@@ -70,8 +70,9 @@ def test_a_finished_pass_is_taken_only_while_its_manifest_and_every_part_are_the
     out.write_bytes(f"{EMBEDDINGS}/{names[1]}.parquet", b"")
     assert finished_pass(out) is not None
     # a new listing replaces the manifest and drops the counts with it, even when it lists the same parts
-    write_manifest_paths((f"archive/c{i % 3}/scene-{i:05d}.jpg" for i in range(1000)), out, identity={"test": 1},
-                         chunk_size=128)
+    write_manifest_paths(
+        (f"archive/c{i % 3}/scene-{i:05d}.jpg" for i in range(1000)), out, identity={"test": 1}, chunk_size=128
+    )
     assert finished_pass(out) is None
 
 

@@ -89,9 +89,7 @@ def test_unreadable_bytes_give_a_readable_reason():
     assert reason.startswith("not an image") and "0x" not in reason and "BytesIO" not in reason
 
 
-@pytest.mark.parametrize(
-    "text, bands", [("auto", None), ("4,3,2", (4, 3, 2)), ("2", (2,)), (" 1, 1 ,1", (1, 1, 1))]
-)
+@pytest.mark.parametrize("text, bands", [("auto", None), ("4,3,2", (4, 3, 2)), ("2", (2,)), (" 1, 1 ,1", (1, 1, 1))])
 def test_parse_bands(text, bands):
     assert parse_bands(text) == bands
 

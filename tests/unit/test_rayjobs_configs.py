@@ -79,8 +79,14 @@ def test_the_examples_fine_tunes_keep_their_checkpoints_apart():
 
 def test_every_example_is_tested():
     assert {p.name for p in CONFIGS.glob("*.yaml")} == {
-        "cluster-local.yaml", "cluster-s3.yaml", "finetune.yaml", "tune.yaml", "pipeline.yaml", "assign.yaml",
-        "benchmark.yaml"}
+        "cluster-local.yaml",
+        "cluster-s3.yaml",
+        "finetune.yaml",
+        "tune.yaml",
+        "pipeline.yaml",
+        "assign.yaml",
+        "benchmark.yaml",
+    }
 
 
 def test_runtime_env_is_a_mapping_with_working_dir():
@@ -93,7 +99,10 @@ def test_entrypoint_bad_setting_is_one_line_and_exit_2(stage, tmp_path):
     # Validation happens before ray.init(), so this runs without Ray.
     proc = subprocess.run(
         [sys.executable, str(ROOT / "rayjobs" / f"{stage}.py"), "--set", "no_such.setting=1"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

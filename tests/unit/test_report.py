@@ -56,28 +56,54 @@ def make_run(root: Path, *, seed: int = 0, n_neighbors: int = 15) -> Path:
     (out / "embeddings").mkdir()
     (out / "clustering").mkdir()
     for part, rows in enumerate((slice(0, 13), slice(13, 24))):
-        table = pa.table({
-            "path": paths[rows], "cluster": pa.array(clusters[rows]),
-            "probability": pa.array(rng.uniform(0.9, 1.0, 24)[rows].astype(np.float32)),
-            "label": labels[rows], "log_likelihood": pa.array(rng.normal(size=24)[rows].astype(np.float32)),
-            "novel": pa.array([i == 3 for i in range(24)][rows]), "coords": vector_column(X[rows, :5]),
-        })
+        table = pa.table(
+            {
+                "path": paths[rows],
+                "cluster": pa.array(clusters[rows]),
+                "probability": pa.array(rng.uniform(0.9, 1.0, 24)[rows].astype(np.float32)),
+                "label": labels[rows],
+                "log_likelihood": pa.array(rng.normal(size=24)[rows].astype(np.float32)),
+                "novel": pa.array([i == 3 for i in range(24)][rows]),
+                "coords": vector_column(X[rows, :5]),
+            }
+        )
         pq.write_table(table, out / "assignments" / f"part-{part:06d}.parquet")
-        emb = pa.table({"path": paths[rows], "label": labels[rows], "error": [""] * len(paths[rows]),
-                        "embedding": vector_column(X[rows])})
+        emb = pa.table(
+            {
+                "path": paths[rows],
+                "label": labels[rows],
+                "error": [""] * len(paths[rows]),
+                "embedding": vector_column(X[rows]),
+            }
+        )
         pq.write_table(emb, out / "embeddings" / f"part-{part:06d}.parquet")
     xy = X[:, :2].astype(np.float64)
-    pq.write_table(pa.table({"path": paths, "cluster": pa.array(clusters), "label": labels,
-                             "x": xy[:, 0], "y": xy[:, 1]}), out / "clustering" / "report_sample.parquet")
-    config = {"data": {"input": str(scenes), "labels": "folders", "sample": None, "seed": seed},
-              "embed": {"model": "facebook/dinov2-small", "layer": 8, "pooling": "cls+mean", "image_size": 112},
-              "reduce": {"method": "umap", "n_components": 5, "n_neighbors": n_neighbors},
-              "cluster": {"method": "dpgmm", "n_components": 50}, "scale": {"fit_sample": 5000},
-              "report": {"thumbnails_per_cluster": 4, "scatter_points": 20000}}
+    pq.write_table(
+        pa.table({"path": paths, "cluster": pa.array(clusters), "label": labels, "x": xy[:, 0], "y": xy[:, 1]}),
+        out / "clustering" / "report_sample.parquet",
+    )
+    config = {
+        "data": {"input": str(scenes), "labels": "folders", "sample": None, "seed": seed},
+        "embed": {"model": "facebook/dinov2-small", "layer": 8, "pooling": "cls+mean", "image_size": 112},
+        "reduce": {"method": "umap", "n_components": 5, "n_neighbors": n_neighbors},
+        "cluster": {"method": "dpgmm", "n_components": 50},
+        "scale": {"fit_sample": 5000},
+        "report": {"thumbnails_per_cluster": 4, "scatter_points": 20000},
+    }
     (out / "config.yaml").write_text(yaml.safe_dump(config))
-    metrics = {"n_images": 25, "n_embedded": 24, "n_skipped": 1, "n_clusters": 3, "acc": 0.75, "nmi": 0.5,
-               "lower_bound": -3.2, "stage_seconds": {"embed": 2.0, "fit": 3.0, "reduce": 2.5, "report": 1.0},
-               "device": {"device": "cpu"}, "finished_at": "2026-11-27 08:00:00 UTC", "scenecluster_version": "0.1.0"}
+    metrics = {
+        "n_images": 25,
+        "n_embedded": 24,
+        "n_skipped": 1,
+        "n_clusters": 3,
+        "acc": 0.75,
+        "nmi": 0.5,
+        "lower_bound": -3.2,
+        "stage_seconds": {"embed": 2.0, "fit": 3.0, "reduce": 2.5, "report": 1.0},
+        "device": {"device": "cpu"},
+        "finished_at": "2026-11-27 08:00:00 UTC",
+        "scenecluster_version": "0.1.0",
+    }
     (out / "metrics.json").write_text(json.dumps(metrics))
     (out / "run.json").write_text(json.dumps({"input": str(scenes)}))
     skipped = {"path": f"{scenes}/Forest/{XSS}.broken", "reason": "cannot identify image"}

@@ -185,8 +185,15 @@ def test_assign_names_the_feature_settings_its_saved_clustering_overrules():
     assert overruled_feature_settings(plain.embed, saved) == []
     given = load_config(
         None,
-        {"data.input": "/x", "output": "/o", "clustering": "/c", "embed.model": "/elsewhere", "embed.layer": 8,
-         "embed.image_size": 112, "embed.batch_size": 8},
+        {
+            "data.input": "/x",
+            "output": "/o",
+            "clustering": "/c",
+            "embed.model": "/elsewhere",
+            "embed.layer": 8,
+            "embed.image_size": 112,
+            "embed.batch_size": 8,
+        },
         model=AssignJobConfig,
     )
     assert overruled_feature_settings(given.embed, saved) == ["embed.image_size=112", "embed.model=/elsewhere"]

@@ -27,8 +27,15 @@ from typing import Any
 from scenecluster.testing.s3server import free_ports
 
 _PORT_FLAGS = (
-    "port", "dashboard-port", "node-manager-port", "object-manager-port", "ray-client-server-port",
-    "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+    "port",
+    "dashboard-port",
+    "node-manager-port",
+    "object-manager-port",
+    "ray-client-server-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
 )
 
 
@@ -67,25 +74,29 @@ class LocalRayHead:
         """Environment for the head and for ``ray job`` commands: loopback, token auth, this venv first."""
         env = dict(os.environ if base is None else base)
         env.pop("RAY_ADDRESS", None)
-        env.update({
-            # "0" keeps a one-node cluster on 127.0.0.1, and refuses a second node
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if self.multi_node else "0",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": self.token,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        })
+        env.update(
+            {
+                # "0" keeps a one-node cluster on 127.0.0.1, and refuses a second node
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if self.multi_node else "0",
+                "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN": self.token,
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            }
+        )
         return env
 
     def ray(self, *args: str, timeout: float = 120.0, **kwargs: Any) -> subprocess.CompletedProcess:
         """Run a ``ray`` CLI command against this head (``ray job ...``), capturing its output."""
-        return subprocess.run([self._ray_bin(), *args], env=self.env(), capture_output=True, text=True,
-                              timeout=timeout, **kwargs)
+        return subprocess.run(
+            [self._ray_bin(), *args], env=self.env(), capture_output=True, text=True, timeout=timeout, **kwargs
+        )
 
     def job_info(self, job_id: str) -> dict[str, Any]:
         """The job server's record of ``job_id`` (``status`` is ``SUCCEEDED``, ``FAILED``, ...)."""
-        req = urllib.request.Request(f"{self.dashboard_url}/api/jobs/{job_id}",
-                                     headers={"Authorization": f"Bearer {self.token}"})
+        req = urllib.request.Request(
+            f"{self.dashboard_url}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {self.token}"}
+        )
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
 
@@ -99,8 +110,9 @@ class LocalRayHead:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rayh-", dir="/tmp"))
         cmd = self._command()
         self._log = open(self.temp_dir / "ray-start.log", "wb")  # noqa: SIM115 - closed in stop()
-        self._proc = subprocess.Popen(cmd, env=self.env(), stdout=self._log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+        self._proc = subprocess.Popen(
+            cmd, env=self.env(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             self._wait_ready()
         except BaseException:
@@ -114,19 +126,28 @@ class LocalRayHead:
         worker_lo = _worker_range_start(ports[-1])
         self.worker_ports = (worker_lo, worker_lo + 999)
         return [
-            self._ray_bin(), "start", "--head", "--block",
-            f"--num-cpus={self.num_cpus}", "--num-gpus=0",
-            f"--node-ip-address={self.node_ip}", "--dashboard-host=127.0.0.1",
-            "--disable-usage-stats", "--include-dashboard=true",
+            self._ray_bin(),
+            "start",
+            "--head",
+            "--block",
+            f"--num-cpus={self.num_cpus}",
+            "--num-gpus=0",
+            f"--node-ip-address={self.node_ip}",
+            "--dashboard-host=127.0.0.1",
+            "--disable-usage-stats",
+            "--include-dashboard=true",
             f"--temp-dir={self.temp_dir}",
-            f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 999}",
+            f"--min-worker-port={worker_lo}",
+            f"--max-worker-port={worker_lo + 999}",
             *(f"--{flag}={port}" for flag, port in self.ports.items()),
         ]
 
     def alive_nodes(self) -> list[dict[str, Any]]:
         """The alive nodes from Ray's state API (``/api/v0/nodes``): ``node_id``, ``resources_total``, ..."""
-        req = urllib.request.Request(f"{self.dashboard_url}/api/v0/nodes?limit=1000&detail=true",
-                                     headers={"Authorization": f"Bearer {self.token}"})
+        req = urllib.request.Request(
+            f"{self.dashboard_url}/api/v0/nodes?limit=1000&detail=true",
+            headers={"Authorization": f"Bearer {self.token}"},
+        )
         with urllib.request.urlopen(req, timeout=10) as resp:
             nodes = json.loads(resp.read())["data"]["result"]["result"]
         return [n for n in nodes if n.get("state") == "ALIVE"]
@@ -136,8 +157,9 @@ class LocalRayHead:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"ray start exited with {self._proc.returncode}:\n{self.log_tail()}")
-            req = urllib.request.Request(self.dashboard_url + "/api/jobs/",
-                                         headers={"Authorization": f"Bearer {self.token}"})
+            req = urllib.request.Request(
+                self.dashboard_url + "/api/jobs/", headers={"Authorization": f"Bearer {self.token}"}
+            )
             try:
                 with urllib.request.urlopen(req, timeout=2) as resp:
                     if resp.status == 200:
@@ -216,8 +238,12 @@ def _worker_range_start(seed: int) -> int:
 
 # Ports a node that joins a cluster opens (the GCS, dashboard and client ports are the head's alone).
 _NODE_PORT_FLAGS = (
-    "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-    "runtime-env-agent-port", "metrics-export-port",
+    "node-manager-port",
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
 )
 
 
@@ -227,8 +253,14 @@ class LocalRayNode(LocalRayHead):
     temp dir, uses the head's token, and is stopped the same way: its own process group, never ``ray stop``.
     """
 
-    def __init__(self, head: LocalRayHead, num_cpus: int = 1, *, resources: dict[str, float] | None = None,
-                 startup_timeout: float = 90.0) -> None:
+    def __init__(
+        self,
+        head: LocalRayHead,
+        num_cpus: int = 1,
+        *,
+        resources: dict[str, float] | None = None,
+        startup_timeout: float = 90.0,
+    ) -> None:
         if not head.multi_node:
             raise ValueError("a second node needs its head started with LocalRayHead(multi_node=True)")
         super().__init__(num_cpus, startup_timeout=startup_timeout, multi_node=True)
@@ -248,10 +280,18 @@ class LocalRayNode(LocalRayHead):
         worker_lo = head_lo + 1000  # still below the ephemeral range: _worker_range_start leaves room
         self.worker_ports = (worker_lo, worker_lo + 999)
         return [
-            self._ray_bin(), "start", f"--address={self.head.gcs_address}", "--block",
-            f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--resources={json.dumps(self.resources)}",
-            f"--node-ip-address={self.node_ip}", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
-            f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 999}",
+            self._ray_bin(),
+            "start",
+            f"--address={self.head.gcs_address}",
+            "--block",
+            f"--num-cpus={self.num_cpus}",
+            "--num-gpus=0",
+            f"--resources={json.dumps(self.resources)}",
+            f"--node-ip-address={self.node_ip}",
+            "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}",
+            f"--min-worker-port={worker_lo}",
+            f"--max-worker-port={worker_lo + 999}",
             *(f"--{flag}={port}" for flag, port in self.ports.items()),
         ]
 
@@ -262,8 +302,12 @@ class LocalRayNode(LocalRayHead):
             if self._proc.poll() is not None:
                 raise RuntimeError(f"ray start exited with {self._proc.returncode}:\n{self.log_tail()}")
             try:
-                mine = [n for n in self.head.alive_nodes() if n["node_id"] != self._head_node_id()
-                        and all(n.get("resources_total", {}).get(k) == v for k, v in self.resources.items())]
+                mine = [
+                    n
+                    for n in self.head.alive_nodes()
+                    if n["node_id"] != self._head_node_id()
+                    and all(n.get("resources_total", {}).get(k) == v for k, v in self.resources.items())
+                ]
             except OSError:
                 mine = []
             if mine:

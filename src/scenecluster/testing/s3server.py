@@ -138,15 +138,24 @@ class SeaweedS3:
         store = self._data_dir / "store"
         store.mkdir(parents=True, exist_ok=True)
         identities = self._data_dir / "identities.json"
-        identities.write_text(json.dumps({"identities": [{
-            "name": "admin",
-            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-        }]}))
+        identities.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "admin",
+                            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                        }
+                    ]
+                }
+            )
+        )
         identities.chmod(0o600)
         self.ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS), self.host), strict=True))
         cmd = [
-            find_weed(), "mini",
+            find_weed(),
+            "mini",
             f"-dir={store}",
             f"-ip={self.host}",
             f"-ip.bind={self.host}",
@@ -161,8 +170,9 @@ class SeaweedS3:
         ]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         # Its own session, so a Ctrl-C in the test runner does not reach it before stop() does.
-        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self._data_dir,
-                                      start_new_session=True)
+        self._proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=self._data_dir, start_new_session=True
+        )
         try:
             self._wait_ready()
         except BaseException:
@@ -183,8 +193,9 @@ class SeaweedS3:
             except OSError:
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"SeaweedFS S3 not ready on {self.endpoint_url} after {self.startup_timeout} s:\n"
-                           f"{self._log_tail()}")
+        raise TimeoutError(
+            f"SeaweedFS S3 not ready on {self.endpoint_url} after {self.startup_timeout} s:\n{self._log_tail()}"
+        )
 
     def _log_tail(self, n: int = 20) -> str:
         try:
@@ -281,7 +292,7 @@ class SeaweedS3:
         for i in range(0, len(files), images_per_shard):
             buf = io.BytesIO()
             with tarfile.open(fileobj=buf, mode="w") as tar:
-                for path in files[i:i + images_per_shard]:
+                for path in files[i : i + images_per_shard]:
                     tar.add(path, arcname=path.relative_to(root).as_posix())
             key = _join(prefix, f"shard-{i // images_per_shard:06d}.tar")
             client.put_object(Bucket=bucket, Key=key, Body=buf.getvalue())

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from scenecluster.config import config_flags
-from scenecluster.errors import SceneClusterError
+from scenecluster.errors import ConfigError, SceneClusterError
 
 
 def _flags(model_name: str, prefix: str = "") -> list:
@@ -240,7 +240,6 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     """Build the same :class:`BenchmarkConfig` that ``rayjobs/benchmark.py`` reads, then run it."""
     from scenecluster.benchmark import markdown_table, run_benchmark
     from scenecluster.config import BenchmarkConfig, load_config
-    from scenecluster.errors import ConfigError
 
     sources = [s for s in args.source.split(",") if s]
     if not sources and not args.backbone:
@@ -309,8 +308,10 @@ def _add_doctor_command(sub) -> None:
         metavar="ADDR",
         help="Ray cluster (host:6379, ray://host:10001; default RAY_ADDRESS, else the cluster started on this machine)",
     )
+    # INPUT and -o as `cluster INPUT -o OUT` takes them, so a user checks a run by changing only the command
+    d.add_argument("input_arg", nargs="?", metavar="INPUT", help="the same as --input")
     d.add_argument("--input", metavar="URI", help="input folder or s3://bucket/prefix that a job will read")
-    d.add_argument("--output", metavar="URI", help="output folder or s3://bucket/prefix that a job will write")
+    d.add_argument("-o", "--output", metavar="URI", help="output folder or s3://bucket/prefix that a job will write")
     d.add_argument("--model", metavar="MODEL", help="Hugging Face id or folder of the backbone a job will load")
     d.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for non-AWS stores (else AWS_ENDPOINT_URL)")
     d.add_argument(
@@ -326,10 +327,12 @@ def _add_doctor_command(sub) -> None:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from scenecluster.doctor import DoctorOptions, exit_code, format_table, run_doctor
 
+    if args.input_arg and args.input and args.input_arg != args.input:
+        raise ConfigError(f"give the input once: INPUT {args.input_arg!r} and --input {args.input!r} differ")
     checks = run_doctor(
         DoctorOptions(
             address=args.address,
-            input=args.input,
+            input=args.input or args.input_arg,
             output=args.output,
             model=args.model,
             endpoint_url=args.endpoint_url,

@@ -120,3 +120,16 @@ def test_doctor_imports_without_ray_or_torch():
     code = "import sys, scenecluster.doctor; assert not {'ray', 'torch'} & set(sys.modules), sys.modules.keys()"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_doctor_takes_the_input_and_output_as_cluster_does(sample_dir, tmp_path, capsys):
+    # `scenecluster cluster INPUT -o OUT` -> `scenecluster doctor INPUT -o OUT`: the same words check the same paths
+    port = free_ports(1)[0]  # nothing listens there: the Ray row fails, the path rows still run
+    out = tmp_path / "run"
+    assert main(["doctor", str(sample_dir), "-o", str(out), "--address", f"127.0.0.1:{port}"]) == 1
+    table = capsys.readouterr().out
+    rows = {line.split()[0] + " " + line.split()[1]: line for line in table.splitlines()[1:]}
+    assert "PASS" in rows["input readable"] and str(sample_dir) in rows["input readable"]
+    assert "PASS" in rows["output writable"] and str(out) in rows["output writable"]
+    assert main(["doctor", str(sample_dir), "--input", str(tmp_path), "--address", f"127.0.0.1:{port}"]) == 2
+    assert "give the input once" in capsys.readouterr().err

@@ -46,8 +46,10 @@ def drop_small_clusters(model: Any, Z: np.ndarray, labels: np.ndarray, min_share
     Why: on large samples UMAP draws a few tiny, pure islands inside one class (of 27,000 EuroSAT scenes, two
     islands of 47 and 84 sea scenes beside three larger ones), and the mixture counts each as a cluster. A cluster
     is dropped by marking its component unused (``used_components_``), so ``predict`` and ``predict_proba`` never
-    return it, here and wherever the saved mixture assigns scenes later. The job's fit and each Tune trial call
-    this after the fit, so both see the partition the job keeps.
+    return it, here and wherever the saved mixture assigns scenes later, and dropped (``dropped_components_``), so
+    ``score_samples`` no longer counts its density: a scene of a dropped island is as likely as its new cluster
+    makes it, which is what self-training's "typical scenes" and the assignments' ``log_likelihood`` read. The
+    job's fit and each Tune trial call this after the fit, so both see the partition the job keeps.
     """
     mixture = getattr(model, "mixture_", model)  # a prior search keeps the mixture it chose
     labels = np.asarray(labels)
@@ -57,6 +59,9 @@ def drop_small_clusters(model: Any, Z: np.ndarray, labels: np.ndarray, min_share
     keep = mixture.used_components_ & (sizes >= min_share * len(Z))
     if not keep.any() or keep.sum() == mixture.used_components_.sum():
         return labels
+    before = getattr(mixture, "dropped_components_", None)
+    before = np.zeros_like(keep) if before is None else before
+    mixture.dropped_components_ = before | (mixture.used_components_ & ~keep)
     mixture.used_components_ = keep
     mixture.n_clusters_ = int(keep.sum())
     mixture.labels_ = np.asarray(mixture.predict(Z))

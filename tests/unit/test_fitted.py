@@ -130,6 +130,14 @@ def test_a_tiny_island_is_dropped_and_its_scenes_join_a_kept_cluster(tmp_path):
     np.testing.assert_array_equal(loaded.assign(X)["cluster"], clusters)
     new = loaded.assign(island + 0.1)
     assert set(new["cluster"]) <= set(clusters)  # a dropped component would map to -1
+    # the dropped component's density is no longer the model's: the island's scenes are as likely as the cluster
+    # they joined makes them (far less than their own component did), the other scenes' likelihood is unchanged
+    mixture = fitted.clusterer
+    assert mixture.dropped_components_.sum() == 1 and not (mixture.dropped_components_ & mixture.used_components_).any()
+    before, after = kept.assign(X)["log_likelihood"], fitted.assign(X)["log_likelihood"]
+    assert (after[-3:] < before[-3:] - 50).all()
+    np.testing.assert_allclose(after[:-3], before[:-3], rtol=1e-5)
+    np.testing.assert_array_equal(loaded.assign(X)["log_likelihood"], after)  # saved and loaded with it
 
 
 def test_a_tune_trial_scores_the_partition_the_job_keeps():

@@ -104,7 +104,9 @@ class ChunkedMixture(ClusterMixin, BaseEstimator, metaclass=ABCMeta):
 
     def score_samples(self, X: Any) -> np.ndarray:
         """Per-sample ``logsumexp_k`` of the expected weighted log-likelihood, as scikit-learn defines it
-        for ``BayesianGaussianMixture`` (all components, used or not).
+        for ``BayesianGaussianMixture`` (all components, used or not), less the components dropped after the fit
+        (``dropped_components_``): their scenes were given to other clusters, so their density is no longer the
+        model's.
 
         Returns
         -------
@@ -235,6 +237,7 @@ class ChunkedMixture(ClusterMixin, BaseEstimator, metaclass=ABCMeta):
         counts = torch.bincount(labels, minlength=self.n_components)
         self.labels_ = labels.cpu().numpy()
         self.used_components_ = (counts > 0).cpu().numpy()
+        self.dropped_components_ = np.zeros(self.n_components, dtype=bool)
         self.n_clusters_ = int(self.used_components_.sum())
         self.device_ = str(self._data.device)
 
@@ -247,7 +250,7 @@ class ChunkedMixture(ClusterMixin, BaseEstimator, metaclass=ABCMeta):
         X : array-like of shape (n_samples, n_features)
         what : {"labels", "proba", "score"}
             Argmax over used components, softmax over used components (unused columns 0), or logsumexp
-            over all components (sklearn's ``score_samples``).
+            over all components but the dropped ones (sklearn's ``score_samples`` when none was dropped).
 
         Returns
         -------
@@ -262,11 +265,15 @@ class ChunkedMixture(ClusterMixin, BaseEstimator, metaclass=ABCMeta):
         cov = COVARIANCE_TYPES[self.covariance_type](X.shape[1], device)
         W = self._estimate_logit_weights(self._get_parameters(centre, device), cov).to(dtype)
         unused = ~torch.as_tensor(self.used_components_, device=device)
+        # models fitted or saved before components could be dropped have no record of it: none were
+        dropped = getattr(self, "dropped_components_", None)
+        dropped = torch.as_tensor(np.zeros(self.n_components, bool) if dropped is None else dropped, device=device)
         chunk = default_chunk_size(self.chunk_size, cov.n_stats, self.n_components)
         out = []
         for phi in centred_feature_chunks(X, centre, cov, chunk, device, dtype):
             logits = phi @ W
             if what == "score":
+                logits[:, dropped] = -torch.inf
                 out.append(torch.logsumexp(logits, dim=1).cpu())
                 continue
             logits[:, unused] = -torch.inf

@@ -118,6 +118,10 @@ class DPGMM(ChunkedMixture):
         A component is *used* when it is the most responsible component for at least one training point
         in the final E-step. ``predict`` and ``predict_proba`` consider used components only, so a
         component whose weight collapsed is never returned, and ``fit_predict(X) == fit(X).predict(X)``.
+    dropped_components_ : ndarray of bool of shape (n_components,)
+        Components a caller dropped after the fit (:func:`scenecluster.cluster.drop_small_clusters`: used, but
+        too small to be a cluster), all False after ``fit``. They are unused too, and ``score_samples`` leaves
+        them out.
     n_clusters_ : int
         Number of used components.
     labels_ : ndarray of shape (n_samples,)

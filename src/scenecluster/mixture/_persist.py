@@ -43,6 +43,9 @@ def save_dpgmm(model: DPGMM, folder: str | Path) -> None:
     arrays["weight_concentration_a"] = np.ascontiguousarray(a, dtype=np.float64)
     arrays["weight_concentration_b"] = np.ascontiguousarray(b, dtype=np.float64)
     arrays["used_components_"] = np.ascontiguousarray(model.used_components_, dtype=np.uint8)
+    dropped = getattr(model, "dropped_components_", None)
+    dropped = np.zeros(len(model.used_components_), dtype=bool) if dropped is None else dropped
+    arrays["dropped_components_"] = np.ascontiguousarray(dropped, dtype=np.uint8)
     params: dict[str, Any] = {}
     for key, value in model.get_params().items():
         if key in ("device", "dtype"):  # where it runs is the loader's choice
@@ -70,6 +73,9 @@ def load_dpgmm(folder: str | Path, *, device: str = "auto") -> DPGMM:
         setattr(model, name, arrays[name])
     model.weight_concentration_ = (arrays["weight_concentration_a"], arrays["weight_concentration_b"])
     model.used_components_ = arrays["used_components_"].astype(bool)
+    # saved before components could be dropped: none were
+    dropped = arrays.get("dropped_components_", np.zeros(len(model.used_components_), dtype=np.uint8))
+    model.dropped_components_ = dropped.astype(bool)
     for name, value in meta["fitted"].items():
         setattr(model, name, value)
     return model

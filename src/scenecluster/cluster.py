@@ -59,9 +59,7 @@ def drop_small_clusters(model: Any, Z: np.ndarray, labels: np.ndarray, min_share
     keep = mixture.used_components_ & (sizes >= min_share * len(Z))
     if not keep.any() or keep.sum() == mixture.used_components_.sum():
         return labels
-    before = getattr(mixture, "dropped_components_", None)
-    before = np.zeros_like(keep) if before is None else before
-    mixture.dropped_components_ = before | (mixture.used_components_ & ~keep)
+    mixture.dropped_components_ = mixture.dropped_components_ | (mixture.used_components_ & ~keep)
     mixture.used_components_ = keep
     mixture.n_clusters_ = int(keep.sum())
     mixture.labels_ = np.asarray(mixture.predict(Z))

@@ -265,9 +265,7 @@ class ChunkedMixture(ClusterMixin, BaseEstimator, metaclass=ABCMeta):
         cov = COVARIANCE_TYPES[self.covariance_type](X.shape[1], device)
         W = self._estimate_logit_weights(self._get_parameters(centre, device), cov).to(dtype)
         unused = ~torch.as_tensor(self.used_components_, device=device)
-        # models fitted or saved before components could be dropped have no record of it: none were
-        dropped = getattr(self, "dropped_components_", None)
-        dropped = torch.as_tensor(np.zeros(self.n_components, bool) if dropped is None else dropped, device=device)
+        dropped = torch.as_tensor(self.dropped_components_, device=device)
         chunk = default_chunk_size(self.chunk_size, cov.n_stats, self.n_components)
         out = []
         for phi in centred_feature_chunks(X, centre, cov, chunk, device, dtype):

@@ -43,9 +43,7 @@ def save_dpgmm(model: DPGMM, folder: str | Path) -> None:
     arrays["weight_concentration_a"] = np.ascontiguousarray(a, dtype=np.float64)
     arrays["weight_concentration_b"] = np.ascontiguousarray(b, dtype=np.float64)
     arrays["used_components_"] = np.ascontiguousarray(model.used_components_, dtype=np.uint8)
-    dropped = getattr(model, "dropped_components_", None)
-    dropped = np.zeros(len(model.used_components_), dtype=bool) if dropped is None else dropped
-    arrays["dropped_components_"] = np.ascontiguousarray(dropped, dtype=np.uint8)
+    arrays["dropped_components_"] = np.ascontiguousarray(model.dropped_components_, dtype=np.uint8)
     params: dict[str, Any] = {}
     for key, value in model.get_params().items():
         if key in ("device", "dtype"):  # where it runs is the loader's choice

@@ -253,13 +253,14 @@ class ClusterConfig(_Section):
     n_components: int = Field(
         50,
         ge=1,
-        description="DP-GMM truncation: the most clusters it may use (k-means: the number of clusters)",
+        description="DP-GMM truncation: the most clusters one fit may use, doubled (up to 8 times) while a fit uses "
+        "over 3/4 of it, so an archive of more classes is not capped (k-means: the number of clusters)",
         json_schema_extra=flag("--max-clusters"),
     )
     weight_concentration_prior: float | None = Field(
         None,
         gt=0,
-        description="DP concentration; larger favours more clusters (None: 1 / n_components)",
+        description="DP concentration; larger favours more clusters (None: 1 / n_components, as configured)",
         json_schema_extra=flag("--concentration"),
     )
     covariance_prior_scale: float | None = Field(

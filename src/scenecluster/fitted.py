@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from scenecluster.cluster import DPGMM, drop_small_clusters, make_clusterer
+from scenecluster.cluster import DPGMM, SATURATED_SHARE, drop_small_clusters, fit_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
 from scenecluster.consensus import apply_merges, merge_co_associated
 from scenecluster.errors import InputError
@@ -172,14 +172,16 @@ def fit_clustering(
     n = len(X)
     settings = fit_settings(reduce.model_dump() if isinstance(reduce, ReduceConfig) else dict(reduce), *X.shape)
     n_distinct = count_distinct(X, limit=cluster.n_components)
+    most = None  # as many components as fit_clusterer grows to, unless the scenes are fewer
     if n_distinct < cluster.n_components:
         cluster = cluster.model_copy(update={"n_components": n_distinct})
+        most = n_distinct
     start = time.perf_counter()
-    first = fit_once(X, settings, cluster, device)
+    first = fit_once(X, settings, cluster, device, max_components=most)
     projection, clusterer, Z, components = first.projection, first.clusterer, first.coords, first.labels
     merged, consensus = components, {}
     if cluster.method == "dpgmm" and cluster.consensus_runs > 1:
-        merged, consensus = merge_by_consensus(X, components, settings, cluster, device)
+        merged, consensus = merge_by_consensus(X, components, settings, cluster, device, max_components=most)
     clusters = relabel_by_size(merged)
     n_components = int(getattr(clusterer, "n_components", components.max() + 1))
     cluster_ids = np.full(max(n_components, int(components.max()) + 1), -1, dtype=np.int32)
@@ -190,11 +192,13 @@ def fit_clustering(
     info = {
         "n_fit": int(n),
         "n_distinct": n_distinct,
-        "n_components": cluster.n_components,
+        "n_components": first.truncation,
+        **({"n_components_configured": cluster.n_components} if first.truncation != cluster.n_components else {}),
         "n_iter": _maybe_int(getattr(clusterer, "n_iter_", None)),
         "converged": bool(getattr(clusterer, "converged_", True)),
         "lower_bound": float(getattr(clusterer, "lower_bound_", float("nan"))),
         **({"prior_counts": [int(k) for k in first.prior_counts]} if first.prior_counts is not None else {}),
+        "clusters_found": first.found,  # before the small ones were dropped (what fit_clusterer reads)
         "small_clusters_dropped": first.found - int(len(np.unique(components))),
         **({"consensus": consensus} if consensus else {}),
         "versions": _versions(settings.get("method", "umap"), settings.get("backend", "umap-learn")),
@@ -218,6 +222,21 @@ def fit_clustering(
     return fitted, clusters, Z
 
 
+def filled_its_truncation(meta: dict[str, Any]) -> bool:
+    """Whether a saved fit (``clustering.json``'s fields) was made before the truncation could grow and used more
+    of it than :func:`scenecluster.cluster.fit_clusterer` now allows: a fit this code would not make, so a rerun with
+    the same settings refits it instead of keeping it (every other saved fit is kept)."""
+    info = meta.get("info", {})
+    if meta.get("clusterer") != "dpgmm" or "clusters_found" in info or "n_components" not in info:
+        return False  # k-means, or a fit whose truncation could already grow
+    counts = info.get("prior_counts")
+    if counts:  # the neighbourhood prior's path: its last count is the mixture's, before small clusters were dropped
+        found = counts[-1]
+    else:
+        found = meta.get("summary", {}).get("n_clusters", 0) + info.get("small_clusters_dropped", 0)
+    return found > SATURATED_SHARE * info["n_components"]
+
+
 @dataclass
 class SingleFit:
     """One projection and one mixture fitted on the same scenes."""
@@ -229,9 +248,12 @@ class SingleFit:
     found: int  # clusters before they were dropped
     prior_counts: Any  # the prior search's counts, or None
     reduce_seconds: float
+    truncation: int  # the mixture's n_components after any growth (cluster.fit_clusterer)
 
 
-def fit_once(X: np.ndarray, settings: dict[str, Any], cluster: ClusterConfig, device: str) -> SingleFit:
+def fit_once(
+    X: np.ndarray, settings: dict[str, Any], cluster: ClusterConfig, device: str, max_components: int | None = None
+) -> SingleFit:
     """Fit the projection ``settings`` describe on ``X`` (:func:`scenecluster.reduce.fit_settings`), then the
     mixture on its coordinates, and drop its small clusters: the partition the job keeps before any consensus. The
     job's fit, the consensus's other runs and each Tune trial call it, so a search scores what the job would keep."""
@@ -239,16 +261,21 @@ def fit_once(X: np.ndarray, settings: dict[str, Any], cluster: ClusterConfig, de
     projection = make_projection(**settings)
     Z = np.asarray(_as_numpy(projection.fit_transform(np.asarray(X, dtype=np.float32))), dtype=np.float32)
     reduce_seconds = time.perf_counter() - start
-    clusterer = make_clusterer(cluster, Z, device=device)
-    raw = np.asarray(clusterer.fit_predict(Z))
+    clusterer, raw, kept = fit_clusterer(cluster, Z, device=device, max_components=max_components)
     prior_counts = getattr(clusterer, "counts_", None)
     found = int(len(np.unique(raw)))
     raw = drop_small_clusters(clusterer, Z, raw, cluster.min_cluster_share)
-    return SingleFit(projection, getattr(clusterer, "mixture_", clusterer), Z, raw, found, prior_counts, reduce_seconds)
+    mixture = getattr(clusterer, "mixture_", clusterer)
+    return SingleFit(projection, mixture, Z, raw, found, prior_counts, reduce_seconds, kept.n_components)
 
 
 def merge_by_consensus(
-    X: np.ndarray, raw: np.ndarray, settings: dict[str, Any], cluster: ClusterConfig, device: str
+    X: np.ndarray,
+    raw: np.ndarray,
+    settings: dict[str, Any],
+    cluster: ClusterConfig,
+    device: str,
+    max_components: int | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Fit ``cluster.consensus_runs - 1`` more projections and mixtures on ``X`` with the next seeds, and merge
     the clusters of ``raw`` (the first fit's components) that they keep together
@@ -260,7 +287,7 @@ def merge_by_consensus(
     for run in range(1, cluster.consensus_runs):
         seeded = {**settings, "random_state": _next_seed(settings.get("random_state"), run)}
         mixture = cluster.model_copy(update={"random_state": _next_seed(cluster.random_state, run)})
-        others.append(fit_once(X, seeded, mixture, device).labels)
+        others.append(fit_once(X, seeded, mixture, device, max_components).labels)
     merged = apply_merges(raw, merge_co_associated(raw, others, cluster.consensus_threshold))
     summary = {
         "runs": cluster.consensus_runs,

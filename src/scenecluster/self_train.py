@@ -119,7 +119,7 @@ def _fit_pseudo_labels(
     """Ray task body: refit the over-segmented mixture on the run's fitted coordinates and pick the pseudo-labels.
 
     On the CPU: at most ``scale.fit_sample`` scenes in the projection's few dimensions take seconds."""
-    from scenecluster.cluster import make_clusterer
+    from scenecluster.cluster import fit_clusterer
 
     out = OutputFolder(run_uri, endpoint_url=endpoint_url)
     if not out.exists(FIT_SAMPLE):
@@ -133,8 +133,7 @@ def _fit_pseudo_labels(
         "prior_covariance": "data",
     }
     settings = cluster.model_copy(update=over_segmented)  # a mixture whatever the run used: its density ranks
-    mixture = make_clusterer(settings, Z, device="cpu")
-    found = np.asarray(mixture.fit_predict(Z))
+    mixture, found, _ = fit_clusterer(settings, Z, device="cpu")  # room for more pseudo-classes than 50
     density = np.asarray(mixture.score_samples(Z))
     index, pseudo = select_pseudo_labels(found, density, keep=st.keep, min_size=st.min_size)
     paths = table.column("path").to_pylist()

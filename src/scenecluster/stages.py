@@ -90,7 +90,7 @@ def fit_remote(
     from scenecluster.scale import fit_on_sample
 
     previous = _saved_fit(out)
-    if previous is not None and previous["fit_key"] == fit_key and out.exists(REPORT_SAMPLE):
+    if previous is not None and previous["fit_key"] == fit_key and not previous["stale"] and out.exists(REPORT_SAMPLE):
         return {**previous["summary"], "reused": True, "report": _read_report_sample(out), "stage_seconds": {}}
     for folder in (ASSIGNMENTS, CLUSTERING):
         for name in out.list(folder):
@@ -139,7 +139,9 @@ def _saved_fit(out: OutputFolder) -> dict[str, Any] | None:
     if not out.exists(f"{CLUSTERING}/clustering.json"):
         return None
     meta = json.loads(out.read_text(f"{CLUSTERING}/clustering.json"))
-    return {"fit_key": meta.get("fit_key"), "summary": meta.get("summary", {})}
+    from scenecluster.fitted import filled_its_truncation
+
+    return {"fit_key": meta.get("fit_key"), "summary": meta.get("summary", {}), "stale": filled_its_truncation(meta)}
 
 
 def _write_report_sample(out: OutputFolder, report: dict[str, Any]) -> None:

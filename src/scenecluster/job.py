@@ -96,9 +96,15 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
         }
         fit = fit_remote(out, embedded.parts, cfg, spec, resources, **keys)
         timer.seconds.update({k: v for k, v in fit["stage_seconds"].items()})
+        info = fit.get("info", {})
+        grown = (
+            f" (the mixture's truncation grew from {info['n_components_configured']} to {info['n_components']})"
+            if "n_components_configured" in info
+            else ""
+        )
         note["summary"] = (
             f"{'reused' if fit['reused'] else 'fitted'} {cfg.reduce.method} + {cfg.cluster.method} on "
-            f"{fit['n_fit']} scenes: {fit['n_clusters']} clusters"
+            f"{fit['n_fit']} scenes: {fit['n_clusters']} clusters{grown}"
         )
     with timer.stage("assign") as note:
         assigned = assign_parts(

@@ -10,7 +10,7 @@ synthetic, in two settings:
   neighbourhood prior, the 0.5% floor) on 64-d class features (random class centres, unit noise), scored against
   the classes.
 
-Each runs once with the truncation fixed (``MAX_TRUNCATION_GROWTH`` set to 1, the behaviour before
+Each runs once with the truncation fixed (``cluster.grow_truncation: false``, the behaviour before
 :func:`scenecluster.cluster.fit_clusterer`) and once as the job ships.
 
     python benchmarks/bench_truncation.py --classes 10 30 45 60 90 --seeds 0 1 2 > runs/truncation.jsonl
@@ -31,7 +31,7 @@ import numpy as np
 from _hardware import cpu_model  # benchmarks/ is on sys.path when run as a script
 from _results import read_json_lines
 
-import scenecluster.cluster as cluster_module
+from scenecluster.cluster import fit_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
 from scenecluster.evaluate import score_clusters
 from scenecluster.fitted import fit_clustering
@@ -49,16 +49,11 @@ def blobs(k: int, per_class: int, dims: int, spread: float, seed: int) -> tuple[
 
 def fit(setting: str, X: np.ndarray, seed: int, grow: bool) -> np.ndarray:
     """The labels of one fit, with the truncation fixed (``grow`` False) or grown as the job does."""
-    saved = cluster_module.MAX_TRUNCATION_GROWTH
-    cluster_module.MAX_TRUNCATION_GROWTH = saved if grow else 1
-    try:
-        cfg = ClusterConfig(random_state=seed)
-        if setting == "mixture":
-            return cluster_module.fit_clusterer(cfg, X, device="cpu")[1]
-        reduce = ReduceConfig(random_state=seed, backend="umap-learn").model_dump()
-        return fit_clustering(X, feature={}, reduce=reduce, cluster=cfg)[1]
-    finally:
-        cluster_module.MAX_TRUNCATION_GROWTH = saved
+    cfg = ClusterConfig(random_state=seed, grow_truncation=grow)
+    if setting == "mixture":
+        return fit_clusterer(cfg, X, device="cpu")[1]
+    reduce = ReduceConfig(random_state=seed, backend="umap-learn").model_dump()
+    return fit_clustering(X, feature={}, reduce=reduce, cluster=cfg)[1]
 
 
 def run(setting: str, classes: list[int], per_class: int, seeds: list[int]) -> None:

@@ -60,13 +60,18 @@ def fit_clusterer(
     configured one, the number of scenes and ``max_components`` (the job's count of different scenes, where that
     capped the truncation). The DP's concentration is kept at the configured truncation's
     (``1 / n_components`` unless set), so only the approximation changes, not the prior. A fit well below its
-    truncation, as every archive of 3-22 classes measured, is kept as it is: nothing changes there.
+    truncation, as every archive of 3-22 classes measured, is kept as it is: nothing changes there. With
+    ``grow_truncation`` false the first fit is kept: ``n_components`` is then a hard cap.
     """
     settings = cfg
     model = make_clusterer(settings, X, device=device)
     labels = np.asarray(model.fit_predict(X))
     limit = min(cfg.n_components * MAX_TRUNCATION_GROWTH, len(X), max_components or len(X))
-    while cfg.method == "dpgmm" and len(np.unique(labels)) > SATURATED_SHARE * settings.n_components:
+    while (
+        cfg.method == "dpgmm"
+        and cfg.grow_truncation
+        and len(np.unique(labels)) > SATURATED_SHARE * settings.n_components
+    ):
         if settings.n_components >= limit:
             log.warning(
                 "the mixture used %d of its %d components, the most cluster.n_components (%d) lets it grow to: "

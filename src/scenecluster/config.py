@@ -254,8 +254,15 @@ class ClusterConfig(_Section):
         50,
         ge=1,
         description="DP-GMM truncation: the most clusters one fit may use, doubled (up to 8 times) while a fit uses "
-        "over 3/4 of it, so an archive of more classes is not capped (k-means: the number of clusters)",
+        "over 3/4 of it, unless grow_truncation is false (k-means: the number of clusters)",
         json_schema_extra=flag("--max-clusters"),
+    )
+    grow_truncation: bool = Field(
+        True,
+        description="refit the DP-GMM with twice the truncation while a fit uses over 3/4 of it (up to 8 times "
+        "n_components), so an archive of more classes than n_components is not counted as fewer (60 synthetic "
+        "classes: 50 clusters with a fixed truncation, 60 grown; docs/benchmarks.md); false: n_components is a "
+        "hard cap",
     )
     weight_concentration_prior: float | None = Field(
         None,
@@ -347,6 +354,10 @@ class ClusterConfig(_Section):
             exclude.add("min_cluster_share")  # a run made before the setting existed keeps its key with 0
         if self.method != "dpgmm" or self.consensus_runs == 1:
             exclude |= {"consensus_runs", "consensus_threshold"}  # likewise without a consensus
+        if self.method != "dpgmm" or self.grow_truncation:
+            # A fit made before the truncation could grow keeps its key; one that filled its truncation is refitted
+            # anyway (scenecluster.fitted.filled_its_truncation), and every other is the fit growth makes.
+            exclude.add("grow_truncation")
         settings = self.model_dump(exclude=exclude)
         if acts:
             settings["neighbourhood_rule"] = NEIGHBOURHOOD_RULE  # the same settings under another rule refit

@@ -101,3 +101,12 @@ def test_the_fit_stage_does_not_reuse_a_saved_fit_that_filled_its_truncation(tmp
     assert _saved_fit(out)["stale"]
     out.write_text("clustering/clustering.json", json.dumps({**meta, **saved({**info, "prior_counts": [12, 11]}, 11)}))
     assert not _saved_fit(out)["stale"]
+
+
+def test_with_growth_off_the_truncation_is_a_hard_cap_and_keys_the_fit():
+    X = blobs(60)
+    cfg = ClusterConfig(grow_truncation=False)
+    _, labels, kept = fit_clusterer(cfg, X, device="cpu")
+    assert kept.n_components == 50 and len(np.unique(labels)) <= 50
+    assert "grow_truncation" not in ClusterConfig().key_settings()  # a default run keeps the key it had
+    assert cfg.key_settings()["grow_truncation"] is False  # a hard cap is another fit

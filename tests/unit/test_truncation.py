@@ -13,7 +13,7 @@ import pytest
 
 from scenecluster.cluster import fit_clusterer, make_clusterer
 from scenecluster.config import ClusterConfig
-from scenecluster.fitted import filled_its_truncation, fit_clustering
+from scenecluster.fitted import filled_its_truncation, fit_clustering, load_clustering, save_clustering
 
 
 def blobs(k: int, per_class: int = 100, seed: int = 0) -> np.ndarray:
@@ -54,7 +54,9 @@ def test_growth_stops_at_its_limit_and_says_to_raise_max_clusters(caplog):
     assert "raise --max-clusters" in caplog.text
 
 
-def test_the_fitted_clustering_records_the_grown_truncation_and_assigns_with_it():
+def test_the_fitted_clustering_records_the_grown_truncation_and_assigns_with_it(tmp_path):
+    from scenecluster.outputs import OutputFolder
+
     X = blobs(60, per_class=60)
     cfg = ClusterConfig(min_cluster_share=0.0)
     fitted, clusters, _ = fit_clustering(X, feature={}, reduce={"method": "pca", "n_components": 5}, cluster=cfg)
@@ -62,6 +64,9 @@ def test_the_fitted_clustering_records_the_grown_truncation_and_assigns_with_it(
     assert len(fitted.cluster_ids) == 100
     assert len(np.unique(clusters)) >= 57
     np.testing.assert_array_equal(fitted.assign(X)["cluster"], clusters)
+    out = OutputFolder(str(tmp_path))
+    save_clustering(fitted, out)
+    np.testing.assert_array_equal(load_clustering(out, device="cpu").assign(X)["cluster"], clusters)
 
 
 def saved(info: dict, n_clusters: int, clusterer: str = "dpgmm") -> dict:

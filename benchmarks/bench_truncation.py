@@ -16,6 +16,11 @@ Each runs once with the truncation fixed (``cluster.grow_truncation: false``, th
     python benchmarks/bench_truncation.py --classes 10 30 45 60 90 --seeds 0 1 2 > runs/truncation.jsonl
     python benchmarks/bench_truncation.py --setting job --classes 22 45 60 --per-class 150 --seeds 0 1 2 >> ...
     python benchmarks/bench_truncation.py --summary runs/truncation.jsonl
+
+and an image archive through the job itself (60 classes of striped images, :func:`write_stripes`):
+
+    python benchmarks/bench_truncation.py --write-stripes /tmp/stripes60x80 --classes 60 --per-class 80
+    scenecluster cluster /tmp/stripes60x80 --labels folders --image-size 56 --views one -o runs/stripes60x80
 """
 
 from __future__ import annotations
@@ -45,6 +50,23 @@ def blobs(k: int, per_class: int, dims: int, spread: float, seed: int) -> tuple[
     noise = 0.5 if dims <= 5 else 1.0
     X = np.concatenate([c + rng.normal(scale=noise, size=(per_class, dims)) for c in centres]).astype(np.float32)
     return X, np.repeat(np.arange(k), per_class)
+
+
+def write_stripes(folder: str, classes: int, per_class: int, seed: int = 0) -> None:
+    """``classes`` folders of ``per_class`` 64 px PNGs: each class one colour and one stripe frequency and angle, each
+    scene a random phase of its stripes plus pixel noise. A class is then a curve (the phase) in feature space, not
+    a blob: the shape on which the neighbourhood prior's count kept rising with the room it was given."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:64, 0:64] / 64
+    for k in range(classes):
+        colour, frequency = rng.uniform(0, 255, size=3), rng.integers(1, 6)
+        os.makedirs(f"{folder}/c{k:02d}", exist_ok=True)
+        for i in range(per_class):
+            stripes = 40 * np.sin(2 * np.pi * frequency * (xx + (k % 3) * yy) + rng.uniform(0, 2 * np.pi))
+            pixels = colour + stripes[..., None] + rng.normal(0, 8, (64, 64, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(f"{folder}/c{k:02d}/{i}.png")
 
 
 def fit(setting: str, X: np.ndarray, seed: int, grow: bool) -> np.ndarray:
@@ -101,8 +123,13 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--summary", metavar="JSONL", help="print the Markdown table of a results file")
+    parser.add_argument(
+        "--write-stripes", metavar="DIR", help="write a striped image archive there (see write_stripes)"
+    )
     args = parser.parse_args()
-    if args.summary:
+    if args.write_stripes:
+        write_stripes(args.write_stripes, args.classes[0], args.per_class)
+    elif args.summary:
         summary(args.summary)
     else:
         run(args.setting, args.classes, args.per_class, args.seeds)

@@ -54,29 +54,32 @@ def fit_clusterer(
 
     Why: ``n_components`` (50) is the DP-GMM's truncation, the most clusters it can use, and a fit can never say it
     wanted more. On an archive of more classes than that (fMoW has 62, Million-AID 51), or of nearly as many (the
-    45 of RESISC45), the count came out just under the truncation whatever the truth: 60 synthetic blobs gave 48
-    clusters, 45 gave 44 (``docs/benchmarks.md``). So while a fit uses more than ``SATURATED_SHARE`` of its
-    truncation, the truncation is doubled and the mixture fitted again, up to ``MAX_TRUNCATION_GROWTH`` times the
-    configured one, the number of scenes and ``max_components`` (the job's count of different scenes, where that
-    capped the truncation). The DP's concentration is kept at the configured truncation's
-    (``1 / n_components`` unless set), so only the approximation changes, not the prior. A fit well below its
-    truncation, as every archive of 3-22 classes measured, is kept as it is: nothing changes there. With
-    ``grow_truncation`` false the first fit is kept: ``n_components`` is then a hard cap.
+    45 of RESISC45), the count came out just under the truncation whatever the truth: 60 synthetic classes gave
+    47-50 clusters (``docs/benchmarks.md``). So while a fit uses more than ``SATURATED_SHARE`` of its truncation,
+    the truncation is doubled and the mixture fitted again, up to ``MAX_TRUNCATION_GROWTH`` times the configured
+    one, the number of scenes and ``max_components`` (the job's count of different scenes, where that capped the
+    truncation). The DP's concentration is kept at the configured truncation's (``1 / n_components`` unless set),
+    so only the approximation changes, not the prior. A fit well below its truncation, as every archive of 3-22
+    classes measured, is kept as it is: nothing changes there. With ``grow_truncation`` false the first fit is
+    kept: ``n_components`` is then a hard cap.
+
+    The truncation was also a backstop. On some layouts the neighbourhood prior has no count it settles on: each
+    refit finds more clusters than the last, and only a full truncation stops it (60 classes of synthetic striped
+    images: 50 clusters with room for 50, 96 with 100, 159 with 200, and still rising after five refits with 400).
+    A grown fit whose refits did not settle (:attr:`NeighbourhoodPriorDPGMM.settled_`) follows the room, not the
+    scenes, so the fit with the configured truncation is kept instead, with a warning.
     """
-    settings = cfg
-    model = make_clusterer(settings, X, device=device)
+    model = make_clusterer(cfg, X, device=device)
     labels = np.asarray(model.fit_predict(X))
+    first = model, labels, cfg
+    settings = cfg
     limit = min(cfg.n_components * MAX_TRUNCATION_GROWTH, len(X), max_components or len(X))
-    while (
-        cfg.method == "dpgmm"
-        and cfg.grow_truncation
-        and len(np.unique(labels)) > SATURATED_SHARE * settings.n_components
-    ):
+    while cfg.method == "dpgmm" and cfg.grow_truncation and _count(labels) > SATURATED_SHARE * settings.n_components:
         if settings.n_components >= limit:
             log.warning(
                 "the mixture used %d of its %d components, the most cluster.n_components (%d) lets it grow to: "
                 "the archive may hold more clusters; raise --max-clusters",
-                len(np.unique(labels)),
+                _count(labels),
                 settings.n_components,
                 cfg.n_components,
             )
@@ -84,7 +87,7 @@ def fit_clusterer(
         grown = min(2 * settings.n_components, limit)
         log.info(
             "the mixture used %d of its %d components; fitting it again with room for %d",
-            len(np.unique(labels)),
+            _count(labels),
             settings.n_components,
             grown,
         )
@@ -92,7 +95,21 @@ def fit_clusterer(
         settings = cfg.model_copy(update={"n_components": grown, "weight_concentration_prior": concentration})
         model = make_clusterer(settings, X, device=device)
         labels = np.asarray(model.fit_predict(X))
+        if not getattr(model, "settled_", True):
+            log.warning(
+                "with room for %d clusters the neighbourhood prior's count rose at every refit (%s): it follows the "
+                "room, not the scenes; the fit with %d components (%d clusters) is kept",
+                grown,
+                model.counts_,
+                cfg.n_components,
+                _count(first[1]),
+            )
+            return first
     return model, labels, settings
+
+
+def _count(labels: np.ndarray) -> int:
+    return int(len(np.unique(labels)))
 
 
 def drop_small_clusters(model: Any, Z: np.ndarray, labels: np.ndarray, min_share: float) -> np.ndarray:

@@ -261,8 +261,8 @@ class ClusterConfig(_Section):
         True,
         description="refit the DP-GMM with twice the truncation while a fit uses over 3/4 of it (up to 8 times "
         "n_components), so an archive of more classes than n_components is not counted as fewer (60 synthetic "
-        "classes: 50 clusters with a fixed truncation, 60 grown; docs/benchmarks.md); false: n_components is a "
-        "hard cap",
+        "classes: 50 clusters with a fixed truncation, 60 grown; docs/benchmarks.md); a grown fit whose refits do "
+        "not settle is not kept; false: n_components is a hard cap",
     )
     weight_concentration_prior: float | None = Field(
         None,

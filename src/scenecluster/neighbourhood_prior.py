@@ -88,6 +88,8 @@ class NeighbourhoodPriorDPGMM(ClusterMixin, BaseEstimator):
         The last fit: the one that assigns.
     counts_ : list of int
         The count of each fit, the data prior's first.
+    settled_ : bool
+        Whether a count repeated within ``max_refits`` refits (else the last fit is kept, with a warning).
     neighbours_ : int
         The neighbourhood size of the last fit's prior.
     labels_ : ndarray of shape (n_samples,)
@@ -118,6 +120,7 @@ class NeighbourhoodPriorDPGMM(ClusterMixin, BaseEstimator):
                 break
         else:
             log.warning("the neighbourhood prior's counts %s did not settle in %d refits", counts, self.max_refits)
+        settled = self.max_refits == 0 or counts[-1] in counts[:-1]
         if counts[-1] * 3 < counts[0]:  # 18 -> 8 happens on real archives the data prior over-splits
             log.warning(
                 "the neighbourhood prior merged %d clusters into %d (counts %s): on layouts of many thin, far-apart "
@@ -127,6 +130,7 @@ class NeighbourhoodPriorDPGMM(ClusterMixin, BaseEstimator):
                 counts,
             )
         self.mixture_, self.counts_, self.neighbours_, self.labels_ = fitted, counts, neighbours, labels
+        self.settled_ = settled
         return self
 
     def first_fit(self, X: np.ndarray) -> tuple[Any, np.ndarray, int]:

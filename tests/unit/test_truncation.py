@@ -23,6 +23,18 @@ def blobs(k: int, per_class: int = 100, seed: int = 0) -> np.ndarray:
     return np.concatenate([c + rng.normal(scale=0.5, size=(per_class, 5)) for c in centres]).astype(np.float32)
 
 
+def rings(k: int, per_class: int, seed: int = 0) -> np.ndarray:
+    """``k`` circles of radius 3 in random planes of 5-d, far apart: curved classes, which a Gaussian mixture
+    covers with several components, as UMAP's curved blobs."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for centre in rng.uniform(-30, 30, size=(k, 5)):
+        u, v = np.linalg.qr(rng.normal(size=(5, 2)))[0].T
+        t = rng.uniform(0, 2 * np.pi, per_class)[:, None]
+        out.append(centre + 3 * np.cos(t) * u + 3 * np.sin(t) * v + rng.normal(0, 0.1, (per_class, 5)))
+    return np.concatenate(out).astype(np.float32)
+
+
 def test_60_classes_were_capped_by_the_truncation_of_50():
     """The failure the growth fixes: one fit cannot use more components than it has."""
     X = blobs(60)
@@ -115,3 +127,20 @@ def test_with_growth_off_the_truncation_is_a_hard_cap_and_keys_the_fit():
     assert kept.n_components == 50 and len(np.unique(labels)) <= 50
     assert "grow_truncation" not in ClusterConfig().key_settings()  # a default run keeps the key it had
     assert cfg.key_settings()["grow_truncation"] is False  # a hard cap is another fit
+
+
+def test_a_grown_fit_whose_count_follows_the_room_is_not_kept(caplog):
+    """On curved classes the neighbourhood prior finds more clusters at every refit once it has room: the
+    truncation was its backstop. 40 rings settle at 44 clusters with room for 50 (more than 3/4 of it); with room
+    for 100 they do not settle, so the fit with the configured room is kept."""
+    X = rings(40, per_class=40)
+    cfg = ClusterConfig()
+    room = {"n_components": 100, "weight_concentration_prior": 1 / 50}
+    roomy = make_clusterer(cfg.model_copy(update=room), X, device="cpu")
+    roomy.fit(X)
+    assert not roomy.settled_ and roomy.counts_[-1] > 60  # the runaway the guard is for
+    with caplog.at_level(logging.WARNING, logger="scenecluster.cluster"):
+        model, labels, kept = fit_clusterer(cfg, X, device="cpu")
+    assert kept == cfg and model.settled_ and len(np.unique(labels)) > 0.75 * 50
+    np.testing.assert_array_equal(labels, make_clusterer(cfg, X, device="cpu").fit_predict(X))
+    assert "follows the room" in caplog.text

@@ -76,6 +76,8 @@ def fit_clusterer(
     limit = min(cfg.n_components * MAX_TRUNCATION_GROWTH, len(X), max_components or len(X))
     while cfg.method == "dpgmm" and cfg.grow_truncation and _count(labels) > SATURATED_SHARE * settings.n_components:
         if settings.n_components >= limit:
+            if limit < cfg.n_components * MAX_TRUNCATION_GROWTH:
+                break  # as many components as scenes (different scenes): nothing to raise
             log.warning(
                 "the mixture used %d of its %d components, the most cluster.n_components (%d) lets it grow to: "
                 "the archive may hold more clusters; raise --max-clusters",

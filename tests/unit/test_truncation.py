@@ -144,3 +144,13 @@ def test_a_grown_fit_whose_count_follows_the_room_is_not_kept(caplog):
     assert kept == cfg and model.settled_ and len(np.unique(labels)) > 0.75 * 50
     np.testing.assert_array_equal(labels, make_clusterer(cfg, X, device="cpu").fit_predict(X))
     assert "follows the room" in caplog.text
+
+
+def test_no_growth_and_no_warning_where_the_scenes_are_what_limits_the_components(caplog):
+    """The job caps the truncation at the number of different scenes (``max_components``); a fit that uses them all
+    is not a sign of more clusters."""
+    X = blobs(3, per_class=2)
+    with caplog.at_level(logging.WARNING, logger="scenecluster.cluster"):
+        _, labels, kept = fit_clusterer(ClusterConfig(n_components=3), X, device="cpu", max_components=3)
+    assert len(np.unique(labels)) == 3 and kept.n_components == 3
+    assert "raise --max-clusters" not in caplog.text

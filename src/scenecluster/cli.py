@@ -125,7 +125,9 @@ def _add_cluster_commands(sub) -> None:
         "cluster them with a variational DP-GMM, and write embeddings.parquet, assignments.parquet, "
         "metrics.json, skipped.jsonl (unreadable scenes and why) and report.html to --output.",
     )
-    c.add_argument("input", metavar="INPUT", help="local folder or s3://bucket/prefix of JPEG/PNG/TIFF images")
+    c.add_argument(
+        "input", metavar="INPUT", help="local folder or s3://bucket/prefix of JPEG/PNG/TIFF/JPEG 2000/WebP images"
+    )
     c.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created; a rerun resumes)")
     _add_overwrite(c)
     _add_config_options(c, "ClusterJobConfig")

@@ -26,7 +26,11 @@ from PIL import Image, UnidentifiedImageError
 from scenecluster.errors import InputError, one_line
 from scenecluster.pixels import PixelSpec, read_pixels
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+# JPEG 2000 is how Sentinel-2 delivers its bands (16-bit, one band a file) and WebP how many tile servers store
+# tiles; PIL decodes both (its wheels bundle OpenJPEG and libwebp), through the same path as PNG.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".jp2", ".j2k", ".webp")
+#: The formats, as the messages that name them say them.
+IMAGE_FORMATS = "JPEG, PNG, TIFF, JPEG 2000 or WebP"
 ARCHIVE_SUFFIXES = (".tar",)
 log = logging.getLogger(__name__)
 DEFAULT_PIXELS = PixelSpec()
@@ -235,7 +239,8 @@ def list_scenes(
     sample: int | None = None,
     seed: int = 0,
 ) -> SceneListing:
-    """List the JPEG, PNG and TIFF images, and the ``.tar`` shards of images, under ``uri``, recursively.
+    """List the images (JPEG, PNG, TIFF, JPEG 2000, WebP), and the ``.tar`` shards of images, under ``uri``,
+    recursively.
 
     A ``.tar`` shard (WebDataset-style, as large archives are stored) is one entry here; its members are
     read, and counted as images, when the shard is streamed.
@@ -386,7 +391,7 @@ def decode_failure(exc: BaseException) -> str:
     says nothing about the scene; the reason says what the file is not instead.
     """
     if isinstance(exc, UnidentifiedImageError):
-        return "not an image: no JPEG, PNG or TIFF decoder recognises the file's contents"
+        return f"not an image: no {IMAGE_FORMATS} decoder recognises the file's contents"
     text = one_line(exc, with_type=True)
     return re.sub(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>", "", text)
 

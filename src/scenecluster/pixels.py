@@ -9,7 +9,8 @@ The rule is the one common raster viewers apply by default (QGIS's "cumulative c
   2nd and 98th percentile of that scene's pixels (``embed.percentiles``), clipping the tails; ``percentile``
   stretches 8-bit scenes too; ``none`` only rescales the type's range (0..65535 for 16-bit, 0..1 for float).
 
-JPEG, PNG and 8-bit TIFF scenes go through PIL exactly as before, so their embeddings do not change; TIFFs
+JPEG, PNG, WebP, JPEG 2000 and 8-bit TIFF scenes go through PIL (16-bit JPEG 2000 bands, as Sentinel-2's, are
+one deep band like a 16-bit PNG), so 8-bit scenes' embeddings do not change; TIFFs
 that PIL cannot decode whole (many bands, 16 bits per band, LZW/DEFLATE GeoTIFFs) are read with tifffile.
 """
 

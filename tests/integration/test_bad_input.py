@@ -258,7 +258,8 @@ def test_every_scene_unreadable_lists_them_in_skipped_jsonl(ray_cluster, tmp_pat
     assert errors == [f"scenecluster: error: none of the 10 images could be read and decoded; see {skipped}"]
     rows = [json.loads(line) for line in skipped.read_text().splitlines()]
     assert sorted(Path(r["path"]).name for r in rows) == sorted(names)
-    assert {r["reason"] for r in rows} == {"not an image: no JPEG, PNG or TIFF decoder recognises the file's contents"}
+    reason = "not an image: no JPEG, PNG, TIFF, JPEG 2000 or WebP decoder recognises the file's contents"
+    assert {r["reason"] for r in rows} == {reason}
 
 
 # 9 ---------------------------------------------------------------------------------------------------------

@@ -156,3 +156,29 @@ def test_first_parts_are_small_so_small_runs_resume():
     assert [len(c.sources) for c in plan_chunks(sources, 512, {})] == [64, 128, 108]
     assert [part_size(i, 512) for i in range(6)] == [64, 128, 256, 512, 512, 512]
     assert [part_size(i, 20) for i in range(3)] == [20, 20, 20]  # an explicit small chunk_size is kept
+
+
+def test_jpeg_2000_bands_and_webp_tiles_are_listed_and_read_like_png(tmp_path):
+    """Sentinel-2 delivers each band as a 16-bit JPEG 2000 file, and tile servers store WebP: both used to be left
+    out of the listing without a word. A 16-bit band must come out as the same picture as that band in a PNG."""
+    from PIL import Image
+
+    jpgs = sorted(copy_sample(tmp_path / "src", per_class=1, classes=3).glob("*/*.jpg"))
+    rgb = [np.asarray(Image.open(p).convert("RGB")) for p in jpgs]
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    band = (rgb[0].mean(axis=2) * 40).astype(np.uint16)  # reflectance-like values up to about 10,000
+    Image.fromarray(band).save(scenes / "B04.jp2")
+    Image.fromarray(band).save(scenes / "B04.png")
+    Image.fromarray(rgb[1]).save(scenes / "tile.J2K", format="JPEG2000")
+    Image.fromarray(rgb[2]).save(scenes / "tile.webp", lossless=True)
+    listing = list_scenes(str(scenes))
+    assert [Path(p).name for p in listing.paths] == ["B04.jp2", "B04.png", "tile.J2K", "tile.webp"]
+    blobs = [Path(p).read_bytes() for p in listing.paths]
+    out = decode_batch(
+        {"path": np.array(listing.paths, dtype=object), "bytes": np.array(blobs, dtype=object)}, image_size=32
+    )
+    assert list(out["error"]) == ["", "", "", ""]
+    np.testing.assert_array_equal(out["image"][0], out["image"][1])  # the JPEG 2000 band reads as the PNG one
+    assert min(float(img.std()) for img in out["image"]) > 5  # pictures, not blank squares
+    np.testing.assert_array_equal(out["image"][3], decode_image(Path(jpgs[2]).read_bytes(), 32))  # lossless WebP

@@ -254,7 +254,8 @@ class ClusterConfig(_Section):
         50,
         ge=1,
         description="DP-GMM truncation: the most clusters one fit may use, doubled (up to 8 times) while a fit uses "
-        "over 3/4 of it, unless grow_truncation is false (k-means: the number of clusters)",
+        "over 3/4 of it, unless grow_truncation is false (--set cluster.grow_truncation=false in a clustering job) "
+        "(k-means: the number of clusters)",
         json_schema_extra=flag("--max-clusters"),
     )
     grow_truncation: bool = Field(

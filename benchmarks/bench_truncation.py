@@ -17,8 +17,10 @@ Each runs once with the truncation fixed (``cluster.grow_truncation: false``, th
     python benchmarks/bench_truncation.py --setting job --classes 22 45 60 --per-class 150 --seeds 0 1 2 >> ...
     python benchmarks/bench_truncation.py --summary runs/truncation.jsonl
 
-and an image archive through the job itself (60 classes of striped images, :func:`write_stripes`):
+and image archives through the job itself (60 classes of one colour each, :func:`write_solid`, or of striped
+images, :func:`write_stripes`):
 
+    python benchmarks/bench_truncation.py --write-solid /tmp/solid60 --classes 60 --per-class 40
     python benchmarks/bench_truncation.py --write-stripes /tmp/stripes60x80 --classes 60 --per-class 80
     scenecluster cluster /tmp/stripes60x80 --labels folders --image-size 56 --views one -o runs/stripes60x80
 """
@@ -67,6 +69,20 @@ def write_stripes(folder: str, classes: int, per_class: int, seed: int = 0) -> N
             stripes = 40 * np.sin(2 * np.pi * frequency * (xx + (k % 3) * yy) + rng.uniform(0, 2 * np.pi))
             pixels = colour + stripes[..., None] + rng.normal(0, 8, (64, 64, 3))
             Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(f"{folder}/c{k:02d}/{i}.png")
+
+
+def write_solid(folder: str, classes: int, per_class: int, seed: int = 1) -> None:
+    """``classes`` folders of ``per_class`` 64 px PNGs, each class one colour plus pixel noise: round classes, as
+    the blobs of the ``mixture`` and ``job`` settings, but through the whole job from images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k in range(classes):
+        colour = rng.uniform(0, 255, size=3)
+        os.makedirs(f"{folder}/c{k:02d}", exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(colour + rng.normal(0, 12, (64, 64, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(f"{folder}/c{k:02d}/{i}.png")
 
 
 def fit(setting: str, X: np.ndarray, seed: int, grow: bool) -> np.ndarray:
@@ -123,12 +139,13 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--summary", metavar="JSONL", help="print the Markdown table of a results file")
-    parser.add_argument(
-        "--write-stripes", metavar="DIR", help="write a striped image archive there (see write_stripes)"
-    )
+    parser.add_argument("--write-stripes", metavar="DIR", help="write a striped image archive there (write_stripes)")
+    parser.add_argument("--write-solid", metavar="DIR", help="write a one-colour-a-class archive there (write_solid)")
     args = parser.parse_args()
     if args.write_stripes:
         write_stripes(args.write_stripes, args.classes[0], args.per_class)
+    elif args.write_solid:
+        write_solid(args.write_solid, args.classes[0], args.per_class)
     elif args.summary:
         summary(args.summary)
     else:

@@ -96,16 +96,7 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
         }
         fit = fit_remote(out, embedded.parts, cfg, spec, resources, **keys)
         timer.seconds.update({k: v for k, v in fit["stage_seconds"].items()})
-        info = fit.get("info", {})
-        grown = (
-            f" (the mixture's truncation grew from {info['n_components_configured']} to {info['n_components']})"
-            if "n_components_configured" in info
-            else ""
-        )
-        note["summary"] = (
-            f"{'reused' if fit['reused'] else 'fitted'} {cfg.reduce.method} + {cfg.cluster.method} on "
-            f"{fit['n_fit']} scenes: {fit['n_clusters']} clusters{grown}"
-        )
+        note["summary"] = fit_summary(cfg, fit)
     with timer.stage("assign") as note:
         assigned = assign_parts(
             out, out, resources, cfg.scale.assign_actors, cfg.data.labels == "folders", at_least=cfg.embed.num_actors
@@ -115,6 +106,21 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
     _exports(cfg, out, embedded, timer)
     _report_stage(out, metrics, timer)
     return _finish(out, metrics, timer)
+
+
+def fit_summary(cfg: ClusterJobConfig, fit: dict[str, Any]) -> str:
+    """The fit stage's line: what was fitted (or reused) on how many scenes, the clusters, and whether the mixture
+    needed more room than ``--max-clusters`` (:func:`scenecluster.cluster.fit_clusterer`)."""
+    info = fit.get("info", {})
+    grown = (
+        f" (the mixture's truncation grew from {info['n_components_configured']} to {info['n_components']})"
+        if "n_components_configured" in info
+        else ""
+    )
+    return (
+        f"{'reused' if fit['reused'] else 'fitted'} {cfg.reduce.method} + {cfg.cluster.method} on "
+        f"{fit['n_fit']} scenes: {fit['n_clusters']} clusters{grown}"
+    )
 
 
 def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print) -> dict[str, Any]:

@@ -154,3 +154,21 @@ def test_no_growth_and_no_warning_where_the_scenes_are_what_limits_the_component
         _, labels, kept = fit_clusterer(ClusterConfig(n_components=3), X, device="cpu", max_components=3)
     assert len(np.unique(labels)) == 3 and kept.n_components == 3
     assert "raise --max-clusters" not in caplog.text
+
+
+def test_the_fit_line_says_when_the_truncation_grew():
+    from scenecluster.config import ClusterJobConfig
+    from scenecluster.job import fit_summary
+
+    cfg = ClusterJobConfig(data={"input": "scenes"}, output="out")
+    fit = {
+        "reused": False,
+        "n_fit": 2160,
+        "n_clusters": 66,
+        "info": {"n_components": 100, "n_components_configured": 50},
+    }
+    assert fit_summary(cfg, fit) == (
+        "fitted umap + dpgmm on 2160 scenes: 66 clusters (the mixture's truncation grew from 50 to 100)"
+    )
+    kept = {"reused": True, "n_fit": 270, "n_clusters": 11, "info": {"n_components": 50}}
+    assert fit_summary(cfg, kept) == "reused umap + dpgmm on 270 scenes: 11 clusters"

@@ -18,7 +18,15 @@ import numpy as np
 from scenecluster.config import ClusterConfig
 from scenecluster.mixture import DPGMM
 
-__all__ = ["CLUSTERERS", "DPGMM", "drop_small_clusters", "fit_clusterer", "make_clusterer", "register"]
+__all__ = [
+    "CLUSTERERS",
+    "DPGMM",
+    "drop_small_clusters",
+    "fills_truncation",
+    "fit_clusterer",
+    "make_clusterer",
+    "register",
+]
 
 Factory = Callable[[ClusterConfig, np.ndarray, str], Any]
 CLUSTERERS: dict[str, Factory] = {}
@@ -47,9 +55,13 @@ MAX_TRUNCATION_GROWTH = 8
 log = logging.getLogger(__name__)
 
 
-def fit_clusterer(
-    cfg: ClusterConfig, X: np.ndarray, *, device: str = "auto", max_components: int | None = None
-) -> tuple[Any, np.ndarray, ClusterConfig]:
+def fills_truncation(count: int, n_components: int) -> bool:
+    """Whether a DP-GMM fit of ``count`` clusters used so much of its ``n_components`` that it may have been capped:
+    the test :func:`fit_clusterer` grows the truncation by, and a rerun judges a saved fit by."""
+    return count > SATURATED_SHARE * n_components
+
+
+def fit_clusterer(cfg: ClusterConfig, X: np.ndarray, *, device: str = "auto") -> tuple[Any, np.ndarray, ClusterConfig]:
     """Fit the estimator ``cfg`` names on ``X``; return it, its labels of ``X`` and the settings of the kept fit.
 
     Why: ``n_components`` (50) is the DP-GMM's truncation, the most clusters it can use, and a fit can never say it
@@ -57,11 +69,11 @@ def fit_clusterer(
     45 of RESISC45), the count came out just under the truncation whatever the truth: 60 synthetic classes gave
     47-50 clusters (``docs/benchmarks.md``). So while a fit uses more than ``SATURATED_SHARE`` of its truncation,
     the truncation is doubled and the mixture fitted again, up to ``MAX_TRUNCATION_GROWTH`` times the configured
-    one, the number of scenes and ``max_components`` (the job's count of different scenes, where that capped the
-    truncation). The DP's concentration is kept at the configured truncation's (``1 / n_components`` unless set),
-    so only the approximation changes, not the prior. A fit well below its truncation, as every archive of 3-22
-    classes measured, is kept as it is: nothing changes there. With ``grow_truncation`` false the first fit is
-    kept: ``n_components`` is then a hard cap.
+    one and the number of scenes. The DP's concentration is kept at the configured truncation's
+    (``1 / n_components`` unless set), so only the approximation changes, not the prior. A fit well below its
+    truncation, as every archive of 3-22 classes measured, is kept as it is: nothing changes there. With
+    ``grow_truncation`` false the first fit is kept: ``n_components`` is then a hard cap (the job sets it so where
+    the number of different scenes capped the truncation).
 
     The truncation was also a backstop. On some layouts the neighbourhood prior has no count it settles on: each
     refit finds more clusters than the last, and only a full truncation stops it (60 classes of synthetic striped
@@ -71,25 +83,27 @@ def fit_clusterer(
     """
     model = make_clusterer(cfg, X, device=device)
     labels = np.asarray(model.fit_predict(X))
+    if cfg.method != "dpgmm" or not cfg.grow_truncation:
+        return model, labels, cfg
     first = model, labels, cfg
     settings = cfg
-    limit = min(cfg.n_components * MAX_TRUNCATION_GROWTH, len(X), max_components or len(X))
-    while cfg.method == "dpgmm" and cfg.grow_truncation and _count(labels) > SATURATED_SHARE * settings.n_components:
+    ceiling = cfg.n_components * MAX_TRUNCATION_GROWTH
+    limit = min(ceiling, len(X))
+    while fills_truncation(found := int(len(np.unique(labels))), settings.n_components):
         if settings.n_components >= limit:
-            if limit < cfg.n_components * MAX_TRUNCATION_GROWTH:
-                break  # as many components as scenes (different scenes): nothing to raise
-            log.warning(
-                "the mixture used %d of its %d components, the most cluster.n_components (%d) lets it grow to: "
-                "the archive may hold more clusters; raise --max-clusters",
-                _count(labels),
-                settings.n_components,
-                cfg.n_components,
-            )
+            if limit == ceiling:  # not where the scenes themselves are the limit: nothing to raise there
+                log.warning(
+                    "the mixture used %d of its %d components, the most cluster.n_components (%d) lets it grow to: "
+                    "the archive may hold more clusters; raise --max-clusters",
+                    found,
+                    settings.n_components,
+                    cfg.n_components,
+                )
             break
         grown = min(2 * settings.n_components, limit)
         log.info(
             "the mixture used %d of its %d components; fitting it again with room for %d",
-            _count(labels),
+            found,
             settings.n_components,
             grown,
         )
@@ -104,14 +118,10 @@ def fit_clusterer(
                 grown,
                 model.counts_,
                 cfg.n_components,
-                _count(first[1]),
+                len(np.unique(first[1])),
             )
             return first
     return model, labels, settings
-
-
-def _count(labels: np.ndarray) -> int:
-    return int(len(np.unique(labels)))
 
 
 def drop_small_clusters(model: Any, Z: np.ndarray, labels: np.ndarray, min_share: float) -> np.ndarray:

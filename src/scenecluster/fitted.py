@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from scenecluster.cluster import DPGMM, SATURATED_SHARE, drop_small_clusters, fit_clusterer
+from scenecluster.cluster import DPGMM, drop_small_clusters, fills_truncation, fit_clusterer
 from scenecluster.config import ClusterConfig, ReduceConfig
 from scenecluster.consensus import apply_merges, merge_co_associated
 from scenecluster.errors import InputError
@@ -172,16 +172,14 @@ def fit_clustering(
     n = len(X)
     settings = fit_settings(reduce.model_dump() if isinstance(reduce, ReduceConfig) else dict(reduce), *X.shape)
     n_distinct = count_distinct(X, limit=cluster.n_components)
-    most = None  # as many components as fit_clusterer grows to, unless the scenes are fewer
-    if n_distinct < cluster.n_components:
-        cluster = cluster.model_copy(update={"n_components": n_distinct})
-        most = n_distinct
+    if n_distinct < cluster.n_components:  # no more components than different scenes, grown or not
+        cluster = cluster.model_copy(update={"n_components": n_distinct, "grow_truncation": False})
     start = time.perf_counter()
-    first = fit_once(X, settings, cluster, device, max_components=most)
+    first = fit_once(X, settings, cluster, device)
     projection, clusterer, Z, components = first.projection, first.clusterer, first.coords, first.labels
     merged, consensus = components, {}
     if cluster.method == "dpgmm" and cluster.consensus_runs > 1:
-        merged, consensus = merge_by_consensus(X, components, settings, cluster, device, max_components=most)
+        merged, consensus = merge_by_consensus(X, components, settings, cluster, device)
     clusters = relabel_by_size(merged)
     n_components = int(getattr(clusterer, "n_components", components.max() + 1))
     cluster_ids = np.full(max(n_components, int(components.max()) + 1), -1, dtype=np.int32)
@@ -234,7 +232,7 @@ def filled_its_truncation(meta: dict[str, Any]) -> bool:
         found = counts[-1]
     else:
         found = meta.get("summary", {}).get("n_clusters", 0) + info.get("small_clusters_dropped", 0)
-    return found > SATURATED_SHARE * info["n_components"]
+    return fills_truncation(found, info["n_components"])
 
 
 @dataclass
@@ -251,9 +249,7 @@ class SingleFit:
     truncation: int  # the mixture's n_components after any growth (cluster.fit_clusterer)
 
 
-def fit_once(
-    X: np.ndarray, settings: dict[str, Any], cluster: ClusterConfig, device: str, max_components: int | None = None
-) -> SingleFit:
+def fit_once(X: np.ndarray, settings: dict[str, Any], cluster: ClusterConfig, device: str) -> SingleFit:
     """Fit the projection ``settings`` describe on ``X`` (:func:`scenecluster.reduce.fit_settings`), then the
     mixture on its coordinates, and drop its small clusters: the partition the job keeps before any consensus. The
     job's fit, the consensus's other runs and each Tune trial call it, so a search scores what the job would keep."""
@@ -261,7 +257,7 @@ def fit_once(
     projection = make_projection(**settings)
     Z = np.asarray(_as_numpy(projection.fit_transform(np.asarray(X, dtype=np.float32))), dtype=np.float32)
     reduce_seconds = time.perf_counter() - start
-    clusterer, raw, kept = fit_clusterer(cluster, Z, device=device, max_components=max_components)
+    clusterer, raw, kept = fit_clusterer(cluster, Z, device=device)
     prior_counts = getattr(clusterer, "counts_", None)
     found = int(len(np.unique(raw)))
     raw = drop_small_clusters(clusterer, Z, raw, cluster.min_cluster_share)
@@ -270,12 +266,7 @@ def fit_once(
 
 
 def merge_by_consensus(
-    X: np.ndarray,
-    raw: np.ndarray,
-    settings: dict[str, Any],
-    cluster: ClusterConfig,
-    device: str,
-    max_components: int | None = None,
+    X: np.ndarray, raw: np.ndarray, settings: dict[str, Any], cluster: ClusterConfig, device: str
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Fit ``cluster.consensus_runs - 1`` more projections and mixtures on ``X`` with the next seeds, and merge
     the clusters of ``raw`` (the first fit's components) that they keep together
@@ -287,7 +278,7 @@ def merge_by_consensus(
     for run in range(1, cluster.consensus_runs):
         seeded = {**settings, "random_state": _next_seed(settings.get("random_state"), run)}
         mixture = cluster.model_copy(update={"random_state": _next_seed(cluster.random_state, run)})
-        others.append(fit_once(X, seeded, mixture, device, max_components).labels)
+        others.append(fit_once(X, seeded, mixture, device).labels)
     merged = apply_merges(raw, merge_co_associated(raw, others, cluster.consensus_threshold))
     summary = {
         "runs": cluster.consensus_runs,

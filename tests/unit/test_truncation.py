@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from scenecluster.cluster import fit_clusterer, make_clusterer
-from scenecluster.config import ClusterConfig
+from scenecluster.config import ClusterConfig, ReduceConfig
 from scenecluster.fitted import filled_its_truncation, fit_clustering, load_clustering, save_clustering
 
 
@@ -147,12 +147,15 @@ def test_a_grown_fit_whose_count_follows_the_room_is_not_kept(caplog):
 
 
 def test_no_growth_and_no_warning_where_the_scenes_are_what_limits_the_components(caplog):
-    """The job caps the truncation at the number of different scenes (``max_components``); a fit that uses them all
-    is not a sign of more clusters."""
-    X = blobs(3, per_class=2)
+    """The job caps the truncation at the number of different scenes (``count_distinct``); a fit that uses them all
+    is not a sign of more clusters. Three scenes, each ten times over."""
+    X = np.repeat(blobs(3, per_class=1), 10, axis=0)
     with caplog.at_level(logging.WARNING, logger="scenecluster.cluster"):
-        _, labels, kept = fit_clusterer(ClusterConfig(n_components=3), X, device="cpu", max_components=3)
-    assert len(np.unique(labels)) == 3 and kept.n_components == 3
+        fitted, labels, _ = fit_clustering(
+            X, feature={}, reduce=ReduceConfig(method="pca", n_components=2), cluster=ClusterConfig()
+        )
+    assert len(np.unique(labels)) == 3 and fitted.info["n_components"] == 3
+    assert "n_components_configured" not in fitted.info
     assert "raise --max-clusters" not in caplog.text
 
 

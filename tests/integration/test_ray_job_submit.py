@@ -58,26 +58,9 @@ def _submit(head: LocalRayHead, s3, config: dict, tmp_path: Path) -> tuple[str, 
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump(config))
     job_id = f"test-cluster-{uuid.uuid4().hex[:8]}"
-    runtime_env = {"env_vars": s3.env(), "excludes": [".git", ".venv", "**/__pycache__", "*.egg-info"]}
-    args = [
-        "job",
-        "submit",
-        "--address",
-        head.dashboard_url,
-        "--submission-id",
-        job_id,
-        "--working-dir",
-        str(REPO),
-        "--runtime-env-json",
-        json.dumps(runtime_env),
-        "--",
-        "python",
-        "rayjobs/cluster.py",
-        "--config",
-        str(cfg_file),
-    ]
+    entrypoint = ["python", "rayjobs/cluster.py", "--config", str(cfg_file)]
     try:
-        proc = head.ray(*args, timeout=JOB_TIMEOUT)
+        proc = head.submit_job(job_id, REPO, entrypoint, env_vars=s3.env(), timeout=JOB_TIMEOUT)
         output = proc.stdout + proc.stderr
     except Exception:
         # the client timing out leaves the job running: stop it by id

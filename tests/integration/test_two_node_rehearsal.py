@@ -65,23 +65,16 @@ def _table(stdout: str) -> list[list[str]]:
     return [re.split(r"\s{2,}", line.strip(), maxsplit=3) for line in lines]
 
 
+def _doctor(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``scenecluster doctor ARGS`` in a fresh process, as a user runs it before a long job."""
+    cmd = [sys.executable, "-m", "scenecluster.cli", "doctor", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_doctor_reports_both_nodes_and_the_stores(two_nodes, s3_scenes, tiny_model_dir):
     head, node = two_nodes
-    cmd = [
-        sys.executable,
-        "-m",
-        "scenecluster.cli",
-        "doctor",
-        "--address",
-        head.gcs_address,
-        "--input",
-        f"s3://{BUCKET}/in/",
-        "--output",
-        f"s3://{BUCKET}/out/doctor",
-        "--model",
-        str(tiny_model_dir),
-    ]
-    proc = subprocess.run(cmd, env={**head.env(), **s3_scenes.env()}, capture_output=True, text=True, timeout=300)
+    stores = ["--input", f"s3://{BUCKET}/in/", "--output", f"s3://{BUCKET}/out/doctor", "--model", str(tiny_model_dir)]
+    proc = _doctor("--address", head.gcs_address, *stores, env={**head.env(), **s3_scenes.env()}, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     rows = _table(proc.stdout)
     nodes = [r for r in rows if r[0] == "node"]
@@ -98,17 +91,7 @@ def test_doctor_reports_both_nodes_and_the_stores(two_nodes, s3_scenes, tiny_mod
 def test_doctor_fails_on_a_store_it_may_not_write(two_nodes, s3_scenes):
     head, _ = two_nodes
     env = {**head.env(), **s3_scenes.env(), "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "scenecluster.cli",
-        "doctor",
-        "--address",
-        "127.0.0.1:1",
-        "--output",
-        f"s3://{BUCKET}/out/doctor",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    proc = _doctor("--address", "127.0.0.1:1", "--output", f"s3://{BUCKET}/out/doctor", env=env, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     rows = {r[0]: r for r in _table(proc.stdout)}
     assert rows["ray reachable"][2] == "FAIL" and rows["output writable"][2] == "FAIL", proc.stdout
@@ -125,19 +108,7 @@ def test_cluster_job_embeds_on_both_nodes(two_nodes, s3_scenes, tiny_model_dir, 
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
     job_id = f"rehearsal-{uuid.uuid4().hex[:8]}"
-    runtime_env = {"env_vars": s3_scenes.env(), "excludes": [".git", ".venv", "**/__pycache__", "*.egg-info"]}
-    submit = [
-        "job",
-        "submit",
-        "--address",
-        head.dashboard_url,
-        "--submission-id",
-        job_id,
-        "--working-dir",
-        str(REPO),
-        "--runtime-env-json",
-        json.dumps(runtime_env),
-        "--",
+    entrypoint = [
         "python",
         "rayjobs/cluster.py",
         "--config",
@@ -148,7 +119,7 @@ def test_cluster_job_embeds_on_both_nodes(two_nodes, s3_scenes, tiny_model_dir, 
         "embed.actor_cpus=0.5",
     ]
     try:
-        proc = head.ray(*submit, timeout=JOB_TIMEOUT)
+        proc = head.submit_job(job_id, REPO, entrypoint, env_vars=s3_scenes.env(), timeout=JOB_TIMEOUT)
     except subprocess.TimeoutExpired:
         logs = head.ray("job", "logs", "--address", head.dashboard_url, job_id, timeout=60)
         head.ray("job", "stop", "--address", head.dashboard_url, job_id, timeout=60)

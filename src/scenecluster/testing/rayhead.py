@@ -92,6 +92,28 @@ class LocalRayHead:
             [self._ray_bin(), *args], env=self.env(), capture_output=True, text=True, timeout=timeout, **kwargs
         )
 
+    def submit_job(
+        self, job_id: str, working_dir: str | Path, entrypoint: list[str], *, env_vars: dict[str, str], timeout: float
+    ) -> subprocess.CompletedProcess:
+        """``ray job submit`` of ``entrypoint`` with ``working_dir`` uploaded (less git, virtual environments and
+        caches) and ``env_vars`` set for the job, waiting for it to end, as a user launches a job."""
+        runtime_env = {"env_vars": env_vars, "excludes": [".git", ".venv", "**/__pycache__", "*.egg-info"]}
+        return self.ray(
+            "job",
+            "submit",
+            "--address",
+            self.dashboard_url,
+            "--submission-id",
+            job_id,
+            "--working-dir",
+            str(working_dir),
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            *entrypoint,
+            timeout=timeout,
+        )
+
     def job_info(self, job_id: str) -> dict[str, Any]:
         """The job server's record of ``job_id`` (``status`` is ``SUCCEEDED``, ``FAILED``, ...)."""
         req = urllib.request.Request(

@@ -137,6 +137,12 @@ class FeatureConfig(_Section):
     percentiles: tuple[float, float] = Field(
         (2.0, 98.0), description="low and high percentile of each band's pixels that the stretch maps to 0 and 255"
     )
+    nodata: str = Field(
+        "auto",
+        description="pixels outside the scene's footprint, left out of the stretch and shown black: 'auto' reads "
+        "a GeoTIFF's GDAL_NODATA tag, a number (e.g. 0) names it for scenes without one, 'none' ignores the tag",
+        json_schema_extra=flag("--nodata"),
+    )
 
     @field_validator("bands")
     @classmethod
@@ -145,6 +151,16 @@ class FeatureConfig(_Section):
 
         parse_bands(value)
         return value
+
+    @field_validator("nodata", mode="before")
+    @classmethod
+    def _check_nodata(cls, value: object) -> str:
+        from scenecluster.pixels import parse_nodata
+
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError(f"must be 'auto', 'none' or a number, not {value!r}")
+        parsed = parse_nodata(value)
+        return parsed if isinstance(parsed, str) else repr(parsed)  # "0" and 0 are "0.0", as the identity has it
 
     @field_validator("percentiles")
     @classmethod
@@ -156,9 +172,14 @@ class FeatureConfig(_Section):
 
     def pixel_spec(self):
         """The :class:`scenecluster.pixels.PixelSpec` these settings describe, for the decoders."""
-        from scenecluster.pixels import PixelSpec, parse_bands
+        from scenecluster.pixels import PixelSpec, parse_bands, parse_nodata
 
-        return PixelSpec(bands=parse_bands(self.bands), stretch=self.stretch, percentiles=tuple(self.percentiles))
+        return PixelSpec(
+            bands=parse_bands(self.bands),
+            stretch=self.stretch,
+            percentiles=tuple(self.percentiles),
+            nodata=parse_nodata(self.nodata),
+        )
 
 
 class EmbedConfig(FeatureConfig):

@@ -176,6 +176,7 @@ def _feature_settings(feature: dict[str, Any]) -> dict[str, Any]:
         "bands": feature.get("bands", "auto"),
         "stretch": feature.get("stretch", "auto"),
         "percentiles": tuple(feature.get("percentiles", (2.0, 98.0))),
+        "nodata": feature.get("nodata", "auto"),
         "views": feature.get("views", "one"),
     }
 

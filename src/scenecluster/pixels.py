@@ -8,6 +8,11 @@ The rule is the one common raster viewers apply by default (QGIS's "cumulative c
 * **stretch**: ``auto`` leaves 8-bit scenes as they are and stretches deeper ones band by band between the
   2nd and 98th percentile of that scene's pixels (``embed.percentiles``), clipping the tails; ``percentile``
   stretches 8-bit scenes too; ``none`` only rescales the type's range (0..65535 for 16-bit, 0..1 for float).
+* **nodata**: pixels outside the scene's footprint (a tile cut at the edge of an orbit or a mosaic) are left out of
+  the percentiles and shown black, as QGIS does. ``auto`` takes the value from the GeoTIFF's ``GDAL_NODATA`` tag
+  (what GDAL writes; no tag, no nodata), a number names it for scenes that carry no tag, ``none`` ignores the tag.
+  Without this, a tile that is a third nodata has its 2nd percentile at the nodata value, and its real pixels are
+  squeezed into the top of the range: it looks unlike the same ground in a whole tile. NaN is always nodata.
 
 JPEG, PNG, WebP, JPEG 2000 and 8-bit TIFF scenes go through PIL (16-bit JPEG 2000 bands, as Sentinel-2's, are
 one deep band like a 16-bit PNG), so 8-bit scenes' embeddings do not change; TIFFs
@@ -23,9 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["PixelSpec", "parse_bands", "read_pixels", "to_rgb8"]
+__all__ = ["PixelSpec", "parse_bands", "parse_nodata", "read_pixels", "to_rgb8"]
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_GDAL_NODATA_TAG = 42113
 _EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa"}
 
 
@@ -40,22 +46,32 @@ class PixelSpec:
     stretch : {"auto", "percentile", "none"}
     percentiles : (float, float)
         Low and high percentile of each band's pixels mapped to 0 and 255.
+    nodata : "auto", "none" or float
+        The pixel value outside the footprint: ``"auto"`` reads a GeoTIFF's ``GDAL_NODATA`` tag, ``"none"``
+        ignores it, a number applies to every scene (:func:`parse_nodata`).
     """
 
     bands: tuple[int, ...] | None = None
     stretch: str = "auto"
     percentiles: tuple[float, float] = (2.0, 98.0)
+    nodata: str | float = "auto"
 
     @property
     def plain_8bit(self) -> bool:
-        """8-bit scenes are read exactly as PIL's RGB conversion gives them."""
-        return self.bands is None and self.stretch in ("auto", "none")
+        """8-bit scenes are read exactly as PIL's RGB conversion gives them (a given nodata value must be masked)."""
+        return self.bands is None and self.stretch in ("auto", "none") and isinstance(self.nodata, str)
 
     def identity(self) -> dict[str, object]:
+        """What the vectors depend on; ``nodata`` only when not ``auto``, so earlier runs keep their identity."""
         return {
             "bands": "auto" if self.bands is None else ",".join(map(str, self.bands)),
             "stretch": self.stretch,
             "percentiles": list(self.percentiles),
+            **(
+                {"nodata": self.nodata if isinstance(self.nodata, str) else repr(self.nodata)}
+                if self.nodata != "auto"
+                else {}
+            ),
         }
 
 
@@ -78,6 +94,28 @@ def parse_bands(text: str) -> tuple[int, ...] | None:
     return bands
 
 
+def parse_nodata(text: str | float) -> str | float:
+    """``"auto"`` and ``"none"`` as they are; a number (``"0"``, ``"-9999"``, ``"nan"``) as a float.
+
+    Raises
+    ------
+    ValueError
+        With what a valid value looks like.
+    """
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return float(text)
+    value = str(text).strip().lower()
+    if value in ("auto", "none"):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(
+            f"nodata must be 'auto' (the GeoTIFF's GDAL_NODATA tag), 'none' or a number such as 0 or -9999, "
+            f"not {text!r}"
+        ) from None
+
+
 def read_pixels(data: bytes, spec: PixelSpec) -> np.ndarray:
     """Decode an encoded scene to ``uint8 (H, W, 3)`` following ``spec``.
 
@@ -98,7 +136,7 @@ def read_pixels(data: bytes, spec: PixelSpec) -> np.ndarray:
             array = np.asarray(img.convert("RGB" if img.mode not in ("L", "LA", "1") else "L"))
         else:  # I;16, I, F: one band deeper than 8 bits
             array = np.asarray(img)
-    return to_rgb8(array, spec)
+    return to_rgb8(array, spec, nodata=None if isinstance(spec.nodata, str) else spec.nodata)
 
 
 def _read_tiff(data: bytes, spec: PixelSpec) -> np.ndarray | None:
@@ -113,15 +151,33 @@ def _read_tiff(data: bytes, spec: PixelSpec) -> np.ndarray | None:
                 return None  # PIL reads it (palettes, YCbCr and all) as it always did
             array = page.asarray()
             planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.ndim == 3
+            nodata = spec.nodata if not isinstance(spec.nodata, str) else None
+            if spec.nodata == "auto":
+                nodata = _gdal_nodata(page)
     except tifffile.TiffFileError as exc:
         raise UnidentifiedImageError(f"not a readable TIFF ({exc})") from None
     if planar:
         array = np.moveaxis(array, 0, -1)  # (bands, H, W) -> (H, W, bands)
-    return to_rgb8(array, spec)
+    return to_rgb8(array, spec, nodata=nodata)
 
 
-def to_rgb8(array: np.ndarray, spec: PixelSpec) -> np.ndarray:
-    """``(H, W)`` or ``(H, W, bands)`` of any numeric type -> ``uint8 (H, W, 3)``: pick the bands, stretch them."""
+def _gdal_nodata(page) -> float | None:
+    """The ``GDAL_NODATA`` tag's value (ASCII, as GDAL writes it), or None without one or when it is no number."""
+    tag = page.tags.get(_GDAL_NODATA_TAG)
+    if tag is None:
+        return None
+    try:
+        return float(str(tag.value).strip("\x00 "))
+    except ValueError:
+        return None
+
+
+def to_rgb8(array: np.ndarray, spec: PixelSpec, nodata: float | None = None) -> np.ndarray:
+    """``(H, W)`` or ``(H, W, bands)`` of any numeric type -> ``uint8 (H, W, 3)``: pick the bands, stretch them.
+
+    Pixels equal to ``nodata`` (band by band, as GDAL masks them) and NaN pixels stay out of the stretch and are
+    shown black.
+    """
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3:
@@ -136,9 +192,19 @@ def to_rgb8(array: np.ndarray, spec: PixelSpec) -> np.ndarray:
     stretch = spec.stretch
     if stretch == "auto":
         stretch = "none" if array.dtype == np.uint8 else "percentile"
+    missing = None if nodata is None or np.isnan(nodata) else picked == nodata  # NaN is handled as non-finite
     if stretch == "none":
-        return _scale_type_range(picked)
-    return np.stack([_stretch_band(picked[:, :, i], spec.percentiles) for i in range(3)], axis=-1)
+        rgb = _scale_type_range(picked)
+        if missing is not None:
+            rgb = np.where(missing, np.uint8(0), rgb)
+        return rgb
+    return np.stack(
+        [
+            _stretch_band(picked[:, :, i], spec.percentiles, None if missing is None else missing[:, :, i])
+            for i in range(3)
+        ],
+        axis=-1,
+    )
 
 
 def _scale_type_range(picked: np.ndarray) -> np.ndarray:
@@ -152,14 +218,18 @@ def _scale_type_range(picked: np.ndarray) -> np.ndarray:
     return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _stretch_band(band: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
-    """One band between its low and high percentile (NaN pixels ignored and shown black) -> 0..255."""
+def _stretch_band(band: np.ndarray, percentiles: tuple[float, float], missing: np.ndarray | None) -> np.ndarray:
+    """One band between its low and high percentile of valid pixels -> 0..255; NaN and ``missing`` pixels black."""
     values = band.astype(np.float64)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
+    valid = np.isfinite(values)
+    if missing is not None:
+        valid &= ~missing
+    if not valid.any():
         return np.zeros(band.shape, dtype=np.uint8)
-    low, high = np.percentile(finite, percentiles)
+    low, high = np.percentile(values[valid], percentiles)
     if high <= low:  # a flat band: no contrast to stretch; show its level as a mid grey rather than noise
-        return np.full(band.shape, 0 if high == 0 else 128, dtype=np.uint8)
+        flat = np.full(band.shape, 0 if high == 0 else 128, dtype=np.uint8)
+        return np.where(valid, flat, np.uint8(0)) if missing is not None else flat
     scaled = np.clip((np.nan_to_num(values, nan=low) - low) / (high - low), 0.0, 1.0)
-    return np.round(scaled * 255.0).astype(np.uint8)
+    rgb = np.round(scaled * 255.0).astype(np.uint8)
+    return np.where(valid, rgb, np.uint8(0)) if missing is not None else rgb

@@ -303,7 +303,9 @@ def _pixel_spec(config: dict[str, Any]):
     from scenecluster.config import FeatureConfig
 
     embed = config.get("embed") or {}
-    return FeatureConfig(**{k: embed[k] for k in ("bands", "stretch", "percentiles") if k in embed}).pixel_spec()
+    return FeatureConfig(
+        **{k: embed[k] for k in ("bands", "stretch", "percentiles", "nodata") if k in embed}
+    ).pixel_spec()
 
 
 def _thumbnails_per_cluster(out: OutputFolder) -> int:

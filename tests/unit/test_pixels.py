@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 from scenecluster.data import decode_batch, decode_image
-from scenecluster.pixels import PixelSpec, parse_bands, read_pixels
+from scenecluster.pixels import PixelSpec, parse_bands, parse_nodata, read_pixels
 
 # GeoTIFF tags: ModelPixelScale, ModelTiepoint and a GeoKey directory saying "projected, UTM 33N (EPSG:32633)".
 GEO_TAGS = [
@@ -98,3 +98,79 @@ def test_parse_bands(text, bands):
 def test_parse_bands_refuses(text):
     with pytest.raises(ValueError, match="bands must"):
         parse_bands(text)
+
+
+def _edge_tile(whole: np.ndarray, nodata: int) -> np.ndarray:
+    """The same ground cut at the edge of the footprint: its left third is ``nodata`` in every band."""
+    edge = whole.copy()
+    edge[:, :, : whole.shape[2] // 3] = nodata
+    return edge
+
+
+def _with_nodata_tag(path: Path, bands: np.ndarray, nodata: str) -> Path:
+    """A GeoTIFF as GDAL writes one with a nodata value: the ASCII ``GDAL_NODATA`` tag (42113)."""
+    tifffile.imwrite(
+        path, bands, photometric="minisblack", planarconfig="separate", extratags=[*GEO_TAGS, (42113, "s", 0, nodata)]
+    )
+    return path
+
+
+def test_an_edge_tiles_gdal_nodata_is_left_out_of_the_stretch_and_shown_black(tmp_path):
+    rng = np.random.default_rng(3)
+    whole = (rng.random((3, 30, 36)) * 600 + 300).astype(np.uint16)  # reflectance x 10^4 of dull ground
+    edge = _with_nodata_tag(tmp_path / "edge.tif", _edge_tile(whole, 0), "0").read_bytes()
+    seen_whole = read_pixels(write_geotiff(tmp_path / "whole.tif", whole).read_bytes(), PixelSpec())
+    valid = np.s_[:, 12:]
+
+    honoured = read_pixels(edge, PixelSpec())
+    assert (honoured[:, :12] == 0).all()  # outside the footprint: black
+    for channel in range(3):  # inside: stretched on the valid pixels alone, as that band's percentiles
+        np.testing.assert_array_equal(honoured[valid][:, :, channel], _stretched(whole[channel][valid]))
+    ignored = read_pixels(edge, PixelSpec(nodata="none"))  # the 2nd percentile is the nodata 0: the ground pales
+    gap_honoured = np.abs(honoured[valid].astype(int) - seen_whole[valid]).mean()
+    gap_ignored = np.abs(ignored[valid].astype(int) - seen_whole[valid]).mean()
+    assert gap_honoured < 2 and gap_ignored > 40, (gap_honoured, gap_ignored)
+
+
+def test_a_nodata_value_named_for_scenes_without_a_tag_and_any_value_type(tmp_path):
+    rng = np.random.default_rng(4)
+    whole = (rng.random((3, 20, 24)) * 4000 - 1000).astype(np.int16)
+    edge = write_geotiff(tmp_path / "edge.tif", _edge_tile(whole, -9999)).read_bytes()
+    named = read_pixels(edge, PixelSpec(nodata=-9999.0))
+    assert (named[:, :8] == 0).all()
+    np.testing.assert_array_equal(named[:, 8:, 1], _stretched(whole[1][:, 8:]))
+    untagged = read_pixels(edge, PixelSpec())  # no tag: -9999 is a value like any other, and sets the 2nd percentile
+    assert np.abs(untagged[:, 8:].astype(int) - named[:, 8:]).mean() > 20
+    batch = {"path": np.array(["edge.tif"], dtype=object), "bytes": np.array([edge], dtype=object)}
+    decoded = decode_batch(batch, image_size=14, pixels=PixelSpec(nodata=-9999.0))  # the embedding actors' path
+    assert decoded["error"][0] == "" and decoded["image"][0].shape == (14, 14, 3)
+
+    white_edge = _with_nodata_tag(tmp_path / "w.tif", _edge_tile(whole.astype(np.uint16), 65535), "65535")
+    plain = read_pixels(white_edge.read_bytes(), PixelSpec(stretch="none"))  # the type's range, nodata still black
+    assert (plain[:, :8] == 0).all() and plain[:, 8:].max() > 0
+
+
+def test_a_tag_that_is_no_number_or_outside_the_type_masks_nothing(tmp_path):
+    bands = (np.random.default_rng(5).random((3, 16, 16)) * 1000).astype(np.uint16)
+    for tag in ("-9999", "n/a"):
+        data = _with_nodata_tag(tmp_path / "t.tif", bands, tag).read_bytes()
+        np.testing.assert_array_equal(read_pixels(data, PixelSpec()), read_pixels(data, PixelSpec(nodata="none")))
+
+
+@pytest.mark.parametrize(
+    "text, value", [("auto", "auto"), ("None", "none"), ("0", 0.0), (" -9999 ", -9999.0), (3, 3.0)]
+)
+def test_parse_nodata(text, value):
+    assert parse_nodata(text) == value
+
+
+def test_parse_nodata_refuses_words():
+    with pytest.raises(ValueError, match="nodata must be 'auto'"):
+        parse_nodata("black")
+
+
+def test_the_default_nodata_keeps_earlier_runs_identity():
+    assert "nodata" not in PixelSpec().identity()  # embeddings made before the setting existed are reused
+    assert PixelSpec(nodata=0.0).identity()["nodata"] == "0.0"
+    assert PixelSpec(nodata="none").identity()["nodata"] == "none"
+    assert PixelSpec().plain_8bit and not PixelSpec(nodata=0.0).plain_8bit

@@ -199,6 +199,24 @@ def test_assign_names_the_feature_settings_its_saved_clustering_overrules():
     assert overruled_feature_settings(given.embed, saved) == ["embed.image_size=112", "embed.model=/elsewhere"]
 
 
+def test_assign_reads_new_scenes_with_the_saved_runs_nodata():
+    """A run with ``--nodata 0`` saves ``nodata`` in its feature; ``assign`` masks new scenes the same way (and a
+    ``--nodata 0`` given to it again is the same setting, not an overruled one)."""
+    from scenecluster.config import AssignJobConfig, ClusterJobConfig, load_config
+    from scenecluster.job import _feature_settings, overruled_feature_settings
+
+    fitted = load_config(None, {"data.input": "/x", "output": "/o", "embed.nodata": 0}, model=ClusterJobConfig)
+    feature = {"model": "m", "layer": 8, "pooling": "cls", "image_size": 224, **fitted.embed.pixel_spec().identity()}
+    saved = _feature_settings(feature)
+    assign = {"data.input": "/y", "output": "/o2", "clustering": "/o"}
+    again = load_config(None, {**assign, **{f"embed.{k}": v for k, v in saved.items()}}, model=AssignJobConfig)
+    assert again.embed.pixel_spec() == fitted.embed.pixel_spec() and again.embed.pixel_spec().nodata == 0.0
+    given = load_config(None, {**assign, "embed.nodata": "0"}, model=AssignJobConfig)
+    assert overruled_feature_settings(given.embed, saved) == []
+    old_run = {k: v for k, v in feature.items() if k != "nodata"}  # saved before the setting: the default
+    assert _feature_settings(old_run)["nodata"] == "auto"
+
+
 def test_feature_spec_checks_the_layer_without_weights(tiny_model_dir):
     spec = resolve_feature_spec(str(tiny_model_dir), layer=-1, pooling="cls+mean", image_size=28)
     assert (spec.layer, spec.n_layers, spec.n_features) == (2, 2, 64)

@@ -1,0 +1,119 @@
+"""Tiles cut at the edge of a footprint: does leaving GeoTIFF nodata out of the stretch change how they cluster?
+
+Satellite archives are tiled from orbits and mosaics, so some tiles are part nodata (GDAL's ``GDAL_NODATA`` tag
+names the value). The job stretches 16-bit scenes between each band's 2nd and 98th percentile; counting the nodata
+pixels puts the 2nd percentile at the nodata value and pales the real ground. ``embed.nodata: auto`` (the default)
+leaves them out and shows them black; ``none`` is the behaviour before it.
+
+``--write`` turns a class-folder archive of 8-bit scenes into 16-bit GeoTIFFs as a sensor's archive holds them
+(reflectance x 10^4 of dull ground: ``300 + 8 * value``), and cuts ``--edge-share`` of the scenes at a footprint
+edge: a random side, 20-50% of the tile set to 0, tagged ``GDAL_NODATA=0``; their names start with ``edge_``.
+``--score`` reads the job's runs and reports accuracy over all scenes, over the edge tiles and over the whole ones,
+under one Hungarian matching per run.
+
+    python benchmarks/bench_nodata.py --write /tmp/nodata-eurosat --source ../shared/data/eurosat --per-class 40
+    scenecluster cluster /tmp/nodata-eurosat --labels folders --views one -o runs/nodata/eurosat-auto
+    scenecluster cluster /tmp/nodata-eurosat --labels folders --views one --nodata none -o runs/nodata/eurosat-none
+    python benchmarks/bench_nodata.py --score runs/nodata/eurosat-auto runs/nodata/eurosat-none
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import posixpath
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import tifffile
+from PIL import Image
+from scipy.optimize import linear_sum_assignment
+
+from scenecluster.evaluate import contingency
+
+GDAL_NODATA = 42113
+EDGE_PREFIX = "edge_"
+
+
+def to_sensor_range(rgb8: np.ndarray) -> np.ndarray:
+    """8-bit RGB ``(H, W, 3)`` -> 16-bit bands ``(3, H, W)`` in a dull reflectance range, never 0 (0 is nodata)."""
+    return (300 + 8 * np.moveaxis(rgb8.astype(np.uint16), -1, 0)).astype(np.uint16)
+
+
+def cut_at_edge(bands: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Set a random side's 20-50% of the tile to 0 in every band, as a tile beyond a swath's edge is."""
+    edge = bands.copy()
+    _, height, width = edge.shape
+    share = rng.uniform(0.2, 0.5)
+    side = rng.integers(4)
+    rows, cols = max(1, int(height * share)), max(1, int(width * share))
+    region = [np.s_[:, :rows, :], np.s_[:, -rows:, :], np.s_[:, :, :cols], np.s_[:, :, -cols:]][side]
+    edge[region] = 0
+    return edge
+
+
+def write(folder: str, source: str, per_class: int, edge_share: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for class_dir in sorted(p for p in Path(source).iterdir() if p.is_dir()):
+        images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".tif"))
+        picked = rng.choice(len(images), size=min(per_class, len(images)), replace=False)
+        out = Path(folder) / class_dir.name
+        out.mkdir(parents=True, exist_ok=True)
+        for i in sorted(picked):
+            bands = to_sensor_range(np.asarray(Image.open(images[i]).convert("RGB")))
+            if rng.random() < edge_share:
+                name, bands, tags = EDGE_PREFIX + images[i].stem, cut_at_edge(bands, rng), [(GDAL_NODATA, "s", 0, "0")]
+            else:
+                name, tags = images[i].stem, []
+            tifffile.imwrite(
+                out / f"{name}.tif", bands, photometric="minisblack", planarconfig="separate", extratags=tags
+            )
+
+
+def matched_accuracy(labels: np.ndarray, clusters: np.ndarray, subset: np.ndarray) -> float:
+    """Accuracy of ``subset`` under the Hungarian matching of clusters to classes made on all scenes."""
+    table, classes, found = contingency(labels, clusters)
+    rows, cols = linear_sum_assignment(-table)
+    match = {found[c]: classes[r] for r, c in zip(rows, cols, strict=True)}
+    hits = np.array([match.get(c) == lab for c, lab in zip(clusters, labels, strict=True)])
+    return float(hits[subset].mean())
+
+
+def score(run: str) -> dict:
+    table = pads.dataset(posixpath.join(run, "assignments")).to_table(columns=["path", "cluster", "label"])
+    paths = np.array(table["path"].to_pylist())
+    labels, clusters = np.array(table["label"].to_pylist()), np.array(table["cluster"].to_pylist())
+    edge = np.array([posixpath.basename(p).startswith(EDGE_PREFIX) for p in paths])
+    metrics = json.loads(Path(run, "metrics.json").read_text())
+    return {
+        "run": run,
+        "scenes": len(paths),
+        "edge_tiles": int(edge.sum()),
+        "clusters": metrics["n_clusters"],
+        "acc": round(matched_accuracy(labels, clusters, np.ones_like(edge)), 3),
+        "acc_edge": round(matched_accuracy(labels, clusters, edge), 3),
+        "acc_whole": round(matched_accuracy(labels, clusters, ~edge), 3),
+        "nmi": round(metrics["nmi"], 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", metavar="FOLDER", help="write a 16-bit GeoTIFF archive with edge tiles here")
+    parser.add_argument("--source", help="class-folder archive of 8-bit scenes to convert")
+    parser.add_argument("--per-class", type=int, default=40)
+    parser.add_argument("--edge-share", type=float, default=0.5, help="share of the scenes cut at an edge")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--score", nargs="+", metavar="RUN", help="the job's output folders to score")
+    args = parser.parse_args()
+    if args.write:
+        if not args.source:
+            parser.error("--write needs --source")
+        write(args.write, args.source, args.per_class, args.edge_share, args.seed)
+    for run in args.score or []:
+        print(json.dumps(score(run)))
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 Backend = Literal["auto", "umap-learn", "cuml"]
 Factory = Callable[..., Any]
 PROJECTIONS: dict[str, Factory] = {}
+#: UMAP's neighbours where a caller names none (``reduce.n_neighbors``'s default).
+DEFAULT_UMAP_NEIGHBOURS = 30
 
 __all__ = [
     "PROJECTIONS",
@@ -59,7 +61,7 @@ def cuml_available() -> bool:
 def make_umap(
     n_components: int = 5,
     *,
-    n_neighbors: int = 30,
+    n_neighbors: int = DEFAULT_UMAP_NEIGHBOURS,
     min_dist: float = 0.0,
     metric: str = "cosine",
     random_state: int | None = 0,
@@ -189,8 +191,9 @@ def fit_settings(settings: dict[str, Any], n_samples: int, n_features: int) -> d
     share = settings.pop("neighbors_share", 0.0)
     if "n_neighbors" in settings:
         settings["n_neighbors"] = umap_neighbours(settings["n_neighbors"], share, n_samples)
-    if settings.get("n_neighbors", 30) >= n_samples:
-        log.warning("n_neighbors=%d >= n_samples=%d; using %d", settings["n_neighbors"], n_samples, n_samples - 1)
+    neighbours = settings.get("n_neighbors", DEFAULT_UMAP_NEIGHBOURS)
+    if neighbours >= n_samples:
+        log.warning("n_neighbors=%d >= n_samples=%d; using %d", neighbours, n_samples, n_samples - 1)
         settings["n_neighbors"] = max(2, n_samples - 1)
     if settings.get("whiten"):
         settings["whiten"] = min(settings["whiten"], n_samples - 1, n_features)

@@ -102,3 +102,12 @@ def test_a_fit_key_moves_with_the_share_only_where_it_changes_the_neighbour_coun
     assert key(0.011, 18000) == key(0.0, 18000) == key(0.02, 18000)
     assert key(0.011, 900) != key(0.0, 900)
     assert key(0.011, 900) == key(0.01, 900)  # both give 10 neighbours: the same fit
+
+
+def test_fit_settings_caps_the_default_neighbours_of_a_few_scenes():
+    """Settings that name no ``n_neighbors`` get make_projection's default, capped below a small sample (this
+    raised KeyError: the warning read the missing key)."""
+    assert fit_settings({}, 12, 384)["n_neighbors"] == 11
+    assert "n_neighbors" not in fit_settings({}, 500, 384)  # make_projection's own default stays in charge
+    X = np.random.default_rng(0).normal(size=(12, 8)).astype(np.float32)
+    assert reduce_embeddings(X, n_components=2, random_state=0).shape == (12, 2)

@@ -7,7 +7,9 @@ leaves them out and shows them black; ``none`` is the behaviour before it.
 
 ``--write`` turns a class-folder archive of 8-bit scenes into 16-bit GeoTIFFs as a sensor's archive holds them
 (reflectance x 10^4 of dull ground: ``300 + 8 * value``), and cuts ``--edge-share`` of the scenes at a footprint
-edge: a random side, 20-50% of the tile set to 0, tagged ``GDAL_NODATA=0``; their names start with ``edge_``.
+edge: 20-50% of the tile beyond a straight edge (along a random side, or ``--slanted`` at a random angle) set to 0,
+tagged ``GDAL_NODATA=0``; their names start with ``edge_``. The scenes picked depend on ``--seed`` only, so an
+archive with ``--edge-share 0`` holds the same scenes whole.
 ``--score`` reads the job's runs and reports accuracy over all scenes, over the edge tiles and over the whole ones,
 under one Hungarian matching per run.
 
@@ -41,29 +43,34 @@ def to_sensor_range(rgb8: np.ndarray) -> np.ndarray:
     return (300 + 8 * np.moveaxis(rgb8.astype(np.uint16), -1, 0)).astype(np.uint16)
 
 
-def cut_at_edge(bands: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Set a random side's 20-50% of the tile to 0 in every band, as a tile beyond a swath's edge is."""
+def cut_at_edge(bands: np.ndarray, rng: np.random.Generator, slanted: bool = False) -> np.ndarray:
+    """Set 20-50% of the tile to 0 in every band beyond a straight edge: one side of the tile (a mosaic's or a
+    grid's edge) or, ``slanted``, a line at a random angle (an orbit's swath edge crossing the tile)."""
     edge = bands.copy()
     _, height, width = edge.shape
     share = rng.uniform(0.2, 0.5)
-    side = rng.integers(4)
-    rows, cols = max(1, int(height * share)), max(1, int(width * share))
-    region = [np.s_[:, :rows, :], np.s_[:, -rows:, :], np.s_[:, :, :cols], np.s_[:, :, -cols:]][side]
-    edge[region] = 0
+    angle = rng.uniform(0, 2 * np.pi) if slanted else rng.integers(4) * np.pi / 2
+    rows, cols = np.mgrid[0:height, 0:width]
+    across = np.cos(angle) * (cols - width / 2) + np.sin(angle) * (rows - height / 2)
+    edge[:, across > np.quantile(across, 1 - share)] = 0
     return edge
 
 
-def write(folder: str, source: str, per_class: int, edge_share: float, seed: int) -> None:
-    rng = np.random.default_rng(seed)
+def write(folder: str, source: str, per_class: int, edge_share: float, seed: int, slanted: bool) -> None:
+    picks, edges = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])  # same scenes at any share
     for class_dir in sorted(p for p in Path(source).iterdir() if p.is_dir()):
         images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".tif"))
-        picked = rng.choice(len(images), size=min(per_class, len(images)), replace=False)
+        picked = picks.choice(len(images), size=min(per_class, len(images)), replace=False)
         out = Path(folder) / class_dir.name
         out.mkdir(parents=True, exist_ok=True)
         for i in sorted(picked):
             bands = to_sensor_range(np.asarray(Image.open(images[i]).convert("RGB")))
-            if rng.random() < edge_share:
-                name, bands, tags = EDGE_PREFIX + images[i].stem, cut_at_edge(bands, rng), [(GDAL_NODATA, "s", 0, "0")]
+            if edges.random() < edge_share:
+                name, bands, tags = (
+                    EDGE_PREFIX + images[i].stem,
+                    cut_at_edge(bands, edges, slanted),
+                    [(GDAL_NODATA, "s", 0, "0")],
+                )
             else:
                 name, tags = images[i].stem, []
             tifffile.imwrite(
@@ -73,9 +80,9 @@ def write(folder: str, source: str, per_class: int, edge_share: float, seed: int
 
 def matched_accuracy(labels: np.ndarray, clusters: np.ndarray, subset: np.ndarray) -> float:
     """Accuracy of ``subset`` under the Hungarian matching of clusters to classes made on all scenes."""
-    table, classes, found = contingency(labels, clusters)
-    rows, cols = linear_sum_assignment(-table)
-    match = {found[c]: classes[r] for r, c in zip(rows, cols, strict=True)}
+    table, found, classes = contingency(labels, clusters)  # rows: clusters, columns: classes
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    match = {found[r]: classes[c] for r, c in zip(rows, cols, strict=True)}
     hits = np.array([match.get(c) == lab for c, lab in zip(clusters, labels, strict=True)])
     return float(hits[subset].mean())
 
@@ -104,13 +111,14 @@ def main() -> None:
     parser.add_argument("--source", help="class-folder archive of 8-bit scenes to convert")
     parser.add_argument("--per-class", type=int, default=40)
     parser.add_argument("--edge-share", type=float, default=0.5, help="share of the scenes cut at an edge")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the scenes picked (with 0) and the edges cut")
+    parser.add_argument("--slanted", action="store_true", help="edges at a random angle, not along a side")
     parser.add_argument("--score", nargs="+", metavar="RUN", help="the job's output folders to score")
     args = parser.parse_args()
     if args.write:
         if not args.source:
             parser.error("--write needs --source")
-        write(args.write, args.source, args.per_class, args.edge_share, args.seed)
+        write(args.write, args.source, args.per_class, args.edge_share, args.seed, args.slanted)
     for run in args.score or []:
         print(json.dumps(score(run)))
 

@@ -143,6 +143,9 @@ class FeatureConfig(_Section):
         "a GeoTIFF's GDAL_NODATA tag, a number (e.g. 0) names it for scenes without one, 'none' ignores the tag",
         json_schema_extra=flag("--nodata"),
     )
+    nodata_fill: Literal["black", "mean"] = Field(
+        "black", description="what the model sees at nodata pixels: black, or each band's mean over the valid ones"
+    )
 
     @field_validator("bands")
     @classmethod
@@ -179,6 +182,7 @@ class FeatureConfig(_Section):
             stretch=self.stretch,
             percentiles=tuple(self.percentiles),
             nodata=parse_nodata(self.nodata),
+            nodata_fill=self.nodata_fill,
         )
 
 

@@ -304,7 +304,7 @@ def _pixel_spec(config: dict[str, Any]):
 
     embed = config.get("embed") or {}
     return FeatureConfig(
-        **{k: embed[k] for k in ("bands", "stretch", "percentiles", "nodata") if k in embed}
+        **{k: embed[k] for k in ("bands", "stretch", "percentiles", "nodata", "nodata_fill") if k in embed}
     ).pixel_spec()
 
 

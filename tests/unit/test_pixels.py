@@ -174,3 +174,19 @@ def test_the_default_nodata_keeps_earlier_runs_identity():
     assert PixelSpec(nodata=0.0).identity()["nodata"] == "0.0"
     assert PixelSpec(nodata="none").identity()["nodata"] == "none"
     assert PixelSpec().plain_8bit and not PixelSpec(nodata=0.0).plain_8bit
+
+
+def test_nodata_filled_with_each_bands_mean_of_the_valid_pixels(tmp_path):
+    rng = np.random.default_rng(6)
+    whole = (rng.random((3, 24, 30)) * 600 + 300).astype(np.uint16)
+    edge = _with_nodata_tag(tmp_path / "edge.tif", _edge_tile(whole, 0), "0").read_bytes()
+    black = read_pixels(edge, PixelSpec())
+    mean = read_pixels(edge, PixelSpec(nodata_fill="mean"))
+    np.testing.assert_array_equal(mean[:, 10:], black[:, 10:])  # the ground is the same
+    for channel in range(3):  # the nodata third is one flat tone per band: the ground's mean, not black
+        assert (mean[:, :10, channel] == round(black[:, 10:, channel].mean())).all()
+    assert "nodata_fill" not in PixelSpec().identity() and PixelSpec(nodata_fill="mean").identity()["nodata_fill"]
+    undeclared = read_pixels(write_geotiff(tmp_path / "w.tif", _edge_tile(whole, 0)).read_bytes(), PixelSpec())
+    np.testing.assert_array_equal(
+        undeclared, read_pixels(tmp_path.joinpath("w.tif").read_bytes(), PixelSpec(nodata_fill="mean"))
+    )

@@ -199,6 +199,7 @@ def to_rgb8(array: np.ndarray, spec: PixelSpec, nodata: float | None = None) -> 
     missing = None
     if nodata is not None:  # a declared NaN is nodata too (undeclared NaN is only left out of the stretch)
         missing = np.isnan(picked) if np.isnan(nodata) else picked == nodata
+    _check_some_valid(picked, missing, nodata)
     if stretch == "none":
         rgb = _scale_type_range(picked)
         if missing is not None:
@@ -214,6 +215,25 @@ def to_rgb8(array: np.ndarray, spec: PixelSpec, nodata: float | None = None) -> 
     if missing is not None and spec.nodata_fill == "mean":
         rgb = _fill_with_mean(rgb, missing)
     return rgb
+
+
+def _check_some_valid(picked: np.ndarray, missing: np.ndarray | None, nodata: float | None) -> None:
+    """A tile wholly outside the footprint has nothing to embed: it is skipped with this reason, not shown black.
+
+    Why: tiling grids laid over a scene's bounding box make many such tiles (the corners beyond a slanted swath);
+    embedded, they would all look alike and take a cluster of their own.
+    """
+    if np.issubdtype(picked.dtype, np.floating):
+        valid = np.isfinite(picked)
+    elif missing is None:
+        return
+    else:
+        valid = np.ones(picked.shape, dtype=bool)
+    if missing is not None:
+        valid &= ~missing
+    if not valid.any():
+        what = "NaN" if nodata is None or np.isnan(nodata) else f"nodata ({nodata:g})"
+        raise ValueError(f"no valid pixels: every pixel of the bands shown is {what}, outside the footprint")
 
 
 def _fill_with_mean(rgb: np.ndarray, missing: np.ndarray) -> np.ndarray:

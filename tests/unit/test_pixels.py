@@ -190,3 +190,22 @@ def test_nodata_filled_with_each_bands_mean_of_the_valid_pixels(tmp_path):
     np.testing.assert_array_equal(
         undeclared, read_pixels(tmp_path.joinpath("w.tif").read_bytes(), PixelSpec(nodata_fill="mean"))
     )
+
+
+def test_a_tile_wholly_outside_the_footprint_is_skipped_with_a_reason(tmp_path):
+    empty = _with_nodata_tag(tmp_path / "empty.tif", np.zeros((3, 16, 16), np.uint16), "0").read_bytes()
+    nan = np.full((16, 16), np.nan, np.float32)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, nan)
+    batch = {
+        "path": np.array(["empty.tif", "nan.tif"], dtype=object),
+        "bytes": np.array([empty, buf.getvalue()], dtype=object),
+    }
+    errors = decode_batch(batch, image_size=14)["error"]
+    assert (
+        errors[0] == "ValueError: no valid pixels: every pixel of the bands shown is nodata (0), outside the footprint"
+    )
+    assert errors[1] == "ValueError: no valid pixels: every pixel of the bands shown is NaN, outside the footprint"
+    dark = np.zeros((3, 16, 16), np.uint16)  # no tag: a black tile is a scene like any other
+    assert read_pixels(write_geotiff(tmp_path / "dark.tif", dark).read_bytes(), PixelSpec()).shape == (16, 16, 3)
+    assert read_pixels(empty, PixelSpec(nodata="none")).shape == (16, 16, 3)

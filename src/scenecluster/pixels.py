@@ -150,19 +150,32 @@ def _read_tiff(data: bytes, spec: PixelSpec) -> np.ndarray | None:
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages[0]
-            plain = page.bitspersample <= 8 and page.samplesperpixel in (1, 3, 4)
-            if plain and spec.plain_8bit:
-                return None  # PIL reads it (palettes, YCbCr and all) as it always did
-            array = page.asarray()
-            planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.ndim == 3
             nodata = spec.nodata if not isinstance(spec.nodata, str) else None
             if spec.nodata == "auto":
                 nodata = _gdal_nodata(page)
+            plain = page.bitspersample <= 8 and page.samplesperpixel in (1, 3, 4)
+            if plain and spec.plain_8bit and (nodata is None or not _plain_values(page)):
+                return None  # PIL reads it (palettes, YCbCr and all) as it always did
+            try:
+                array = page.asarray()
+            except (ImportError, NotImplementedError, ValueError):  # a codec tifffile lacks: PIL reads it, unmasked
+                if plain and spec.plain_8bit:
+                    return None
+                raise
+            planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.ndim == 3
     except tifffile.TiffFileError as exc:
         raise UnidentifiedImageError(f"not a readable TIFF ({exc})") from None
     if planar:
         array = np.moveaxis(array, 0, -1)  # (bands, H, W) -> (H, W, bands)
     return to_rgb8(array, spec, nodata=nodata)
+
+
+def _plain_values(page) -> bool:
+    """Whether the stored values are the colours shown (grey or RGB), so an 8-bit nodata value can be masked;
+    palette and YCbCr TIFFs are left to PIL's conversion, unmasked."""
+    import tifffile
+
+    return page.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB)
 
 
 def _gdal_nodata(page) -> float | None:

@@ -209,3 +209,19 @@ def test_a_tile_wholly_outside_the_footprint_is_skipped_with_a_reason(tmp_path):
     dark = np.zeros((3, 16, 16), np.uint16)  # no tag: a black tile is a scene like any other
     assert read_pixels(write_geotiff(tmp_path / "dark.tif", dark).read_bytes(), PixelSpec()).shape == (16, 16, 3)
     assert read_pixels(empty, PixelSpec(nodata="none")).shape == (16, 16, 3)
+
+
+def test_an_8_bit_geotiffs_nodata_is_masked_and_its_ground_kept_as_stored(tmp_path):
+    rgb8 = np.random.default_rng(7).integers(1, 255, (16, 18, 3), dtype=np.uint8)
+    edge = rgb8.copy()
+    edge[:, :6] = 255  # nodata 255, as some 8-bit mosaics declare it
+    path = tmp_path / "edge8.tif"
+    tifffile.imwrite(path, edge, photometric="rgb", extratags=[(42113, "s", 0, "255")])
+    seen = read_pixels(path.read_bytes(), PixelSpec())
+    assert (seen[:, :6] == 0).all()  # shown black, as deeper scenes' nodata
+    np.testing.assert_array_equal(seen[:, 6:], rgb8[:, 6:])  # 8-bit ground as stored: no stretch
+    outside = tmp_path / "outside8.tif"
+    tifffile.imwrite(outside, np.zeros_like(rgb8), photometric="rgb", extratags=[(42113, "s", 0, "0")])
+    with pytest.raises(ValueError, match="no valid pixels"):
+        read_pixels(outside.read_bytes(), PixelSpec())
+    np.testing.assert_array_equal(read_pixels(path.read_bytes(), PixelSpec(nodata="none")), edge)  # PIL, as before

@@ -18,7 +18,8 @@ The rule is the one common raster viewers apply by default (QGIS's "cumulative c
 
 JPEG, PNG, WebP, JPEG 2000 and 8-bit TIFF scenes go through PIL (16-bit JPEG 2000 bands, as Sentinel-2's, are
 one deep band like a 16-bit PNG), so 8-bit scenes' embeddings do not change; TIFFs
-that PIL cannot decode whole (many bands, 16 bits per band, LZW/DEFLATE GeoTIFFs) are read with tifffile.
+that PIL cannot decode whole (many bands, 16 bits per band, LZW/DEFLATE GeoTIFFs), and 8-bit grey or RGB GeoTIFFs
+that declare a nodata value, are read with tifffile.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ The rule is the one common raster viewers apply by default (QGIS's "cumulative c
   Without this, a tile that is a third nodata has its 2nd percentile at the nodata value, and its real pixels are
   squeezed into the top of the range: it looks unlike the same ground in a whole tile (counted in, accuracy fell
   0.11-0.18 on archives half of edge tiles, docs/benchmarks.md). NaN is always left out. ``nodata_fill: mean``
-  shows nodata at each band's mean instead of black (measured: no better).
+  shows nodata at each band's mean instead of black (measured: no better). In 8-bit scenes with an alpha channel
+  (web-map tiles), fully transparent pixels are nodata under ``auto``.
 
 JPEG, PNG, WebP, JPEG 2000 and 8-bit TIFF scenes go through PIL (16-bit JPEG 2000 bands, as Sentinel-2's, are
 one deep band like a 16-bit PNG), so 8-bit scenes' embeddings do not change; TIFFs
@@ -136,12 +137,27 @@ def read_pixels(data: bytes, spec: PixelSpec) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         img.load()  # force the full decode here so a truncated file fails now, not later
         if img.mode in _EIGHT_BIT_MODES and spec.plain_8bit:
-            return np.array(img.convert("RGB"), dtype=np.uint8)
+            rgb = np.array(img.convert("RGB"), dtype=np.uint8)
+            return _mask_transparent(rgb, img) if spec.nodata == "auto" else rgb
         if img.mode in _EIGHT_BIT_MODES:
             array = np.asarray(img.convert("RGB" if img.mode not in ("L", "LA", "1") else "L"))
         else:  # I;16, I, F: one band deeper than 8 bits
             array = np.asarray(img)
     return to_rgb8(array, spec, nodata=None if isinstance(spec.nodata, str) else spec.nodata)
+
+
+def _mask_transparent(rgb: np.ndarray, img: Image.Image) -> np.ndarray:
+    """Fully transparent pixels (a web-map tile's area outside the coverage) are nodata: black, and a tile with
+    nothing opaque is skipped. The colour stored under alpha 0 is arbitrary (black, white, the last pixel)."""
+    if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in img.info:
+        return rgb
+    alpha = np.asarray(img.convert("RGBA"))[:, :, 3]
+    if alpha.min() > 0:
+        return rgb
+    if alpha.max() == 0:
+        raise ValueError("no valid pixels: every pixel is transparent, outside the coverage")
+    rgb[alpha == 0] = 0
+    return rgb
 
 
 def _read_tiff(data: bytes, spec: PixelSpec) -> np.ndarray | None:

@@ -225,3 +225,26 @@ def test_an_8_bit_geotiffs_nodata_is_masked_and_its_ground_kept_as_stored(tmp_pa
     with pytest.raises(ValueError, match="no valid pixels"):
         read_pixels(outside.read_bytes(), PixelSpec())
     np.testing.assert_array_equal(read_pixels(path.read_bytes(), PixelSpec(nodata="none")), edge)  # PIL, as before
+
+
+def test_transparent_pixels_of_a_web_map_tile_are_nodata():
+    rgba = np.random.default_rng(8).integers(1, 255, (16, 16, 4), dtype=np.uint8)
+    rgba[:, :, 3] = 255
+    rgba[:5, :, :3], rgba[:5, :, 3] = 255, 0  # beyond the coverage: stored white, fully transparent
+
+    def png(array: np.ndarray, mode: str) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(array, mode).save(buf, format="PNG")
+        return buf.getvalue()
+
+    seen = read_pixels(png(rgba, "RGBA"), PixelSpec())
+    assert (seen[:5] == 0).all()
+    np.testing.assert_array_equal(seen[5:], rgba[5:, :, :3])
+    np.testing.assert_array_equal(read_pixels(png(rgba, "RGBA"), PixelSpec(nodata="none")), rgba[:, :, :3])
+    opaque = rgba.copy()
+    opaque[:, :, 3] = 255
+    np.testing.assert_array_equal(read_pixels(png(opaque, "RGBA"), PixelSpec()), opaque[:, :, :3])
+    empty = rgba.copy()
+    empty[:, :, 3] = 0
+    with pytest.raises(ValueError, match="no valid pixels: every pixel is transparent"):
+        read_pixels(png(empty, "RGBA"), PixelSpec())

@@ -143,8 +143,10 @@ class FeatureConfig(_Section):
         "a GeoTIFF's GDAL_NODATA tag, a number (e.g. 0) names it for scenes without one, 'none' ignores the tag",
         json_schema_extra=flag("--nodata"),
     )
-    nodata_fill: Literal["black", "mean"] = Field(
-        "black", description="what the model sees at nodata pixels: black, or each band's mean over the valid ones"
+    nodata_fill: Literal["black", "mean", "mirror"] = Field(
+        "black",
+        description="what the model sees at nodata pixels: black, each band's mean over the valid ones, or the "
+        "valid ground mirrored across the footprint's edge",
     )
 
     @field_validator("bands")

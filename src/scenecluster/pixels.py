@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["PixelSpec", "parse_bands", "parse_nodata", "read_pixels", "to_rgb8"]
+__all__ = ["PixelSpec", "fill_nodata", "parse_bands", "parse_nodata", "read_pixels", "to_rgb8"]
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _GDAL_NODATA_TAG = 42113
@@ -138,7 +138,7 @@ def read_pixels(data: bytes, spec: PixelSpec) -> np.ndarray:
         img.load()  # force the full decode here so a truncated file fails now, not later
         if img.mode in _EIGHT_BIT_MODES and spec.plain_8bit:
             rgb = np.array(img.convert("RGB"), dtype=np.uint8)
-            return _mask_transparent(rgb, img) if spec.nodata == "auto" else rgb
+            return _mask_transparent(rgb, img, spec.nodata_fill) if spec.nodata == "auto" else rgb
         if img.mode in _EIGHT_BIT_MODES:
             array = np.asarray(img.convert("RGB" if img.mode not in ("L", "LA", "1") else "L"))
         else:  # I;16, I, F: one band deeper than 8 bits
@@ -146,7 +146,7 @@ def read_pixels(data: bytes, spec: PixelSpec) -> np.ndarray:
     return to_rgb8(array, spec, nodata=None if isinstance(spec.nodata, str) else spec.nodata)
 
 
-def _mask_transparent(rgb: np.ndarray, img: Image.Image) -> np.ndarray:
+def _mask_transparent(rgb: np.ndarray, img: Image.Image, fill: str) -> np.ndarray:
     """Fully transparent pixels (a web-map tile's area outside the coverage) are nodata: black, and a tile with
     nothing opaque is skipped. The colour stored under alpha 0 is arbitrary (black, white, the last pixel)."""
     if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in img.info:
@@ -157,7 +157,7 @@ def _mask_transparent(rgb: np.ndarray, img: Image.Image) -> np.ndarray:
     if alpha.max() == 0:
         raise ValueError("no valid pixels: every pixel is transparent, outside the coverage")
     rgb[alpha == 0] = 0
-    return rgb
+    return fill_nodata(rgb, alpha == 0, fill)
 
 
 def _read_tiff(data: bytes, spec: PixelSpec) -> np.ndarray | None:
@@ -242,8 +242,8 @@ def to_rgb8(array: np.ndarray, spec: PixelSpec, nodata: float | None = None) -> 
             ],
             axis=-1,
         )
-    if missing is not None and spec.nodata_fill == "mean":
-        rgb = _fill_with_mean(rgb, missing)
+    if missing is not None:
+        rgb = fill_nodata(rgb, missing, spec.nodata_fill)
     return rgb
 
 
@@ -264,6 +264,40 @@ def _check_some_valid(picked: np.ndarray, missing: np.ndarray | None, nodata: fl
     if not valid.any():
         what = "NaN" if nodata is None or np.isnan(nodata) else f"nodata ({nodata:g})"
         raise ValueError(f"no valid pixels: every pixel of the bands shown is {what}, outside the footprint")
+
+
+def fill_nodata(rgb: np.ndarray, missing: np.ndarray, fill: str) -> np.ndarray:
+    """What the model sees where ``missing`` (``(H, W, 3)`` or ``(H, W)``) is true: ``black`` (as shown by
+    :func:`to_rgb8`), each band's ``mean``, or the valid ground ``mirror``-ed across the footprint's edge."""
+    if fill == "mean":
+        return _fill_with_mean(rgb, missing if missing.ndim == 3 else np.repeat(missing[:, :, None], 3, axis=2))
+    if fill == "mirror":
+        return _fill_by_reflection(rgb, missing.any(axis=2) if missing.ndim == 3 else missing)
+    return rgb
+
+
+def _fill_by_reflection(rgb: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """Each nodata pixel takes the colour of its mirror image through the nearest valid pixel (``2b - p``): across
+    a straight edge that is the ground reflected, as reflect-padding extends an image; where the mirror image falls
+    off the tile or on nodata, the nearest valid pixel's colour.
+
+    Why: a scene has no up and no handedness, so the reflected ground is more of the same scene, while a black or
+    flat region is a large feature of its own that every edge tile shares.
+    """
+    from scipy import ndimage
+
+    if not missing.any() or missing.all():
+        return rgb
+    height, width = missing.shape
+    _, (near_y, near_x) = ndimage.distance_transform_edt(missing, return_indices=True)
+    ys, xs = np.nonzero(missing)
+    by, bx = near_y[ys, xs], near_x[ys, xs]
+    my, mx = 2 * by - ys, 2 * bx - xs
+    inside = (my >= 0) & (my < height) & (mx >= 0) & (mx < width)
+    inside[inside] &= ~missing[my[inside], mx[inside]]
+    filled = rgb.copy()
+    filled[ys, xs] = rgb[np.where(inside, my, by), np.where(inside, mx, bx)]
+    return filled
 
 
 def _fill_with_mean(rgb: np.ndarray, missing: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 from scenecluster.data import decode_batch, decode_image
-from scenecluster.pixels import PixelSpec, parse_bands, parse_nodata, read_pixels
+from scenecluster.pixels import PixelSpec, fill_nodata, parse_bands, parse_nodata, read_pixels
 
 # GeoTIFF tags: ModelPixelScale, ModelTiepoint and a GeoKey directory saying "projected, UTM 33N (EPSG:32633)".
 GEO_TAGS = [
@@ -248,3 +248,19 @@ def test_transparent_pixels_of_a_web_map_tile_are_nodata():
     empty[:, :, 3] = 0
     with pytest.raises(ValueError, match="no valid pixels: every pixel is transparent"):
         read_pixels(png(empty, "RGBA"), PixelSpec())
+
+
+def test_nodata_mirrored_across_a_straight_edge_is_the_ground_reflected(tmp_path):
+    rng = np.random.default_rng(9)
+    whole = (rng.random((3, 20, 24)) * 600 + 300).astype(np.uint16)
+    edge = _with_nodata_tag(tmp_path / "edge.tif", _edge_tile(whole, 0), "0").read_bytes()  # columns 0-7 nodata
+    black = read_pixels(edge, PixelSpec())
+    mirror = read_pixels(edge, PixelSpec(nodata_fill="mirror"))
+    np.testing.assert_array_equal(mirror[:, 8:], black[:, 8:])
+    # column 8 is the edge; column 8 - d takes column 8 + d (0 <= d <= 8)
+    np.testing.assert_array_equal(mirror[:, :8], black[:, 16:8:-1])
+    slanted = np.ones((12, 12), bool) & (np.add.outer(np.arange(12), np.arange(12)) > 14)  # a corner cut at 45 deg
+    rgb = rng.integers(1, 255, (12, 12, 3), dtype=np.uint8)
+    filled = fill_nodata(np.where(slanted[:, :, None], 0, rgb).astype(np.uint8), slanted, "mirror")
+    assert (filled[slanted] > 0).all()  # every nodata pixel took a valid pixel's colour
+    np.testing.assert_array_equal(filled[~slanted], rgb[~slanted])

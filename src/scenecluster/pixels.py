@@ -26,6 +26,7 @@ that declare a nodata value, are read with tifffile.
 from __future__ import annotations
 
 import io
+import logging
 import re
 from dataclasses import dataclass
 
@@ -37,6 +38,18 @@ __all__ = ["PixelSpec", "fill_nodata", "parse_bands", "parse_nodata", "read_pixe
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _GDAL_NODATA_TAG = 42113
 _EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa"}
+
+
+class _NodataOutOfRange(logging.Filter):
+    """Drops tifffile's warning that a tile's ``GDAL_NODATA`` does not fit its type (-9999 on unsigned bands, as
+    many archives declare): no pixel can equal it, which :func:`_gdal_nodata` already handles, and an archive of
+    such tiles would print it once per tile."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "GDAL_NODATA" not in record.getMessage()
+
+
+logging.getLogger("tifffile").addFilter(_NodataOutOfRange())
 
 
 @dataclass(frozen=True)

@@ -139,14 +139,15 @@ class FeatureConfig(_Section):
     )
     nodata: str = Field(
         "auto",
-        description="pixels outside the scene's footprint, left out of the stretch and shown black: 'auto' reads "
+        description="pixels outside the scene's footprint, left out of the stretch: 'auto' reads "
         "a GeoTIFF's GDAL_NODATA tag, a number (e.g. 0) names it for scenes without one, 'none' ignores the tag",
         json_schema_extra=flag("--nodata"),
     )
-    nodata_fill: Literal["black", "mean", "mirror"] = Field(
-        "black",
-        description="what the model sees at nodata pixels: black, each band's mean over the valid ones, or the "
-        "valid ground mirrored across the footprint's edge",
+    nodata_fill: Literal["mirror", "black", "mean"] = Field(
+        "mirror",
+        description="what the model sees at nodata pixels: the valid ground mirrored across the footprint's edge "
+        "(edge tiles then cluster with their scenes: +0.07 to +0.29 accuracy over black on archives half of edge "
+        "tiles, both sets, docs/benchmarks.md), black, or each band's mean over the valid ones",
     )
 
     @field_validator("bands")

@@ -177,7 +177,7 @@ def _feature_settings(feature: dict[str, Any]) -> dict[str, Any]:
         "stretch": feature.get("stretch", "auto"),
         "percentiles": tuple(feature.get("percentiles", (2.0, 98.0))),
         "nodata": feature.get("nodata", "auto"),
-        "nodata_fill": feature.get("nodata_fill", "black"),
+        "nodata_fill": feature.get("nodata_fill", "mirror"),
         "views": feature.get("views", "one"),
     }
 

@@ -115,14 +115,14 @@ def _with_nodata_tag(path: Path, bands: np.ndarray, nodata: str) -> Path:
     return path
 
 
-def test_an_edge_tiles_gdal_nodata_is_left_out_of_the_stretch_and_shown_black(tmp_path):
+def test_an_edge_tiles_gdal_nodata_is_left_out_of_the_stretch(tmp_path):
     rng = np.random.default_rng(3)
     whole = (rng.random((3, 30, 36)) * 600 + 300).astype(np.uint16)  # reflectance x 10^4 of dull ground
     edge = _with_nodata_tag(tmp_path / "edge.tif", _edge_tile(whole, 0), "0").read_bytes()
     seen_whole = read_pixels(write_geotiff(tmp_path / "whole.tif", whole).read_bytes(), PixelSpec())
     valid = np.s_[:, 12:]
 
-    honoured = read_pixels(edge, PixelSpec())
+    honoured = read_pixels(edge, PixelSpec(nodata_fill="black"))
     assert (honoured[:, :12] == 0).all()  # outside the footprint: black
     for channel in range(3):  # inside: stretched on the valid pixels alone, as that band's percentiles
         np.testing.assert_array_equal(honoured[valid][:, :, channel], _stretched(whole[channel][valid]))
@@ -136,7 +136,7 @@ def test_a_nodata_value_named_for_scenes_without_a_tag_and_any_value_type(tmp_pa
     rng = np.random.default_rng(4)
     whole = (rng.random((3, 20, 24)) * 4000 - 1000).astype(np.int16)
     edge = write_geotiff(tmp_path / "edge.tif", _edge_tile(whole, -9999)).read_bytes()
-    named = read_pixels(edge, PixelSpec(nodata=-9999.0))
+    named = read_pixels(edge, PixelSpec(nodata=-9999.0, nodata_fill="black"))
     assert (named[:, :8] == 0).all()
     np.testing.assert_array_equal(named[:, 8:, 1], _stretched(whole[1][:, 8:]))
     untagged = read_pixels(edge, PixelSpec())  # no tag: -9999 is a value like any other, and sets the 2nd percentile
@@ -146,7 +146,7 @@ def test_a_nodata_value_named_for_scenes_without_a_tag_and_any_value_type(tmp_pa
     assert decoded["error"][0] == "" and decoded["image"][0].shape == (14, 14, 3)
 
     white_edge = _with_nodata_tag(tmp_path / "w.tif", _edge_tile(whole.astype(np.uint16), 65535), "65535")
-    plain = read_pixels(white_edge.read_bytes(), PixelSpec(stretch="none"))  # the type's range, nodata still black
+    plain = read_pixels(white_edge.read_bytes(), PixelSpec(stretch="none", nodata_fill="black"))  # nodata black
     assert (plain[:, :8] == 0).all() and plain[:, 8:].max() > 0
 
 
@@ -181,7 +181,7 @@ def test_nodata_filled_with_each_bands_mean_of_the_valid_pixels(tmp_path):
     rng = np.random.default_rng(6)
     whole = (rng.random((3, 24, 30)) * 600 + 300).astype(np.uint16)
     edge = _with_nodata_tag(tmp_path / "edge.tif", _edge_tile(whole, 0), "0").read_bytes()
-    black = read_pixels(edge, PixelSpec())
+    black = read_pixels(edge, PixelSpec(nodata_fill="black"))
     mean = read_pixels(edge, PixelSpec(nodata_fill="mean"))
     np.testing.assert_array_equal(mean[:, 10:], black[:, 10:])  # the ground is the same
     for channel in range(3):  # the nodata third is one flat tone per band: the ground's mean, not black
@@ -218,7 +218,7 @@ def test_an_8_bit_geotiffs_nodata_is_masked_and_its_ground_kept_as_stored(tmp_pa
     edge[:, :6] = 255  # nodata 255, as some 8-bit mosaics declare it
     path = tmp_path / "edge8.tif"
     tifffile.imwrite(path, edge, photometric="rgb", extratags=[(42113, "s", 0, "255")])
-    seen = read_pixels(path.read_bytes(), PixelSpec())
+    seen = read_pixels(path.read_bytes(), PixelSpec(nodata_fill="black"))
     assert (seen[:, :6] == 0).all()  # shown black, as deeper scenes' nodata
     np.testing.assert_array_equal(seen[:, 6:], rgb8[:, 6:])  # 8-bit ground as stored: no stretch
     outside = tmp_path / "outside8.tif"
@@ -238,7 +238,7 @@ def test_transparent_pixels_of_a_web_map_tile_are_nodata():
         Image.fromarray(array, mode).save(buf, format="PNG")
         return buf.getvalue()
 
-    seen = read_pixels(png(rgba, "RGBA"), PixelSpec())
+    seen = read_pixels(png(rgba, "RGBA"), PixelSpec(nodata_fill="black"))
     assert (seen[:5] == 0).all()
     np.testing.assert_array_equal(seen[5:], rgba[5:, :, :3])
     np.testing.assert_array_equal(read_pixels(png(rgba, "RGBA"), PixelSpec(nodata="none")), rgba[:, :, :3])
@@ -255,8 +255,8 @@ def test_nodata_mirrored_across_a_straight_edge_is_the_ground_reflected(tmp_path
     rng = np.random.default_rng(9)
     whole = (rng.random((3, 20, 24)) * 600 + 300).astype(np.uint16)
     edge = _with_nodata_tag(tmp_path / "edge.tif", _edge_tile(whole, 0), "0").read_bytes()  # columns 0-7 nodata
-    black = read_pixels(edge, PixelSpec())
-    mirror = read_pixels(edge, PixelSpec(nodata_fill="mirror"))
+    black = read_pixels(edge, PixelSpec(nodata_fill="black"))
+    mirror = read_pixels(edge, PixelSpec())  # the default
     np.testing.assert_array_equal(mirror[:, 8:], black[:, 8:])
     # column 8 is the edge; column 8 - d takes column 8 + d (0 <= d <= 8)
     np.testing.assert_array_equal(mirror[:, :8], black[:, 16:8:-1])

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -102,6 +102,10 @@ class DataConfig(ReadConfig):
 
 class FeatureConfig(_Section):
     """The backbone and the image it sees: what fine-tuning trains and what clustering embeds with."""
+
+    #: The settings of how a scene's pixels become 8-bit RGB (:meth:`pixel_spec`): a saved run's feature records
+    #: them, and ``assign`` and the report read them back.
+    PIXEL_SETTINGS: ClassVar[tuple[str, ...]] = ("bands", "stretch", "percentiles", "nodata", "nodata_fill")
 
     model: str = Field(
         "facebook/dinov2-small",

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from scenecluster import __version__
-from scenecluster.config import AssignJobConfig, ClusterJobConfig, dump_config
+from scenecluster.config import AssignJobConfig, ClusterJobConfig, FeatureConfig, dump_config
 from scenecluster.data import local_path, open_filesystem
 from scenecluster.devices import Resources, decide
 from scenecluster.embed import SKIPPED, embed_parts, export_embeddings, write_skipped
@@ -168,16 +168,14 @@ def overruled_feature_settings(embed, saved: dict[str, Any]) -> list[str]:
 
 def _feature_settings(feature: dict[str, Any]) -> dict[str, Any]:
     """The saved run's feature as ``embed`` settings; a run saved before the pixel settings used their defaults."""
+    pixels = {k: feature.get(k, FeatureConfig.model_fields[k].default) for k in FeatureConfig.PIXEL_SETTINGS}
+    pixels["percentiles"] = tuple(pixels["percentiles"])  # JSON keeps a list; the setting is a tuple
     return {
         "model": feature["model"],
         "layer": feature["layer"],
         "pooling": feature["pooling"],
         "image_size": feature["image_size"],
-        "bands": feature.get("bands", "auto"),
-        "stretch": feature.get("stretch", "auto"),
-        "percentiles": tuple(feature.get("percentiles", (2.0, 98.0))),
-        "nodata": feature.get("nodata", "auto"),
-        "nodata_fill": feature.get("nodata_fill", "mirror"),
+        **pixels,
         "views": feature.get("views", "one"),
     }
 

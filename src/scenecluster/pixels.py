@@ -77,6 +77,13 @@ class PixelSpec:
     nodata: str | float = "auto"
     nodata_fill: str = "mirror"
 
+    def nodata_value(self, tagged: float | None = None) -> float | None:
+        """The nodata value of a scene whose file declares ``tagged`` (None: it declares none): the tag under
+        ``auto``, nothing under ``none``, else the number given."""
+        if self.nodata == "auto":
+            return tagged
+        return None if self.nodata == "none" else float(self.nodata)
+
     @property
     def plain_8bit(self) -> bool:
         """8-bit scenes are read exactly as PIL's RGB conversion gives them (a given nodata value must be masked)."""
@@ -159,7 +166,7 @@ def read_pixels(data: bytes, spec: PixelSpec) -> np.ndarray:
             array = np.asarray(img.convert("RGB" if img.mode not in ("L", "LA", "1") else "L"))
         else:  # I;16, I, F: one band deeper than 8 bits
             array = np.asarray(img)
-    return to_rgb8(array, spec, nodata=None if isinstance(spec.nodata, str) else spec.nodata)
+    return to_rgb8(array, spec, nodata=spec.nodata_value())
 
 
 def _mask_transparent(rgb: np.ndarray, img: Image.Image, fill: str) -> np.ndarray:
@@ -183,9 +190,7 @@ def _read_tiff(data: bytes, spec: PixelSpec) -> np.ndarray | None:
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages[0]
-            nodata = spec.nodata if not isinstance(spec.nodata, str) else None
-            if spec.nodata == "auto":
-                nodata = _gdal_nodata(page)
+            nodata = spec.nodata_value(_gdal_nodata(page))
             plain = page.bitspersample <= 8 and page.samplesperpixel in (1, 3, 4)
             if plain and spec.plain_8bit and (nodata is None or not _plain_values(page)):
                 return None  # PIL reads it (palettes, YCbCr and all) as it always did

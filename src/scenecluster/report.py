@@ -303,9 +303,7 @@ def _pixel_spec(config: dict[str, Any]):
     from scenecluster.config import FeatureConfig
 
     embed = config.get("embed") or {}
-    return FeatureConfig(
-        **{k: embed[k] for k in ("bands", "stretch", "percentiles", "nodata", "nodata_fill") if k in embed}
-    ).pixel_spec()
+    return FeatureConfig(**{k: embed[k] for k in FeatureConfig.PIXEL_SETTINGS if k in embed}).pixel_spec()
 
 
 def _thumbnails_per_cluster(out: OutputFolder) -> int:

@@ -11,6 +11,8 @@ The rule is the one common raster viewers apply by default (QGIS's "cumulative c
 * **nodata**: pixels outside the scene's footprint (a tile cut at the edge of an orbit or a mosaic) are left out of
   the percentiles, as QGIS leaves them out. ``auto`` takes the value from the GeoTIFF's ``GDAL_NODATA`` tag (what
   GDAL writes; no tag, no nodata), a number names it for scenes that carry no tag, ``none`` ignores the tag.
+  A TIFF's internal mask (the 1-bit mask GDAL writes beside JPEG-compressed orthophotos and COGs) is honoured
+  alike, except under ``none``.
   Without this, a tile that is a third nodata has its 2nd percentile at the nodata value, and its real pixels are
   squeezed into the top of the range: it looks unlike the same ground in a whole tile. NaN is always left out. In
   8-bit scenes with an alpha channel (web-map tiles), fully transparent pixels are nodata under ``auto``.
@@ -40,6 +42,7 @@ __all__ = ["PixelSpec", "fill_nodata", "parse_bands", "parse_nodata", "read_pixe
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _GDAL_NODATA_TAG = 42113
+_MASK_SEARCH_PAGES = 32  # GDAL writes the mask right after the image (or after its overviews): never far
 _EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa"}
 
 
@@ -68,7 +71,7 @@ class PixelSpec:
         Low and high percentile of each band's pixels mapped to 0 and 255.
     nodata : "auto", "none" or float
         The pixel value outside the footprint: ``"auto"`` reads a GeoTIFF's ``GDAL_NODATA`` tag, ``"none"``
-        ignores it, a number applies to every scene (:func:`parse_nodata`).
+        ignores it (and internal masks), a number applies to every scene (:func:`parse_nodata`).
     """
 
     bands: tuple[int, ...] | None = None
@@ -153,20 +156,23 @@ def read_pixels(data: bytes, spec: PixelSpec) -> np.ndarray:
     PIL.UnidentifiedImageError, OSError, ValueError
         When the bytes are no image this can read, or ask for a band the scene does not have.
     """
+    valid = None
     if data[:4] in _TIFF_MAGIC:
-        pixels = _read_tiff(data, spec)
+        pixels, valid = _read_tiff(data, spec)
         if pixels is not None:
             return pixels
     with Image.open(io.BytesIO(data)) as img:
         img.load()  # force the full decode here so a truncated file fails now, not later
         if img.mode in _EIGHT_BIT_MODES and spec.plain_8bit:
             rgb = np.array(img.convert("RGB"), dtype=np.uint8)
+            if valid is not None:
+                return _fill_outside(rgb, valid, spec.nodata_fill)
             return _mask_transparent(rgb, img, spec.nodata_fill) if spec.nodata == "auto" else rgb
         if img.mode in _EIGHT_BIT_MODES:
             array = np.asarray(img.convert("RGB" if img.mode not in ("L", "LA", "1") else "L"))
         else:  # I;16, I, F: one band deeper than 8 bits
             array = np.asarray(img)
-    return to_rgb8(array, spec, nodata=spec.nodata_value())
+    return to_rgb8(array, spec, nodata=spec.nodata_value(), valid=valid)
 
 
 def _mask_transparent(rgb: np.ndarray, img: Image.Image, fill: str) -> np.ndarray:
@@ -179,33 +185,60 @@ def _mask_transparent(rgb: np.ndarray, img: Image.Image, fill: str) -> np.ndarra
         return rgb
     if alpha.max() == 0:
         raise ValueError("no valid pixels: every pixel is transparent, outside the coverage")
-    rgb[alpha == 0] = 0
-    return fill_nodata(rgb, alpha == 0, fill)
+    return _fill_outside(rgb, alpha > 0, fill)
 
 
-def _read_tiff(data: bytes, spec: PixelSpec) -> np.ndarray | None:
-    """A TIFF PIL cannot show faithfully (deeper than 8 bits, or not 1 or 3 bands), read with tifffile; else None."""
+def _fill_outside(rgb: np.ndarray, valid: np.ndarray, fill: str) -> np.ndarray:
+    """An 8-bit scene's pixels outside ``valid`` (``(H, W)``) blacked out, then filled as ``fill`` says."""
+    rgb[~valid] = 0
+    return fill_nodata(rgb, ~valid, fill)
+
+
+def _read_tiff(data: bytes, spec: PixelSpec) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A TIFF PIL cannot show faithfully (deeper than 8 bits, or not 1 or 3 bands), read with tifffile; else
+    ``None`` for PIL to read. Either way, with the valid pixels of the file's internal mask (None: no mask, or
+    ``nodata`` is ``none``) for PIL's reading to honour."""
     import tifffile
 
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages[0]
+            valid = None if spec.nodata == "none" else _internal_mask(tif, page)
             nodata = spec.nodata_value(_gdal_nodata(page))
             plain = page.bitspersample <= 8 and page.samplesperpixel in (1, 3, 4)
             if plain and spec.plain_8bit and (nodata is None or not _plain_values(page)):
-                return None  # PIL reads it (palettes, YCbCr and all) as it always did
+                return None, valid  # PIL reads it (palettes, YCbCr and all) as it always did
             try:
                 array = page.asarray()
-            except (ImportError, NotImplementedError, ValueError):  # a codec tifffile lacks: PIL reads it, unmasked
+            except (ImportError, NotImplementedError, ValueError):  # a codec tifffile lacks: PIL reads it
                 if plain and spec.plain_8bit:
-                    return None
+                    return None, valid
                 raise
             planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.ndim == 3
     except tifffile.TiffFileError as exc:
         raise UnidentifiedImageError(f"not a readable TIFF ({exc})") from None
     if planar:
         array = np.moveaxis(array, 0, -1)  # (bands, H, W) -> (H, W, bands)
-    return to_rgb8(array, spec, nodata=nodata)
+    return to_rgb8(array, spec, nodata=nodata, valid=valid), None
+
+
+def _internal_mask(tif, image) -> np.ndarray | None:
+    """The valid pixels of ``image`` by the file's internal mask: the 1-bit IFD flagged as a transparency mask that
+    GDAL writes after the image (``GDAL_TIFF_INTERNAL_MASK``, every COG with a mask); nonzero is valid. None when
+    the file has none, or every pixel is valid.
+
+    Why: JPEG-compressed orthophotos cannot declare a nodata value (the codec blurs it), so GDAL marks their
+    footprint with this mask instead; it is the common way edge tiles of aerial mosaics say what is outside.
+    """
+    shape = (image.imagelength, image.imagewidth)
+    for index in range(1, min(len(tif.pages), _MASK_SEARCH_PAGES)):
+        page = tif.pages[index]
+        if page.is_mask and not page.is_reduced and (page.imagelength, page.imagewidth) == shape:
+            valid = np.asarray(page.asarray()).reshape(shape) != 0
+            if not valid.any():
+                raise ValueError("no valid pixels: the TIFF's internal mask marks every pixel outside the footprint")
+            return None if valid.all() else valid
+    return None
 
 
 def _plain_values(page) -> bool:
@@ -227,11 +260,14 @@ def _gdal_nodata(page) -> float | None:
         return None
 
 
-def to_rgb8(array: np.ndarray, spec: PixelSpec, nodata: float | None = None) -> np.ndarray:
+def to_rgb8(
+    array: np.ndarray, spec: PixelSpec, nodata: float | None = None, valid: np.ndarray | None = None
+) -> np.ndarray:
     """``(H, W)`` or ``(H, W, bands)`` of any numeric type -> ``uint8 (H, W, 3)``: pick the bands, stretch them.
 
-    Pixels equal to ``nodata`` (band by band, as GDAL masks them) and NaN pixels stay out of the stretch; nodata
-    pixels are then filled as ``spec.nodata_fill`` says (:func:`fill_nodata`), undeclared NaN ones shown black.
+    Pixels equal to ``nodata`` (band by band, as GDAL masks them), pixels outside ``valid`` (an ``(H, W)`` mask,
+    as a TIFF's internal mask gives) and NaN pixels stay out of the stretch; nodata and masked pixels are then
+    filled as ``spec.nodata_fill`` says (:func:`fill_nodata`), undeclared NaN ones shown black.
     """
     if array.ndim == 2:
         array = array[:, :, None]
@@ -250,7 +286,10 @@ def to_rgb8(array: np.ndarray, spec: PixelSpec, nodata: float | None = None) -> 
     missing = None
     if nodata is not None:  # a declared NaN is nodata too (undeclared NaN is only left out of the stretch)
         missing = np.isnan(picked) if np.isnan(nodata) else picked == nodata
-    _check_some_valid(picked, missing, nodata)
+    if valid is not None:
+        outside = np.broadcast_to(~valid[:, :, None], picked.shape)
+        missing = outside.copy() if missing is None else missing | outside
+    _check_some_valid(picked, missing, nodata, masked=valid is not None)
     if stretch == "none":
         rgb = _scale_type_range(picked)
         if missing is not None:
@@ -268,7 +307,9 @@ def to_rgb8(array: np.ndarray, spec: PixelSpec, nodata: float | None = None) -> 
     return rgb
 
 
-def _check_some_valid(picked: np.ndarray, missing: np.ndarray | None, nodata: float | None) -> None:
+def _check_some_valid(
+    picked: np.ndarray, missing: np.ndarray | None, nodata: float | None, masked: bool = False
+) -> None:
     """A tile wholly outside the footprint has nothing to embed: it is skipped with this reason, not embedded.
 
     Why: tiling grids laid over a scene's bounding box make many such tiles (the corners beyond a slanted swath);
@@ -284,6 +325,8 @@ def _check_some_valid(picked: np.ndarray, missing: np.ndarray | None, nodata: fl
         valid &= ~missing
     if not valid.any():
         what = "NaN" if nodata is None or np.isnan(nodata) else f"nodata ({nodata:g})"
+        if masked:
+            what = f"{what} or outside the internal mask" if nodata is not None else "outside the internal mask"
         raise ValueError(f"no valid pixels: every pixel of the bands shown is {what}, outside the footprint")
 
 

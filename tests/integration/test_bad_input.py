@@ -27,7 +27,7 @@ from PIL import Image
 
 from scenecluster.cli import main
 from tests.conftest import copy_sample
-from tests.unit.test_pixels import write_geotiff
+from tests.unit.test_pixels import GDAL_MASKED_COG, write_geotiff
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +83,8 @@ def test_16_bit_grey_and_multiband_geotiffs_are_read_not_blank(ray_cluster, tmp_
     """Real scenes stored as a 12-bit sensor would: 16-bit grey TIFFs (PIL mode I;16, which PIL's RGB
     conversion turned all white) and 4-band 16-bit GeoTIFFs (R, G, B, NIR). Each must embed as its own
     picture: before, every grey scene became the same blank image. Beside them, tiles at a footprint's edge
-    (``GDAL_NODATA``): one a third nodata is embedded, one wholly outside is skipped and listed."""
+    (``GDAL_NODATA``): one a third nodata is embedded, one wholly outside is skipped and listed; and a JPEG
+    orthophoto tile whose footprint GDAL's internal mask marks is embedded."""
     src = sorted(copy_sample(tmp_path / "jpg", per_class=1, classes=10).glob("*/*.jpg"))
     folder = tmp_path / "tiles"
     folder.mkdir()
@@ -101,15 +102,16 @@ def test_16_bit_grey_and_multiband_geotiffs_are_read_not_blank(ray_cluster, tmp_
     tifffile.imwrite(
         folder / "outside.tif", edge * 0, photometric="minisblack", planarconfig="separate", extratags=nodata
     )
+    shutil.copy(GDAL_MASKED_COG, folder / "orthophoto_edge.tif")
     assert Image.open(folder / "grey_1.tif").mode == "I;16"
     assert tifffile.TiffFile(folder / "geo_0.tif").is_geotiff
     code, out, _ = _cli(capsys, "cluster", folder, "-o", tmp_path / "out", *_tiny(tiny_model_dir))
-    assert code == 0 and "from 11 images (1 skipped)" in out[-2]
+    assert code == 0 and "from 12 images (1 skipped)" in out[-2]
     skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
     assert [(Path(r["path"]).name, r["reason"].split(":")[1]) for r in skipped] == [("outside.tif", " no valid pixels")]
     X = np.stack(pq.read_table(tmp_path / "out" / "embeddings.parquet").column("embedding").to_numpy(False))
     distances = np.linalg.norm(X[:, None] - X[None], axis=2)[np.triu_indices(len(X), 1)]
-    assert distances.min() > 1e-3  # eleven different pictures, not one blank image ten times
+    assert distances.min() > 1e-3  # twelve different pictures, not one blank image ten times
     embed = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["embed"]
     assert (embed["bands"], embed["stretch"], embed["percentiles"]) == ("auto", "auto", [2.0, 98.0])
     feature = json.loads((tmp_path / "out" / "clustering" / "clustering.json").read_text())["feature"]

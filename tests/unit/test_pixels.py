@@ -265,3 +265,88 @@ def test_nodata_mirrored_across_a_straight_edge_is_the_ground_reflected(tmp_path
     filled = fill_nodata(np.where(slanted[:, :, None], 0, rgb).astype(np.uint8), slanted, "mirror")
     assert (filled[slanted] > 0).all()  # every nodata pixel took a valid pixel's colour
     np.testing.assert_array_equal(filled[~slanted], rgb[~slanted])
+
+
+GDAL_MASKED_COG = Path(__file__).parent / "data" / "gdal_masked_cog.tif"  # made by data/make_gdal_masked_cog.py
+
+
+def _gdal_cog_outside() -> np.ndarray:
+    """Where the fixture's mask says the footprint ends (its maker's ``outside``)."""
+    y, x = np.mgrid[:48, :64]
+    return x + y // 2 < 20
+
+
+def test_gdals_internal_mask_of_a_jpeg_orthophoto_is_the_footprint():
+    data = GDAL_MASKED_COG.read_bytes()
+    outside = _gdal_cog_outside()
+    with Image.open(GDAL_MASKED_COG) as img:
+        as_stored = np.asarray(img.convert("RGB"))
+    assert as_stored[outside].max() > 0  # JPEG blurred the black outside: no nodata value could find it
+
+    seen = read_pixels(data, PixelSpec(nodata_fill="black"))
+    assert (seen[outside] == 0).all()
+    np.testing.assert_array_equal(seen[~outside], as_stored[~outside])  # the ground as PIL decodes it
+    mirrored = read_pixels(data, PixelSpec())  # the default fill: the ground reflected across the slanted edge
+    np.testing.assert_array_equal(mirrored[~outside], as_stored[~outside])
+    assert (mirrored[outside] > 0).all()
+    np.testing.assert_array_equal(read_pixels(data, PixelSpec(nodata="none")), as_stored)  # as before
+
+
+def _masked_tiff(bands: np.ndarray, valid: np.ndarray, overview: bool = False) -> bytes:
+    """A band-sequential GeoTIFF followed by its internal mask IFD (NewSubfileType 4, 1 bit), as GDAL lays it out;
+    with ``overview``, a half-size reduced mask first, which must not be taken for the image's."""
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tif:
+        tif.write(bands, photometric="minisblack", planarconfig="separate", extratags=GEO_TAGS)
+        if overview:
+            tif.write(valid[::2, ::2], subfiletype=5, photometric="mask")
+        tif.write(valid, subfiletype=4, photometric="mask", compression="deflate")
+    return buf.getvalue()
+
+
+def test_an_internal_mask_keeps_what_it_hides_out_of_the_stretch(tmp_path):
+    rng = np.random.default_rng(10)
+    whole = (rng.random((3, 24, 30)) * 600 + 300).astype(np.uint16)
+    stored = whole.copy()
+    stored[:, :, :10] = rng.integers(0, 65535, (3, 24, 10))  # what lies under the mask is anything at all
+    valid = np.ones((24, 30), bool)
+    valid[:, :10] = False
+    seen_whole = read_pixels(write_geotiff(tmp_path / "whole.tif", whole).read_bytes(), PixelSpec())
+
+    for overview in (False, True):
+        honoured = read_pixels(_masked_tiff(stored, valid, overview), PixelSpec(nodata_fill="black"))
+        assert (honoured[:, :10] == 0).all()
+        for channel in range(3):
+            np.testing.assert_array_equal(honoured[:, 10:, channel], _stretched(whole[channel][:, 10:]))
+        assert np.abs(honoured[:, 10:].astype(int) - seen_whole[:, 10:]).mean() < 2
+    ignored = read_pixels(_masked_tiff(stored, valid), PixelSpec(nodata="none"))
+    assert np.abs(ignored[:, 10:].astype(int) - seen_whole[:, 10:]).mean() > 40  # the hidden values set the stretch
+
+    every_pixel_valid = _masked_tiff(whole, np.ones_like(valid))
+    np.testing.assert_array_equal(read_pixels(every_pixel_valid, PixelSpec()), seen_whole)
+    named = _masked_tiff(np.where(valid, whole, 0).astype(np.uint16), valid)  # a named value and a mask agree
+    np.testing.assert_array_equal(read_pixels(named, PixelSpec(nodata=0)), read_pixels(named, PixelSpec()))
+
+
+def test_a_tile_its_internal_mask_hides_whole_is_skipped_with_a_reason():
+    bands = np.full((3, 16, 16), 700, np.uint16)
+    hidden = _masked_tiff(bands, np.zeros((16, 16), bool))
+    half = np.ones((16, 16), bool)
+    half[:, :8] = False
+    nodata_and_mask = io.BytesIO()  # the mask hides the left half, the nodata value the right
+    with tifffile.TiffWriter(nodata_and_mask) as tif:
+        right_nodata = bands.copy()
+        right_nodata[:, :, 8:] = 0
+        tif.write(right_nodata, photometric="minisblack", planarconfig="separate", extratags=[(42113, "s", 0, "0")])
+        tif.write(half, subfiletype=4, photometric="mask")
+    batch = {
+        "path": np.array(["hidden.tif", "both.tif"], dtype=object),
+        "bytes": np.array([hidden, nodata_and_mask.getvalue()], dtype=object),
+    }
+    errors = decode_batch(batch, image_size=14)["error"]
+    assert errors[0] == "ValueError: no valid pixels: the TIFF's internal mask marks every pixel outside the footprint"
+    assert errors[1] == (
+        "ValueError: no valid pixels: every pixel of the bands shown is nodata (0) or outside the internal mask, "
+        "outside the footprint"
+    )
+    assert read_pixels(hidden, PixelSpec(nodata="none")).shape == (16, 16, 3)

@@ -15,6 +15,7 @@ weights may have been tuned for saliency after DINOv2 pre-training, so they are 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -22,9 +23,10 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -285,11 +287,37 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _from_pretrained(source: str | Path, torch_dtype: torch.dtype, **kwargs: Any) -> PreTrainedModel:
     """``AutoModel.from_pretrained`` reduced to the backbone and put in eval mode."""
-    model = AutoModel.from_pretrained(source, **{_DTYPE_KWARG: torch_dtype}, **kwargs)
+    with _quiet_in_ray_actors():
+        model = AutoModel.from_pretrained(source, **{_DTYPE_KWARG: torch_dtype}, **kwargs)
     base = model.base_model
     if isinstance(base, PreTrainedModel):
         model = base
     return model.eval()
+
+
+@contextlib.contextmanager
+def _quiet_in_ray_actors() -> Iterator[None]:
+    """transformers' "Loading weights" bar off inside a Ray actor, on in the driver.
+
+    Why: every embedding, assignment and training actor loads the backbone from a local copy in well under a
+    second, and each printed a bar into the job's log (one per actor, restarts included); the driver keeps its
+    bars, which show a Hub download's progress.
+    """
+    from transformers.utils import logging as hf_logging
+
+    if not (_in_ray_actor() and hf_logging.is_progress_bar_enabled()):
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def _in_ray_actor() -> bool:
+    ray = sys.modules.get("ray")  # not imported: not in Ray, and no reason to import it here
+    return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 def _load_folder(folder: Path, load: Callable[..., _T]) -> _T:

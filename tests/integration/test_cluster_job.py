@@ -137,3 +137,30 @@ def test_the_demo_command_clusters_the_shipped_sample_with_its_settings(ray_clus
     assert config["embed"]["layer"] == 0  # the model's own feature layer, as `cluster` takes it
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_embedded"] == 60 and 0.0 <= metrics["acc"] <= 1.0
+
+
+def test_actors_load_the_backbone_without_a_progress_bar_and_the_driver_keeps_it(ray_cluster, tiny_model_dir):
+    """Every embedding actor printed transformers' "Loading weights" bar into the job's log; the driver's stays."""
+
+    def load_printing(model_dir: str) -> str:  # local, so Ray ships it by value: the tests are no package there
+        """What loading the backbone writes to stderr (transformers' progress bars write there)."""
+        import contextlib
+        import io
+
+        from scenecluster.models import load_backbone
+
+        printed = io.StringIO()
+        with contextlib.redirect_stderr(printed):
+            load_backbone(model_dir)
+        return printed.getvalue()
+
+    @ray_cluster.remote(num_cpus=0)
+    class Loader:
+        def load(self, model_dir: str) -> str:
+            return load_printing(model_dir)
+
+    assert "Loading weights" in load_printing(str(tiny_model_dir))
+    assert "Loading weights" not in ray_cluster.get(Loader.remote().load.remote(str(tiny_model_dir)))
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()

@@ -144,8 +144,8 @@ class FeatureConfig(_Section):
     nodata: str = Field(
         "auto",
         description="pixels outside the scene's footprint, left out of the stretch: 'auto' reads "
-        "a GeoTIFF's GDAL_NODATA tag and a TIFF's internal mask (as GDAL writes beside JPEG orthophotos and COGs), "
-        "a number (e.g. 0) names the value for scenes without a tag, 'none' ignores tag and mask",
+        "a GeoTIFF's GDAL_NODATA tag, internal mask (as GDAL writes beside JPEG orthophotos and COGs) and alpha "
+        "band, a number (e.g. 0) names the value for scenes without a tag, 'none' ignores all three",
         json_schema_extra=flag("--nodata"),
     )
     nodata_fill: Literal["mirror", "black", "mean"] = Field(

@@ -11,8 +11,8 @@ The rule is the one common raster viewers apply by default (QGIS's "cumulative c
 * **nodata**: pixels outside the scene's footprint (a tile cut at the edge of an orbit or a mosaic) are left out of
   the percentiles, as QGIS leaves them out. ``auto`` takes the value from the GeoTIFF's ``GDAL_NODATA`` tag (what
   GDAL writes; no tag, no nodata), a number names it for scenes that carry no tag, ``none`` ignores the tag.
-  A TIFF's internal mask (the 1-bit mask GDAL writes beside JPEG-compressed orthophotos and COGs) is honoured
-  alike, except under ``none``.
+  A TIFF's internal mask (the 1-bit mask GDAL writes beside JPEG-compressed orthophotos and COGs) and its alpha
+  band (``gdalwarp -dstalpha``) are honoured alike, except under ``none``.
   Without this, a tile that is a third nodata has its 2nd percentile at the nodata value, and its real pixels are
   squeezed into the top of the range: it looks unlike the same ground in a whole tile. NaN is always left out. In
   8-bit scenes with an alpha channel (web-map tiles), fully transparent pixels are nodata under ``auto``.
@@ -215,11 +215,28 @@ def _read_tiff(data: bytes, spec: PixelSpec) -> tuple[np.ndarray | None, np.ndar
                     return None, valid
                 raise
             planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.ndim == 3
+            alpha_band = _alpha_band(page)
     except tifffile.TiffFileError as exc:
         raise UnidentifiedImageError(f"not a readable TIFF ({exc})") from None
     if planar:
         array = np.moveaxis(array, 0, -1)  # (bands, H, W) -> (H, W, bands)
+    if alpha_band is not None and spec.nodata != "none" and array.ndim == 3:
+        opaque = array[:, :, alpha_band] > 0
+        if not opaque.any():
+            raise ValueError("no valid pixels: every pixel is transparent (alpha 0), outside the footprint")
+        valid = opaque if valid is None else valid & opaque
     return to_rgb8(array, spec, nodata=nodata, valid=valid), None
+
+
+def _alpha_band(page) -> int | None:
+    """The 0-based band of the TIFF's alpha channel (an ExtraSamples value of associated or unassociated alpha, as
+    ``gdalwarp -dstalpha`` and GDAL's ``ALPHA=YES`` write it), or None. Pixels of alpha 0 are outside the footprint.
+    """
+    extras = tuple(int(extra) for extra in (page.extrasamples or ()))
+    for position, extra in enumerate(extras):
+        if extra in (1, 2):  # EXTRASAMPLE.ASSOCALPHA, UNASSALPHA
+            return page.samplesperpixel - len(extras) + position
+    return None
 
 
 def _internal_mask(tif, image) -> np.ndarray | None:
@@ -266,8 +283,8 @@ def to_rgb8(
     """``(H, W)`` or ``(H, W, bands)`` of any numeric type -> ``uint8 (H, W, 3)``: pick the bands, stretch them.
 
     Pixels equal to ``nodata`` (band by band, as GDAL masks them), pixels outside ``valid`` (an ``(H, W)`` mask,
-    as a TIFF's internal mask gives) and NaN pixels stay out of the stretch; nodata and masked pixels are then
-    filled as ``spec.nodata_fill`` says (:func:`fill_nodata`), undeclared NaN ones shown black.
+    as a TIFF's internal mask or alpha band gives) and NaN pixels stay out of the stretch; nodata and masked
+    pixels are then filled as ``spec.nodata_fill`` says (:func:`fill_nodata`), undeclared NaN ones shown black.
     """
     if array.ndim == 2:
         array = array[:, :, None]
@@ -326,7 +343,7 @@ def _check_some_valid(
     if not valid.any():
         what = "NaN" if nodata is None or np.isnan(nodata) else f"nodata ({nodata:g})"
         if masked:
-            what = f"{what} or outside the internal mask" if nodata is not None else "outside the internal mask"
+            what = f"{what} or masked" if nodata is not None else "masked"
         raise ValueError(f"no valid pixels: every pixel of the bands shown is {what}, outside the footprint")
 
 

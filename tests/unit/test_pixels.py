@@ -267,7 +267,8 @@ def test_nodata_mirrored_across_a_straight_edge_is_the_ground_reflected(tmp_path
     np.testing.assert_array_equal(filled[~slanted], rgb[~slanted])
 
 
-GDAL_MASKED_COG = Path(__file__).parent / "data" / "gdal_masked_cog.tif"  # made by data/make_gdal_masked_cog.py
+GDAL_MASKED_COG = Path(__file__).parent / "data" / "gdal_masked_cog.tif"  # made by data/make_gdal_fixtures.py
+GDAL_ALPHA16 = Path(__file__).parent / "data" / "gdal_alpha16.tif"
 
 
 def _gdal_cog_outside() -> np.ndarray:
@@ -346,7 +347,29 @@ def test_a_tile_its_internal_mask_hides_whole_is_skipped_with_a_reason():
     errors = decode_batch(batch, image_size=14)["error"]
     assert errors[0] == "ValueError: no valid pixels: the TIFF's internal mask marks every pixel outside the footprint"
     assert errors[1] == (
-        "ValueError: no valid pixels: every pixel of the bands shown is nodata (0) or outside the internal mask, "
-        "outside the footprint"
+        "ValueError: no valid pixels: every pixel of the bands shown is nodata (0) or masked, outside the footprint"
     )
     assert read_pixels(hidden, PixelSpec(nodata="none")).shape == (16, 16, 3)
+
+
+def test_the_alpha_band_of_a_16_bit_geotiff_is_the_footprint(tmp_path):
+    data = GDAL_ALPHA16.read_bytes()  # RGB + alpha as GDAL writes it (ExtraSamples: unassociated alpha), no nodata
+    bands = np.moveaxis(tifffile.imread(GDAL_ALPHA16), -1, 0)
+    y, x = np.mgrid[:40, :50]
+    outside = x + y // 2 < 15
+    assert (bands[3][outside] == 0).all() and (bands[3][~outside] == 65535).all()
+
+    seen = read_pixels(data, PixelSpec(nodata_fill="black"))
+    assert (seen[outside] == 0).all()
+    for channel in range(3):  # the ground stretched on itself: the zeros outside stay out of the percentiles
+        np.testing.assert_array_equal(seen[:, :, channel][~outside], _stretched(bands[channel][~outside]))
+    ignored = read_pixels(data, PixelSpec(nodata="none"))
+    assert np.abs(ignored[~outside].astype(int) - seen[~outside]).mean() > 20
+    transparent = io.BytesIO()
+    tifffile.imwrite(transparent, np.zeros((8, 8, 4), np.uint16), photometric="rgb", extrasamples=["unassalpha"])
+    with pytest.raises(ValueError, match=r"no valid pixels: every pixel is transparent \(alpha 0\)"):
+        read_pixels(transparent.getvalue(), PixelSpec())
+    fourth_band = io.BytesIO()  # a 4th band that is no alpha (near infrared, say) masks nothing
+    nir = np.moveaxis(np.concatenate([bands[:3], np.zeros_like(bands[:1])]), 0, -1)
+    tifffile.imwrite(fourth_band, nir, photometric="rgb", extrasamples=["unspecified"])
+    np.testing.assert_array_equal(read_pixels(fourth_band.getvalue(), PixelSpec(nodata_fill="black")), ignored)

@@ -128,8 +128,9 @@ class FeatureConfig(_Section):
     )
     bands: str = Field(
         "auto",
-        description="1-based bands shown as red,green,blue (e.g. 4,3,2) or one band as grey; 'auto': band 1 as "
-        "grey below three bands, else 1,2,3",
+        description="1-based bands shown as red,green,blue (e.g. 4,3,2) or one band as grey; 'auto': the bands a "
+        "GeoTIFF's GDAL metadata names red, green, blue (as QGIS shows them), else band 1 as grey below three "
+        "bands, else 1,2,3",
         json_schema_extra=flag("--bands"),
     )
     stretch: Literal["auto", "percentile", "none"] = Field(

@@ -3,8 +3,10 @@
 Satellite archives are mostly 16-bit (or float) GeoTIFFs of one band or many, while DINOv2 expects 8-bit RGB.
 The rule is the one common raster viewers apply by default (QGIS's "cumulative count cut"):
 
-* **bands**: ``auto`` shows band 1 as grey when the scene has fewer than three bands and bands 1, 2, 3 as red,
-  green, blue otherwise; ``embed.bands`` names others (1-based, e.g. ``4,3,2`` for Sentinel-2's true colour).
+* **bands**: ``auto`` shows the bands a GeoTIFF names red, green and blue (GDAL's colour interpretation, as
+  QGIS does: a blue-green-red-near-infrared stack is shown 3, 2, 1), else band 1 as grey when the scene has fewer
+  than three bands and bands 1, 2, 3 as red, green, blue otherwise; ``embed.bands`` names others (1-based, e.g.
+  ``4,3,2`` for Sentinel-2's true colour).
 * **stretch**: ``auto`` leaves 8-bit scenes as they are and stretches deeper ones band by band between the
   2nd and 98th percentile of that scene's pixels (``embed.percentiles``), clipping the tails; ``percentile``
   stretches 8-bit scenes too; ``none`` only rescales the type's range (0..65535 for 16-bit, 0..1 for float).
@@ -24,8 +26,8 @@ The rule is the one common raster viewers apply by default (QGIS's "cumulative c
 
 JPEG, PNG, WebP, JPEG 2000 and 8-bit TIFF scenes go through PIL (16-bit JPEG 2000 bands, as Sentinel-2's, are
 one deep band like a 16-bit PNG), so 8-bit scenes' embeddings do not change; TIFFs
-that PIL cannot decode whole (many bands, 16 bits per band, LZW/DEFLATE GeoTIFFs), and 8-bit grey or RGB GeoTIFFs
-that declare a nodata value, are read with tifffile.
+that PIL cannot decode whole (many bands, 16 bits per band, LZW/DEFLATE GeoTIFFs, several grey bands), and 8-bit
+GeoTIFFs that declare a nodata value or name their colour bands in another order, are read with tifffile.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ __all__ = ["PixelSpec", "fill_nodata", "parse_bands", "parse_nodata", "read_pixe
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _GDAL_NODATA_TAG = 42113
+_GDAL_METADATA_TAG = 42112
+_COLOUR_ROLES = ("red", "green", "blue", "alpha")
 _MASK_SEARCH_PAGES = 32  # GDAL writes the mask right after the image (or after its overviews): never far
 _EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa"}
 
@@ -195,37 +199,99 @@ def _fill_outside(rgb: np.ndarray, valid: np.ndarray, fill: str) -> np.ndarray:
 
 
 def _read_tiff(data: bytes, spec: PixelSpec) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """A TIFF PIL cannot show faithfully (deeper than 8 bits, or not 1 or 3 bands), read with tifffile; else
-    ``None`` for PIL to read. Either way, with the valid pixels of the file's internal mask (None: no mask, or
-    ``nodata`` is ``none``) for PIL's reading to honour."""
+    """A TIFF PIL cannot show faithfully (deeper than 8 bits, grey bands it would drop, bands GDAL names in
+    another order, a nodata value to mask), read with tifffile; else ``None`` for PIL to read. Either way, with the
+    valid pixels of the file's internal mask (None: no mask, or ``nodata`` is ``none``) for PIL's reading to
+    honour."""
     import tifffile
 
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages[0]
-            valid = None if spec.nodata == "none" else _internal_mask(tif, page)
-            nodata = spec.nodata_value(_gdal_nodata(page))
-            plain = page.bitspersample <= 8 and page.samplesperpixel in (1, 3, 4)
-            if plain and spec.plain_8bit and (nodata is None or not _plain_values(page)):
-                return None, valid  # PIL reads it (palettes, YCbCr and all) as it always did
+            declared = _Declared.of(tif, page, spec)
+            pil_reads = spec.plain_8bit and _pil_reads_faithfully(page)
+            if pil_reads and declared.rgb in (None, (1, 2, 3)) and (declared.nodata is None or not _plain_values(page)):
+                return None, declared.valid  # PIL reads it (palettes, YCbCr and all) as it always did
             try:
                 array = page.asarray()
             except (ImportError, NotImplementedError, ValueError):  # a codec tifffile lacks: PIL reads it
-                if plain and spec.plain_8bit:
-                    return None, valid
+                if pil_reads:
+                    return None, declared.valid
                 raise
-            planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.ndim == 3
-            alpha_band = _alpha_band(page)
+            if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and array.ndim == 3:
+                array = np.moveaxis(array, 0, -1)  # (bands, H, W) -> (H, W, bands)
     except tifffile.TiffFileError as exc:
         raise UnidentifiedImageError(f"not a readable TIFF ({exc})") from None
-    if planar:
-        array = np.moveaxis(array, 0, -1)  # (bands, H, W) -> (H, W, bands)
-    if alpha_band is not None and spec.nodata != "none" and array.ndim == 3:
-        opaque = array[:, :, alpha_band] > 0
+    valid = declared.valid
+    if declared.alpha is not None and array.ndim == 3 and declared.alpha < array.shape[2]:
+        opaque = array[:, :, declared.alpha] > 0
         if not opaque.any():
             raise ValueError("no valid pixels: every pixel is transparent (alpha 0), outside the footprint")
         valid = opaque if valid is None else valid & opaque
-    return to_rgb8(array, spec, nodata=nodata, valid=valid), None
+    return to_rgb8(array, spec, nodata=declared.nodata, valid=valid, declared_rgb=declared.rgb), None
+
+
+@dataclass(frozen=True)
+class _Declared:
+    """What a TIFF says of its pixels besides their values, as ``spec`` lets it count: the nodata value, the valid
+    pixels of its internal mask, the bands it names red, green and blue (1-based; ``bands: auto`` only), and its
+    alpha band (0-based; not under ``nodata: none``)."""
+
+    nodata: float | None
+    valid: np.ndarray | None
+    rgb: tuple[int, ...] | None
+    alpha: int | None
+
+    @classmethod
+    def of(cls, tif, page, spec: PixelSpec) -> _Declared:
+        honour = spec.nodata != "none"
+        roles = _gdal_band_roles(page)
+        rgb = tuple(roles[colour] for colour in ("red", "green", "blue") if colour in roles)
+        alpha = _alpha_band(page)
+        if alpha is None and "alpha" in roles:
+            alpha = roles["alpha"] - 1
+        return cls(
+            nodata=spec.nodata_value(_gdal_nodata(page)),
+            valid=_internal_mask(tif, page) if honour else None,
+            rgb=rgb if len(rgb) == 3 and spec.bands is None else None,
+            alpha=alpha if honour else None,
+        )
+
+
+def _pil_reads_faithfully(page) -> bool:
+    """8-bit grey, RGB(A), palette or YCbCr pixels, which PIL shows as they always were. Not 3 or 4 grey bands
+    (GDAL's ``PHOTOMETRIC=MINISBLACK``): PIL reads those as band 1 alone, or not at all."""
+    import tifffile
+
+    if page.bitspersample > 8:
+        return False
+    return page.samplesperpixel == 1 or (
+        page.samplesperpixel in (3, 4) and page.photometric != tifffile.PHOTOMETRIC.MINISBLACK
+    )
+
+
+def _gdal_band_roles(page) -> dict[str, int]:
+    """The 1-based bands GDAL's metadata tag names red, green, blue or alpha, lower-cased: ``{"red": 3, ...}``.
+
+    Why: GDAL writes a band's colour interpretation there (``COLORINTERP`` items of the ``GDAL_METADATA`` tag, 42112)
+    when the TIFF's photometric cannot say it, as in a blue-green-red-near-infrared stack (the band order of
+    Planet's and many other 4-band products). QGIS shows such a file by those roles; so does ``bands: auto``.
+    """
+    tag = page.tags.get(_GDAL_METADATA_TAG)
+    if tag is None or "colorinterp" not in str(tag.value).lower():
+        return {}
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        items = ElementTree.fromstring(str(tag.value).strip("\x00 ")).iter("Item")
+    except ElementTree.ParseError:
+        return {}
+    roles: dict[str, int] = {}
+    for item in items:
+        role, sample, colour = item.get("role"), item.get("sample"), (item.text or "").strip().lower()
+        if role == "colorinterp" and sample is not None and sample.isdigit() and colour in _COLOUR_ROLES:
+            roles.setdefault(colour, int(sample) + 1)
+    return roles
 
 
 def _alpha_band(page) -> int | None:
@@ -278,20 +344,27 @@ def _gdal_nodata(page) -> float | None:
 
 
 def to_rgb8(
-    array: np.ndarray, spec: PixelSpec, nodata: float | None = None, valid: np.ndarray | None = None
+    array: np.ndarray,
+    spec: PixelSpec,
+    nodata: float | None = None,
+    valid: np.ndarray | None = None,
+    declared_rgb: tuple[int, ...] | None = None,
 ) -> np.ndarray:
     """``(H, W)`` or ``(H, W, bands)`` of any numeric type -> ``uint8 (H, W, 3)``: pick the bands, stretch them.
 
     Pixels equal to ``nodata`` (band by band, as GDAL masks them), pixels outside ``valid`` (an ``(H, W)`` mask,
     as a TIFF's internal mask or alpha band gives) and NaN pixels stay out of the stretch; nodata and masked
     pixels are then filled as ``spec.nodata_fill`` says (:func:`fill_nodata`), undeclared NaN ones shown black.
+    ``declared_rgb`` are the bands the file names red, green and blue, shown under ``bands: auto``.
     """
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3:
         raise ValueError(f"a scene must be (height, width[, bands]), not an array of shape {array.shape}")
     n_bands = array.shape[2]
-    bands = spec.bands or ((1, 1, 1) if n_bands < 3 else (1, 2, 3))
+    if declared_rgb and max(declared_rgb) > n_bands:
+        declared_rgb = None
+    bands = spec.bands or declared_rgb or ((1, 1, 1) if n_bands < 3 else (1, 2, 3))
     if max(bands) > n_bands:
         raise ValueError(f"embed.bands asks for band {max(bands)}, but the scene has {n_bands}")
     if len(bands) == 1:

@@ -269,6 +269,7 @@ def test_nodata_mirrored_across_a_straight_edge_is_the_ground_reflected(tmp_path
 
 GDAL_MASKED_COG = Path(__file__).parent / "data" / "gdal_masked_cog.tif"  # made by data/make_gdal_fixtures.py
 GDAL_ALPHA16 = Path(__file__).parent / "data" / "gdal_alpha16.tif"
+GDAL_BGRN16 = Path(__file__).parent / "data" / "gdal_bgrn16.tif"
 
 
 def _gdal_cog_outside() -> np.ndarray:
@@ -373,3 +374,60 @@ def test_the_alpha_band_of_a_16_bit_geotiff_is_the_footprint(tmp_path):
     nir = np.moveaxis(np.concatenate([bands[:3], np.zeros_like(bands[:1])]), 0, -1)
     tifffile.imwrite(fourth_band, nir, photometric="rgb", extrasamples=["unspecified"])
     np.testing.assert_array_equal(read_pixels(fourth_band.getvalue(), PixelSpec(nodata_fill="black")), ignored)
+
+
+def test_bands_gdal_names_red_green_and_blue_are_shown_as_such():
+    data = GDAL_BGRN16.read_bytes()  # blue, green, red, near infrared; GDAL's metadata says so
+    seen = read_pixels(data, PixelSpec())
+    np.testing.assert_array_equal(seen, read_pixels(data, PixelSpec(bands=(3, 2, 1))))
+    y, x = np.mgrid[:24, :24]
+    for channel, pattern in ((0, (x + y) % 12), (1, y), (2, x)):  # each band's own pattern in its colour
+        assert np.corrcoef(seen[:, :, channel].ravel(), pattern.ravel())[0, 1] > 0.95
+    assert not np.array_equal(read_pixels(data, PixelSpec(bands=(1, 2, 3))), seen)  # a named order still wins
+
+
+def _with_colour_roles(bands: np.ndarray, colours: list[str]) -> bytes:
+    """A band-sequential TIFF whose GDAL_METADATA names each band's colour, as GDAL writes it."""
+    items = "".join(
+        f'<Item name="COLORINTERP" sample="{i}" role="colorinterp">{colour}</Item>' for i, colour in enumerate(colours)
+    )
+    buf = io.BytesIO()
+    tifffile.imwrite(
+        buf,
+        bands,
+        photometric="minisblack",
+        planarconfig="separate",
+        extratags=[(42112, "s", 0, f"<GDALMetadata>{items}</GDALMetadata>")],
+    )
+    return buf.getvalue()
+
+
+def test_an_8_bit_bgr_stack_a_grey_band_an_alpha_role_and_bad_metadata():
+    rgb = np.random.default_rng(11).integers(1, 255, (3, 12, 14), dtype=np.uint8)
+    bgr = _with_colour_roles(rgb[::-1].copy(), ["Blue", "Green", "Red"])
+    np.testing.assert_array_equal(read_pixels(bgr, PixelSpec()), np.moveaxis(rgb, 0, -1))  # 8 bits as stored
+    grey_and_nir = _with_colour_roles(rgb[:2].astype(np.uint16) * 100, ["Gray", "Undefined"])
+    np.testing.assert_array_equal(  # no red, green and blue named: band 1 as grey, as before
+        read_pixels(grey_and_nir, PixelSpec()), read_pixels(grey_and_nir, PixelSpec(bands=(1,)))
+    )
+    with_alpha = np.concatenate([rgb.astype(np.uint16) * 100, np.full((1, 12, 14), 65535, np.uint16)])
+    with_alpha[3, :, :4] = 0  # GDAL names a band "Alpha" when the photometric cannot say it
+    seen = read_pixels(
+        _with_colour_roles(with_alpha, ["Red", "Green", "Blue", "Alpha"]), PixelSpec(nodata_fill="black")
+    )
+    assert (seen[:, :4] == 0).all() and (seen[:, 4:] > 0).any()
+    broken = io.BytesIO()
+    tifffile.imwrite(broken, rgb, photometric="minisblack", planarconfig="separate", extratags=[(42112, "s", 0, "<x")])
+    assert read_pixels(broken.getvalue(), PixelSpec()).shape == (12, 14, 3)
+
+
+@pytest.mark.parametrize("planar", ["separate", "contig"])
+@pytest.mark.parametrize("compression", [None, "deflate"])
+def test_three_8_bit_grey_bands_are_shown_as_red_green_and_blue(planar, compression):
+    """GDAL writes PHOTOMETRIC=MINISBLACK when asked (a false-colour stack, say); PIL read such a file as band 1
+    alone, or not at all."""
+    rgb = np.random.default_rng(12).integers(1, 255, (12, 14, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    stored = np.moveaxis(rgb, -1, 0) if planar == "separate" else rgb
+    tifffile.imwrite(buf, stored, photometric="minisblack", planarconfig=planar, compression=compression)
+    np.testing.assert_array_equal(read_pixels(buf.getvalue(), PixelSpec()), rgb)

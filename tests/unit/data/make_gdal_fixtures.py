@@ -12,13 +12,17 @@ pixels are black blurred by JPEG, so no nodata value could say where the footpri
 ``gdal_alpha16.tif``: 40 x 50 pixels of 16-bit RGB ground and an alpha band (``ALPHA=YES``, as ``gdalwarp
 -dstalpha`` writes a reprojected mosaic), DEFLATE-compressed, alpha 0 and bands 0 left of ``x + y // 2 < 15``,
 with no nodata value.
+
+``gdal_bgrn16.tif``: 24 x 24 pixels of 16-bit bands in the order blue, green, red, near infrared, their colour
+interpretation set (GDAL writes it in its ``GDAL_METADATA`` tag, as the photometric cannot say it); blue is bright,
+red dark, so a reader that shows bands 1, 2, 3 as red, green, blue shows the wrong colours.
 """
 
 from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.enums import Resampling
+from rasterio.enums import ColorInterp, Resampling
 from rasterio.env import Env
 from rasterio.shutil import copy
 from rasterio.transform import from_origin
@@ -84,6 +88,26 @@ def alpha16() -> None:
         ds.write(np.concatenate([ground, alpha[None]]))
 
 
+def bgrn16() -> None:
+    y, x = np.mgrid[:24, :24]
+    blue, green, red, nir = 3000 + 40 * x, 1500 + 30 * y, 600 + 10 * ((x + y) % 12), 4000 + 0 * x
+    profile = dict(
+        driver="GTiff",
+        width=24,
+        height=24,
+        count=4,
+        dtype="uint16",
+        crs="EPSG:32633",
+        transform=from_origin(500000, 4600000, 3, 3),
+        compress="DEFLATE",
+    )
+    with rasterio.open(HERE / "gdal_bgrn16.tif", "w", **profile) as ds:
+        ds.write(np.stack([blue, green, red, nir]).astype(np.uint16))
+        ds.colorinterp = [ColorInterp.blue, ColorInterp.green, ColorInterp.red, ColorInterp.undefined]
+        ds.set_band_description(4, "near infrared")
+
+
 if __name__ == "__main__":
     masked_jpeg_cog()
     alpha16()
+    bgrn16()

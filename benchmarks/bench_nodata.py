@@ -10,6 +10,9 @@ leaves them out and shows them black; ``none`` is the behaviour before it.
 edge: 20-50% of the tile beyond a straight edge (along a random side, or ``--slanted`` at a random angle) set to 0,
 tagged ``GDAL_NODATA=0``; their names start with ``edge_``. The scenes picked depend on ``--seed`` only, so an
 archive with ``--edge-share 0`` holds the same scenes whole.
+``--orthophoto`` writes the scenes as aerial mosaics store them instead: 8-bit RGB, JPEG-compressed in 32-pixel
+tiles, with the edge tiles' outside black (blurred by JPEG, so no nodata value can find it) and marked by an
+internal 1-bit mask IFD, as GDAL writes one (``GDAL_TIFF_INTERNAL_MASK``); ``--nodata none`` ignores the mask.
 ``--score`` reads the job's runs and reports accuracy over all scenes, over the edge tiles and over the whole ones,
 under one Hungarian matching per run.
 
@@ -43,20 +46,38 @@ def to_sensor_range(rgb8: np.ndarray) -> np.ndarray:
     return (300 + 8 * np.moveaxis(rgb8.astype(np.uint16), -1, 0)).astype(np.uint16)
 
 
-def cut_at_edge(bands: np.ndarray, rng: np.random.Generator, slanted: bool = False) -> np.ndarray:
-    """Set 20-50% of the tile to 0 in every band beyond a straight edge: one side of the tile (a mosaic's or a
+def outside_edge(height: int, width: int, rng: np.random.Generator, slanted: bool = False) -> np.ndarray:
+    """20-50% of a tile beyond a straight edge, ``(H, W)`` true outside: one side of the tile (a mosaic's or a
     grid's edge) or, ``slanted``, a line at a random angle (an orbit's swath edge crossing the tile)."""
-    edge = bands.copy()
-    _, height, width = edge.shape
     share = rng.uniform(0.2, 0.5)
     angle = rng.uniform(0, 2 * np.pi) if slanted else rng.integers(4) * np.pi / 2
     rows, cols = np.mgrid[0:height, 0:width]
     across = np.cos(angle) * (cols - width / 2) + np.sin(angle) * (rows - height / 2)
-    edge[:, across > np.quantile(across, 1 - share)] = 0
+    return across > np.quantile(across, 1 - share)
+
+
+def cut_at_edge(bands: np.ndarray, rng: np.random.Generator, slanted: bool = False) -> np.ndarray:
+    """Set the tile's part beyond an edge (:func:`outside_edge`) to 0 in every band."""
+    edge = bands.copy()
+    edge[:, outside_edge(*edge.shape[1:], rng, slanted)] = 0
     return edge
 
 
-def write(folder: str, source: str, per_class: int, edge_share: float, seed: int, slanted: bool) -> None:
+def write_orthophoto(path: Path, rgb8: np.ndarray, outside: np.ndarray | None) -> None:
+    """8-bit RGB as a JPEG-compressed tiled TIFF; with ``outside``, that part black and an internal mask after
+    the image marking the rest valid (NewSubfileType 4, 1 bit), where GDAL puts it."""
+    rgb = rgb8.copy()
+    if outside is not None:
+        rgb[outside] = 0
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(rgb, photometric="rgb", compression="jpeg", compressionargs={"level": 90}, tile=(32, 32))
+        if outside is not None:
+            tif.write(~outside, subfiletype=4, photometric="mask", compression="deflate", tile=(32, 32))
+
+
+def write(
+    folder: str, source: str, per_class: int, edge_share: float, seed: int, slanted: bool, orthophoto: bool = False
+) -> None:
     picks, edges = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])  # same scenes at any share
     for class_dir in sorted(p for p in Path(source).iterdir() if p.is_dir()):
         images = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".tif"))
@@ -64,7 +85,13 @@ def write(folder: str, source: str, per_class: int, edge_share: float, seed: int
         out = Path(folder) / class_dir.name
         out.mkdir(parents=True, exist_ok=True)
         for i in sorted(picked):
-            bands = to_sensor_range(np.asarray(Image.open(images[i]).convert("RGB")))
+            rgb8 = np.asarray(Image.open(images[i]).convert("RGB"))
+            if orthophoto:
+                cut = edges.random() < edge_share
+                outside = outside_edge(*rgb8.shape[:2], edges, slanted) if cut else None
+                write_orthophoto(out / f"{EDGE_PREFIX if cut else ''}{images[i].stem}.tif", rgb8, outside)
+                continue
+            bands = to_sensor_range(rgb8)
             if edges.random() < edge_share:
                 name, bands, tags = (
                     EDGE_PREFIX + images[i].stem,
@@ -78,13 +105,20 @@ def write(folder: str, source: str, per_class: int, edge_share: float, seed: int
             )
 
 
-def matched_accuracy(labels: np.ndarray, clusters: np.ndarray, subset: np.ndarray) -> float:
-    """Accuracy of ``subset`` under the Hungarian matching of clusters to classes made on all scenes."""
+def matched_accuracy(labels: np.ndarray, clusters: np.ndarray, subset: np.ndarray) -> float | None:
+    """Accuracy of ``subset`` under the Hungarian matching of clusters to classes made on all scenes (None for an
+    empty subset: the edge tiles of an archive of whole scenes)."""
+    if not subset.any():
+        return None
     table, found, classes = contingency(labels, clusters)  # rows: clusters, columns: classes
     rows, cols = linear_sum_assignment(table, maximize=True)
     match = {found[r]: classes[c] for r, c in zip(rows, cols, strict=True)}
     hits = np.array([match.get(c) == lab for c, lab in zip(clusters, labels, strict=True)])
     return float(hits[subset].mean())
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def score(run: str) -> dict:
@@ -98,9 +132,9 @@ def score(run: str) -> dict:
         "scenes": len(paths),
         "edge_tiles": int(edge.sum()),
         "clusters": metrics["n_clusters"],
-        "acc": round(matched_accuracy(labels, clusters, np.ones_like(edge)), 3),
-        "acc_edge": round(matched_accuracy(labels, clusters, edge), 3),
-        "acc_whole": round(matched_accuracy(labels, clusters, ~edge), 3),
+        "acc": _rounded(matched_accuracy(labels, clusters, np.ones_like(edge))),
+        "acc_edge": _rounded(matched_accuracy(labels, clusters, edge)),
+        "acc_whole": _rounded(matched_accuracy(labels, clusters, ~edge)),
         "nmi": round(metrics["nmi"], 3),
     }
 
@@ -113,12 +147,13 @@ def main() -> None:
     parser.add_argument("--edge-share", type=float, default=0.5, help="share of the scenes cut at an edge")
     parser.add_argument("--seed", type=int, default=0, help="seeds the scenes picked (with 0) and the edges cut")
     parser.add_argument("--slanted", action="store_true", help="edges at a random angle, not along a side")
+    parser.add_argument("--orthophoto", action="store_true", help="8-bit JPEG tiles with GDAL's internal mask")
     parser.add_argument("--score", nargs="+", metavar="RUN", help="the job's output folders to score")
     args = parser.parse_args()
     if args.write:
         if not args.source:
             parser.error("--write needs --source")
-        write(args.write, args.source, args.per_class, args.edge_share, args.seed, args.slanted)
+        write(args.write, args.source, args.per_class, args.edge_share, args.seed, args.slanted, args.orthophoto)
     for run in args.score or []:
         print(json.dumps(score(run)))
 

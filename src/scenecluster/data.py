@@ -7,6 +7,7 @@ so Ray Data can run it in tasks that overlap with the model's compute.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -56,14 +57,14 @@ def open_filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.
     """Return the pyarrow filesystem and the path inside it for a local path or ``s3://bucket/prefix``.
 
     For S3 the endpoint comes from ``endpoint_url`` or ``AWS_ENDPOINT_URL`` (non-AWS stores such as
-    SeaweedFS or MinIO), credentials and region from the standard AWS variables.
+    SeaweedFS or MinIO), credentials from the standard AWS variables, the region from :func:`s3_region`.
     """
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise InputError(f"{uri!r} names no bucket: give s3://bucket/prefix")
         endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs: dict = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        kwargs: dict = {"region": s3_region(parsed.netloc, endpoint)}
         if keys := store_credentials():
             # Explicit keys travel with the (pickled) filesystem to Ray workers, whose environment may
             # lack them; without keys each node uses its own credential chain (e.g. an instance profile).
@@ -83,6 +84,34 @@ def open_filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.
     except ValueError as exc:  # file://host
         raise InputError(f"unsupported location: {exc}") from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def configured_region() -> str:
+    """``AWS_REGION``, else ``AWS_DEFAULT_REGION`` (the variables AWS's SDKs read), else ``us-east-1``."""
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def s3_region(bucket: str, endpoint: str | None) -> str:
+    """The region to sign requests to ``bucket`` for: on AWS itself (no ``endpoint``) the bucket's own, as S3
+    reports it to anyone (:func:`_bucket_region`); for another store, or when S3 cannot be asked,
+    :func:`configured_region`.
+
+    Why: an S3 bucket answers only in its own region, and pyarrow does not follow S3's redirect to it. Open-data
+    buckets (Sentinel-2 and Landsat COGs, NAIP) sit in one region while clusters run in others, and a cluster's
+    ``AWS_REGION`` names where the cluster is, not where every bucket is; the configured region made every read of
+    such a bucket fail with an HTTP 301.
+    """
+    return (_bucket_region(bucket) if endpoint is None else None) or configured_region()
+
+
+@functools.lru_cache(maxsize=1024)
+def _bucket_region(bucket: str) -> str | None:
+    """``pyarrow.fs.resolve_s3_region``: one unsigned request per bucket and process; None when it fails."""
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except (OSError, ValueError) as exc:  # no route to AWS, or no such bucket: the real request will say which
+        log.debug("region of bucket %r not resolved: %s", bucket, one_line(exc))
+        return None
 
 
 class NotLocalError(ValueError):
@@ -155,7 +184,7 @@ def s3_client(endpoint_url: str | None = None, credentials: dict[str, str] | Non
     return boto3.client(
         "s3",
         endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
-        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        region_name=configured_region(),  # boto3 follows S3's redirect to a bucket's own region; pyarrow does not
         config=Config(s3={"addressing_style": "path"}),
         **(credentials or {}),
     )

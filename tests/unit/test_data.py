@@ -1,10 +1,19 @@
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from scenecluster.data import decode_batch, decode_image, folder_label, list_scenes, walk_local
+from scenecluster.data import (
+    configured_region,
+    decode_batch,
+    decode_image,
+    folder_label,
+    list_scenes,
+    s3_region,
+    walk_local,
+)
 from scenecluster.errors import InputError
 from tests.conftest import copy_sample, write_corrupt_images
 
@@ -182,3 +191,17 @@ def test_jpeg_2000_bands_and_webp_tiles_are_listed_and_read_like_png(tmp_path):
     np.testing.assert_array_equal(out["image"][0], out["image"][1])  # the JPEG 2000 band reads as the PNG one
     assert min(float(img.std()) for img in out["image"]) > 5  # pictures, not blank squares
     np.testing.assert_array_equal(out["image"][3], decode_image(Path(jpgs[2]).read_bytes(), 32))  # lossless WebP
+
+
+def test_the_region_named_for_a_bucket(monkeypatch):
+    """Another store's region is the one configured; a bucket on AWS is asked for its own, and when it cannot
+    be asked (no route to AWS, no such bucket) the configured one is used, without an error."""
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
+    assert configured_region() == "eu-west-1"  # the SDKs' order
+    assert s3_region("any-bucket", "http://127.0.0.1:9") == "eu-west-1"  # not asked of AWS
+    monkeypatch.delenv("AWS_REGION")
+    assert configured_region() == "us-west-2"
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    assert configured_region() == "us-east-1"
+    assert s3_region(f"scenecluster-no-such-bucket-{uuid.uuid4().hex[:12]}", None) == "us-east-1"

@@ -302,7 +302,8 @@ def _add_doctor_command(sub) -> None:
         help="check a Ray cluster, the S3 prefixes and the model before a long run",
         description="Check that Ray answers at ADDR with this client's version, list the nodes it sees, run a "
         "probe on one node of each node type (package at this version; CUDA torch and cuML on GPU nodes), and "
-        "check the input readable, the output writable (with this shell's AWS_* credentials) and the model "
+        "check the input readable (its first scene decoded as the job would, with the bands shown and what marks "
+        "its footprint), the output writable (with this shell's AWS_* credentials) and the model "
         "loadable. Prints a table; exits 1 when a check failed.",
     )
     d.add_argument(

@@ -28,6 +28,8 @@ from typing import Any
 from scenecluster.errors import one_line
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+_DESCRIBE_MAX_BYTES = 256 * 2**20  # a file larger than this is no tile: it is read, not decoded
+_NOT_SCENES = ("license", "readme", ".md", ".txt", ".json", ".xml", ".csv")  # beside the scenes, not them
 # Resources every node has; any other (not node:<ip>, not accelerator_type:<x>) marks a node type.
 _STANDARD_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 _HEAD_RESOURCE = "node:__internal_head__"
@@ -318,24 +320,41 @@ def check_cluster(options: DoctorOptions) -> list[Check]:
 # --------------------------------------------------------------------------------------- stores and model
 def check_input(uri: str, endpoint_url: str | None) -> Check:
     """The input lists and its first image (or archive) reads, at most two folder levels down: a listing alone
-    can pass where reading objects is refused."""
+    can pass where reading objects is refused. The first image is decoded as the job would under the default
+    pixel settings, and how the model will see it is the detail (:func:`scenecluster.pixels.describe_scene`)."""
     import pyarrow.fs as pafs
 
-    from scenecluster.data import open_filesystem
+    from scenecluster.data import IMAGE_SUFFIXES, open_filesystem
+    from scenecluster.errors import one_line
+    from scenecluster.pixels import PixelSpec, describe_scene
 
     fs, root = open_filesystem(uri, endpoint_url=endpoint_url)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         return Check("input readable", uri, FAIL, "does not exist (or this identity may not list it)")
-    folders, seen = [root], 0
+    folders, seen, first_file = [root], 0, None
     for _depth in range(3):
         infos = [i for folder in folders for i in fs.get_file_info(pafs.FileSelector(folder, recursive=False))]
         seen += len(infos)
-        files = sorted(i.path for i in infos if i.type == pafs.FileType.File)
-        if files:
-            with fs.open_input_stream(files[0]) as stream:
-                stream.read(16)
-            return Check("input readable", uri, PASS, f"listed {seen} entries; read {files[0].rsplit('/', 1)[-1]}")
+        files = sorted((i.path, i.size or 0) for i in infos if i.type == pafs.FileType.File)
+        images = [f for f in files if f[0].lower().endswith(IMAGE_SUFFIXES) and f[1] <= _DESCRIBE_MAX_BYTES]
+        if images:
+            path = images[0][0]
+            with fs.open_input_stream(path) as stream:
+                data = stream.read()
+            name = path.rsplit("/", 1)[-1]
+            try:
+                seen_as = describe_scene(data, PixelSpec())
+            except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+                return Check("input readable", uri, FAIL, f"listed {seen} entries; cannot read {name}: {one_line(exc)}")
+            return Check("input readable", uri, PASS, f"listed {seen} entries; {name}: {seen_as}")
+        first_file = first_file or next((f[0] for f in files if not f[0].lower().endswith(_NOT_SCENES)), None)
+        if first_file and any(f[0].lower().endswith(".tar") for f in files):
+            break  # WebDataset shards: read, not decoded
         folders = sorted(i.path for i in infos if i.type == pafs.FileType.Directory)[:1]
+    if first_file:
+        with fs.open_input_stream(first_file) as stream:
+            stream.read(16)
+        return Check("input readable", uri, PASS, f"listed {seen} entries; read {first_file.rsplit('/', 1)[-1]}")
     if not seen:
         return Check("input readable", uri, FAIL, "is empty")
     return Check("input readable", uri, FAIL, f"listed {seen} entries but found no file two levels down")

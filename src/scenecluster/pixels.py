@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["PixelSpec", "fill_nodata", "parse_bands", "parse_nodata", "read_pixels", "to_rgb8"]
+__all__ = ["PixelSpec", "describe_scene", "fill_nodata", "parse_bands", "parse_nodata", "read_pixels", "to_rgb8"]
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _GDAL_NODATA_TAG = 42113
@@ -177,6 +177,52 @@ def read_pixels(data: bytes, spec: PixelSpec) -> np.ndarray:
         else:  # I;16, I, F: one band deeper than 8 bits
             array = np.asarray(img)
     return to_rgb8(array, spec, nodata=spec.nodata_value(), valid=valid)
+
+
+def describe_scene(data: bytes, spec: PixelSpec) -> str:
+    """One line on how the model will see this scene: size, bands and type, which bands are shown and why, the
+    stretch, and what marks its footprint. It reads the scene as the job does, so it raises as :func:`read_pixels`.
+
+    Why: before a run over a million tiles an analyst can check on one that the bands, the stretch and the nodata
+    are what they expect (``scenecluster doctor`` prints it for the input's first image).
+    """
+    read_pixels(data, spec)
+    if data[:4] in _TIFF_MAGIC:
+        import tifffile
+
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page = tif.pages[0]
+            declared = _Declared.of(tif, page, spec)
+            size, n_bands, dtype = (page.imagewidth, page.imagelength), page.samplesperpixel, page.dtype
+            footprint = [
+                *([f"nodata {declared.nodata:g}"] if declared.nodata is not None else []),
+                *(["an internal mask"] if declared.valid is not None else []),
+                *([f"alpha (band {declared.alpha + 1})"] if declared.alpha is not None else []),
+            ]
+        kind, eight_bit_rgb = "TIFF", dtype == np.uint8 and _pil_reads_faithfully(page) and declared.rgb is None
+    else:
+        with Image.open(io.BytesIO(data)) as img:
+            size, kind, n_bands = img.size, img.format or "image", len(img.getbands())
+            eight_bit_rgb = img.mode in _EIGHT_BIT_MODES
+            dtype = np.dtype(np.uint8) if eight_bit_rgb else np.asarray(img).dtype
+            transparent = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+        declared = _Declared(nodata=spec.nodata_value(), valid=None, rgb=None, alpha=None)
+        footprint = [
+            *([f"nodata {declared.nodata:g}"] if declared.nodata is not None else []),
+            *(["transparent pixels"] if transparent and spec.nodata == "auto" else []),
+        ]
+    if eight_bit_rgb and spec.plain_8bit:
+        shown = "shown as stored"
+    else:
+        bands = spec.bands or declared.rgb or ((1,) if n_bands < 3 else (1, 2, 3))
+        why = "--bands" if spec.bands else "named so in GDAL's metadata" if declared.rgb else "the default"
+        colours = "as grey" if len(bands) == 1 else "as red, green, blue"
+        shown = f"band{'s' if len(bands) > 1 else ''} {', '.join(map(str, bands))} {colours} ({why})"
+        stretch = spec.stretch if spec.stretch != "auto" else "none" if dtype == np.uint8 else "percentile"
+        low, high = spec.percentiles
+        shown += f", stretched per band {low:g}-{high:g}%" if stretch == "percentile" else ", not stretched"
+    outside = f"; footprint: {', '.join(footprint)} (filled: {spec.nodata_fill})" if footprint else ""
+    return f"{size[0]} x {size[1]} {kind}, {n_bands} band{'s' if n_bands > 1 else ''} of {dtype}; {shown}{outside}"
 
 
 def _mask_transparent(rgb: np.ndarray, img: Image.Image, fill: str) -> np.ndarray:

@@ -4,6 +4,7 @@ tests/integration/test_two_node_rehearsal.py.)"""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ from scenecluster.doctor import (
     run_doctor,
 )
 from scenecluster.testing.s3server import free_ports
+from tests.unit.test_pixels import GDAL_BGRN16
 
 HEAD = {
     "NodeID": "a" * 56,
@@ -133,3 +135,21 @@ def test_doctor_takes_the_input_and_output_as_cluster_does(sample_dir, tmp_path,
     assert "PASS" in rows["output writable"] and str(out) in rows["output writable"]
     assert main(["doctor", str(sample_dir), "--input", str(tmp_path), "--address", f"127.0.0.1:{port}"]) == 2
     assert "give the input once" in capsys.readouterr().err
+
+
+def test_the_input_check_says_how_the_first_scene_will_be_seen(tmp_path):
+    """An analyst checks the bands and the footprint on one tile before the long run; an image that cannot be
+    decoded fails the check with its reason."""
+    tiles = tmp_path / "tiles" / "2024"
+    tiles.mkdir(parents=True)
+    (tmp_path / "tiles" / "README.md").write_text("tiles of the 2024 mosaic")
+    shutil.copy(GDAL_BGRN16, tiles / "a_bgrn.tif")
+    check = check_input(str(tmp_path / "tiles"), None)
+    assert check.status == PASS
+    assert check.detail.endswith(
+        "a_bgrn.tif: 24 x 24 TIFF, 4 bands of uint16; bands 3, 2, 1 as red, green, blue "
+        "(named so in GDAL's metadata), stretched per band 2-98%"
+    ), check.detail
+    (tiles / "0_broken.jpg").write_bytes(b"\xff\xd8 not a whole JPEG")
+    broken = check_input(str(tmp_path / "tiles"), None)
+    assert broken.status == FAIL and "cannot read 0_broken.jpg: " in broken.detail

@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 from scenecluster.data import decode_batch, decode_image
-from scenecluster.pixels import PixelSpec, fill_nodata, parse_bands, parse_nodata, read_pixels
+from scenecluster.pixels import PixelSpec, describe_scene, fill_nodata, parse_bands, parse_nodata, read_pixels
 
 # GeoTIFF tags: ModelPixelScale, ModelTiepoint and a GeoKey directory saying "projected, UTM 33N (EPSG:32633)".
 GEO_TAGS = [
@@ -431,3 +431,24 @@ def test_three_8_bit_grey_bands_are_shown_as_red_green_and_blue(planar, compress
     stored = np.moveaxis(rgb, -1, 0) if planar == "separate" else rgb
     tifffile.imwrite(buf, stored, photometric="minisblack", planarconfig=planar, compression=compression)
     np.testing.assert_array_equal(read_pixels(buf.getvalue(), PixelSpec()), rgb)
+
+
+def test_a_scene_described_as_the_model_will_see_it(sample_dir):
+    assert describe_scene(GDAL_BGRN16.read_bytes(), PixelSpec()) == (
+        "24 x 24 TIFF, 4 bands of uint16; bands 3, 2, 1 as red, green, blue (named so in GDAL's metadata), "
+        "stretched per band 2-98%"
+    )
+    assert describe_scene(GDAL_BGRN16.read_bytes(), PixelSpec(bands=(4,), stretch="none")) == (
+        "24 x 24 TIFF, 4 bands of uint16; band 4 as grey (--bands), not stretched"
+    )
+    assert describe_scene(GDAL_MASKED_COG.read_bytes(), PixelSpec()) == (
+        "64 x 48 TIFF, 3 bands of uint8; shown as stored; footprint: an internal mask (filled: mirror)"
+    )
+    assert describe_scene(GDAL_ALPHA16.read_bytes(), PixelSpec(nodata=0, nodata_fill="black")).endswith(
+        "; footprint: nodata 0, alpha (band 4) (filled: black)"
+    )
+    assert describe_scene(GDAL_ALPHA16.read_bytes(), PixelSpec(nodata="none")).endswith("stretched per band 2-98%")
+    jpeg = next(sample_dir.glob("*/*.jpg")).read_bytes()
+    assert describe_scene(jpeg, PixelSpec()) == "64 x 64 JPEG, 3 bands of uint8; shown as stored"
+    with pytest.raises(OSError):
+        describe_scene(jpeg[: len(jpeg) // 2], PixelSpec())  # read as the job reads it: a truncated file fails

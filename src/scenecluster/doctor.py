@@ -29,6 +29,7 @@ from scenecluster.errors import one_line
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 _DESCRIBE_MAX_BYTES = 256 * 2**20  # a file larger than this is no tile: it is read, not decoded
+_DESCRIBE_TRIES = 3  # scenes tried before the input check fails: one corrupt first scene is no broken archive
 _NOT_SCENES = ("license", "readme", ".md", ".txt", ".json", ".xml", ".csv")  # beside the scenes, not them
 # Resources every node has; any other (not node:<ip>, not accelerator_type:<x>) marks a node type.
 _STANDARD_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
@@ -325,8 +326,6 @@ def check_input(uri: str, endpoint_url: str | None) -> Check:
     import pyarrow.fs as pafs
 
     from scenecluster.data import IMAGE_SUFFIXES, open_filesystem
-    from scenecluster.errors import one_line
-    from scenecluster.pixels import PixelSpec, describe_scene
 
     fs, root = open_filesystem(uri, endpoint_url=endpoint_url)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
@@ -338,15 +337,7 @@ def check_input(uri: str, endpoint_url: str | None) -> Check:
         files = sorted((i.path, i.size or 0) for i in infos if i.type == pafs.FileType.File)
         images = [f for f in files if f[0].lower().endswith(IMAGE_SUFFIXES) and f[1] <= _DESCRIBE_MAX_BYTES]
         if images:
-            path = images[0][0]
-            with fs.open_input_stream(path) as stream:
-                data = stream.read()
-            name = path.rsplit("/", 1)[-1]
-            try:
-                seen_as = describe_scene(data, PixelSpec())
-            except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-                return Check("input readable", uri, FAIL, f"listed {seen} entries; cannot read {name}: {one_line(exc)}")
-            return Check("input readable", uri, PASS, f"listed {seen} entries; {name}: {seen_as}")
+            return _describe_first_scene(fs, [path for path, _ in images[:_DESCRIBE_TRIES]], uri, seen)
         first_file = first_file or next((f[0] for f in files if not f[0].lower().endswith(_NOT_SCENES)), None)
         if first_file and any(f[0].lower().endswith(".tar") for f in files):
             break  # WebDataset shards: read, not decoded
@@ -358,6 +349,29 @@ def check_input(uri: str, endpoint_url: str | None) -> Check:
     if not seen:
         return Check("input readable", uri, FAIL, "is empty")
     return Check("input readable", uri, FAIL, f"listed {seen} entries but found no file two levels down")
+
+
+def _describe_first_scene(fs, paths: list[str], uri: str, seen: int) -> Check:
+    """The first of ``paths`` that decodes, described (:func:`scenecluster.pixels.describe_scene`); the check
+    fails only when none does: the job skips a corrupt scene, but not one of three is a format it cannot read."""
+    from PIL import Image
+
+    from scenecluster.data import decode_failure
+    from scenecluster.pixels import PixelSpec, describe_scene
+
+    failures = []
+    for path in paths:
+        name = path.rsplit("/", 1)[-1]
+        with fs.open_input_stream(path) as stream:
+            data = stream.read()
+        try:
+            seen_as = describe_scene(data, PixelSpec())
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # as the job's reading skips a scene
+            failures.append(f"cannot read {name}: {decode_failure(exc)}")
+            continue
+        skipped = f" ({'; '.join(failures)})" if failures else ""
+        return Check("input readable", uri, PASS, f"listed {seen} entries; {name}: {seen_as}{skipped}")
+    return Check("input readable", uri, FAIL, f"listed {seen} entries; {'; '.join(failures)}")
 
 
 def check_output(uri: str, endpoint_url: str | None) -> Check:

@@ -150,6 +150,11 @@ def test_the_input_check_says_how_the_first_scene_will_be_seen(tmp_path):
         "a_bgrn.tif: 24 x 24 TIFF, 4 bands of uint16; bands 3, 2, 1 as red, green, blue "
         "(named so in GDAL's metadata), stretched per band 2-98%"
     ), check.detail
-    (tiles / "0_broken.jpg").write_bytes(b"\xff\xd8 not a whole JPEG")
-    broken = check_input(str(tmp_path / "tiles"), None)
-    assert broken.status == FAIL and "cannot read 0_broken.jpg: " in broken.detail
+    (tiles / "0_broken.jpg").write_bytes(b"\xff\xd8 not a whole JPEG")  # one corrupt scene first: still a pass
+    one_broken = check_input(str(tmp_path / "tiles"), None)
+    assert one_broken.status == PASS and "a_bgrn.tif: 24 x 24 TIFF" in one_broken.detail
+    assert "(cannot read 0_broken.jpg: not an image: no " in one_broken.detail, one_broken.detail
+    for name in ("1_broken.jpg", "2_broken.png"):
+        (tiles / name).write_bytes(b"\x89PNG not an image")
+    broken = check_input(str(tmp_path / "tiles"), None)  # the first three all unreadable: a format it cannot read
+    assert broken.status == FAIL and broken.detail.count("cannot read") == 3, broken.detail

@@ -46,6 +46,7 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _GDAL_NODATA_TAG = 42113
 _GDAL_METADATA_TAG = 42112
 _COLOUR_ROLES = ("red", "green", "blue", "alpha")
+_TILE_MAX_SIDE = 4096  # scene tiles are 64-1024 px a side (EuroSAT 64, RESISC45 256, AID 600); more is a whole scene
 _MASK_SEARCH_PAGES = 32  # GDAL writes the mask right after the image (or after its overviews): never far
 _EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa"}
 
@@ -222,7 +223,14 @@ def describe_scene(data: bytes, spec: PixelSpec) -> str:
         low, high = spec.percentiles
         shown += f", stretched per band {low:g}-{high:g}%" if stretch == "percentile" else ", not stretched"
     outside = f"; footprint: {', '.join(footprint)} (filled: {spec.nodata_fill})" if footprint else ""
-    return f"{size[0]} x {size[1]} {kind}, {n_bands} band{'s' if n_bands > 1 else ''} of {dtype}; {shown}{outside}"
+    whole = (
+        "; a whole scene, not a tile: the model sees it shrunk to its input size, so tile such scenes first "
+        "(e.g. gdal_retile.py)"
+        if max(size) > _TILE_MAX_SIDE
+        else ""
+    )
+    described = f"{size[0]} x {size[1]} {kind}, {n_bands} band{'s' if n_bands > 1 else ''} of {dtype}"
+    return f"{described}; {shown}{outside}{whole}"
 
 
 def _mask_transparent(rgb: np.ndarray, img: Image.Image, fill: str) -> np.ndarray:

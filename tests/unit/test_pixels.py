@@ -450,5 +450,12 @@ def test_a_scene_described_as_the_model_will_see_it(sample_dir):
     assert describe_scene(GDAL_ALPHA16.read_bytes(), PixelSpec(nodata="none")).endswith("stretched per band 2-98%")
     jpeg = next(sample_dir.glob("*/*.jpg")).read_bytes()
     assert describe_scene(jpeg, PixelSpec()) == "64 x 64 JPEG, 3 bands of uint8; shown as stored"
+    strip = io.BytesIO()
+    Image.new("RGB", (5000, 8)).save(strip, format="PNG")
+    assert describe_scene(strip.getvalue(), PixelSpec()).endswith(
+        "a whole scene, not a tile: the model sees it "
+        "shrunk to its input size, so tile such scenes "
+        "first (e.g. gdal_retile.py)"
+    )
     with pytest.raises(OSError):
         describe_scene(jpeg[: len(jpeg) // 2], PixelSpec())  # read as the job reads it: a truncated file fails

@@ -35,29 +35,30 @@ def outside(height: int, width: int, edge: int) -> np.ndarray:
     return x + y // 2 < edge
 
 
+def profile(width: int, height: int, count: int, dtype: str, pixel_metres: float, **options) -> dict:
+    """A GeoTIFF's creation profile in UTM 33N, the tile's corner at a round coordinate."""
+    return dict(
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=count,
+        dtype=dtype,
+        crs="EPSG:32633",
+        transform=from_origin(500000, 4600000, pixel_metres, pixel_metres),
+        **options,
+    )
+
+
 def masked_jpeg_cog() -> None:
     height, width = 48, 64
     y, x = np.mgrid[:height, :width]
     ground = np.stack([90 + x, 120 + (y * 2) % 60, 80 + (x + y) % 40]).astype(np.uint8)
     beyond = outside(height, width, 20)
     ground[:, beyond] = 0
-    profile = dict(
-        driver="GTiff",
-        width=width,
-        height=height,
-        count=3,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(500000, 4600000, 0.5, 0.5),
-        tiled=True,
-        blockxsize=32,
-        blockysize=32,
-        compress="JPEG",
-        photometric="YCBCR",
-    )
+    options = dict(tiled=True, blockxsize=32, blockysize=32, compress="JPEG", photometric="YCBCR")
     source = HERE / "gdal_masked_source.tif"
     with Env(GDAL_TIFF_INTERNAL_MASK=True):
-        with rasterio.open(source, "w", **profile) as ds:
+        with rasterio.open(source, "w", **profile(width, height, 3, "uint8", 0.5, **options)) as ds:
             ds.write(ground)
             ds.write_mask(np.where(beyond, 0, 255).astype(np.uint8))
             ds.build_overviews([2], Resampling.average)
@@ -72,36 +73,15 @@ def alpha16() -> None:
     beyond = outside(height, width, 15)
     ground[:, beyond] = 0
     alpha = np.where(beyond, 0, 65535).astype(np.uint16)
-    profile = dict(
-        driver="GTiff",
-        width=width,
-        height=height,
-        count=4,
-        dtype="uint16",
-        crs="EPSG:32633",
-        transform=from_origin(500000, 4600000, 10, 10),
-        compress="DEFLATE",
-        photometric="RGB",
-        alpha="YES",
-    )
-    with rasterio.open(HERE / "gdal_alpha16.tif", "w", **profile) as ds:
+    options = dict(compress="DEFLATE", photometric="RGB", alpha="YES")
+    with rasterio.open(HERE / "gdal_alpha16.tif", "w", **profile(width, height, 4, "uint16", 10, **options)) as ds:
         ds.write(np.concatenate([ground, alpha[None]]))
 
 
 def bgrn16() -> None:
     y, x = np.mgrid[:24, :24]
     blue, green, red, nir = 3000 + 40 * x, 1500 + 30 * y, 600 + 10 * ((x + y) % 12), 4000 + 0 * x
-    profile = dict(
-        driver="GTiff",
-        width=24,
-        height=24,
-        count=4,
-        dtype="uint16",
-        crs="EPSG:32633",
-        transform=from_origin(500000, 4600000, 3, 3),
-        compress="DEFLATE",
-    )
-    with rasterio.open(HERE / "gdal_bgrn16.tif", "w", **profile) as ds:
+    with rasterio.open(HERE / "gdal_bgrn16.tif", "w", **profile(24, 24, 4, "uint16", 3, compress="DEFLATE")) as ds:
         ds.write(np.stack([blue, green, red, nir]).astype(np.uint16))
         ds.colorinterp = [ColorInterp.blue, ColorInterp.green, ColorInterp.red, ColorInterp.undefined]
         ds.set_band_description(4, "near infrared")

@@ -317,6 +317,8 @@ def _add_doctor_command(sub) -> None:
     d.add_argument("-o", "--output", metavar="URI", help="output folder or s3://bucket/prefix that a job will write")
     d.add_argument("--model", metavar="MODEL", help="Hugging Face id or folder of the backbone a job will load")
     d.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for non-AWS stores (else AWS_ENDPOINT_URL)")
+    for name in ("--bands", "--stretch", "--nodata"):  # how the input's first scene is described, as a run sets it
+        d.add_argument(name, metavar="VALUE", help=f"as `cluster {name}`: the first scene is shown under it")
     d.add_argument(
         "--timeout",
         type=_positive_seconds,
@@ -328,10 +330,12 @@ def _add_doctor_command(sub) -> None:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
+    from scenecluster.config import FeatureConfig, load_config
     from scenecluster.doctor import DoctorOptions, exit_code, format_table, run_doctor
 
     if args.input_arg and args.input and args.input_arg != args.input:
         raise ConfigError(f"give the input once: INPUT {args.input_arg!r} and --input {args.input!r} differ")
+    pixel_settings = {name: getattr(args, name) for name in ("bands", "stretch", "nodata") if getattr(args, name)}
     checks = run_doctor(
         DoctorOptions(
             address=args.address,
@@ -340,6 +344,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
             model=args.model,
             endpoint_url=args.endpoint_url,
             timeout=args.timeout,
+            pixels=load_config(None, pixel_settings, model=FeatureConfig).pixel_spec(),
         )
     )
     print(format_table(checks))

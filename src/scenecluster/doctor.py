@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from scenecluster.errors import one_line
+from scenecluster.pixels import PixelSpec
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 _DESCRIBE_MAX_BYTES = 256 * 2**20  # a file larger than this is no tile: it is read, not decoded
+_DEFAULT_PIXELS = PixelSpec()
 _DESCRIBE_TRIES = 3  # scenes tried before the input check fails: one corrupt first scene is no broken archive
 _NOT_SCENES = ("license", "readme", ".md", ".txt", ".json", ".xml", ".csv")  # beside the scenes, not them
 # Resources every node has; any other (not node:<ip>, not accelerator_type:<x>) marks a node type.
@@ -56,6 +58,7 @@ class DoctorOptions:
     model: str | None = None
     endpoint_url: str | None = None
     timeout: float = 120.0
+    pixels: PixelSpec = _DEFAULT_PIXELS  # how the input's first scene is read and described
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -319,10 +322,10 @@ def check_cluster(options: DoctorOptions) -> list[Check]:
 
 
 # --------------------------------------------------------------------------------------- stores and model
-def check_input(uri: str, endpoint_url: str | None) -> Check:
+def check_input(uri: str, endpoint_url: str | None, pixels: PixelSpec = _DEFAULT_PIXELS) -> Check:
     """The input lists and its first image (or archive) reads, at most two folder levels down: a listing alone
-    can pass where reading objects is refused. The first image is decoded as the job would under the default
-    pixel settings, and how the model will see it is the detail (:func:`scenecluster.pixels.describe_scene`)."""
+    can pass where reading objects is refused. The first image is decoded as the job would under ``pixels``, and
+    how the model will see it is the detail (:func:`scenecluster.pixels.describe_scene`)."""
     import pyarrow.fs as pafs
 
     from scenecluster.data import IMAGE_SUFFIXES, open_filesystem
@@ -337,7 +340,7 @@ def check_input(uri: str, endpoint_url: str | None) -> Check:
         files = sorted((i.path, i.size or 0) for i in infos if i.type == pafs.FileType.File)
         images = [f for f in files if f[0].lower().endswith(IMAGE_SUFFIXES) and f[1] <= _DESCRIBE_MAX_BYTES]
         if images:
-            return _describe_first_scene(fs, [path for path, _ in images[:_DESCRIBE_TRIES]], uri, seen)
+            return _describe_first_scene(fs, [path for path, _ in images[:_DESCRIBE_TRIES]], uri, seen, pixels)
         first_file = first_file or next((f[0] for f in files if not f[0].lower().endswith(_NOT_SCENES)), None)
         if first_file and any(f[0].lower().endswith(".tar") for f in files):
             break  # WebDataset shards: read, not decoded
@@ -351,13 +354,13 @@ def check_input(uri: str, endpoint_url: str | None) -> Check:
     return Check("input readable", uri, FAIL, f"listed {seen} entries but found no file two levels down")
 
 
-def _describe_first_scene(fs, paths: list[str], uri: str, seen: int) -> Check:
+def _describe_first_scene(fs, paths: list[str], uri: str, seen: int, pixels: PixelSpec) -> Check:
     """The first of ``paths`` that decodes, described (:func:`scenecluster.pixels.describe_scene`); the check
     fails only when none does: the job skips a corrupt scene, but not one of three is a format it cannot read."""
     from PIL import Image
 
     from scenecluster.data import decode_failure
-    from scenecluster.pixels import PixelSpec, describe_scene
+    from scenecluster.pixels import describe_scene
 
     failures = []
     for path in paths:
@@ -365,7 +368,7 @@ def _describe_first_scene(fs, paths: list[str], uri: str, seen: int) -> Check:
         with fs.open_input_stream(path) as stream:
             data = stream.read()
         try:
-            seen_as = describe_scene(data, PixelSpec())
+            seen_as = describe_scene(data, pixels)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:  # as the job's reading skips a scene
             failures.append(f"cannot read {name}: {decode_failure(exc)}")
             continue
@@ -424,7 +427,7 @@ def run_doctor(options: DoctorOptions) -> list[Check]:
     except Exception as exc:  # e.g. Ray not installed: a row, so the other checks still run
         rows.append(Check("ray", resolve_address(options.address), FAIL, one_line(exc, with_type=True)))
     targets = [
-        ("input readable", options.input, lambda uri: check_input(uri, options.endpoint_url)),
+        ("input readable", options.input, lambda uri: check_input(uri, options.endpoint_url, options.pixels)),
         ("output writable", options.output, lambda uri: check_output(uri, options.endpoint_url)),
         ("model loadable", options.model, check_model),
     ]

@@ -158,3 +158,14 @@ def test_the_input_check_says_how_the_first_scene_will_be_seen(tmp_path):
         (tiles / name).write_bytes(b"\x89PNG not an image")
     broken = check_input(str(tmp_path / "tiles"), None)  # the first three all unreadable: a format it cannot read
     assert broken.status == FAIL and broken.detail.count("cannot read") == 3, broken.detail
+
+
+def test_doctor_describes_the_scene_under_a_runs_pixel_settings(tmp_path, capsys):
+    shutil.copy(GDAL_BGRN16, tmp_path / "bgrn.tif")
+    port = free_ports(1)[0]  # nothing listens there: the Ray row fails, the input row still runs
+    assert main(["doctor", str(tmp_path), "--bands", "4", "--stretch", "none", "--address", f"127.0.0.1:{port}"]) == 1
+    assert (
+        "bgrn.tif: 24 x 24 TIFF, 4 bands of uint16; band 4 as grey (--bands), not stretched" in capsys.readouterr().out
+    )
+    assert main(["doctor", str(tmp_path), "--nodata", "zero", "--address", f"127.0.0.1:{port}"]) == 2
+    assert "setting nodata: " in capsys.readouterr().err

@@ -341,9 +341,11 @@ def check_input(uri: str, endpoint_url: str | None, pixels: PixelSpec = _DEFAULT
         images = [f for f in files if f[0].lower().endswith(IMAGE_SUFFIXES) and f[1] <= _DESCRIBE_MAX_BYTES]
         if images:
             return _describe_first_scene(fs, [path for path, _ in images[:_DESCRIBE_TRIES]], uri, seen, pixels)
+        shards = [f[0] for f in files if f[0].lower().endswith(".tar")]
+        if shards:  # WebDataset shards: read, not decoded
+            first_file = shards[0]
+            break
         first_file = first_file or next((f[0] for f in files if not f[0].lower().endswith(_NOT_SCENES)), None)
-        if first_file and any(f[0].lower().endswith(".tar") for f in files):
-            break  # WebDataset shards: read, not decoded
         folders = sorted(i.path for i in infos if i.type == pafs.FileType.Directory)[:1]
     if first_file:
         with fs.open_input_stream(first_file) as stream:

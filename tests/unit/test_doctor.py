@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tarfile
 
 from scenecluster.cli import main
 from scenecluster.doctor import (
@@ -169,3 +170,13 @@ def test_doctor_describes_the_scene_under_a_runs_pixel_settings(tmp_path, capsys
     )
     assert main(["doctor", str(tmp_path), "--nodata", "zero", "--address", f"127.0.0.1:{port}"]) == 2
     assert "setting nodata: " in capsys.readouterr().err
+
+
+def test_the_input_check_reads_a_shard_rather_than_a_file_beside_it(tmp_path, sample_dir):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a_index.bin").write_bytes(b"\0" * 8)  # sorts first, and is not a scene
+    with tarfile.open(shards / "shard-000000.tar", "w") as tar:
+        tar.add(next(sample_dir.glob("*/*.jpg")), arcname="000000.jpg")
+    check = check_input(str(shards), None)
+    assert check.status == PASS and check.detail == "listed 2 entries; read shard-000000.tar"

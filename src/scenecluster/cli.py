@@ -18,19 +18,29 @@ from scenecluster.config import config_flags
 from scenecluster.errors import ConfigError, SceneClusterError
 
 
-def _flags(model_name: str, prefix: str = "") -> list:
-    """The flags of a config model, read off its fields (see :func:`scenecluster.config.config_flags`)."""
+def _flags(model_name: str, prefix: str = "", only: tuple[str, ...] | None = None) -> list:
+    """The flags of a config model, read off its fields (see :func:`scenecluster.config.config_flags`); with
+    ``only``, those of these dotted settings."""
     from scenecluster import config
 
-    return config_flags(getattr(config, model_name), prefix)
+    flags = config_flags(getattr(config, model_name), prefix)
+    return flags if only is None else [opt for opt in flags if opt.dotted in only]
 
 
 # (flag, dotted setting, type, help) of ``cluster`` and ``demo``, generated from ClusterJobConfig's fields.
 CLUSTER_FLAGS = [(f.flag, f.dotted, f.type, f.help) for f in _flags("ClusterJobConfig")]
 
 
-def _add_config_options(p: argparse.ArgumentParser, model_name: str, prefix: str = "", *, with_config: bool = True):
-    """``--config``, ``--set`` and one flag per flagged setting of the config model ``model_name``."""
+def _add_config_options(
+    p: argparse.ArgumentParser,
+    model_name: str,
+    prefix: str = "",
+    *,
+    with_config: bool = True,
+    only: tuple[str, ...] | None = None,
+):
+    """``--config``, ``--set`` and one flag per flagged setting of the config model ``model_name`` (of the dotted
+    settings ``only`` names, when given)."""
     if with_config:
         p.add_argument("--config", metavar="YAML", help="a config file; flags and --set override it")
         p.add_argument(
@@ -41,7 +51,7 @@ def _add_config_options(p: argparse.ArgumentParser, model_name: str, prefix: str
             metavar="KEY=VALUE",
             help="override any setting by its dotted name, e.g. --set cluster.tol=1e-4 (repeatable)",
         )
-    for opt in _flags(model_name, prefix):
+    for opt in _flags(model_name, prefix, only):
         text = f"{opt.help} [{opt.dotted}]"
         if opt.choices:
             text += f"; one of {', '.join(map(str, opt.choices))}"
@@ -295,6 +305,10 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+# The pixel settings doctor takes as flags (all of FeatureConfig.PIXEL_SETTINGS that have one).
+_DOCTOR_PIXEL_FLAGS = ("bands", "stretch", "nodata")
+
+
 def _add_doctor_command(sub) -> None:
     """``scenecluster doctor``: the checks of :mod:`scenecluster.doctor`, printed as a table."""
     d = sub.add_parser(
@@ -317,8 +331,8 @@ def _add_doctor_command(sub) -> None:
     d.add_argument("-o", "--output", metavar="URI", help="output folder or s3://bucket/prefix that a job will write")
     d.add_argument("--model", metavar="MODEL", help="Hugging Face id or folder of the backbone a job will load")
     d.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for non-AWS stores (else AWS_ENDPOINT_URL)")
-    for name in ("--bands", "--stretch", "--nodata"):  # how the input's first scene is described, as a run sets it
-        d.add_argument(name, metavar="VALUE", help=f"as `cluster {name}`: the first scene is shown under it")
+    # how the input's first scene is decoded and described, as a run with these flags would see it
+    _add_config_options(d, "FeatureConfig", with_config=False, only=_DOCTOR_PIXEL_FLAGS)
     d.add_argument(
         "--timeout",
         type=_positive_seconds,
@@ -335,7 +349,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     if args.input_arg and args.input and args.input_arg != args.input:
         raise ConfigError(f"give the input once: INPUT {args.input_arg!r} and --input {args.input!r} differ")
-    pixel_settings = {name: getattr(args, name) for name in ("bands", "stretch", "nodata") if getattr(args, name)}
+    pixel_settings = _flag_values(args, "FeatureConfig", only=_DOCTOR_PIXEL_FLAGS)
     checks = run_doctor(
         DoctorOptions(
             address=args.address,
@@ -406,9 +420,11 @@ def sample_data_dir() -> Path:
     return Path(str(resources.files("scenecluster") / "sample_data" / "eurosat30"))
 
 
-def _flag_values(args: argparse.Namespace, model_name: str, prefix: str = "") -> dict:
-    """Dotted settings from the flags of ``model_name`` that were given."""
-    values = {opt.dotted: getattr(args, _dest(opt.dotted)) for opt in _flags(model_name, prefix)}
+def _flag_values(
+    args: argparse.Namespace, model_name: str, prefix: str = "", only: tuple[str, ...] | None = None
+) -> dict:
+    """Dotted settings from the flags of ``model_name`` (of ``only``, when given) that were given."""
+    values = {opt.dotted: getattr(args, _dest(opt.dotted)) for opt in _flags(model_name, prefix, only)}
     return {k: v for k, v in values.items() if v is not None}
 
 

@@ -180,23 +180,21 @@ def describe_scene(data: bytes, spec: PixelSpec) -> str:
             page = tif.pages[0]
             declared = Declared.of(tif, page, spec)
             size, n_bands, dtype = (page.imagewidth, page.imagelength), page.samplesperpixel, page.dtype
-            footprint = [
-                *([f"nodata {declared.nodata:g}"] if declared.nodata is not None else []),
-                *(["an internal mask"] if declared.valid is not None else []),
-                *([f"alpha (band {declared.alpha + 1})"] if declared.alpha is not None else []),
-            ]
         kind, eight_bit_rgb = "TIFF", dtype == np.uint8 and pil_reads_faithfully(page) and declared.rgb is None
+        transparent = False  # a TIFF's alpha is declared.alpha
     else:
         with Image.open(io.BytesIO(data)) as img:
             size, kind, n_bands = img.size, img.format or "image", len(img.getbands())
             eight_bit_rgb = img.mode in _EIGHT_BIT_MODES
             dtype = np.dtype(np.uint8) if eight_bit_rgb else np.asarray(img).dtype
-            transparent = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+            transparent = _has_transparency(img) and spec.nodata == "auto"
         declared = Declared(nodata=spec.nodata_value(), valid=None, rgb=None, alpha=None)
-        footprint = [
-            *([f"nodata {declared.nodata:g}"] if declared.nodata is not None else []),
-            *(["transparent pixels"] if transparent and spec.nodata == "auto" else []),
-        ]
+    footprint = [
+        *([f"nodata {declared.nodata:g}"] if declared.nodata is not None else []),
+        *(["an internal mask"] if declared.valid is not None else []),
+        *([f"alpha (band {declared.alpha + 1})"] if declared.alpha is not None else []),
+        *(["transparent pixels"] if transparent else []),
+    ]
     if eight_bit_rgb and spec.plain_8bit:
         shown = "shown as stored"
     else:
@@ -221,7 +219,7 @@ def describe_scene(data: bytes, spec: PixelSpec) -> str:
 def _mask_transparent(rgb: np.ndarray, img: Image.Image, fill: str) -> np.ndarray:
     """Fully transparent pixels (a web-map tile's area outside the coverage) are nodata, filled as ``fill`` says,
     and a tile with nothing opaque is skipped. The colour stored under alpha 0 is arbitrary (black, white, ...)."""
-    if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in img.info:
+    if not _has_transparency(img):
         return rgb
     alpha = np.asarray(img.convert("RGBA"))[:, :, 3]
     if alpha.min() > 0:
@@ -229,6 +227,11 @@ def _mask_transparent(rgb: np.ndarray, img: Image.Image, fill: str) -> np.ndarra
     if alpha.max() == 0:
         raise ValueError("no valid pixels: every pixel is transparent, outside the coverage")
     return _fill_outside(rgb, alpha > 0, fill)
+
+
+def _has_transparency(img: Image.Image) -> bool:
+    """An alpha channel, or a transparent colour (a palette's or a PNG's ``tRNS``)."""
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 
 
 def _fill_outside(rgb: np.ndarray, valid: np.ndarray, fill: str) -> np.ndarray:

@@ -33,6 +33,7 @@ from scenecluster.features import FeatureSpec, resolve_feature_spec, store_acces
 from scenecluster.manifest import check_run_paths, write_manifest
 from scenecluster.model_store import is_store_uri, publish_model_folder
 from scenecluster.outputs import OutputFolder, prepare_output
+from scenecluster.pixels import READING_REVISION
 from scenecluster.reduce import umap_neighbours
 from scenecluster.report import build_report
 from scenecluster.stages import AssignSummary, assign_parts, check_enough_scenes, export_assignments, fit_remote
@@ -85,14 +86,17 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
     timer = StageTimer(echo)
     started = _now()
     spec, out, resources = _prepare(cfg, overwrite, timer)
-    embedded = _embed_stage(cfg, out, spec, resources, timer, check=lambda n, where: check_enough_scenes(n, cfg, where))
+    manifest, embedded = _embed_stage(
+        cfg, out, spec, resources, timer, check=lambda n, where: check_enough_scenes(n, cfg, where)
+    )
     with timer.stage("fit") as note:
         from scenecluster.scale import fit_count
 
         n_fit = fit_count(embedded.n_ok, cfg.scale.fit_sample)
+        reading = READING_REVISION if manifest.n_revised else None
         keys = {
-            "fit_key": _fit_key(cfg, spec, n_fit),
-            "data_prior_fit_key": _fit_key(_with_data_prior(cfg), spec, n_fit),
+            "fit_key": _fit_key(cfg, spec, n_fit, reading=reading),
+            "data_prior_fit_key": _fit_key(_with_data_prior(cfg), spec, n_fit, reading=reading),
         }
         fit = fit_remote(out, embedded.parts, cfg, spec, resources, **keys)
         timer.seconds.update({k: v for k, v in fit["stage_seconds"].items()})
@@ -142,7 +146,7 @@ def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print)
         echo(f"[assign] the saved clustering's feature is used, not the {', '.join(overruled)} given")
     cfg = cfg.model_copy(update={"embed": cfg.embed.model_copy(update=saved)}, deep=True)
     spec, out, resources = _prepare(cfg, overwrite, timer, fitted_feature=feature)
-    embedded = _embed_stage(cfg, out, spec, resources, timer)
+    _, embedded = _embed_stage(cfg, out, spec, resources, timer)
     with timer.stage("assign") as note:
         assigned = assign_parts(
             out, source, resources, cfg.scale.assign_actors, cfg.data.labels == "folders", at_least=cfg.embed.num_actors
@@ -268,7 +272,8 @@ def _embed_stage(
     timer: StageTimer,
     check: Callable[[int, str], None] | None = None,
 ):
-    """List, then embed every scene; ``check(n, where)`` may refuse the count before and after the embedding."""
+    """List, then embed every scene; return the listing's counts and the pass's. ``check(n, where)`` may refuse the
+    count before and after the embedding."""
     with timer.stage("list") as note:
         manifest = write_manifest(
             cfg.data.input,
@@ -289,10 +294,10 @@ def _embed_stage(
         note["summary"] = embedded.summary()
     if check is not None:
         check(embedded.n_ok, f"of {embedded.n_images} could be read under {cfg.data.input} (see {SKIPPED})")
-    return embedded
+    return manifest, embedded
 
 
-def _fit_key(cfg: ClusterJobConfig, spec: FeatureSpec, n_fit: int) -> str:
+def _fit_key(cfg: ClusterJobConfig, spec: FeatureSpec, n_fit: int, *, reading: int | None = None) -> str:
     """What decides the fitted clustering: a change refits and reassigns.
 
     The run's identity (input, sample, feature and weights) is in it: ``--overwrite`` over a run of other scenes or
@@ -300,6 +305,9 @@ def _fit_key(cfg: ClusterJobConfig, spec: FeatureSpec, n_fit: int) -> str:
     old clusters (and show the old scenes in the report). UMAP's neighbour count is in it as the fit of ``n_fit``
     scenes uses it (:func:`scenecluster.reduce.umap_neighbours`), not as ``neighbors_share``: a run fitted on
     2,700 scenes or more, whose count the share does not change, keeps the key it had before the setting existed.
+    ``reading`` is :data:`scenecluster.pixels.READING_REVISION` for a run that lists scenes whose reading has been
+    revised (None for JPEG alone): their parts are re-embedded after an upgrade that reads them otherwise, so the
+    fit on their old vectors is not kept either, while a run of JPEGs keeps the key it had.
     """
     reduce = cfg.reduce.model_dump(exclude={"neighbors_share"})
     reduce["n_neighbors"] = umap_neighbours(cfg.reduce.n_neighbors, cfg.reduce.neighbors_share, n_fit)
@@ -311,6 +319,8 @@ def _fit_key(cfg: ClusterJobConfig, spec: FeatureSpec, n_fit: int) -> str:
         "novelty_quantile": cfg.scale.novelty_quantile,
         "seed": cfg.data.seed,
     }
+    if reading is not None:
+        settings["reading"] = reading
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

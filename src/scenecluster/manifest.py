@@ -4,8 +4,9 @@ A folder is walked (sorted, one directory at a time) and an S3 prefix is paged (
 order) lazily. The driver groups consecutive entries into *parts* (64 sources, then doubling up to ``chunk_size``:
 :func:`part_size`) and writes them, a few
 hundred parts per file, to ``OUT/manifest/``; Ray Data reads that folder, so what the driver holds is one
-part and the counts. A part's name carries a hash of its sources and the feature identity, so a rerun that
-finds ``embeddings/<part>.parquet`` knows that part is done. With ``sample``, a seeded reservoir keeps a
+part and the counts. A part's name carries a hash of its sources and the feature identity (and, when it holds
+a scene other than JPEG, the revision of how such scenes are read), so a rerun that finds
+``embeddings/<part>.parquet`` knows that part is done. With ``sample``, a seeded reservoir keeps a
 uniform sample (memory grows with the sample, not the archive).
 Symbolic links are followed once (:func:`scenecluster.data.walk_local`), so a loop cannot hang the listing
 and each file is listed once.
@@ -13,6 +14,7 @@ and each file is listed once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import json
@@ -36,6 +38,7 @@ from scenecluster.data import (
 )
 from scenecluster.errors import InputError
 from scenecluster.outputs import OutputFolder, check_writable
+from scenecluster.pixels import READING_REVISION, reading_revision
 
 __all__ = [
     "Manifest",
@@ -71,6 +74,8 @@ class Manifest:
     n_parts: int
     root: str
     n_archives: int = 0
+    # sources in a format whose reading has been revised (scenecluster.pixels.reading_revision): not JPEG
+    n_revised: int = 0
 
 
 def _walk_s3(root: str, endpoint_url: str | None) -> Iterator[str]:
@@ -101,11 +106,19 @@ def iter_scene_paths(uri: str, *, endpoint_url: str | None = None) -> Iterator[s
 
 
 def part_name(index: int, sources: list[str], identity: dict) -> str:
-    """``part-<index>-<hash of identity and sources>``: equal names mean equal work."""
+    """``part-<index>-<hash of identity and sources>``: equal names mean equal work.
+
+    A part holding a scene whose format's reading has been revised (:func:`scenecluster.pixels.reading_revision`:
+    anything but JPEG) has the revision in its hash too, so a part an earlier reading made is not taken for done.
+    """
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode())
+    revision = None
     for src in sources:
         digest.update(src.encode())
         digest.update(b"\0")
+        revision = revision or reading_revision(src)
+    if revision is not None:
+        digest.update(f"reading {revision}".encode())
     return f"part-{index:06d}-{digest.hexdigest()[:16]}"
 
 
@@ -135,14 +148,20 @@ def write_manifest(
     """List ``uri`` into ``out/manifest/`` (reused when a finished one with the same identity is there)."""
     # the seed draws the sample and nothing else: without one, another seed lists the same scenes, and a
     # relisting would also drop the finished pass that lets the next run skip the embedding
-    key = {**identity, "chunk_size": chunk_size, "sample": sample, "input": uri}
+    # the reading's revision names the parts (part_name): a listing made under another one is named anew
+    key = {**identity, "chunk_size": chunk_size, "sample": sample, "input": uri, "reading": READING_REVISION}
     if sample is not None:
         key["seed"] = seed
     if out.exists(DONE_FILE):
         done = json.loads(out.read_text(DONE_FILE))
-        if done.get("key") == key:
+        if _but_reading(done.get("key")) == _but_reading(key):
+            if done["key"] != key:
+                done = {**done, "key": key, **_rename_parts(out, identity)}
+                out.write_text(DONE_FILE, json.dumps(done))
             # a manifest written before shards were counted may hold some: -1 says "unknown"
-            return Manifest(done["n_sources"], done["n_parts"], done["root"], done.get("n_archives", -1))
+            return Manifest(
+                done["n_sources"], done["n_parts"], done["root"], done.get("n_archives", -1), done["n_revised"]
+            )
     paths = iter_scene_paths(uri, endpoint_url=endpoint_url)
     if sample is not None:
         paths = _sampled(paths, sample, seed)
@@ -156,9 +175,38 @@ def write_manifest(
         "n_parts": manifest.n_parts,
         "root": root,
         "n_archives": manifest.n_archives,
+        "n_revised": manifest.n_revised,
     }
     out.write_text(DONE_FILE, json.dumps(done))
-    return Manifest(manifest.n_sources, manifest.n_parts, root, manifest.n_archives)
+    return dataclasses.replace(manifest, root=root)
+
+
+def _but_reading(key: dict | None) -> dict | None:
+    return None if key is None else {k: v for k, v in key.items() if k != "reading"}
+
+
+def _rename_parts(out: OutputFolder, identity: dict) -> dict[str, int]:
+    """Name the listed parts as this reading names them (:func:`part_name`), keeping their scenes and their cut.
+
+    Why not list again: a run folder's listing is made once, so a rerun goes on over the scenes it first listed
+    (tiles added since are for ``assign``). Only the parts that hold scenes read otherwise now change their names;
+    their old embeddings and assignments are dropped (:func:`drop_unlisted_parts`) and made again. One manifest
+    file (at most ``PATHS_PER_FILE`` paths) is held at a time.
+    """
+    names: list[str] = []
+    n_revised = 0
+    for file in sorted(f for f in out.list(MANIFEST) if f.endswith(".parquet")):
+        table = out.read_table(f"{MANIFEST}/{file}")
+        parts = table.column("sources").to_pylist()
+        renamed = [part_name(len(names) + i, sources, identity) for i, sources in enumerate(parts)]
+        n_revised += sum(reading_revision(path) is not None for sources in parts for path in sources)
+        if renamed != table.column("name").to_pylist():
+            column = table.schema.get_field_index("name")
+            table = table.set_column(column, "name", pa.array(renamed, pa.string()))
+            out.write_table(f"{MANIFEST}/{file}", table, row_group_size=1)
+        names += renamed
+    drop_unlisted_parts(out, set(names))
+    return {"n_parts": len(names), "n_revised": n_revised}
 
 
 def write_manifest_paths(paths: Iterator[str], out: OutputFolder, *, identity: dict, chunk_size: int) -> Manifest:
@@ -166,9 +214,9 @@ def write_manifest_paths(paths: Iterator[str], out: OutputFolder, *, identity: d
     delete the part files of earlier listings that this one does not name (:func:`drop_unlisted_parts`)."""
     for stale in out.list(MANIFEST):
         out.delete(posixpath.join(MANIFEST, stale))
-    n_sources, names, n_archives = _write_parts(paths, out, identity, chunk_size)
+    n_sources, names, n_archives, n_revised = _write_parts(paths, out, identity, chunk_size)
     drop_unlisted_parts(out, set(names))
-    return Manifest(n_sources, len(names), "", n_archives)
+    return Manifest(n_sources, len(names), "", n_archives, n_revised)
 
 
 def drop_unlisted_parts(out: OutputFolder, listed: set[str]) -> None:
@@ -270,11 +318,12 @@ def part_size(index: int, chunk_size: int) -> int:
 
 def _write_parts(
     paths: Iterator[str], out: OutputFolder, identity: dict, chunk_size: int
-) -> tuple[int, list[str], int]:
+) -> tuple[int, list[str], int, int]:
     """Group ``paths`` into parts and write them, at most ``PARTS_PER_FILE`` parts and about ``PATHS_PER_FILE``
-    paths per manifest file; return ``(sources, part names, archives)`` (a name per part: 2,500 for 10M scenes)."""
+    paths per manifest file; return ``(sources, part names, archives, revised)`` (a name per part: 2,500 for 10M
+    scenes; revised: the sources whose format's reading has a revision)."""
     rows: dict[str, list] = {"name": [], "sources": []}
-    n_sources = n_archives = held = 0
+    n_sources = n_archives = n_revised = held = 0
     names: list[str] = []  # every part's name so far: len(names) is the next part's index
     current: list[str] = []
 
@@ -299,9 +348,10 @@ def _write_parts(
         current.append(path)
         n_sources += 1
         n_archives += is_archive(path)
+        n_revised += reading_revision(path) is not None
         if len(current) == part_size(len(names), chunk_size):
             close_part()
     if current:
         close_part()
     flush()
-    return n_sources, names, n_archives
+    return n_sources, names, n_archives, n_revised

@@ -41,11 +41,39 @@ from PIL import Image, UnidentifiedImageError
 
 from scenecluster.geotiff import Declared, pil_reads_faithfully, plain_values
 
-__all__ = ["PixelSpec", "describe_scene", "fill_nodata", "parse_bands", "parse_nodata", "read_pixels", "to_rgb8"]
+__all__ = [
+    "READING_REVISION",
+    "PixelSpec",
+    "describe_scene",
+    "fill_nodata",
+    "parse_bands",
+    "parse_nodata",
+    "read_pixels",
+    "reading_revision",
+    "to_rgb8",
+]
+
+#: The revision of how scene files other than JPEG become pixels. Bump it with any change that shows a file an
+#: earlier scenecluster already read differently under the same settings (the settings themselves are in
+#: :meth:`PixelSpec.identity`). It enters the names of the embedding parts that hold such files
+#: (:func:`scenecluster.manifest.part_name`) and the fit key of runs that list one, so a rerun into an output
+#: folder made before an upgrade re-embeds those parts and refits, instead of clustering old vectors beside new
+#: ones. JPEG has no alpha, mask or bands to reinterpret, and PIL has decoded it alike throughout, so runs of JPEG
+#: scenes keep their parts and their fits.
+#: 1: transparency, GDAL_NODATA, internal masks and alpha bands mark the footprint, filled by mirroring; GDAL's colour
+#: roles choose the bands; 8-bit TIFFs of several grey bands read whole (twenty-eighth and twenty-ninth sessions).
+READING_REVISION = 1
+_UNREVISED_SUFFIXES = (".jpg", ".jpeg")
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _TILE_MAX_SIDE = 4096  # scene tiles are 64-1024 px a side (EuroSAT 64, RESISC45 256, AID 600); more is a whole scene
 _EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa"}
+
+
+def reading_revision(path: str) -> int | None:
+    """:data:`READING_REVISION` for a listed scene (or ``.tar`` shard, whose members may be of any format) whose
+    reading has been revised; None for a JPEG, whose reading never was."""
+    return None if path.lower().endswith(_UNREVISED_SUFFIXES) else READING_REVISION
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
 import threading
 import time
@@ -116,6 +117,57 @@ def test_rerun_recomputes_only_missing_parts(ray_cluster, tmp_path, tiny_model_d
     assert pq.read_table(tmp_path / "out" / "embeddings.parquet").num_rows == 30
     # other feature settings are other parts: nothing is reused across models or layers
     assert plan_chunks(listing.paths, 10, {"layer": 1})[0].key != plan_chunks(listing.paths, 10, {"layer": 2})[0].key
+
+
+def test_a_rerun_after_the_reading_of_tiffs_changed_reembeds_their_parts_and_refits(
+    ray_cluster, tmp_path, tiny_model_dir, monkeypatch
+):
+    """An output folder made before an upgrade that reads TIFFs otherwise (masks, alpha, colour roles): the rerun
+    must not cluster the TIFFs' old vectors beside new ones. Their part is embedded again and the clustering refitted;
+    the parts of JPEGs alone are kept, since their reading never changed."""
+    from PIL import Image
+
+    import scenecluster.job
+    import scenecluster.manifest
+    import scenecluster.pixels
+
+    scenes = copy_sample(tmp_path / "scenes", per_class=4, classes=3)  # 12 JPEGs: three parts of 4
+    tiffs = scenes / "Tiles"  # listed last: a fourth part
+    tiffs.mkdir()
+    for n, jpeg in enumerate(sorted(scenes.glob("Forest/*.jpg"))):
+        Image.open(jpeg).rotate(90).save(tiffs / f"tile-{n}.tif", compression="tiff_deflate")
+    cfg = load_config(
+        None,
+        {
+            "data.input": str(scenes),
+            "output": str(tmp_path / "out"),
+            "embed.model": str(tiny_model_dir),
+            "embed.image_size": 28,
+            "embed.batch_size": 4,
+            "embed.chunk_size": 4,
+            "reduce.n_neighbors": 5,
+            "cluster.n_components": 5,
+        },
+    )
+    first = run_cluster_job(cfg, echo=lambda s: None)
+    parts = tmp_path / "out" / "embeddings"
+    stamps = {p.name: p.stat().st_mtime_ns for p in parts.glob("part-*.parquet")}
+    assert first["n_embedded"] == 16 and len(stamps) == 4
+
+    # the folder's listing is made once: a scene added since stays out (it is for ``assign``)
+    shutil.copy(next(scenes.glob("Forest/*.jpg")), scenes / "Forest" / "added.jpg")
+    for module in (scenecluster.pixels, scenecluster.manifest, scenecluster.job):
+        monkeypatch.setattr(module, "READING_REVISION", scenecluster.pixels.READING_REVISION + 1)
+    lines: list[str] = []
+    again = run_cluster_job(cfg, echo=lines.append)
+    assert any(line.startswith("[embed] 16 embedded") and "3 of 4 parts reused" in line for line in lines), lines
+    assert any(line.startswith("[fit] fitted") for line in lines), lines
+    after = {p.name: p.stat().st_mtime_ns for p in parts.glob("part-*.parquet")}
+    kept = set(stamps) & set(after)
+    assert len(after) == 4 and len(kept) == 3  # the TIFFs' old part is gone, not counted beside its new one
+    assert all(after[name] == stamps[name] for name in kept)
+    assert again["n_embedded"] == 16
+    assert pq.read_table(tmp_path / "out" / "assignments.parquet").num_rows == 16
 
 
 def _embedder_actor_pids() -> list[int]:

@@ -156,3 +156,17 @@ def test_a_changed_neighbourhood_rule_refits_only_the_fits_that_use_it(monkeypat
     after = keys()
     assert after[0] != before[0]  # the default job's fit (the neighbourhood prior) refits
     assert after[1:] == before[1:]  # the data prior's fit and the pseudo-labels' key do not move
+
+
+def test_the_reading_revision_keys_only_the_fits_of_runs_that_list_scenes_read_otherwise():
+    """A run of JPEGs alone keeps its fit across an upgrade of the reading (its key is what it was before the
+    revision existed); a run listing TIFFs refits, as its re-embedded parts hold other vectors."""
+    from scenecluster.config import ClusterJobConfig
+    from scenecluster.features import FeatureSpec
+    from scenecluster.job import _fit_key
+
+    spec = FeatureSpec("m", 0, "cls", 112, "m", 8, 12, 384, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    job = ClusterJobConfig(data={"input": "scenes"}, output="out")
+    jpegs = _fit_key(job, spec, 5000)
+    assert _fit_key(job, spec, 5000, reading=None) == jpegs
+    assert len({jpegs, _fit_key(job, spec, 5000, reading=1), _fit_key(job, spec, 5000, reading=2)}) == 3

@@ -4,6 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import scenecluster.manifest
+import scenecluster.pixels
 from scenecluster.manifest import MANIFEST, _load_parts, write_manifest_paths
 from scenecluster.outputs import OutputFolder
 
@@ -117,3 +119,58 @@ def test_a_new_listing_drops_the_parts_it_does_not_name(tmp_path):
     assert len(first) == 5 and len(second) == 3 and len(kept) == 1
     for folder in PART_FOLDERS:
         assert {file.removesuffix(".parquet") for file in out.list(folder)} == kept
+
+
+def test_a_revised_reading_renames_the_parts_that_hold_scenes_it_reads_otherwise(monkeypatch):
+    """A part of TIFFs, PNGs or shards made by an earlier reading must not be taken for done (its vectors would sit
+    beside the new reading's); a part of JPEGs alone keeps its name, and its vectors, across the upgrade."""
+    from scenecluster.manifest import part_name
+
+    parts = {
+        "jpeg": ["a/x.jpg", "a/y.JPEG"],
+        "one tiff among jpegs": ["a/x.jpg", "a/y.tif"],
+        "png": ["a/x.png"],
+        "shard": ["shards/s-0000.tar"],
+    }
+    before = {kind: part_name(0, sources, {"test": 1}) for kind, sources in parts.items()}
+    monkeypatch.setattr(scenecluster.pixels, "READING_REVISION", scenecluster.pixels.READING_REVISION + 1)
+    after = {kind: part_name(0, sources, {"test": 1}) for kind, sources in parts.items()}
+    assert {kind for kind in parts if before[kind] == after[kind]} == {"jpeg"}
+
+
+def test_a_listing_made_under_another_reading_keeps_its_scenes_and_renames_the_parts_read_otherwise(
+    tmp_path, monkeypatch
+):
+    """A run folder's listing is made once (tiles added since are for ``assign``); after an upgrade that reads
+    TIFFs otherwise, the same scenes in the same parts are named anew where a part holds one, and that part's
+    old embeddings go, so the rerun embeds it again and counts its scenes once."""
+    from scenecluster.manifest import DONE_FILE, PART_FOLDERS, manifest_parts, write_manifest
+
+    scenes = tmp_path / "scenes" / "fields"
+    scenes.mkdir(parents=True)
+    for i in range(6):
+        (scenes / f"scene-{i}.jpg").write_bytes(b"not decoded while listing")
+    (scenes / "scene-6.tif").write_bytes(b"not decoded while listing")
+    out = OutputFolder(str(tmp_path / "out"))
+
+    def listing():
+        manifest = write_manifest(str(tmp_path / "scenes"), out, identity={"test": 1}, chunk_size=4)
+        names = [name for _, name in manifest_parts(out)]
+        return manifest, names, (tmp_path / "out" / DONE_FILE).stat().st_mtime_ns
+
+    first, names, listed = listing()
+    assert (first.n_sources, first.n_parts, first.n_revised) == (7, 2, 1)
+    assert listing()[1:] == (names, listed)  # the same reading keeps the listing as it is
+    for folder in PART_FOLDERS:
+        for name in names:
+            out.write_bytes(f"{folder}/{name}.parquet", b"")
+    (scenes / "scene-7.jpg").write_bytes(b"added after the listing")
+    monkeypatch.setattr(scenecluster.manifest, "READING_REVISION", 99)
+    monkeypatch.setattr(scenecluster.pixels, "READING_REVISION", 99)
+    again, renamed, _ = listing()
+    assert (again.n_sources, again.n_parts, again.n_revised) == (7, 2, 1)  # not listed again
+    # the parts of 4 and 3 scenes: the first holds JPEGs alone and keeps its name, the second holds the TIFF
+    assert renamed[0] == names[0] and renamed[1] != names[1]
+    for folder in PART_FOLDERS:
+        assert out.list(folder) == [f"{names[0]}.parquet"]
+    assert listing()[:2] == (again, renamed)  # and the new names are kept

@@ -139,8 +139,7 @@ def test_the_neighbourhood_settings_key_a_fit_only_when_chosen():
 def test_a_changed_neighbourhood_rule_refits_only_the_fits_that_use_it(monkeypatch):
     """A rerun after an upgrade that changed the rule must not keep a fit the new code would not make, and must not
     throw away self-training's pseudo-labels, which the data prior alone decides."""
-    from scenecluster import config
-    from scenecluster.config import ClusterJobConfig
+    from scenecluster.config import ClusterJobConfig, sections
     from scenecluster.features import FeatureSpec
     from scenecluster.job import _fit_key
 
@@ -152,7 +151,7 @@ def test_a_changed_neighbourhood_rule_refits_only_the_fits_that_use_it(monkeypat
         return _fit_key(job, spec, 5000), _fit_key(data_prior, spec, 5000), job.cluster.with_data_prior().key_settings()
 
     before = keys()
-    monkeypatch.setattr(config, "NEIGHBOURHOOD_RULE", config.NEIGHBOURHOOD_RULE + 1)
+    monkeypatch.setattr(sections, "NEIGHBOURHOOD_RULE", sections.NEIGHBOURHOOD_RULE + 1)
     after = keys()
     assert after[0] != before[0]  # the default job's fit (the neighbourhood prior) refits
     assert after[1:] == before[1:]  # the data prior's fit and the pseudo-labels' key do not move

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +9,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scenecluster.config import ClusterJobConfig, load_config
+from scenecluster.config import (
+    AssignJobConfig,
+    ClusterJobConfig,
+    FinetuneConfig,
+    PipelineConfig,
+    TuneJobConfig,
+    load_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "rayjobs" / "configs"
-
-
-def _model(dotted: str, module: str):
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not there yet")
-    mod = importlib.import_module(module)
-    if not hasattr(mod, dotted):
-        pytest.skip(f"{module}.{dotted} is not there yet")
-    return getattr(mod, dotted)
 
 
 @pytest.mark.parametrize("name", ["cluster-local.yaml", "cluster-s3.yaml"])
@@ -39,18 +36,18 @@ def test_s3_config_names_an_endpoint():
 
 
 def test_finetune_config_loads():
-    model = _model("FinetuneConfig", "scenecluster.config")
+    model = FinetuneConfig
     assert load_config(CONFIGS / "finetune.yaml", model=model).sources
 
 
 def test_tune_config_loads():
-    model = _model("TuneJobConfig", "scenecluster.tune")
+    model = TuneJobConfig
     cfg = load_config(CONFIGS / "tune.yaml", model=model)
     assert cfg.search.covariance_prior_scale == (0.5, 8.0)
 
 
 def test_pipeline_config_loads():
-    model = _model("PipelineConfig", "scenecluster.pipeline")
+    model = PipelineConfig
     cfg = load_config(CONFIGS / "pipeline.yaml", model=model)
     assert cfg.finetune.sources and cfg.cluster.data.input
     # nodes share no disk: checkpoints and clusterings (with their copy of the backbone) outlive the head in S3
@@ -58,7 +55,7 @@ def test_pipeline_config_loads():
 
 
 def test_assign_config_loads():
-    model = _model("AssignJobConfig", "scenecluster.config")
+    model = AssignJobConfig
     cfg = load_config(CONFIGS / "assign.yaml", model=model)
     assert cfg.clustering and cfg.data.input
 

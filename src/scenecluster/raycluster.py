@@ -19,7 +19,9 @@ from scenecluster.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ensure_ray"]
+__all__ = ["PROGRESS_LOG_INTERVAL_S", "ensure_ray"]
+
+PROGRESS_LOG_INTERVAL_S = 60
 
 
 def ensure_ray(resources) -> ClusterInventory:
@@ -37,6 +39,11 @@ def ensure_ray(resources) -> ClusterInventory:
     """
     import ray
 
+    # Ray Data logs its progress (a block of lines per dataset) every 10 s when stdout is not a terminal, which is
+    # where `ray job submit` and `kubectl logs` read a job: a day of embedding would be some 80,000 lines, with the
+    # job's own stage lines and errors among them. Once a minute still shows a stalled stage within the minute.
+    # Ray reads the variable when it first logs progress, so a value the user set is kept.
+    os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", str(PROGRESS_LOG_INTERVAL_S))
     fixed = False
     if ray.is_initialized():
         where = "using the Ray cluster this process already joined"

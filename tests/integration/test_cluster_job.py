@@ -164,3 +164,27 @@ def test_actors_load_the_backbone_without_a_progress_bar_and_the_driver_keeps_it
     from transformers.utils import logging as hf_logging
 
     assert hf_logging.is_progress_bar_enabled()
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, 60), ("5", 5)])
+def test_a_job_logs_ray_datas_progress_once_a_minute_unless_told_otherwise(given, expected):
+    """Under `ray job submit` stdout is no terminal, and Ray Data logs a block of progress lines every 10 s: a
+    day's embedding would bury the job's own lines. A job's Ray is set to once a minute; a value the user set wins.
+    Run in a fresh process, as Ray reads the setting when it first logs progress."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "RAY_ADDRESS")}
+    if given is not None:
+        env["RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL"] = given
+    script = (
+        "from scenecluster.config import ResourcesConfig\n"
+        "from scenecluster.raycluster import ensure_ray\n"
+        "ensure_ray(ResourcesConfig(num_cpus=1))\n"
+        "from ray.data._internal.progress.logging_progress import LoggingExecutionProgressManager as Logged\n"
+        "print('interval', Logged.LOG_REPORT_INTERVAL_SEC)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"interval {expected}" in done.stdout.splitlines(), done.stdout

@@ -283,6 +283,7 @@ def _embed_stage(
             endpoint_url=cfg.data.endpoint_url,
             sample=cfg.data.sample,
             seed=cfg.data.seed,
+            progress=lambda n: timer.echo(f"[list] {n:,} images so far under {cfg.data.input}"),
         )
         note["summary"] = f"{manifest.n_sources} images under {cfg.data.input} in {manifest.n_parts} parts"
     if check is not None and manifest.n_archives == 0:  # a shard's members are only counted when it is read

@@ -19,7 +19,8 @@ import hashlib
 import heapq
 import json
 import posixpath
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,6 +123,17 @@ def part_name(index: int, sources: list[str], identity: dict) -> str:
     return f"part-{index:06d}-{digest.hexdigest()[:16]}"
 
 
+def _reporting(paths: Iterator[str], report: Callable[[int], None], every_s: float) -> Iterator[str]:
+    """``paths`` as they come, calling ``report(n)`` with the count so far at most every ``every_s`` seconds (the
+    clock is read once per 1,000 paths, a page of an S3 listing)."""
+    last = time.monotonic()
+    for n, path in enumerate(paths, 1):
+        yield path
+        if n % 1000 == 0 and time.monotonic() - last >= every_s:
+            report(n)
+            last = time.monotonic()
+
+
 def _sampled(paths: Iterator[str], sample: int, seed: int) -> Iterator[str]:
     """A seeded uniform sample of ``sample`` paths (keys drawn per path, the smallest kept), sorted."""
     rng = np.random.default_rng(seed)
@@ -144,8 +156,14 @@ def write_manifest(
     endpoint_url: str | None = None,
     sample: int | None = None,
     seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+    progress_every_s: float = 30.0,
 ) -> Manifest:
-    """List ``uri`` into ``out/manifest/`` (reused when a finished one with the same identity is there)."""
+    """List ``uri`` into ``out/manifest/`` (reused when a finished one with the same identity is there).
+
+    ``progress(n)`` is told the number of images listed so far, at most every ``progress_every_s`` seconds: listing
+    ten million keys takes minutes (a request per 1,000), and a job's log should show it moving.
+    """
     # the seed draws the sample and nothing else: without one, another seed lists the same scenes, and a
     # relisting would also drop the finished pass that lets the next run skip the embedding
     # the reading's revision names the parts (part_name): a listing made under another one is named anew
@@ -163,6 +181,8 @@ def write_manifest(
                 done["n_sources"], done["n_parts"], done["root"], done.get("n_archives", -1), done["n_revised"]
             )
     paths = iter_scene_paths(uri, endpoint_url=endpoint_url)
+    if progress is not None:
+        paths = _reporting(paths, progress, progress_every_s)
     if sample is not None:
         paths = _sampled(paths, sample, seed)
     manifest = write_manifest_paths(paths, out, identity=identity, chunk_size=chunk_size)

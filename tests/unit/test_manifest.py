@@ -174,3 +174,36 @@ def test_a_listing_made_under_another_reading_keeps_its_scenes_and_renames_the_p
     for folder in PART_FOLDERS:
         assert out.list(folder) == [f"{names[0]}.parquet"]
     assert listing()[:2] == (again, renamed)  # and the new names are kept
+
+
+def test_a_long_listing_reports_its_count_as_it_goes(tmp_path):
+    """Ten million keys are 10,000 requests: the job's log says how far the listing is, at most every 30 s, and a
+    sampled listing reports the walk it draws from."""
+    from scenecluster.manifest import write_manifest
+
+    scenes = tmp_path / "scenes" / "fields"
+    scenes.mkdir(parents=True)
+    for i in range(2500):
+        (scenes / f"scene-{i:04d}.jpg").touch()
+    for run, kwargs in enumerate([{}, {"sample": 10}]):
+        reported: list[int] = []
+        out = OutputFolder(str(tmp_path / f"out{run}"))
+        write_manifest(
+            str(tmp_path / "scenes"),
+            out,
+            identity={},
+            chunk_size=512,
+            progress=reported.append,
+            progress_every_s=0,
+            **kwargs,
+        )
+        assert reported == [1000, 2000]
+    quiet: list[int] = []
+    write_manifest(
+        str(tmp_path / "scenes"),
+        OutputFolder(str(tmp_path / "out2")),
+        identity={},
+        chunk_size=512,
+        progress=quiet.append,
+    )
+    assert quiet == []  # 2,500 local files list in well under the 30 s between reports

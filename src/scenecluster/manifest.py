@@ -1,10 +1,10 @@
 """Stream an archive's listing into a manifest of parts, so the driver never holds the whole listing.
 
 A folder is walked (sorted, one directory at a time) and an S3 prefix is paged (1,000 keys a request, in key
-order) lazily. The driver groups consecutive entries into *parts* (64 sources, then doubling up to ``chunk_size``:
-:func:`part_size`) and writes them, a few
-hundred parts per file, to ``OUT/manifest/``; Ray Data reads that folder, so what the driver holds is one
-part and the counts. A part's name carries a hash of its sources and the feature identity (and, when it holds
+order, its sub-prefixes listed side by side: :mod:`scenecluster.s3listing`) lazily. The driver groups
+consecutive entries into *parts* (64 sources, then doubling up to ``chunk_size``: :func:`part_size`) and writes
+them, a few hundred parts per file, to ``OUT/manifest/``; Ray Data reads that folder, so what the driver holds
+is one part and the counts. A part's name carries a hash of its sources and the feature identity (and, when it holds
 a scene other than JPEG, the revision of how such scenes are read), so a rerun that finds
 ``embeddings/<part>.parquet`` knows that part is done. With ``sample``, a seeded reservoir keeps a
 uniform sample (memory grows with the sample, not the archive).
@@ -80,16 +80,15 @@ class Manifest:
 
 
 def _walk_s3(root: str, endpoint_url: str | None) -> Iterator[str]:
-    """Keys under ``bucket/prefix`` in key order, one page of 1,000 at a time (boto3's paginator)."""
+    """The wanted keys under ``bucket/prefix`` in key order, pages of 1,000, sub-prefixes listed side by side
+    (:func:`scenecluster.s3listing.walk_s3`)."""
     from scenecluster.data import s3_client
+    from scenecluster.s3listing import walk_s3
 
     bucket, _, prefix = root.partition("/")
-    client = s3_client(endpoint_url)
-    paginator = client.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/" if prefix else ""):
-        for item in page.get("Contents", []):
-            if wanted(item["Key"]):
-                yield f"{bucket}/{item['Key']}"
+    for key in walk_s3(s3_client(endpoint_url), bucket, prefix.rstrip("/") + "/" if prefix else ""):
+        if wanted(key):
+            yield f"{bucket}/{key}"
 
 
 def iter_scene_paths(uri: str, *, endpoint_url: str | None = None) -> Iterator[str]:

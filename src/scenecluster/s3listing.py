@@ -11,9 +11,9 @@ of its sub-prefixes at once in threads, each a few pages ahead of the reader, an
 the order S3 lists keys in, so the same as one listing of the whole prefix there: a key at the first level sorts
 against a sub-prefix as it does against every key below it, since it holds no ``/``. (A store that lists a
 folder before a key named as it plus an extension, as SeaweedFS does, has each sub-prefix in its own order still.)
-A chain of single sub-prefixes (``dataset/images/``) is followed down first; a level of more than
-:data:`FLAT_LEVEL` keys (a flat archive) is listed as one stream, as before. What the reader holds is bounded: the
-first level's names, and at most ``LISTERS x PAGES_AHEAD`` pages.
+Where there are fewer sub-prefixes than listers (``dataset/images/``; ``train/`` and ``test/``), they are opened
+a level further first; a level of more than :data:`FLAT_LEVEL` keys (a flat archive) is listed as one stream, as
+before. What the reader holds is bounded: the opened levels' names, and at most ``LISTERS x PAGES_AHEAD`` pages.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["FLAT_LEVEL", "LISTERS", "PAGES_AHEAD", "walk_s3"]
+__all__ = ["DEPTH", "FLAT_LEVEL", "LISTERS", "PAGES_AHEAD", "walk_s3"]
 
 LISTERS = 8  # sub-prefixes listed at once (boto3's client keeps 10 connections)
 PAGES_AHEAD = 4  # pages a sub-prefix's lister may hold before the reader takes them
 FLAT_LEVEL = 10_000  # keys at one level beyond which it is a flat archive, listed as one stream
-DESCENT = 4  # single sub-prefixes followed down before listing
+DEPTH = 4  # levels opened while there are fewer sub-prefixes than listers
 PAGE_SIZE = 1_000  # keys a request (S3's most)
 _DONE = object()
 
@@ -40,15 +40,33 @@ def walk_s3(client, bucket: str, prefix: str) -> Iterator[str]:
 
     Raises what the listing requests raise (botocore's ``ClientError``), from the reader's thread.
     """
-    for _ in range(DESCENT + 1):
-        keys, prefixes = _first_level(client, bucket, prefix)
-        if keys is None:  # a flat archive: its first level is the listing
-            yield from _keys(client, bucket, prefix)
-            return
-        if keys or len(prefixes) != 1:
+    keys, prefixes = _first_level(client, bucket, prefix)
+    if keys is None:  # a flat archive: its first level is the listing
+        yield from _keys(client, bucket, prefix)
+        return
+    for _ in range(DEPTH):
+        if not 0 < len(prefixes) < LISTERS:
             break
-        prefix = prefixes[0]
+        opened = _opened(client, bucket, keys, prefixes)
+        if opened == (keys, prefixes):
+            break
+        keys, prefixes = opened
     yield from _merged(client, bucket, sorted(keys + prefixes), set(prefixes))
+
+
+def _opened(client, bucket: str, keys: list[str], prefixes: list[str]) -> tuple[list[str], list[str]]:
+    """Fewer sub-prefixes than listers (``dataset/images/``; ``train/`` and ``test/``): each replaced by its own
+    keys and sub-prefixes, which sort where it did, unless its first level is flat or the keys held would pass
+    :data:`FLAT_LEVEL`; then it stays whole, for one lister."""
+    keys, deeper = list(keys), []
+    for sub in prefixes:
+        inner, below = _first_level(client, bucket, sub)
+        if inner is None or len(keys) + len(inner) > FLAT_LEVEL:
+            deeper.append(sub)
+        else:
+            keys += inner
+            deeper += below
+    return keys, deeper
 
 
 def _first_level(client, bucket: str, prefix: str) -> tuple[list[str] | None, list[str]]:

@@ -38,6 +38,8 @@ LAYOUT = [
     "deep/only/one/chain/z/w.jpg",
     *(f"flat/scene-{i:02d}.jpg" for i in range(12)),
     "flat/sub/q.jpg",
+    "two/readme.jpg",
+    *(f"two/{split}/k{k}/s-{i}.jpg" for split in ("test", "train") for k in range(5) for i in range(3)),
 ]
 
 
@@ -71,17 +73,36 @@ def _key_order(prefix: str) -> list[str]:
     return sorted(key for key in LAYOUT if key.startswith(prefix))
 
 
-@pytest.mark.parametrize("prefix", ["arch/", "deep/", "flat/"])
+@pytest.mark.parametrize("prefix", ["arch/", "deep/", "flat/", "two/"])
 def test_every_key_once_in_key_order(listed_bucket, prefix, monkeypatch):
     monkeypatch.setattr(s3listing, "FLAT_LEVEL", 10)  # flat/ holds 12 keys at its first level: one stream
     assert list(walk_s3(listed_bucket, "listing", prefix)) == _key_order(prefix)
 
 
 def test_each_sub_prefix_is_listed_whole_in_the_stores_order(listed_bucket):
-    """A whole bucket's first level is three sub-prefixes; each is one listing, as the store gives it."""
-    expected = [key for prefix in ("arch/", "deep/", "flat/") for key in _one_listing(listed_bucket, prefix)]
+    """A whole bucket's first level is four sub-prefixes, more than the listers: each is one listing, as the store
+    gives it."""
+    expected = [key for prefix in ("arch/", "deep/", "flat/", "two/") for key in _one_listing(listed_bucket, prefix)]
     assert list(walk_s3(listed_bucket, "listing", "")) == expected
     assert sorted(expected) == sorted(LAYOUT)
+
+
+def test_fewer_sub_prefixes_than_listers_are_opened_a_level_further(listed_bucket, monkeypatch):
+    """``two/`` holds ``test/`` and ``train/`` (fewer than the 3 listers): their five class folders each are what
+    the listers list, not the two splits; a chain of single sub-prefixes (``deep/``) is followed to its keys."""
+    listed: list[str] = []
+    list_into = s3listing._list_into
+
+    def recorded(client, bucket, prefix, *args):
+        listed.append(prefix)
+        return list_into(client, bucket, prefix, *args)
+
+    monkeypatch.setattr(s3listing, "_list_into", recorded)
+    assert list(walk_s3(listed_bucket, "listing", "two/")) == _key_order("two/")
+    assert sorted(listed) == [f"two/{split}/k{k}/" for split in ("test", "train") for k in range(5)]
+    listed.clear()
+    assert list(walk_s3(listed_bucket, "listing", "deep/")) == _key_order("deep/")
+    assert listed == []  # four levels of one sub-prefix each, then three keys and nothing left to list
 
 
 def test_the_job_lists_the_wanted_scenes_of_a_prefix_in_that_order(s3_env, listed_bucket):

@@ -176,18 +176,56 @@ def s3_client(endpoint_url: str | None = None, credentials: dict[str, str] | Non
 
     Endpoint as :func:`open_filesystem` (``endpoint_url``, else ``AWS_ENDPOINT_URL``), path-style addressing
     (which every S3-compatible store accepts), credentials as :func:`store_credentials` gives them, else from
-    the standard chain.
+    the standard chain. Where the chain finds none the client's requests are unsigned, as pyarrow's already are
+    (:func:`unsigned`): public open-data buckets (Sentinel-2 COGs, SpaceNet) are then listed as they are read,
+    where boto3 would stop at ``NoCredentialsError``.
     """
     import boto3
+    from botocore import UNSIGNED
     from botocore.config import Config
 
+    config = Config(s3={"addressing_style": "path"})
+    if not credentials and unsigned():
+        config = config.merge(Config(signature_version=UNSIGNED))
     return boto3.client(
         "s3",
         endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
         region_name=configured_region(),  # boto3 follows S3's redirect to a bucket's own region; pyarrow does not
-        config=Config(s3={"addressing_style": "path"}),
+        config=config,
         **(credentials or {}),
     )
+
+
+# What the AWS credential chain reads, by which the answer of unsigned() is kept (a test or a shell may set them).
+_CHAIN_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_EC2_METADATA_DISABLED",
+)
+
+
+def unsigned() -> bool:
+    """Whether this process has no AWS credentials at all (none in the environment, the files, a container's or
+    an instance's role), so S3 requests go unsigned: only public buckets answer them.
+
+    Asked of boto3's chain once per set of the variables it reads (on a machine outside AWS, the instance
+    metadata lookup costs about a second).
+    """
+    return _no_credentials(tuple(os.environ.get(name) for name in _CHAIN_VARIABLES))
+
+
+@functools.lru_cache(maxsize=8)
+def _no_credentials(_chain: tuple[str | None, ...]) -> bool:
+    import boto3
+
+    return boto3.Session().get_credentials() is None
 
 
 def open_input(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
@@ -202,13 +240,23 @@ def open_input(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.FileS
     try:
         info = fs.get_file_info(root)
     except OSError as exc:
-        raise InputError(f"cannot read input {uri!r}: {one_line(exc)}") from None
+        raise InputError(f"cannot read input {uri!r}: {one_line(exc)}{unsigned_hint(fs)}") from None
     bucket_root = isinstance(fs, pafs.S3FileSystem) and "/" not in root
     if info.type == pafs.FileType.NotFound and not bucket_root:
         raise InputError(f"input {uri!r} does not exist")
     if info.type == pafs.FileType.File:
         raise InputError(f"input {uri!r} is a file; give the folder (or prefix) that holds the images")
     return fs, root
+
+
+def unsigned_hint(fs: pafs.FileSystem) -> str:
+    """What to add to a refused S3 request's message when it went unsigned (:func:`unsigned`)."""
+    if isinstance(fs, pafs.S3FileSystem) and unsigned():
+        return (
+            " (no AWS credentials were found, so the request was unsigned, which only public buckets answer: set "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+        )
+    return ""
 
 
 def wanted(name: str) -> bool:

@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,8 @@ class SeaweedS3:
         The identity's credentials (default: random ones, so a test cannot pass on leaked defaults).
     startup_timeout : float
         Seconds to wait for the S3 port to answer.
+    public_buckets : sequence of str
+        Buckets anyone may list and read without signing, as public open-data buckets are on AWS.
 
     Examples
     --------
@@ -103,11 +106,13 @@ class SeaweedS3:
         access_key: str | None = None,
         secret_key: str | None = None,
         startup_timeout: float = 30.0,
+        public_buckets: Sequence[str] = (),
     ) -> None:
         self.host = "127.0.0.1"
         self.access_key = access_key or "AK" + secrets.token_hex(8).upper()
         self.secret_key = secret_key or secrets.token_urlsafe(30)
         self.startup_timeout = startup_timeout
+        self.public_buckets = tuple(public_buckets)
         self._own_dir = data_dir is None
         self._data_dir = Path(data_dir) if data_dir is not None else None
         self._proc: subprocess.Popen | None = None
@@ -146,7 +151,18 @@ class SeaweedS3:
                             "name": "admin",
                             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
                             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-                        }
+                        },
+                        *(
+                            # SeaweedFS serves unsigned requests as the identity named "anonymous"
+                            [
+                                {
+                                    "name": "anonymous",
+                                    "actions": [f"{a}:{b}" for b in self.public_buckets for a in ("Read", "List")],
+                                }
+                            ]
+                            if self.public_buckets
+                            else []
+                        ),
                     ]
                 }
             )
@@ -187,6 +203,8 @@ class SeaweedS3:
                 raise RuntimeError(f"weed mini exited with {self._proc.returncode}:\n{self._log_tail()}")
             try:
                 urllib.request.urlopen(self.endpoint_url + "/", timeout=1).close()
+                if self.public_buckets:  # an unsigned request answered as the anonymous identity: IAM is up
+                    return
             except urllib.error.HTTPError as exc:
                 if exc.code == 403:  # an unsigned request refused: the S3 gateway and its IAM are up
                     return

@@ -17,6 +17,7 @@ inside the checks only, so the module imports without them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -328,11 +329,29 @@ def check_input(uri: str, endpoint_url: str | None, pixels: PixelSpec = _DEFAULT
     how the model will see it is the detail (:func:`scenecluster.pixels.describe_scene`)."""
     import pyarrow.fs as pafs
 
-    from scenecluster.data import IMAGE_SUFFIXES, open_filesystem
+    from scenecluster.data import open_filesystem, unsigned_hint
 
     fs, root = open_filesystem(uri, endpoint_url=endpoint_url)
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        return Check("input readable", uri, FAIL, "does not exist (or this identity may not list it)")
+    try:
+        found = fs.get_file_info(root).type != pafs.FileType.NotFound
+    except OSError as exc:  # refused: the store's words, and why when the request went unsigned
+        return Check("input readable", uri, FAIL, f"{one_line(exc)}{unsigned_hint(fs)}")
+    if not found:
+        return Check(
+            "input readable", uri, FAIL, f"does not exist (or this identity may not list it){unsigned_hint(fs)}"
+        )
+    check = _first_readable(fs, root, uri, pixels)
+    if check.status == PASS and unsigned_hint(fs):
+        check = dataclasses.replace(check, detail=f"{check.detail} (read unsigned: no AWS credentials were found)")
+    return check
+
+
+def _first_readable(fs, root: str, uri: str, pixels: PixelSpec) -> Check:
+    """:func:`check_input`'s search for a first scene (or shard) to read, at most two folder levels down."""
+    import pyarrow.fs as pafs
+
+    from scenecluster.data import IMAGE_SUFFIXES
+
     folders, seen, first_file = [root], 0, None
     for _depth in range(3):
         infos = [i for folder in folders for i in fs.get_file_info(pafs.FileSelector(folder, recursive=False))]

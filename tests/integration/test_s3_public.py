@@ -75,3 +75,12 @@ def test_the_job_clusters_a_public_bucket_without_credentials(ray_cluster, no_cr
     )
     metrics = run_cluster_job(cfg, echo=lambda s: None)
     assert (metrics["n_embedded"], metrics["n_skipped"]) == (12, 0)
+
+
+def test_doctor_says_the_input_was_read_unsigned_and_why_a_private_one_is_not(no_credentials):
+    from scenecluster import doctor
+
+    public = doctor.check_input("s3://open-data/scenes", None)
+    assert public.status == doctor.PASS and "read unsigned: no AWS credentials were found" in public.detail
+    private = doctor.check_input("s3://private/scenes", None)
+    assert private.status == doctor.FAIL and "no AWS credentials were found" in private.detail, private

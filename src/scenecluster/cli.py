@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from scenecluster.config import config_flags
+from scenecluster.config import FeatureConfig, config_flags
 from scenecluster.errors import ConfigError, SceneClusterError
 
 
@@ -305,8 +305,9 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-# The pixel settings doctor takes as flags (all of FeatureConfig.PIXEL_SETTINGS that have one).
-_DOCTOR_PIXEL_FLAGS = ("bands", "stretch", "nodata")
+# The pixel settings doctor takes as flags: those of FeatureConfig.PIXEL_SETTINGS that have one (_flags keeps only
+# flagged settings), so a pixel setting given a flag later is one of doctor's too.
+_DOCTOR_PIXEL_FLAGS = FeatureConfig.PIXEL_SETTINGS
 
 
 def _add_doctor_command(sub) -> None:
@@ -344,7 +345,7 @@ def _add_doctor_command(sub) -> None:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from scenecluster.config import FeatureConfig, load_config
+    from scenecluster.config import load_config
     from scenecluster.doctor import DoctorOptions, exit_code, format_table, run_doctor
 
     if args.input_arg and args.input and args.input_arg != args.input:

@@ -33,6 +33,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".jp2", ".j2k", ".we
 #: The formats, as the messages that name them say them.
 IMAGE_FORMATS = "JPEG, PNG, TIFF, JPEG 2000 or WebP"
 ARCHIVE_SUFFIXES = (".tar",)
+#: What decoding a scene may raise that makes it skipped and listed, not fatal (the job's reading and doctor's).
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
 log = logging.getLogger(__name__)
 DEFAULT_PIXELS = PixelSpec()
 
@@ -453,7 +455,7 @@ def decode_batch(
             continue
         try:
             images[i] = decode_image(data, image_size, pixels)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        except DECODE_ERRORS as exc:
             errors[i] = decode_failure(exc)
     out = {"path": np.asarray(paths, dtype=object), "image": images, "error": errors}
     if "source" in batch:

@@ -350,7 +350,7 @@ def _first_readable(fs, root: str, uri: str, pixels: PixelSpec) -> Check:
     """:func:`check_input`'s search for a first scene (or shard) to read, at most two folder levels down."""
     import pyarrow.fs as pafs
 
-    from scenecluster.data import IMAGE_SUFFIXES
+    from scenecluster.data import IMAGE_SUFFIXES, is_archive
 
     folders, seen, first_file = [root], 0, None
     for _depth in range(3):
@@ -360,7 +360,7 @@ def _first_readable(fs, root: str, uri: str, pixels: PixelSpec) -> Check:
         images = [f for f in files if f[0].lower().endswith(IMAGE_SUFFIXES) and f[1] <= _DESCRIBE_MAX_BYTES]
         if images:
             return _describe_first_scene(fs, [path for path, _ in images[:_DESCRIBE_TRIES]], uri, seen, pixels)
-        shards = [f[0] for f in files if f[0].lower().endswith(".tar")]
+        shards = [f[0] for f in files if is_archive(f[0])]
         if shards:  # WebDataset shards: read, not decoded
             first_file = shards[0]
             break
@@ -378,9 +378,7 @@ def _first_readable(fs, root: str, uri: str, pixels: PixelSpec) -> Check:
 def _describe_first_scene(fs, paths: list[str], uri: str, seen: int, pixels: PixelSpec) -> Check:
     """The first of ``paths`` that decodes, described (:func:`scenecluster.pixels.describe_scene`); the check
     fails only when none does: the job skips a corrupt scene, but not one of three is a format it cannot read."""
-    from PIL import Image
-
-    from scenecluster.data import decode_failure
+    from scenecluster.data import DECODE_ERRORS, decode_failure
     from scenecluster.pixels import describe_scene
 
     failures = []
@@ -390,7 +388,7 @@ def _describe_first_scene(fs, paths: list[str], uri: str, seen: int, pixels: Pix
             data = stream.read()
         try:
             seen_as = describe_scene(data, pixels)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # as the job's reading skips a scene
+        except DECODE_ERRORS as exc:  # as the job's reading skips a scene
             failures.append(f"cannot read {name}: {decode_failure(exc)}")
             continue
         skipped = f" ({'; '.join(failures)})" if failures else ""

@@ -17,6 +17,22 @@ def sample_dir() -> Path:
     return sample_data_dir()
 
 
+def tiny_job_config(input_uri, output, model, extra: dict | None = None):
+    """A clustering run of the tiny random model at 28 px on a few dozen scenes, with dotted ``extra`` settings."""
+    from scenecluster.config import load_config
+
+    settings = {
+        "data.input": str(input_uri),
+        "output": str(output),
+        "embed.model": str(model),
+        "embed.image_size": 28,
+        "embed.batch_size": 4,
+        "reduce.n_neighbors": 5,
+        "cluster.n_components": 5,
+    }
+    return load_config(None, {**settings, **(extra or {})})
+
+
 def copy_sample(dest: Path, per_class: int, classes: int | None = None) -> Path:
     """Copy ``per_class`` real EuroSAT images of each (or the first ``classes``) class into ``dest``."""
     src = sample_data_dir()

@@ -7,12 +7,17 @@ import pytest
 from scenecluster.testing.s3server import SeaweedS3, find_weed
 
 
-@pytest.fixture(scope="session")
-def s3_server():
+def skip_without_weed() -> None:
+    """Skip the test, saying why, on a machine without SeaweedFS's ``weed`` binary."""
     try:
         find_weed()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    skip_without_weed()
     with SeaweedS3() as server:
         yield server
 
@@ -25,4 +30,4 @@ def s3_env(s3_server, monkeypatch):
     return s3_server
 
 
-__all__ = ["s3_env", "s3_server"]
+__all__ = ["s3_env", "s3_server", "skip_without_weed"]

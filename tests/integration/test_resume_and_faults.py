@@ -14,14 +14,14 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from scenecluster.config import EmbedConfig, load_config
+from scenecluster.config import EmbedConfig
 from scenecluster.data import list_scenes
 from scenecluster.devices import decide, local_inventory
 from scenecluster.embed import embed_images, plan_chunks
 from scenecluster.features import resolve_feature_spec
 from scenecluster.job import run_cluster_job
 from scenecluster.outputs import OutputFolder
-from tests.conftest import copy_sample
+from tests.conftest import copy_sample, tiny_job_config
 
 pytestmark = pytest.mark.integration
 
@@ -52,19 +52,7 @@ def test_tar_shards_with_a_truncated_member_and_a_damaged_shard(ray_cluster, tmp
     # a shard cut short in the middle of a member
     whole = shards[1].read_bytes()
     shards[1].write_bytes(whole[: len(whole) // 2])
-    cfg = load_config(
-        None,
-        {
-            "data.input": str(tmp_path / "shards"),
-            "output": str(tmp_path / "out"),
-            "data.labels": "folders",
-            "embed.model": str(tiny_model_dir),
-            "embed.image_size": 28,
-            "embed.batch_size": 4,
-            "reduce.n_neighbors": 5,
-            "cluster.n_components": 5,
-        },
-    )
+    cfg = tiny_job_config(tmp_path / "shards", tmp_path / "out", tiny_model_dir, {"data.labels": "folders"})
     metrics = run_cluster_job(cfg, echo=lambda s: None)
     skipped = (tmp_path / "out" / "skipped.jsonl").read_text()
     assert "cut.jpg" in skipped
@@ -136,19 +124,7 @@ def test_a_rerun_after_the_reading_of_tiffs_changed_reembeds_their_parts_and_ref
     tiffs.mkdir()
     for n, jpeg in enumerate(sorted(scenes.glob("Forest/*.jpg"))):
         Image.open(jpeg).rotate(90).save(tiffs / f"tile-{n}.tif", compression="tiff_deflate")
-    cfg = load_config(
-        None,
-        {
-            "data.input": str(scenes),
-            "output": str(tmp_path / "out"),
-            "embed.model": str(tiny_model_dir),
-            "embed.image_size": 28,
-            "embed.batch_size": 4,
-            "embed.chunk_size": 4,
-            "reduce.n_neighbors": 5,
-            "cluster.n_components": 5,
-        },
-    )
+    cfg = tiny_job_config(scenes, tmp_path / "out", tiny_model_dir, {"embed.chunk_size": 4})
     first = run_cluster_job(cfg, echo=lambda s: None)
     parts = tmp_path / "out" / "embeddings"
     stamps = {p.name: p.stat().st_mtime_ns for p in parts.glob("part-*.parquet")}

@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import pytest
 
-from scenecluster.config import load_config
 from scenecluster.data import open_filesystem, unsigned
 from scenecluster.errors import InputError
 from scenecluster.job import run_cluster_job
 from scenecluster.manifest import check_input, iter_scene_paths
-from scenecluster.testing.s3server import REGION, SeaweedS3, find_weed
-from tests.conftest import copy_sample
+from scenecluster.testing.s3server import REGION, SeaweedS3
+from tests.conftest import copy_sample, tiny_job_config
+from tests.integration.conftest_s3 import skip_without_weed
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    try:
-        find_weed()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    skip_without_weed()
     scenes = copy_sample(tmp_path_factory.mktemp("scenes"), per_class=4, classes=3)
     with SeaweedS3(public_buckets=["open-data"]) as server:
         for bucket in ("open-data", "private"):
@@ -60,19 +57,7 @@ def test_a_private_bucket_says_no_credentials_were_found(no_credentials):
 
 
 def test_the_job_clusters_a_public_bucket_without_credentials(ray_cluster, no_credentials, tmp_path, tiny_model_dir):
-    cfg = load_config(
-        None,
-        {
-            "data.input": "s3://open-data/scenes",
-            "output": str(tmp_path / "out"),
-            "data.labels": "folders",
-            "embed.model": str(tiny_model_dir),
-            "embed.image_size": 28,
-            "embed.batch_size": 4,
-            "reduce.n_neighbors": 5,
-            "cluster.n_components": 5,
-        },
-    )
+    cfg = tiny_job_config("s3://open-data/scenes", tmp_path / "out", tiny_model_dir, {"data.labels": "folders"})
     metrics = run_cluster_job(cfg, echo=lambda s: None)
     assert (metrics["n_embedded"], metrics["n_skipped"]) == (12, 0)
 

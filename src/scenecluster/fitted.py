@@ -7,7 +7,8 @@ flag) and is saved as one folder:
 
 ``clustering.json``
     the feature spec (backbone reference, layer, pooling, image size, bands and stretch), the cluster ids of the
-    mixture's components, the novelty threshold and the versions that made it;
+    mixture's components, the novelty threshold, the versions that made it and (``reading``) the revision that
+    read its scenes other than JPEG (:data:`scenecluster.pixels.READING_REVISION`; null for JPEGs alone);
 ``mixture.safetensors``, ``mixture.json``
     the DP-GMM's parameters (plain arrays and JSON: no code runs when they are loaded);
 ``projection.pkl``

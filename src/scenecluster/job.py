@@ -30,7 +30,7 @@ from scenecluster.embed import SKIPPED, embed_parts, export_embeddings, write_sk
 from scenecluster.errors import InputError
 from scenecluster.evaluate import scores_from_contingency
 from scenecluster.features import FeatureSpec, resolve_feature_spec, store_access
-from scenecluster.manifest import check_run_paths, write_manifest
+from scenecluster.manifest import check_run_paths, listed_reading, write_manifest
 from scenecluster.model_store import is_store_uri, publish_model_folder
 from scenecluster.outputs import OutputFolder, prepare_output
 from scenecluster.pixels import READING_REVISION
@@ -98,7 +98,7 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
             "fit_key": _fit_key(cfg, spec, n_fit, reading=reading),
             "data_prior_fit_key": _fit_key(_with_data_prior(cfg), spec, n_fit, reading=reading),
         }
-        fit = fit_remote(out, embedded.parts, cfg, spec, resources, **keys)
+        fit = fit_remote(out, embedded.parts, cfg, spec, resources, **keys, reading=reading)
         timer.seconds.update({k: v for k, v in fit["stage_seconds"].items()})
         note["summary"] = fit_summary(cfg, fit)
     with timer.stage("assign") as note:
@@ -139,14 +139,18 @@ def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print)
     source = OutputFolder(cfg.clustering, endpoint_url=cfg.data.endpoint_url)
     if source.is_local and not Path(source.root).is_dir():
         raise InputError(f"clustering {cfg.clustering!r} is not a folder: give the output folder of a clustering run")
-    feature = read_clustering_meta(source)["feature"]
+    meta = read_clustering_meta(source)
+    feature = meta["feature"]
     saved = _feature_settings(feature)
     overruled = overruled_feature_settings(cfg.embed, saved)
     if overruled:  # e.g. --model or --layer: the clustering only knows its own feature space
         echo(f"[assign] the saved clustering's feature is used, not the {', '.join(overruled)} given")
     cfg = cfg.model_copy(update={"embed": cfg.embed.model_copy(update=saved)}, deep=True)
     spec, out, resources = _prepare(cfg, overwrite, timer, fitted_feature=feature)
-    _, embedded = _embed_stage(cfg, out, spec, resources, timer)
+    manifest, embedded = _embed_stage(cfg, out, spec, resources, timer)
+    mismatch = reading_mismatch(meta, source, manifest.n_revised)
+    if mismatch:
+        echo(f"[assign] {mismatch}")
     with timer.stage("assign") as note:
         assigned = assign_parts(
             out, source, resources, cfg.scale.assign_actors, cfg.data.labels == "folders", at_least=cfg.embed.num_actors
@@ -160,6 +164,28 @@ def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print)
     _exports(cfg, out, embedded, timer)
     _report_stage(out, metrics, timer)
     return _finish(out, metrics, timer)
+
+
+def reading_mismatch(meta: dict[str, Any], source: OutputFolder, n_revised: int) -> str | None:
+    """What to tell a user whose ``n_revised`` listed scenes other than JPEG are read by this scenecluster's
+    :data:`~scenecluster.pixels.READING_REVISION`, when the saved clustering (``meta``, saved in ``source``) was
+    fitted on such scenes read by an earlier one; None when nothing differs.
+
+    Why a warning and not a refusal: the vectors of most scenes move little across a revision (the footprint's
+    edge, a band's role), and the clustering still assigns them; but they may sit apart from the vectors it was
+    fitted on, and a rerun of the fitted run re-embeds only those scenes and refits (:mod:`scenecluster.manifest`).
+    A clustering fitted on JPEGs alone (``reading`` None) fits any revision's scenes.
+    """
+    fitted = meta["reading"] if "reading" in meta else listed_reading(source)  # saved before it was recorded
+    if not n_revised or fitted is None or fitted == READING_REVISION:
+        return None
+    return (
+        f"warning: the clustering in {source.display('clustering')} was fitted on scenes other than JPEG read by "
+        f"an earlier scenecluster (reading revision {fitted}, now {READING_REVISION}), and {n_revised:,} of the "
+        "scenes listed here are such scenes, read the new way: their vectors may sit apart from the ones it was "
+        "fitted on. Run that clustering again into its output folder (it re-embeds only those scenes and refits), "
+        "then assign with it"
+    )
 
 
 def overruled_feature_settings(embed, saved: dict[str, Any]) -> list[str]:

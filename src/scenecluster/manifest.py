@@ -47,6 +47,7 @@ __all__ = [
     "check_run_paths",
     "drop_unlisted_parts",
     "iter_scene_paths",
+    "listed_reading",
     "manifest_parts",
     "part_dataset",
     "part_name",
@@ -198,6 +199,27 @@ def write_manifest(
     }
     out.write_text(DONE_FILE, json.dumps(done))
     return dataclasses.replace(manifest, root=root)
+
+
+def listed_reading(out: OutputFolder) -> int | None:
+    """The reading revision that a run folder's listing embedded its scenes other than JPEG under; None when it
+    lists none (JPEGs are read alike by every revision) or holds no finished listing.
+
+    A listing finished before revisions were recorded gives 0, the reading of every scenecluster before revision 1.
+    Why: a clustering saved before ``clustering.json`` recorded its ``reading`` is known by its run's listing.
+    """
+    if not out.exists(DONE_FILE):
+        return None
+    done = json.loads(out.read_text(DONE_FILE))
+    n_revised = done.get("n_revised")
+    if n_revised is None:  # listed before such scenes were counted
+        n_revised = sum(
+            reading_revision(path) is not None
+            for file in sorted(f for f in out.list(MANIFEST) if f.endswith(".parquet"))
+            for sources in out.read_table(f"{MANIFEST}/{file}").column("sources").to_pylist()
+            for path in sources
+        )
+    return done.get("key", {}).get("reading", 0) if n_revised else None
 
 
 def _but_reading(key: dict | None) -> dict | None:

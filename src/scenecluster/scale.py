@@ -183,6 +183,7 @@ def fit_on_sample(
     scatter_points: int,
     fit_key: str = "",
     data_prior_fit_key: str = "",
+    reading: int | None = None,
 ) -> dict[str, Any]:
     """Fit and save the clustering on a sample of the run's embeddings (runs as a Ray task).
 
@@ -215,7 +216,7 @@ def fit_on_sample(
         "n_fit": len(fit_index),
         "novelty_threshold": fitted.novelty_threshold,
     }
-    keys = {"fit_key": fit_key, "data_prior_fit_key": data_prior_fit_key or fit_key}
+    keys = {"fit_key": fit_key, "data_prior_fit_key": data_prior_fit_key or fit_key, "reading": reading}
     save_clustering(fitted, out, **keys, summary=summary)  # clustering.json last: it marks the fit done
     report = _report_sample(sample, X, clusters, reduce, scatter_points, seed)
     return {**summary, "report": report, "stage_seconds": fitted.info["seconds"]}

@@ -80,11 +80,13 @@ def fit_remote(
     *,
     fit_key: str,
     data_prior_fit_key: str,
+    reading: int | None = None,
 ) -> dict[str, Any]:
     """Fit (or reuse) the run's clustering in one Ray task; a changed ``fit_key`` refits and drops assignments.
 
     ``data_prior_fit_key`` (the fit key under the data prior, which self-training's pseudo-labels are keyed on)
-    is recorded beside it in ``clustering.json``."""
+    and ``reading`` (the revision that read the fitted scenes other than JPEG, None for JPEGs alone: a later
+    ``assign`` compares it with its own) are recorded beside it in ``clustering.json``."""
     import ray
 
     from scenecluster.scale import fit_on_sample
@@ -111,6 +113,7 @@ def fit_remote(
             scatter_points=cfg.report.scatter_points,
             fit_key=fit_key,
             data_prior_fit_key=data_prior_fit_key,
+            reading=reading,
         )
     )
     _write_report_sample(out, result["report"])

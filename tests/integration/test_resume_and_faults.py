@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -14,12 +15,12 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from scenecluster.config import EmbedConfig
+from scenecluster.config import AssignJobConfig, EmbedConfig, load_config
 from scenecluster.data import list_scenes
 from scenecluster.devices import decide, local_inventory
 from scenecluster.embed import embed_images, plan_chunks
 from scenecluster.features import resolve_feature_spec
-from scenecluster.job import run_cluster_job
+from scenecluster.job import run_assign_job, run_cluster_job
 from scenecluster.outputs import OutputFolder
 from tests.conftest import copy_sample, tiny_job_config
 
@@ -132,8 +133,15 @@ def test_a_rerun_after_the_reading_of_tiffs_changed_reembeds_their_parts_and_ref
 
     # the folder's listing is made once: a scene added since stays out (it is for ``assign``)
     shutil.copy(next(scenes.glob("Forest/*.jpg")), scenes / "Forest" / "added.jpg")
+    bumped = scenecluster.pixels.READING_REVISION + 1
     for module in (scenecluster.pixels, scenecluster.manifest, scenecluster.job):
-        monkeypatch.setattr(module, "READING_REVISION", scenecluster.pixels.READING_REVISION + 1)
+        monkeypatch.setattr(module, "READING_REVISION", bumped)
+    # before the rerun, ``assign`` of TIFFs with the clustering the earlier reading fitted says so
+    assign = {"data.input": str(tiffs), "output": str(tmp_path / "assigned"), "clustering": str(tmp_path / "out")}
+    told: list[str] = []
+    assigned = run_assign_job(load_config(None, assign, model=AssignJobConfig), echo=told.append)
+    assert assigned["n_embedded"] == 4
+    assert any(line.startswith("[assign] warning: the clustering in") and "4 of the scenes" in line for line in told)
     lines: list[str] = []
     again = run_cluster_job(cfg, echo=lines.append)
     assert any(line.startswith("[embed] 16 embedded") and "3 of 4 parts reused" in line for line in lines), lines
@@ -144,6 +152,8 @@ def test_a_rerun_after_the_reading_of_tiffs_changed_reembeds_their_parts_and_ref
     assert all(after[name] == stamps[name] for name in kept)
     assert again["n_embedded"] == 16
     assert pq.read_table(tmp_path / "out" / "assignments.parquet").num_rows == 16
+    saved = json.loads((tmp_path / "out" / "clustering" / "clustering.json").read_text())
+    assert saved["reading"] == bumped  # the refit records the reading it fitted
 
 
 def _embedder_actor_pids() -> list[int]:

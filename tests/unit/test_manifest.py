@@ -176,6 +176,69 @@ def test_a_listing_made_under_another_reading_keeps_its_scenes_and_renames_the_p
     assert listing()[:2] == (again, renamed)  # and the new names are kept
 
 
+def _listing_of(tmp_path, names: list[str]) -> OutputFolder:
+    from scenecluster.manifest import write_manifest
+
+    scenes = tmp_path / "scenes" / "fields"
+    scenes.mkdir(parents=True)
+    for name in names:
+        (scenes / name).write_bytes(b"not decoded while listing")
+    out = OutputFolder(str(tmp_path / "out"))
+    write_manifest(str(tmp_path / "scenes"), out, identity={"test": 1}, chunk_size=4)
+    return out
+
+
+def _as_listed_before_revisions(out: OutputFolder) -> None:
+    """The listing file a scenecluster before reading revisions wrote: no reading in its key, no count of them."""
+    import json
+
+    from scenecluster.manifest import DONE_FILE
+
+    done = json.loads(out.read_text(DONE_FILE))
+    del done["key"]["reading"], done["n_revised"]
+    out.write_text(DONE_FILE, json.dumps(done))
+
+
+@pytest.mark.parametrize(
+    ("names", "before_revisions", "expected"),
+    [
+        (["a.jpg", "b.jpeg"], False, None),
+        (["a.jpg", "b.tif"], False, scenecluster.pixels.READING_REVISION),
+        (["a.jpg", "b.jpeg"], True, None),
+        (["a.jpg", "b.png"], True, 0),
+    ],
+    ids=["jpegs", "a tiff", "jpegs listed before revisions", "a png listed before revisions"],
+)
+def test_a_listing_tells_which_reading_embedded_its_scenes_other_than_jpeg(tmp_path, names, before_revisions, expected):
+    """A clustering saved before ``clustering.json`` recorded its reading is known by its run's listing: JPEGs
+    alone were read alike by every revision; other scenes listed before revisions were counted were read by the
+    reading before the first revision."""
+    from scenecluster.manifest import listed_reading
+
+    out = _listing_of(tmp_path, names)
+    if before_revisions:
+        _as_listed_before_revisions(out)
+    assert listed_reading(out) == expected
+    assert listed_reading(OutputFolder(str(tmp_path / "no run"))) is None
+
+
+def test_assign_warns_only_when_its_scenes_are_read_otherwise_than_those_the_clustering_was_fitted_on(tmp_path):
+    from scenecluster.job import reading_mismatch
+    from scenecluster.pixels import READING_REVISION
+
+    run = _listing_of(tmp_path, ["a.jpg", "b.tif"])
+    assert reading_mismatch({"reading": READING_REVISION}, run, n_revised=5) is None
+    assert reading_mismatch({"reading": None}, run, n_revised=5) is None  # fitted on JPEGs alone
+    stale = reading_mismatch({"reading": READING_REVISION - 1}, run, n_revised=5)
+    assert stale is not None and f"revision {READING_REVISION - 1}, now {READING_REVISION}" in stale
+    assert "5 of the scenes" in stale and str(tmp_path / "out" / "clustering") in stale
+    assert reading_mismatch({"reading": READING_REVISION - 1}, run, n_revised=0) is None  # JPEGs to assign
+    # a clustering saved before it recorded its reading: its run's listing tells
+    assert reading_mismatch({}, run, n_revised=5) is None
+    _as_listed_before_revisions(run)
+    assert "reading revision 0" in reading_mismatch({}, run, n_revised=5)
+
+
 def test_a_long_listing_reports_its_count_as_it_goes(tmp_path):
     """Ten million keys are 10,000 requests: the job's log says how far the listing is, at most every 30 s, and a
     sampled listing reports the walk it draws from."""

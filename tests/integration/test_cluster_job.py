@@ -170,7 +170,9 @@ def test_actors_load_the_backbone_without_a_progress_bar_and_the_driver_keeps_it
 def test_a_job_logs_ray_datas_progress_once_a_minute_unless_told_otherwise(given, expected):
     """Under `ray job submit` stdout is no terminal, and Ray Data logs a block of progress lines every 10 s: a
     day's embedding would bury the job's own lines. A job's Ray is set to once a minute; a value the user set wins.
-    Run in a fresh process, as Ray reads the setting when it first logs progress."""
+    Run in a fresh process, as Ray reads the setting when it first logs progress. The pace is set before Ray is
+    joined or started, so a named cluster that does not answer (a one-line error in a second) is enough to see it,
+    without the 10 s of starting a Ray."""
     import os
     import subprocess
     import sys
@@ -180,8 +182,12 @@ def test_a_job_logs_ray_datas_progress_once_a_minute_unless_told_otherwise(given
         env["RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL"] = given
     script = (
         "from scenecluster.config import ResourcesConfig\n"
+        "from scenecluster.errors import ConfigError\n"
         "from scenecluster.raycluster import ensure_ray\n"
-        "ensure_ray(ResourcesConfig(num_cpus=1))\n"
+        "try:\n"
+        "    ensure_ray(ResourcesConfig(ray_address='127.0.0.1:9'))\n"
+        "except ConfigError:\n"
+        "    pass\n"
         "from ray.data._internal.progress.logging_progress import LoggingExecutionProgressManager as Logged\n"
         "print('interval', Logged.LOG_REPORT_INTERVAL_SEC)\n"
     )

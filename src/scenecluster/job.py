@@ -169,7 +169,8 @@ def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print)
 def reading_mismatch(meta: dict[str, Any], source: OutputFolder, n_revised: int) -> str | None:
     """What to tell a user whose ``n_revised`` listed scenes other than JPEG are read by this scenecluster's
     :data:`~scenecluster.pixels.READING_REVISION`, when the saved clustering (``meta``, saved in ``source``) was
-    fitted on such scenes read by an earlier one; None when nothing differs.
+    fitted on such scenes read by another (an earlier one, or a later one after a downgrade); None when nothing
+    differs.
 
     Why a warning and not a refusal: the vectors of most scenes move little across a revision (the footprint's
     edge, a band's role), and the clustering still assigns them; but they may sit apart from the vectors it was
@@ -181,10 +182,10 @@ def reading_mismatch(meta: dict[str, Any], source: OutputFolder, n_revised: int)
         return None
     return (
         f"warning: the clustering in {source.display('clustering')} was fitted on scenes other than JPEG read by "
-        f"an earlier scenecluster (reading revision {fitted}, now {READING_REVISION}), and {n_revised:,} of the "
-        "scenes listed here are such scenes, read the new way: their vectors may sit apart from the ones it was "
-        "fitted on. Run that clustering again into its output folder (it re-embeds only those scenes and refits), "
-        "then assign with it"
+        f"another scenecluster (reading revision {fitted}, this one's is {READING_REVISION}), and {n_revised:,} of "
+        "the scenes listed here are such scenes: their vectors may sit apart from the ones it was fitted on. Run "
+        "that clustering again into its output folder with this scenecluster (it re-embeds only those scenes and "
+        "refits), then assign with it"
     )
 
 

@@ -230,7 +230,7 @@ def test_assign_warns_only_when_its_scenes_are_read_otherwise_than_those_the_clu
     assert reading_mismatch({"reading": READING_REVISION}, run, n_revised=5) is None
     assert reading_mismatch({"reading": None}, run, n_revised=5) is None  # fitted on JPEGs alone
     stale = reading_mismatch({"reading": READING_REVISION - 1}, run, n_revised=5)
-    assert stale is not None and f"revision {READING_REVISION - 1}, now {READING_REVISION}" in stale
+    assert stale is not None and f"revision {READING_REVISION - 1}, this one's is {READING_REVISION}" in stale
     assert "5 of the scenes" in stale and str(tmp_path / "out" / "clustering") in stale
     assert reading_mismatch({"reading": READING_REVISION - 1}, run, n_revised=0) is None  # JPEGs to assign
     # a clustering saved before it recorded its reading: its run's listing tells

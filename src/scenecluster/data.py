@@ -33,6 +33,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".jp2", ".j2k", ".we
 #: The formats, as the messages that name them say them.
 IMAGE_FORMATS = "JPEG, PNG, TIFF, JPEG 2000 or WebP"
 ARCHIVE_SUFFIXES = (".tar",)
+S3_CONNECTIONS = 32  # a boto3 client's pool: scenecluster.s3listing's listers and their probes (boto3's default: 10)
 #: What decoding a scene may raise that makes it skipped and listed, not fatal (the job's reading and doctor's).
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
 log = logging.getLogger(__name__)
@@ -186,7 +187,8 @@ def s3_client(endpoint_url: str | None = None, credentials: dict[str, str] | Non
     from botocore import UNSIGNED
     from botocore.config import Config
 
-    config = Config(s3={"addressing_style": "path"})
+    # connections for the listing's threads: 8 listers, and up to 4 probes each while one cuts its keys into ranges
+    config = Config(s3={"addressing_style": "path"}, max_pool_connections=S3_CONNECTIONS)
     if not credentials and unsigned():
         config = config.merge(Config(signature_version=UNSIGNED))
     return boto3.client(

@@ -138,6 +138,11 @@ def _finest(keys: list[str], start: int) -> int:
     return depth
 
 
+def _shared(a: str, b: str) -> int:
+    """How many first characters ``a`` and ``b`` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def _cuts(client, bucket: str, prefix: str, after: str, stop: str | None, finest: int) -> list[str] | None:
     """The first keys of consecutive ranges that the keys under ``prefix`` past ``after`` and before ``stop`` fall
     into, about :data:`RANGES` of them where the names allow; [] when there is no such key, None for a store seen
@@ -157,7 +162,9 @@ def _cuts(client, bucket: str, prefix: str, after: str, stop: str | None, finest
     if first is None or (stop is not None and first >= stop):
         return []
     cuts = [first]
-    for depth in range(len(prefix), finest + 1):
+    # the keys of [first, stop) all share the characters first and stop share: no cut can come before those
+    start = len(prefix) if stop is None else max(len(prefix), _shared(first, stop))
+    for depth in range(start, finest + 1):
         if len(cuts) >= RANGES or depth >= max(map(len, cuts)):
             break  # enough ranges, or names too short to cut any finer
         limit = max(2, 4 * RANGES // len(cuts))

@@ -43,13 +43,18 @@ LAYOUT = [
 ]
 
 
+def _bucket_of(s3_server, bucket: str, keys: list[str]):
+    """A bucket of empty objects under ``keys``; a client of the server."""
+    s3_server.create_bucket(bucket)
+    client = s3_server.boto3_client()
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=key, Body=b"")
+    return client
+
+
 @pytest.fixture(scope="module")
 def listed_bucket(s3_server):
-    s3_server.create_bucket("listing")
-    client = s3_server.boto3_client()
-    for key in LAYOUT:
-        client.put_object(Bucket="listing", Key=key, Body=b"")
-    return client
+    return _bucket_of(s3_server, "listing", LAYOUT)
 
 
 @pytest.fixture(autouse=True)
@@ -173,11 +178,7 @@ FLAT = [
 
 @pytest.fixture(scope="module")
 def flat_bucket(s3_server):
-    s3_server.create_bucket("flat")
-    client = s3_server.boto3_client()
-    for key in FLAT:
-        client.put_object(Bucket="flat", Key=key, Body=b"")
-    return client
+    return _bucket_of(s3_server, "flat", FLAT)
 
 
 @pytest.fixture

@@ -75,30 +75,40 @@ def walk_s3(client, bucket: str, prefix: str) -> Iterator[str]:
     """
     keys, prefixes, flat = _first_level(client, bucket, prefix)
     if flat:  # a flat archive: one listing, cut into ranges as it goes
-        # the keys read stay read, and the rest is a range from the last of them (unless folders were among them:
-        # then the keys past it are not all that follows it in a listing of every key below)
-        spans = [_Range(prefix)] if prefixes else [*keys[:-1], _Range(prefix, keys[-1])]
-        yield from _Merge(client, bucket, spans).keys()
+        yield from _Merge(client, bucket, _flat_spans(prefix, keys, prefixes)).keys()
         return
+    spans: list[str | _Range] = []
     for _ in range(DEPTH):
         if not 0 < len(prefixes) < LISTERS:
             break
-        opened = _opened(client, bucket, keys, prefixes)
+        opened = _opened(client, bucket, keys, prefixes, spans)
         if opened == (keys, prefixes):
             break
         keys, prefixes = opened
-    spans = sorted([*keys, *(_Range(sub) for sub in prefixes)], key=_start)
+    spans = sorted([*keys, *spans, *(_Range(sub) for sub in prefixes)], key=_start)
     yield from _Merge(client, bucket, spans).keys()
 
 
-def _opened(client, bucket: str, keys: list[str], prefixes: list[str]) -> tuple[list[str], list[str]]:
+def _flat_spans(prefix: str, keys: list[str], folders: list[str]) -> list[str | _Range]:
+    """A flat level whose first read listed ``keys``: they stay listed, and the rest is a range from the last of
+    them; unless ``folders`` were among them (then the keys past it are not all that follows it in a listing of
+    every key below), when it is listed whole."""
+    return [_Range(prefix)] if folders else [*keys[:-1], _Range(prefix, keys[-1])]
+
+
+def _opened(
+    client, bucket: str, keys: list[str], prefixes: list[str], flats: list[str | _Range]
+) -> tuple[list[str], list[str]]:
     """Fewer sub-prefixes than listers (``dataset/images/``; ``train/`` and ``test/``): each replaced by its own
-    keys and sub-prefixes, which sort where it did, unless its first level is flat or the keys held would pass
-    :data:`FLAT_LEVEL`; then it stays whole, for one lister (which cuts it into ranges if it is long)."""
+    keys and sub-prefixes, which sort where it did, unless its first level is flat (its spans go to ``flats``, the
+    keys its first read listed kept: :func:`_flat_spans`) or the keys held would pass :data:`FLAT_LEVEL` (then it
+    stays whole); a lister cuts a long one into ranges."""
     keys, deeper = list(keys), []
     for sub in prefixes:
         inner, below, flat = _first_level(client, bucket, sub)
-        if flat or len(keys) + len(inner) > FLAT_LEVEL:
+        if flat:
+            flats += _flat_spans(sub, inner, below)
+        elif len(keys) + len(inner) > FLAT_LEVEL:
             deeper.append(sub)
         else:
             keys += inner

@@ -214,12 +214,20 @@ def listed_reading(out: OutputFolder) -> int | None:
     n_revised = done.get("n_revised")
     if n_revised is None:  # listed before such scenes were counted
         n_revised = sum(
-            reading_revision(path) is not None
-            for file in sorted(f for f in out.list(MANIFEST) if f.endswith(".parquet"))
-            for sources in out.read_table(f"{MANIFEST}/{file}").column("sources").to_pylist()
-            for path in sources
+            _count_revised(out.read_table(f"{MANIFEST}/{file}", columns=["sources"]).column("sources").to_pylist())
+            for file in _manifest_files(out)
         )
     return done.get("key", {}).get("reading", 0) if n_revised else None
+
+
+def _manifest_files(out: OutputFolder) -> list[str]:
+    """The listing's files in ``out/manifest/``, in order."""
+    return sorted(f for f in out.list(MANIFEST) if f.endswith(".parquet"))
+
+
+def _count_revised(parts: list[list[str]]) -> int:
+    """How many of the parts' sources are in a format whose reading has a revision (:func:`reading_revision`)."""
+    return sum(reading_revision(path) is not None for sources in parts for path in sources)
 
 
 def _but_reading(key: dict | None) -> dict | None:
@@ -236,11 +244,11 @@ def _rename_parts(out: OutputFolder, identity: dict) -> dict[str, int]:
     """
     names: list[str] = []
     n_revised = 0
-    for file in sorted(f for f in out.list(MANIFEST) if f.endswith(".parquet")):
+    for file in _manifest_files(out):
         table = out.read_table(f"{MANIFEST}/{file}")
         parts = table.column("sources").to_pylist()
         renamed = [part_name(len(names) + i, sources, identity) for i, sources in enumerate(parts)]
-        n_revised += sum(reading_revision(path) is not None for sources in parts for path in sources)
+        n_revised += _count_revised(parts)
         if renamed != table.column("name").to_pylist():
             column = table.schema.get_field_index("name")
             table = table.set_column(column, "name", pa.array(renamed, pa.string()))
@@ -313,8 +321,7 @@ def manifest_parts(out: OutputFolder) -> list[tuple[str, str]]:
     """``(manifest file, part name)`` of every part in ``out/manifest/``, in order (names only, not sources)."""
     return [
         (file, part)
-        for file in sorted(out.list(MANIFEST))
-        if file.endswith(".parquet")
+        for file in _manifest_files(out)
         for part in out.read_table(f"{MANIFEST}/{file}", columns=["name"]).column("name").to_pylist()
     ]
 

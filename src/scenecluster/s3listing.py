@@ -85,7 +85,7 @@ def walk_s3(client, bucket: str, prefix: str) -> Iterator[str]:
         if opened == (keys, prefixes):
             break
         keys, prefixes = opened
-    spans = sorted([*keys, *spans, *(_Range(sub) for sub in prefixes)], key=_start)
+    spans = sorted([*keys, *spans, *(_Range(sub) for sub in prefixes)], key=_sort_key)
     yield from _Merge(client, bucket, spans).keys()
 
 
@@ -116,7 +116,7 @@ def _opened(
     return keys, deeper
 
 
-def _start(span: str | _Range) -> str:
+def _sort_key(span: str | _Range) -> str:
     return span.start if isinstance(span, _Range) else span
 
 
@@ -139,13 +139,11 @@ def _finest(keys: list[str], start: int) -> int:
     """The deepest character position (from ``start``) at which ``keys``, listed in order, still run in groups of at
     least :data:`MIN_RANGE` on average: cutting the keys that follow them finer would make ranges shorter than a few
     pages, each costing a whole page's request to list (a range's last request reads past its end)."""
-    depth = start
-    while depth < start + RANGE_DEPTH:
+    for depth in range(start, start + RANGE_DEPTH):
         runs = 1 + sum(a[: depth + 2] != b[: depth + 2] for a, b in pairwise(keys))
         if len(keys) / runs < MIN_RANGE:
             return depth
-        depth += 1
-    return depth
+    return start + RANGE_DEPTH
 
 
 def _shared(a: str, b: str) -> int:
@@ -289,8 +287,8 @@ class _Merge:
         raise. Once it has listed :data:`CUT_AFTER` pages and its listing goes on, the rest past the last key is cut
         into ranges, put after it for other listers, and its own listing ends there."""
         span, pages = work.span, work.pages
-        stop, last, cut, n_pages, ordered = span.stop, span.first, False, 0, True
-        listed: list[str] = []  # until the cut: how finely the names change
+        stop, last, cut, n_pages = span.stop, span.first, False, 0
+        listed: list[str] = []  # until the cut: whether in key order, and how finely the names change
         try:
             start = {}
             if span.first is not None:
@@ -309,13 +307,12 @@ class _Merge:
                     return
                 if ends:
                     break
-                ordered = ordered and all(a < b for a, b in pairwise([last or "", *keys]))
                 listed += keys if not cut else []
                 last, n_pages = keys[-1] if keys else last, n_pages + 1
                 if not cut and n_pages >= CUT_AFTER and page.get("IsTruncated") and last is not None:
                     cut = True  # once: its ranges are cut in turn by their own listers when they are long
-                    if not ordered:  # a store that keeps folders apart: cutting could lose keys
-                        continue
+                    if any(a >= b for a, b in pairwise([span.first or "", *listed])):
+                        continue  # out of key order: a store that keeps folders apart, where cutting could lose keys
                     finest = _finest(listed, len(span.prefix))
                     rest = _cuts(self.client, self.bucket, span.prefix, last, stop, finest)
                     if rest:

@@ -71,6 +71,33 @@ def test_rehearsal_worker_ports_stay_below_the_ephemeral_range():
         assert start >= 10000 and start + 1999 < low  # the head's thousand and the second node's
 
 
+def test_a_rehearsal_head_that_does_not_start_is_retried_once_then_names_both_attempts(monkeypatch):
+    """A ``ray start`` that exits during start-up is tried again with fresh ports and temp dir (a warning keeps the
+    first failure); when the retry fails too, the error holds both attempts' logs and nothing is left behind."""
+    import sys
+    import warnings
+
+    from scenecluster.testing import rayhead
+
+    temp_dirs = []
+
+    class NeverStarts(rayhead.LocalRayHead):
+        def _command(self):
+            temp_dirs.append(self.temp_dir)
+            self.ports = {"dashboard-port": 9}
+            return [sys.executable, "-c", f"print('start {len(temp_dirs)} failed'); raise SystemExit(3)"]
+
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(RuntimeError) as err:
+        warnings.simplefilter("always")
+        NeverStarts(startup_timeout=30).start()
+    message = str(err.value)
+    assert "attempt 1: ray start exited with 3" in message and "start 1 failed" in message
+    assert "attempt 2: ray start exited with 3" in message and "start 2 failed" in message
+    assert "(no raylet log)" in message
+    assert [str(w.message).split(":")[0] for w in caught] == ["NeverStarts did not start, retrying once"]
+    assert len(set(temp_dirs)) == 2 and not any(d.exists() for d in temp_dirs)
+
+
 def test_a_store_that_does_not_answer_is_one_line_not_no_files():
     """An S3 output (or a saved clustering) on a store that refuses the connection: one line naming the place,
     where pyarrow's OSError once escaped as a traceback, and a listing once read as "no files here"."""

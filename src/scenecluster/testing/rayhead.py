@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,27 @@ class LocalRayHead:
         beside = Path(sys.executable).parent / "ray"
         return str(beside) if beside.is_file() else (shutil.which("ray") or "ray")
 
-    def start(self) -> LocalRayHead:
+    def start(self, attempts: int = 2) -> LocalRayHead:
+        """Start it and wait until it is ready; a start that fails is retried with new ports and temp dir.
+
+        Why retry: on a loaded 2-core machine ``ray start`` of a joining node once gave up after its own 30 s wait
+        for the raylet to register ("The current node timed out during startup"), and a free port can be taken
+        between choosing it and Ray binding it. Neither is what a test checks. The failed start's logs (``ray
+        start``'s and the raylet's) are kept in a warning, and in the error when the last attempt fails too.
+        """
+        failures: list[str] = []
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start_once()
+                return self
+            except (RuntimeError, TimeoutError) as exc:
+                failures.append(f"attempt {attempt}: {exc}")
+                if attempt == attempts:
+                    raise type(exc)("\n\n".join(failures)) from exc
+                warnings.warn(f"{type(self).__name__} did not start, retrying once: {exc}", stacklevel=2)
+        return self  # not reached: the last attempt returns or raises
+
+    def _start_once(self) -> None:
         # Short: Ray puts unix sockets under it, and their paths are limited to about 100 characters.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rayh-", dir="/tmp"))
         cmd = self._command()
@@ -137,10 +158,11 @@ class LocalRayHead:
         )
         try:
             self._wait_ready()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, (RuntimeError, TimeoutError)):
+                exc.args = (f"{exc.args[0] if exc.args else exc}\n{self.raylet_log_tail()}",)
             self.stop()
             raise
-        return self
 
     def _command(self) -> list[str]:
         ports = free_ports(len(_PORT_FLAGS) + 1)
@@ -196,6 +218,16 @@ class LocalRayHead:
             return "\n".join((self.temp_dir / "ray-start.log").read_text(errors="replace").splitlines()[-n:])
         except (OSError, TypeError):
             return "(no log)"
+
+    def raylet_log_tail(self, n: int = 15) -> str:
+        """The last ``n`` lines of each of the raylet's logs: why a node did not register, where ``ray start``'s own
+        log says only that it timed out."""
+        logs = sorted((self.temp_dir / "session_latest" / "logs").glob("raylet.*")) if self.temp_dir else []
+        tails = []
+        for log in logs:
+            with contextlib.suppress(OSError):
+                tails.append(f"--- {log.name}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-n:]))
+        return "\n".join(tails) or "(no raylet log)"
 
     def _session_pids(self) -> list[int]:
         """Processes of this head: their command line names its unique temp dir (or they are in its group)."""

@@ -174,14 +174,15 @@ def store_credentials() -> dict[str, str] | None:
     return keys
 
 
-def s3_client(endpoint_url: str | None = None, credentials: dict[str, str] | None = None):
+def s3_client(endpoint_url: str | None = None, credentials: dict[str, str] | None = None, *, requester_pays=False):
     """A boto3 S3 client for what pyarrow does not give: paged key listings, ETags, managed downloads.
 
     Endpoint as :func:`open_filesystem` (``endpoint_url``, else ``AWS_ENDPOINT_URL``), path-style addressing
     (which every S3-compatible store accepts), credentials as :func:`store_credentials` gives them, else from
     the standard chain. Where the chain finds none the client's requests are unsigned, as pyarrow's already are
     (:func:`unsigned`): public open-data buckets (Sentinel-2 COGs, SpaceNet) are then listed as they are read,
-    where boto3 would stop at ``NoCredentialsError``.
+    where boto3 would stop at ``NoCredentialsError``. With ``requester_pays`` every request accepts a Requester
+    Pays bucket's charges (:mod:`scenecluster.requester_pays`).
     """
     import boto3
     from botocore import UNSIGNED
@@ -191,13 +192,18 @@ def s3_client(endpoint_url: str | None = None, credentials: dict[str, str] | Non
     config = Config(s3={"addressing_style": "path"}, max_pool_connections=S3_CONNECTIONS)
     if not credentials and unsigned():
         config = config.merge(Config(signature_version=UNSIGNED))
-    return boto3.client(
+    client = boto3.client(
         "s3",
         endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"),
         region_name=configured_region(),  # boto3 follows S3's redirect to a bucket's own region; pyarrow does not
         config=config,
         **(credentials or {}),
     )
+    if requester_pays:
+        from scenecluster.requester_pays import add_request_payer
+
+        add_request_payer(client)
+    return client
 
 
 # What the AWS credential chain reads, by which the answer of unsigned() is kept (a test or a shell may set them).
@@ -232,20 +238,44 @@ def _no_credentials(_chain: tuple[str | None, ...]) -> bool:
     return boto3.Session().get_credentials() is None
 
 
+def input_filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """:func:`open_filesystem` for scenes to read: with ``AWS_REQUEST_PAYER=requester`` an ``s3://`` input is read
+    through boto3, whose requests accept a Requester Pays bucket's charges (:mod:`scenecluster.requester_pays`);
+    pyarrow's S3 filesystem cannot send that header. Outputs never take this route.
+
+    Raises
+    ------
+    InputError
+        When ``AWS_REQUEST_PAYER`` holds another value than ``requester``.
+    """
+    from scenecluster.requester_pays import RequesterPaysS3, requester_pays
+
+    fs, root = open_filesystem(uri, endpoint_url=endpoint_url)
+    try:
+        paying = requester_pays()
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if paying and isinstance(fs, pafs.S3FileSystem):
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        fs = pafs.PyFileSystem(RequesterPaysS3(endpoint, store_credentials()))
+    return fs, root
+
+
 def open_input(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
-    """The filesystem and root of an input folder or prefix, checked to exist and not to be a file.
+    """The filesystem and root of an input folder or prefix (:func:`input_filesystem`), checked to exist and not
+    to be a file.
 
     Raises
     ------
     InputError
         With one line naming ``uri`` and what is wrong with it.
     """
-    fs, root = open_filesystem(uri, endpoint_url=endpoint_url)
+    fs, root = input_filesystem(uri, endpoint_url=endpoint_url)
     try:
         info = fs.get_file_info(root)
     except OSError as exc:
-        raise InputError(f"cannot read input {uri!r}: {one_line(exc)}{unsigned_hint(fs)}") from None
-    bucket_root = isinstance(fs, pafs.S3FileSystem) and "/" not in root
+        raise InputError(f"cannot read input {uri!r}: {one_line(exc)}{refused_hint(fs, exc)}") from None
+    bucket_root = not isinstance(fs, pafs.LocalFileSystem) and "/" not in root
     if info.type == pafs.FileType.NotFound and not bucket_root:
         raise InputError(f"input {uri!r} does not exist")
     if info.type == pafs.FileType.File:
@@ -255,12 +285,22 @@ def open_input(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.FileS
 
 def unsigned_hint(fs: pafs.FileSystem) -> str:
     """What to add to a refused S3 request's message when it went unsigned (:func:`unsigned`)."""
-    if isinstance(fs, pafs.S3FileSystem) and unsigned():
+    if not isinstance(fs, pafs.LocalFileSystem) and unsigned():
         return (
             " (no AWS credentials were found, so the request was unsigned, which only public buckets answer: set "
             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
         )
     return ""
+
+
+def refused_hint(fs: pafs.FileSystem, exc: BaseException | str) -> str:
+    """What to add to the message of an S3 request that was refused (:func:`unsigned_hint`, and the Requester Pays
+    header when it was not sent: such a bucket answers anyone else with a bare AccessDenied, listings included)."""
+    hint = unsigned_hint(fs)
+    denied = re.search(r"ACCESS_DENIED|AccessDenied|\b403\b", str(exc))
+    if denied and isinstance(fs, pafs.S3FileSystem):  # the Requester Pays reader is a PyFileSystem
+        hint += " (if the bucket is Requester Pays, set AWS_REQUEST_PAYER=requester to accept its charges)"
+    return hint
 
 
 def wanted(name: str) -> bool:

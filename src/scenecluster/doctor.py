@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from scenecluster.errors import one_line
+from scenecluster.errors import InputError, one_line
 from scenecluster.pixels import PixelSpec
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
@@ -329,13 +329,16 @@ def check_input(uri: str, endpoint_url: str | None, pixels: PixelSpec = _DEFAULT
     how the model will see it is the detail (:func:`scenecluster.pixels.describe_scene`)."""
     import pyarrow.fs as pafs
 
-    from scenecluster.data import open_filesystem, unsigned_hint
+    from scenecluster.data import input_filesystem, refused_hint, unsigned_hint
 
-    fs, root = open_filesystem(uri, endpoint_url=endpoint_url)
+    try:
+        fs, root = input_filesystem(uri, endpoint_url=endpoint_url)
+    except InputError as exc:  # AWS_REQUEST_PAYER with another value than requester
+        return Check("input readable", uri, FAIL, str(exc))
     try:
         found = fs.get_file_info(root).type != pafs.FileType.NotFound
-    except OSError as exc:  # refused: the store's words, and why when the request went unsigned
-        return Check("input readable", uri, FAIL, f"{one_line(exc)}{unsigned_hint(fs)}")
+    except OSError as exc:  # refused: the store's words, and why (unsigned, or a Requester Pays bucket)
+        return Check("input readable", uri, FAIL, f"{one_line(exc)}{refused_hint(fs, exc)}")
     if not found:
         return Check(
             "input readable", uri, FAIL, f"does not exist (or this identity may not list it){unsigned_hint(fs)}"
@@ -343,6 +346,8 @@ def check_input(uri: str, endpoint_url: str | None, pixels: PixelSpec = _DEFAULT
     check = _first_readable(fs, root, uri, pixels)
     if check.status == PASS and unsigned_hint(fs):
         check = dataclasses.replace(check, detail=f"{check.detail} (read unsigned: no AWS credentials were found)")
+    if check.status == PASS and isinstance(fs, pafs.PyFileSystem):
+        check = dataclasses.replace(check, detail=f"{check.detail} (Requester Pays: AWS_REQUEST_PAYER=requester)")
     return check
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from scenecluster import __version__
 from scenecluster.config import AssignJobConfig, ClusterJobConfig, FeatureConfig, dump_config
-from scenecluster.data import local_path, open_filesystem
+from scenecluster.data import input_filesystem, local_path
 from scenecluster.devices import Resources, decide
 from scenecluster.embed import SKIPPED, embed_parts, export_embeddings, write_skipped
 from scenecluster.errors import InputError
@@ -316,7 +316,7 @@ def _embed_stage(
     if check is not None and manifest.n_archives == 0:  # a shard's members are only counted when it is read
         check(manifest.n_sources, f"under {cfg.data.input}")
     with timer.stage("embed") as note:
-        filesystem = open_filesystem(cfg.data.input, endpoint_url=cfg.data.endpoint_url)[0]
+        filesystem = input_filesystem(cfg.data.input, endpoint_url=cfg.data.endpoint_url)[0]
         embedded = embed_parts(out, filesystem, spec, resources, cfg.embed, with_labels=cfg.data.labels == "folders")
         write_skipped(out)
         note["summary"] = embedded.summary()

@@ -84,10 +84,12 @@ def _walk_s3(root: str, endpoint_url: str | None) -> Iterator[str]:
     """The wanted keys under ``bucket/prefix`` in key order, pages of 1,000, sub-prefixes listed side by side
     (:func:`scenecluster.s3listing.walk_s3`)."""
     from scenecluster.data import s3_client
+    from scenecluster.requester_pays import requester_pays
     from scenecluster.s3listing import walk_s3
 
     bucket, _, prefix = root.partition("/")
-    for key in walk_s3(s3_client(endpoint_url), bucket, prefix.rstrip("/") + "/" if prefix else ""):
+    client = s3_client(endpoint_url, requester_pays=requester_pays())  # a Requester Pays bucket's listing too
+    for key in walk_s3(client, bucket, prefix.rstrip("/") + "/" if prefix else ""):
         if wanted(key):
             yield f"{bucket}/{key}"
 

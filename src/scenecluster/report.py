@@ -285,13 +285,13 @@ def build_report(
 ) -> str:
     """Read the run folder ``out`` and render its report; scenes are read from ``input_uri`` (default: the
     run's own input) for the thumbnails."""
-    from scenecluster.data import SceneListing, open_filesystem, read_image_for_display
+    from scenecluster.data import SceneListing, input_filesystem, read_image_for_display
 
     k = _thumbnails_per_cluster(out)
     facts = gather_run(out, metrics=metrics, k=k)
     data = facts.config.get("data") or {}
     uri = input_uri or data.get("input") or out.root
-    fs, root = open_filesystem(uri, endpoint_url=endpoint_url or data.get("endpoint_url"))
+    fs, root = input_filesystem(uri, endpoint_url=endpoint_url or data.get("endpoint_url"))
     listing = SceneListing(uri=uri, root=root, paths=[], filesystem=fs)
     pixels = _pixel_spec(facts.config)
     thumb = Thumbnails(lambda path, size: read_image_for_display(listing, path, size, pixels))

@@ -261,6 +261,14 @@ def input_filesystem(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs
     return fs, root
 
 
+def reads_requester_pays(fs: pafs.FileSystem) -> bool:
+    """Whether ``fs`` is :func:`input_filesystem`'s Requester Pays reader: the listing's client and doctor follow
+    the choice the input's filesystem was made with, not a second reading of the environment."""
+    from scenecluster.requester_pays import RequesterPaysS3
+
+    return isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, RequesterPaysS3)
+
+
 def open_input(uri: str, *, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
     """The filesystem and root of an input folder or prefix (:func:`input_filesystem`), checked to exist and not
     to be a file.

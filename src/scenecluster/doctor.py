@@ -329,7 +329,7 @@ def check_input(uri: str, endpoint_url: str | None, pixels: PixelSpec = _DEFAULT
     how the model will see it is the detail (:func:`scenecluster.pixels.describe_scene`)."""
     import pyarrow.fs as pafs
 
-    from scenecluster.data import input_filesystem, refused_hint, unsigned_hint
+    from scenecluster.data import input_filesystem, reads_requester_pays, refused_hint, unsigned_hint
 
     try:
         fs, root = input_filesystem(uri, endpoint_url=endpoint_url)
@@ -346,7 +346,7 @@ def check_input(uri: str, endpoint_url: str | None, pixels: PixelSpec = _DEFAULT
     check = _first_readable(fs, root, uri, pixels)
     if check.status == PASS and unsigned_hint(fs):
         check = dataclasses.replace(check, detail=f"{check.detail} (read unsigned: no AWS credentials were found)")
-    if check.status == PASS and isinstance(fs, pafs.PyFileSystem):
+    if check.status == PASS and reads_requester_pays(fs):
         check = dataclasses.replace(check, detail=f"{check.detail} (Requester Pays: AWS_REQUEST_PAYER=requester)")
     return check
 

@@ -34,6 +34,7 @@ from scenecluster.data import (
     is_archive,
     open_filesystem,
     open_input,
+    reads_requester_pays,
     walk_local,
     wanted,
 )
@@ -80,15 +81,14 @@ class Manifest:
     n_revised: int = 0
 
 
-def _walk_s3(root: str, endpoint_url: str | None) -> Iterator[str]:
+def _walk_s3(root: str, endpoint_url: str | None, *, requester_pays: bool = False) -> Iterator[str]:
     """The wanted keys under ``bucket/prefix`` in key order, pages of 1,000, sub-prefixes listed side by side
-    (:func:`scenecluster.s3listing.walk_s3`)."""
+    (:func:`scenecluster.s3listing.walk_s3`); with ``requester_pays`` each request accepts the bucket's charges."""
     from scenecluster.data import s3_client
-    from scenecluster.requester_pays import requester_pays
     from scenecluster.s3listing import walk_s3
 
     bucket, _, prefix = root.partition("/")
-    client = s3_client(endpoint_url, requester_pays=requester_pays())  # a Requester Pays bucket's listing too
+    client = s3_client(endpoint_url, requester_pays=requester_pays)
     for key in walk_s3(client, bucket, prefix.rstrip("/") + "/" if prefix else ""):
         if wanted(key):
             yield f"{bucket}/{key}"
@@ -105,7 +105,7 @@ def iter_scene_paths(uri: str, *, endpoint_url: str | None = None) -> Iterator[s
     fs, root = open_input(uri, endpoint_url=endpoint_url)
     if isinstance(fs, pafs.LocalFileSystem):
         return walk_local(root)
-    return _walk_s3(root, endpoint_url)
+    return _walk_s3(root, endpoint_url, requester_pays=reads_requester_pays(fs))
 
 
 def part_name(index: int, sources: list[str], identity: dict) -> str:

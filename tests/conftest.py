@@ -9,8 +9,6 @@ import pytest
 
 from scenecluster.cli import sample_data_dir
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
@@ -68,10 +66,3 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-dinov2")
     save_backbone(model, folder)
     return folder
-
-
-def shared_dataset(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.is_dir():
-        pytest.skip(f"{path} is absent: the shared datasets are only on the development machines")
-    return path

@@ -1,7 +1,8 @@
 """``ray job submit`` of rayjobs/cluster.py against a real local Ray head and a real S3 store.
 
-200 real EuroSAT scenes (4 classes x 50) go to SeaweedFS twice: as loose files under ``loose/`` and as
-WebDataset-style tar shards under ``shards/``. The head is started here with token authentication (a
+120 real EuroSAT scenes of the sample the package ships (4 classes x 30, so that CI runs these tests too: the
+shared datasets are only on the development machines) go to SeaweedFS twice: as loose files under ``loose/`` and
+as WebDataset-style tar shards under ``shards/``. The head is started here with token authentication (a
 random ``RAY_AUTH_TOKEN``) on free ports and stopped here, also when a test fails.
 """
 
@@ -16,22 +17,20 @@ import pytest
 import yaml
 
 from scenecluster.testing.rayhead import LocalRayHead
-from tests.conftest import shared_dataset
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = 4
-PER_CLASS = 50
+PER_CLASS = 30
 BUCKET = "eurosat"
 JOB_TIMEOUT = 240
 
 
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory) -> Path:
-    src = shared_dataset("eurosat")
-    dest = tmp_path_factory.mktemp("eurosat200")
-    for cdir in sorted(p for p in src.iterdir() if p.is_dir())[:CLASSES]:
+def scenes(tmp_path_factory, sample_dir) -> Path:
+    dest = tmp_path_factory.mktemp("eurosat120")
+    for cdir in sorted(p for p in sample_dir.iterdir() if p.is_dir())[:CLASSES]:
         (dest / cdir.name).mkdir()
         for img in sorted(cdir.glob("*.jpg"))[:PER_CLASS]:
             shutil.copy2(img, dest / cdir.name / img.name)
@@ -42,7 +41,7 @@ def scenes(tmp_path_factory) -> Path:
 def s3_scenes(s3_server, scenes):
     s3_server.create_bucket(BUCKET)
     loose = s3_server.upload_folder(scenes, BUCKET, "loose")
-    shards = s3_server.upload_tar_shards(scenes, BUCKET, "shards", images_per_shard=50)
+    shards = s3_server.upload_tar_shards(scenes, BUCKET, "shards", images_per_shard=PER_CLASS)
     assert len(loose) == CLASSES * PER_CLASS and len(shards) == 4
     return s3_server
 

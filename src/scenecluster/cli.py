@@ -398,7 +398,10 @@ def _add_report_commands(sub) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from scenecluster.report import write_report_file
 
-    written = write_report_file(args.run, args.output, input_uri=args.input, endpoint_url=args.endpoint_url)
+    def warn(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    written = write_report_file(args.run, args.output, input_uri=args.input, endpoint_url=args.endpoint_url, echo=warn)
     print(f"report: {written}")
     return 0
 

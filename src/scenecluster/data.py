@@ -410,6 +410,12 @@ def is_archive(path: str) -> bool:
     return path.lower().endswith(ARCHIVE_SUFFIXES)
 
 
+def in_archive(path: str) -> bool:
+    """Whether a row's path is a member of a ``.tar`` shard (``<shard>/<member>``, :func:`read_batch`), which only
+    reading its whole shard gives back."""
+    return any(is_archive(part) for part in path.replace(os.sep, "/").split("/")[:-1])
+
+
 def folder_label(path: str) -> str:
     """The ground-truth label of a scene in a ``<class>/<image>`` layout: the folder the image sits in.
 
@@ -527,10 +533,11 @@ def decode_failure(exc: BaseException) -> str:
 
 def read_image_for_display(
     listing: SceneListing, path: str, size: int, pixels: PixelSpec = DEFAULT_PIXELS
-) -> np.ndarray | None:
-    """Read one image for a report thumbnail, as the model saw it; ``None`` when it cannot be read."""
-    try:
-        with listing.filesystem.open_input_file(path) as f:
-            return decode_image(f.read(), size, pixels)
-    except (OSError, UnidentifiedImageError, ValueError):
-        return None
+) -> np.ndarray:
+    """Read one image for a report thumbnail, as the model saw it.
+
+    Raises what reading and decoding raise (:data:`DECODE_ERRORS`): the report shows the scene as unreadable and
+    says why once (:class:`scenecluster.report.Thumbnails`).
+    """
+    with listing.filesystem.open_input_file(path) as f:
+        return decode_image(f.read(), size, pixels)

@@ -396,7 +396,8 @@ def _report_stage(out: OutputFolder, metrics: dict[str, Any], timer: StageTimer)
             "scenecluster_version": __version__,
             "finished_at": _now(),
         }
-        out.write_text("report.html", build_report(out, metrics=page_metrics, report_pending=True))
+        page = build_report(out, metrics=page_metrics, report_pending=True, echo=timer.echo)
+        out.write_text("report.html", page)
         note["summary"] = out.display("report.html")
 
 

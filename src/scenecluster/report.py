@@ -39,16 +39,52 @@ DOUBTFUL = 24
 
 
 class Thumbnails:
-    """``path -> WebP data URI`` (or ``None`` when unreadable), each scene read once."""
+    """``path -> WebP data URI`` (or ``None`` when unreadable), each scene read once.
 
-    def __init__(self, read_image: Callable[[str, int], np.ndarray | None], size: int = THUMB_SIZE) -> None:
+    ``unreadable`` keeps why each scene could not be read (shared with the hover thumbnails made from the same
+    reader), so the report's writer can say so once: a report of a run whose input moved, or that needs settings
+    this shell lacks (credentials, ``AWS_REQUEST_PAYER``), otherwise shows only tiles marked "unreadable". A member
+    of a ``.tar`` shard is not read (only its whole shard, up to gigabytes, holds it) and is unreadable for that
+    reason.
+    """
+
+    def __init__(
+        self,
+        read_image: Callable[[str, int], np.ndarray | None],
+        size: int = THUMB_SIZE,
+        unreadable: dict[str, str] | None = None,
+    ) -> None:
         self.read_image, self.size = read_image, size
         self.cache: dict[str, str | None] = {}
+        self.unreadable: dict[str, str] = {} if unreadable is None else unreadable
 
     def __call__(self, path: str) -> str | None:
         if path not in self.cache:
-            self.cache[path] = self._encode(self.read_image(path, self.size))
+            from scenecluster.data import DECODE_ERRORS, decode_failure, in_archive
+
+            if in_archive(path):
+                self.cache[path] = None
+                self.unreadable[path] = IN_SHARD
+                return None
+            try:
+                self.cache[path] = self._encode(self.read_image(path, self.size))
+            except DECODE_ERRORS as exc:
+                self.cache[path] = None
+                self.unreadable[path] = decode_failure(exc)
         return self.cache[path]
+
+    def summary(self, where: str) -> str | None:
+        """One line on the scenes shown without a picture: those in shards, and those that could not be read from
+        ``where`` (the first one's reason); None when every scene was shown."""
+        in_shards = sum(reason == IN_SHARD for reason in self.unreadable.values())
+        failed = {path: reason for path, reason in self.unreadable.items() if reason != IN_SHARD}
+        said = []
+        if failed:
+            path, reason = next(iter(failed.items()))
+            said.append(f"{_scenes(len(failed))} could not be read from {where} (first: {path}: {reason})")
+        if in_shards:
+            said.append(f"{_scenes(in_shards)} in .tar shards {IN_SHARD}")
+        return f"[report] shown without a picture: {'; '.join(said)}" if said else None
 
     @staticmethod
     def _encode(rgb: np.ndarray | None) -> str | None:
@@ -59,6 +95,14 @@ class Thumbnails:
         buf = io.BytesIO()
         Image.fromarray(rgb).save(buf, format="WEBP", quality=70, method=4)
         return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+#: Why a scene in a shard has no thumbnail.
+IN_SHARD = "are not read for thumbnails (a shard is read whole)"
+
+
+def _scenes(n: int) -> str:
+    return f"{n:,} scene{'s' if n != 1 else ''}"
 
 
 def _records(table, **extra) -> list[dict[str, Any]]:
@@ -123,7 +167,8 @@ PROJECTIONS = {
 def _scatter_section(facts: RunFacts, thumb: Thumbnails, colors: dict, class_colors: dict) -> tuple[str, str]:
     if not facts.sample:
         return "<p>No scatter: the run has no sampled positions.</p>", ""
-    hover = Thumbnails(thumb.read_image, size=HOVER_SIZE)  # smaller: thousands of them ride in the plot's data
+    # smaller: thousands of them ride in the plot's data
+    hover = Thumbnails(thumb.read_image, size=HOVER_SIZE, unreadable=thumb.unreadable)
     script, div = scatter_components(facts.sample, colors, class_colors, hover)
     dims = facts.projection_dims or "n"
     text = PROJECTIONS[facts.projection].format(dims=dims)
@@ -282,9 +327,10 @@ def build_report(
     endpoint_url: str | None = None,
     metrics: dict[str, Any] | None = None,
     report_pending: bool = False,
+    echo: Callable[[str], None] | None = None,
 ) -> str:
     """Read the run folder ``out`` and render its report; scenes are read from ``input_uri`` (default: the
-    run's own input) for the thumbnails."""
+    run's own input) for the thumbnails. Scenes that could not be read are said in one line to ``echo``."""
     from scenecluster.data import SceneListing, input_filesystem, read_image_for_display
 
     k = _thumbnails_per_cluster(out)
@@ -295,7 +341,10 @@ def build_report(
     listing = SceneListing(uri=uri, root=root, paths=[], filesystem=fs)
     pixels = _pixel_spec(facts.config)
     thumb = Thumbnails(lambda path, size: read_image_for_display(listing, path, size, pixels))
-    return render_report(facts, thumb, k=k, report_pending=report_pending)
+    page = render_report(facts, thumb, k=k, report_pending=report_pending)
+    if echo is not None and (line := thumb.summary(uri)):
+        echo(line)
+    return page
 
 
 def _pixel_spec(config: dict[str, Any]):
@@ -312,7 +361,12 @@ def _thumbnails_per_cluster(out: OutputFolder) -> int:
 
 
 def write_report_file(
-    run: str, output: str | None = None, *, input_uri: str | None = None, endpoint_url: str | None = None
+    run: str,
+    output: str | None = None,
+    *,
+    input_uri: str | None = None,
+    endpoint_url: str | None = None,
+    echo: Callable[[str], None] | None = None,
 ) -> str:
     """Regenerate a finished run's report; write it atomically to ``output`` (default ``RUN/report.html``).
 
@@ -329,7 +383,7 @@ def write_report_file(
     out = OutputFolder(run, endpoint_url=endpoint_url)
     if not out.list("assignments"):
         raise OutputError(f"{run!r} holds no finished run: no assignments/ (run `scenecluster cluster` first)")
-    page = build_report(out, input_uri=input_uri, endpoint_url=endpoint_url)
+    page = build_report(out, input_uri=input_uri, endpoint_url=endpoint_url, echo=echo)
     if output is None:
         out.write_text("report.html", page)
         return out.display("report.html")

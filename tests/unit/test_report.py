@@ -183,6 +183,44 @@ def test_report_command_writes_atomically_and_refuses_unfinished_runs(tmp_path: 
     assert "no finished run" in capsys.readouterr().err
 
 
+def test_a_report_says_once_which_scenes_it_could_not_show_and_why(tmp_path: Path, capsys) -> None:
+    """A run whose input has moved (or needs credentials this shell lacks) renders with "unreadable" tiles, and
+    ``report`` says so in one line on stderr; members of ``.tar`` shards are not read at all (their shard is read
+    whole), which the line says apart."""
+    from scenecluster.report import Thumbnails
+
+    run = make_run(tmp_path)
+    shutil.move(tmp_path / "scenes", tmp_path / "moved")
+    assert main(["report", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"report: {run / 'report.html'}"
+    (line,) = captured.err.strip().splitlines()
+    assert (
+        line.startswith("[report] shown without a picture: ")
+        and f"could not be read from {tmp_path / 'scenes'}" in line
+    )
+    assert "(first: " in line and "FileNotFoundError" in line and "shards" not in line, line
+    assert "unreadable" in (run / "report.html").read_text()
+
+    read = []
+
+    def reader(path: str, size: int) -> np.ndarray:
+        read.append(path)
+        if path.endswith("bad.jpg"):
+            raise OSError("refused")
+        return np.zeros((size, size, 3), dtype=np.uint8)
+
+    thumb = Thumbnails(reader)
+    for path in ("a/ok.jpg", "a/bad.jpg", "a/shard-0.tar/x.jpg", "a/shard-0.tar/Forest/y.jpg", "a/bad.jpg"):
+        thumb(path)
+    assert read == ["a/ok.jpg", "a/bad.jpg"]  # each scene once; a shard's members never
+    assert thumb.summary("s3://b/a") == (
+        "[report] shown without a picture: 1 scene could not be read from s3://b/a (first: a/bad.jpg: "
+        "OSError: refused); 2 scenes in .tar shards are not read for thumbnails (a shard is read whole)"
+    )
+    assert Thumbnails(reader).summary("a") is None
+
+
 def test_compare_marks_the_settings_that_differ(tmp_path: Path, capsys) -> None:
     a, b = make_run(tmp_path / "a"), make_run(tmp_path / "b", n_neighbors=30)
     table = compare_runs([str(a), str(b)])

@@ -50,7 +50,7 @@ class Thumbnails:
 
     def __init__(
         self,
-        read_image: Callable[[str, int], np.ndarray | None],
+        read_image: Callable[[str, int], np.ndarray],
         size: int = THUMB_SIZE,
         unreadable: dict[str, str] | None = None,
     ) -> None:
@@ -87,9 +87,7 @@ class Thumbnails:
         return f"[report] shown without a picture: {'; '.join(said)}" if said else None
 
     @staticmethod
-    def _encode(rgb: np.ndarray | None) -> str | None:
-        if rgb is None:
-            return None
+    def _encode(rgb: np.ndarray) -> str:
         from PIL import Image
 
         buf = io.BytesIO()

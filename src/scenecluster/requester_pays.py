@@ -17,6 +17,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+from botocore.exceptions import BotoCoreError, ClientError
+
+#: What boto3 raises for a request S3 refused or that failed on the way (a connection dropped mid-object too).
+_S3_ERRORS = (BotoCoreError, ClientError)
 
 #: The environment variable that accepts a Requester Pays bucket's charges, as GDAL and rasterio read it.
 VARIABLE = "AWS_REQUEST_PAYER"
@@ -127,7 +131,7 @@ class RequesterPaysS3(pafs.FileSystemHandler):
                     if obj["Key"] != prefix:  # a folder marker
                         path, size, mtime = f"{bucket}/{obj['Key']}", obj["Size"], obj["LastModified"]
                         infos.append(pafs.FileInfo(path, pafs.FileType.File, size=size, mtime=mtime))
-        except Exception as exc:
+        except _S3_ERRORS as exc:
             raise _os_error("listing", base, exc) from None
         if not infos and not selector.allow_not_found and key and self._info(base).type == pafs.FileType.NotFound:
             raise FileNotFoundError(f"Path does not exist '{base}'")
@@ -146,13 +150,13 @@ class RequesterPaysS3(pafs.FileSystemHandler):
         body = self._call("get_object", path, Bucket=bucket, Key=key)["Body"]
         try:
             return body.read()
-        except Exception as exc:  # the connection dropped mid-object
+        except _S3_ERRORS as exc:  # the connection dropped mid-object
             raise _os_error("reading", path, exc) from None
 
     def _call(self, operation: str, path: str, **params: Any) -> dict[str, Any]:
         try:
             return getattr(self.client, operation)(**params)
-        except Exception as exc:
+        except _S3_ERRORS as exc:
             raise _os_error("reading" if operation != "list_objects_v2" else "listing", path, exc) from None
 
     # -------------------------------------------------------------------------- writing: never the input
@@ -168,7 +172,7 @@ def _split(path: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _os_error(doing: str, path: str, exc: Exception) -> OSError:
+def _os_error(doing: str, path: str, exc: BotoCoreError | ClientError) -> OSError:
     """boto3's error as the OSError pyarrow raises for the same failure: FileNotFoundError for a missing object
     or bucket, else OSError with S3's code and message, naming the path."""
     response = getattr(exc, "response", None) or {}

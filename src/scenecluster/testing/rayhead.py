@@ -158,9 +158,11 @@ class LocalRayHead:
         )
         try:
             self._wait_ready()
-        except BaseException as exc:
-            if isinstance(exc, (RuntimeError, TimeoutError)):
-                exc.args = (f"{exc.args[0] if exc.args else exc}\n{self.raylet_log_tail()}",)
+        except (RuntimeError, TimeoutError) as exc:
+            raylet = self.raylet_log_tail()  # before stop() removes the temp dir
+            self.stop()
+            raise type(exc)(f"{exc}\n{raylet}") from exc
+        except BaseException:
             self.stop()
             raise
 
@@ -214,19 +216,13 @@ class LocalRayHead:
         raise TimeoutError(f"Ray head not ready after {self.startup_timeout} s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join((self.temp_dir / "ray-start.log").read_text(errors="replace").splitlines()[-n:])
-        except (OSError, TypeError):
-            return "(no log)"
+        return (_tail(self.temp_dir / "ray-start.log", n) if self.temp_dir else None) or "(no log)"
 
     def raylet_log_tail(self, n: int = 15) -> str:
         """The last ``n`` lines of each of the raylet's logs: why a node did not register, where ``ray start``'s own
         log says only that it timed out."""
         logs = sorted((self.temp_dir / "session_latest" / "logs").glob("raylet.*")) if self.temp_dir else []
-        tails = []
-        for log in logs:
-            with contextlib.suppress(OSError):
-                tails.append(f"--- {log.name}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-n:]))
+        tails = [f"--- {log.name}:\n{tail}" for log in logs if (tail := _tail(log, n)) is not None]
         return "\n".join(tails) or "(no raylet log)"
 
     def _session_pids(self) -> list[int]:
@@ -277,6 +273,14 @@ class LocalRayHead:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _tail(path: Path, n: int) -> str | None:
+    """The last ``n`` lines of a log file, or None when it cannot be read."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return None
 
 
 def _worker_range_start(seed: int) -> int:

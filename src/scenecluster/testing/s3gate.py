@@ -14,8 +14,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlparse
 
-from scenecluster.testing.s3server import free_ports
-
 _DENIED = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>'
 )
@@ -85,12 +83,12 @@ class RequesterPaysGate:
                 if not head or not any(name.lower() == "content-length" for name, _ in headers):
                     self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if not head:
                     self.wfile.write(data)
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", free_ports(1)[0]), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # a free port, from the kernel
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, name="requester-pays-gate", daemon=True).start()
         return self

@@ -8,7 +8,13 @@ reuse the embeddings and refit. One JSON line per run, then one per mode: its as
 the wall seconds of a later seed (the first embeds and, in the first mode, also starts Ray's workers) against
 the pool's.
 
-    python benchmarks/bench_small_runs.py --per-class 3 --seeds 0 1 2
+Then, with ``--embed-runs N``, the embedding of a small run: the same scenes into a new run folder N times
+on the same Ray (as a benchmark's backbones, or a notebook's runs, do), as one part, which is embedded in one
+Ray task, and as two parts, which start the embedding actor pool, the modes taking turns. One JSON line per
+run, then one per mode: its embedding seconds and wall seconds per run after the first, and their ratio to the
+pool's.
+
+    python benchmarks/bench_small_runs.py --per-class 3 --seeds 0 1 2 --embed-runs 4
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--model", default=None, help="backbone (default: a tiny random DINOv2, 28 px)")
     parser.add_argument("--projection", default="umap", choices=["umap", "pca"])
+    parser.add_argument("--embed-runs", type=int, default=0, help="runs of new embeddings per embedding mode")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,19 +64,13 @@ def main() -> None:
         for mode, actors in MODES.items():
             for seed in args.seeds:
                 settings = {
-                    "data.input": str(data),
+                    **run_settings(data, model, args),
                     "output": str(root / mode),
-                    "data.labels": "folders",
                     "data.seed": seed,
-                    "embed.model": model,
-                    "reduce.method": args.projection,
                     "reduce.random_state": seed,
                     "cluster.random_state": seed,
                     "scale.assign_actors": actors,
-                    "resources.device": "cpu",
                 }
-                if args.model is None:
-                    settings["embed.image_size"] = 28
                 start = time.perf_counter()
                 metrics = run_cluster_job(load_config(None, settings), echo=lambda s: None)
                 wall = time.perf_counter() - start
@@ -90,6 +91,54 @@ def main() -> None:
             }
             summary.update(cpu=cpu_model(), cores=os.cpu_count(), date=date.today().isoformat())
             print(json.dumps(summary), flush=True)
+        if args.embed_runs:
+            embed_modes(root, data, model, args)
+
+
+def run_settings(data: Path, model: str, args) -> dict:
+    """The settings every run here shares."""
+    settings = {
+        "data.input": str(data),
+        "data.labels": "folders",
+        "embed.model": model,
+        "reduce.method": args.projection,
+        "resources.device": "cpu",
+    }
+    if args.model is None:
+        settings["embed.image_size"] = 28
+    return settings
+
+
+def embed_modes(root: Path, data: Path, model: str, args) -> None:
+    """The same scenes embedded into a new run folder ``args.embed_runs`` times per mode, the modes taking turns:
+    one part (one Ray task) against two parts (the actor pool, the only way before)."""
+    n = sum(1 for p in data.rglob("*") if p.is_file())
+    modes = {"task": 64, "pool": (n + 1) // 2}  # embed.chunk_size: one part of up to 64 scenes, or two parts
+    totals: dict[str, dict[str, float]] = {mode: {"embed": 0.0, "wall_s": 0.0} for mode in modes}
+    for run in range(args.embed_runs):
+        for mode, chunk in modes.items():
+            settings = {**run_settings(data, model, args), "output": str(root / f"embed-{mode}-{run}")}
+            settings["embed.chunk_size"] = chunk
+            start = time.perf_counter()
+            metrics = run_cluster_job(load_config(None, settings), echo=lambda s: None)
+            wall = time.perf_counter() - start
+            embed = round(metrics["stage_seconds"]["embed"], 2)
+            row = {"embed_mode": mode, "run": run, "n": metrics["n_embedded"], "wall_s": round(wall, 2), "embed": embed}
+            print(json.dumps(row), flush=True)
+            if run:  # the first run of all starts Ray's workers
+                totals[mode]["embed"] += embed
+                totals[mode]["wall_s"] += wall
+    later = max(1, args.embed_runs - 1)
+    for mode, total in totals.items():
+        summary = {
+            "embed_mode": mode,
+            "embed_s_per_later_run": round(total["embed"] / later, 2),
+            "wall_s_per_later_run": round(total["wall_s"] / later, 2),
+            "embed_vs_pool": round(total["embed"] / max(totals["pool"]["embed"], 1e-9), 3),
+            "wall_vs_pool": round(total["wall_s"] / max(totals["pool"]["wall_s"], 1e-9), 3),
+        }
+        summary.update(cpu=cpu_model(), cores=os.cpu_count(), date=date.today().isoformat())
+        print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

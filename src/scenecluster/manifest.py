@@ -49,6 +49,7 @@ __all__ = [
     "drop_unlisted_parts",
     "iter_scene_paths",
     "listed_reading",
+    "load_parts",
     "manifest_parts",
     "part_dataset",
     "part_name",
@@ -310,7 +311,7 @@ def part_dataset(out: OutputFolder, columns: list[str] | None = None, parts: lis
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     wanted = ["name", "sources"] if columns is None else list(columns)
     return ds.map_batches(
-        _load_parts,
+        load_parts,
         fn_kwargs={"out": out, "columns": wanted},
         batch_size=None,
         batch_format="pyarrow",
@@ -328,7 +329,7 @@ def manifest_parts(out: OutputFolder) -> list[tuple[str, str]]:
     ]
 
 
-def _load_parts(batch: pa.Table, out: OutputFolder, columns: list[str]) -> pa.Table:
+def load_parts(batch: pa.Table, out: OutputFolder, columns: list[str]) -> pa.Table:
     """The rows of ``batch``'s parts (``file``, ``name``) with ``columns`` read from their manifest files."""
     if set(columns) <= {"name"}:
         return batch.select(columns)

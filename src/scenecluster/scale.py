@@ -35,6 +35,7 @@ __all__ = [
     "PartAssigner",
     "PartEmbedder",
     "assign_named_parts",
+    "embed_named_parts",
     "calibration_split",
     "fit_count",
     "fit_on_sample",
@@ -55,6 +56,22 @@ def ok_rows(table: pa.Table) -> pa.Table:
 
 def matrix(table: pa.Table, column: str = "embedding") -> np.ndarray:
     return vector_matrix(table, column)
+
+
+def embed_named_parts(
+    spec, out: OutputFolder, filesystem, resources, parts: list[tuple[str, str]], *, batch_size: int, with_labels: bool
+) -> list[dict[str, Any]]:
+    """Ray task: what a :class:`PartEmbedder` actor does for ``parts`` (``(manifest file, part name)``), in one
+    worker; each part's counts."""
+    from scenecluster.manifest import load_parts
+
+    names = pa.table({"file": [file for file, _ in parts], "name": [name for _, name in parts]})
+    table = load_parts(names, out, ["name", "sources"])
+    embedder = PartEmbedder(spec, out, filesystem, resources, batch_size=batch_size, with_labels=with_labels)
+    return [
+        embedder.embed_part(str(name), list(sources))
+        for name, sources in zip(table.column("name").to_pylist(), table.column("sources").to_pylist(), strict=True)
+    ]
 
 
 class PartEmbedder:
@@ -92,12 +109,13 @@ class PartEmbedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         counts = [
-            self._one_part(str(name), list(sources))
+            self.embed_part(str(name), list(sources))
             for name, sources in zip(batch["name"], batch["sources"], strict=True)
         ]
         return {key: np.array([c[key] for c in counts]) for key in ("name", "n_rows", "n_ok", "reused")}
 
-    def _one_part(self, name: str, sources: list[str]) -> dict[str, Any]:
+    def embed_part(self, name: str, sources: list[str]) -> dict[str, Any]:
+        """Embed one part's ``sources`` into ``embeddings/<name>.parquet`` (unless it is there); its counts."""
         target = posixpath.join(EMBEDDINGS, f"{name}.parquet")
         if self.out.exists(target):
             errors = pq.read_table(self.out.path(target), columns=["error"], filesystem=self.out.fs).column("error")

@@ -212,41 +212,51 @@ def _assert_fitted_rows_kept(out, assigned, held_out: int) -> None:
     assert (assigned.drop(fit.index)["neighbour_distance"] > 0).all()
 
 
-def _assignment_actors() -> set[str]:
-    """Ids of every assignment actor this Ray has created, dead ones too (Ray's own actor table: a test may not
-    see an actor process that an earlier test's pool spawns late, and may see one that it did not start)."""
+def _actors(kind: str) -> set[str]:
+    """Ids of every actor of class ``kind`` this Ray has created, dead ones too (Ray's own actor table: a test may
+    not see an actor process that an earlier test's pool spawns late, and may see one that it did not start)."""
     import ray._private.state
 
-    return {a["ActorID"] for a in ray._private.state.actors().values() if "PartAssigner" in a["ActorClassName"]}
+    return {a["ActorID"] for a in ray._private.state.actors().values() if kind in a["ActorClassName"]}
 
 
-def _run_counting_assigners(cfg) -> tuple[list[str], int]:
-    """Run the job; its echoed lines and how many assignment actors it created."""
-    before = _assignment_actors()
+def _run_counting_actors(cfg) -> tuple[list[str], int, int]:
+    """Run the job; its echoed lines and how many embedding and assignment actors it created."""
+    before = _actors("PartEmbedder"), _actors("PartAssigner")
     lines: list[str] = []
     run_cluster_job(cfg, echo=lines.append)
-    return lines, len(_assignment_actors() - before)
+    return lines, len(_actors("PartEmbedder") - before[0]), len(_actors("PartAssigner") - before[1])
 
 
-def test_a_one_part_run_is_assigned_in_a_task_as_the_actor_pool_would(ray_cluster, tmp_path, tiny_model_dir):
-    """A run of one part is assigned in one Ray task (no actor process), the pool writes the same rows, and the
-    scenes the fit saw keep exactly the fit's coordinates and cluster."""
+def test_a_one_part_run_is_embedded_and_assigned_in_tasks_as_the_actor_pools_would(
+    ray_cluster, tmp_path, tiny_model_dir
+):
+    """A run of one part is embedded and assigned in Ray tasks (no actor process), the pools write the same rows,
+    and the scenes the fit saw keep exactly the fit's coordinates and cluster."""
     scenes = copy_sample(tmp_path / "scenes", per_class=10, classes=3)  # 30 scenes: one part
     out = tmp_path / "out"
-    _, assigners = _run_counting_assigners(_cfg(scenes, out, tiny_model_dir, **{"embed.chunk_size": 64}))
+    _, embedders, assigners = _run_counting_actors(_cfg(scenes, out, tiny_model_dir, **{"embed.chunk_size": 64}))
     assert len(list((out / "embeddings").glob("part-*.parquet"))) == 1
-    assert assigners == 0, "a one-part run started an assignment actor"
+    assert (embedders, assigners) == (0, 0), "a one-part run started an embedding or assignment actor"
     by_task = pq.read_table(out / "assignments.parquet").to_pandas().set_index("path").sort_index()
 
     _assert_fitted_rows_kept(out, by_task, held_out=0)  # under 100 scenes the fit sees them all
 
     shutil.rmtree(out / "assignments")
     pool = {"embed.chunk_size": 64, "scale.assign_actors": 1}
-    lines, assigners = _run_counting_assigners(_cfg(scenes, out, tiny_model_dir, **pool))
-    assert assigners == 1 and any("reused" in s for s in lines if s.startswith("[fit]"))
+    lines, embedders, assigners = _run_counting_actors(_cfg(scenes, out, tiny_model_dir, **pool))
+    assert (embedders, assigners) == (0, 1) and any("reused" in s for s in lines if s.startswith("[fit]"))
     by_pool = pq.read_table(out / "assignments.parquet").to_pandas().set_index("path").sort_index()
     assert by_pool.drop(columns="coords").equals(by_task.drop(columns="coords"))
     assert np.array_equal(np.stack(by_pool["coords"]), np.stack(by_task["coords"]))
+
+    # The same scenes in 3 parts (10 a part) are embedded by the actor pool, into the same vectors.
+    parts = tmp_path / "parts"
+    _, embedders, _ = _run_counting_actors(_cfg(scenes, parts, tiny_model_dir))
+    assert embedders == 1 and len(list((parts / "embeddings").glob("part-*.parquet"))) == 3
+    tables = [pq.read_table(o / "embeddings.parquet").to_pandas().set_index("path").sort_index() for o in (out, parts)]
+    assert list(tables[0].index) == list(tables[1].index) and len(tables[0]) == 30
+    np.testing.assert_allclose(np.stack(tables[0]["embedding"]), np.stack(tables[1]["embedding"]), atol=1e-5)
 
 
 def test_a_model_rewritten_in_place_or_other_scenes_are_embedded_and_fitted_again(ray_cluster, tmp_path):

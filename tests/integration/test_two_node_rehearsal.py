@@ -117,6 +117,8 @@ def test_cluster_job_embeds_on_both_nodes(two_nodes, s3_scenes, tiny_model_dir, 
         "embed.num_actors=2",
         "--set",
         "embed.actor_cpus=0.5",
+        "--set",
+        "embed.chunk_size=10",  # 4 parts: a run of one part is embedded in one task, not by the actors
     ]
     try:
         proc = head.submit_job(job_id, REPO, entrypoint, env_vars=s3_scenes.env(), timeout=JOB_TIMEOUT)

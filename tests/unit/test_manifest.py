@@ -6,7 +6,7 @@ import pytest
 
 import scenecluster.manifest
 import scenecluster.pixels
-from scenecluster.manifest import MANIFEST, _load_parts, write_manifest_paths
+from scenecluster.manifest import MANIFEST, load_parts, write_manifest_paths
 from scenecluster.outputs import OutputFolder
 
 
@@ -46,12 +46,12 @@ def test_a_part_loads_without_reading_the_other_parts_of_its_file(manifest):
     names, sources = table.column("name").to_pylist(), table.column("sources").to_pylist()
     _corrupt_sources_of_row_group(local, 0)  # a loader that read the whole file would now fail
 
-    loaded = _load_parts(pa.table({"file": [file], "name": [names[3]]}), out, columns=["name", "sources"])
+    loaded = load_parts(pa.table({"file": [file], "name": [names[3]]}), out, columns=["name", "sources"])
 
     assert loaded.column("name").to_pylist() == [names[3]]
     assert loaded.column("sources").to_pylist() == [sources[3]]
     with pytest.raises(Exception):  # noqa: B017 - proves the corruption is real: the damaged part cannot load
-        first = _load_parts(pa.table({"file": [file], "name": [names[0]]}), out, columns=["sources"])
+        first = load_parts(pa.table({"file": [file], "name": [names[0]]}), out, columns=["sources"])
         assert first.column("sources").to_pylist() == [sources[0]]
 
 

@@ -200,7 +200,11 @@ class EmbedConfig(FeatureConfig):
     )
     batch_size: int = Field(32, ge=1, description="images per model batch", json_schema_extra=flag("--batch-size"))
     num_actors: int = Field(
-        1, ge=1, description="embedding actors (model replicas)", json_schema_extra=flag("--num-actors")
+        1,
+        ge=1,
+        description="embedding actors (model replicas); a run of one part (up to 64 scenes) is embedded in one "
+        "Ray task instead",
+        json_schema_extra=flag("--num-actors"),
     )
     actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor", json_schema_extra=flag("--actor-cpus"))
     actor_gpus: float = Field(0.0, ge=0, description="GPUs per actor (0 = CPU; 'auto' device sets 1 on GPU clusters)")

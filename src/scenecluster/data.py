@@ -445,20 +445,25 @@ def decode_image(data: bytes, image_size: int, pixels: PixelSpec = DEFAULT_PIXEL
 
 
 def read_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem) -> dict[str, np.ndarray]:
-    """Ray Data batch function: ``{"source"}`` -> ``{"source", "path", "bytes", "error"}``.
+    """Ray Data batch function: ``{"source"}`` -> ``{"source", "path", "bytes", "error", "offset"}``.
 
     Reads each listed file, and expands each ``.tar`` shard into one row per image member (its path is
     ``<shard>/<member>``, which :func:`folder_label` labels). A file that cannot be
     read (it vanished, or access was refused) or a shard that is cut short becomes a row with the reason
     in ``error`` instead of failing the job: one bad object in a million is counted, not fatal.
-    """
-    sources, paths, datas, errors = [], [], [], []
 
-    def add(source: str, path: str, data: bytes, error: str) -> None:
+    ``offset`` is where a member's bytes start in its shard's object, so that one ranged read gives the member back
+    later (a report's thumbnail) without the whole shard; -1 for a file of its own, and for a member whose bytes
+    are not stored as they are at that place (a compressed shard).
+    """
+    sources, paths, datas, errors, offsets = [], [], [], [], []
+
+    def add(source: str, path: str, data: bytes, error: str, offset: int = -1) -> None:
         sources.append(source)
         paths.append(path)
         datas.append(data)
         errors.append(error)
+        offsets.append(offset)
 
     for source in batch["source"]:
         try:
@@ -471,12 +476,16 @@ def read_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem) -> 
             add(source, source, data, "")
             continue
         members = 0
+        stored = memoryview(data)
         try:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
                 for member in tar:
                     if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES):
                         extracted = tar.extractfile(member)
-                        add(source, f"{source}/{member.name}", extracted.read() if extracted else b"", "")
+                        payload = extracted.read() if extracted else b""
+                        start = member.offset_data
+                        in_place = stored[start : start + len(payload)] == payload
+                        add(source, f"{source}/{member.name}", payload, "", start if in_place else -1)
                         members += 1
         except (tarfile.TarError, OSError, EOFError) as exc:
             # members read before the damage are kept; the shard itself is reported once
@@ -491,6 +500,7 @@ def read_batch(batch: dict[str, np.ndarray], *, filesystem: pafs.FileSystem) -> 
         "path": np.asarray(paths, dtype=object),
         "bytes": np.asarray(datas, dtype=object),
         "error": np.asarray(errors, dtype=object),
+        "offset": np.asarray(offsets, dtype=np.int64),
     }
 
 
@@ -532,12 +542,20 @@ def decode_failure(exc: BaseException) -> str:
 
 
 def read_image_for_display(
-    listing: SceneListing, path: str, size: int, pixels: PixelSpec = DEFAULT_PIXELS
+    listing: SceneListing, path: str, size: int, pixels: PixelSpec = DEFAULT_PIXELS, *, members=None
 ) -> np.ndarray:
     """Read one image for a report thumbnail, as the model saw it.
 
-    Raises what reading and decoding raise (:data:`DECODE_ERRORS`): the report shows the scene as unreadable and
-    says why once (:class:`scenecluster.report.Thumbnails`).
+    A member of a ``.tar`` shard is read through ``members`` (a :class:`scenecluster.shard_members.
+    ShardMemberReader` of the run), by its byte range, never as a file of its own. Raises what reading and
+    decoding raise (:data:`DECODE_ERRORS`), and ``NoRecordedRange`` for a member without a range: the report shows
+    the scene as unreadable and says why once (:class:`scenecluster.report.Thumbnails`).
     """
+    if in_archive(path):
+        from scenecluster.shard_members import NoRecordedRange
+
+        if members is None:
+            raise NoRecordedRange(path)
+        return decode_image(members.read(path), size, pixels)
     with listing.filesystem.open_input_file(path) as f:
         return decode_image(f.read(), size, pixels)

@@ -66,7 +66,7 @@ PARTS_PER_FILE = 256
 PATHS_PER_FILE = 65_536
 LOADERS = 2  # concurrent part-loading tasks: each reads one part's row group, ahead of the actors
 FIRST_PART = 64  # sources in the first part; later parts double up to ``embed.chunk_size``
-PART_FOLDERS = ("embeddings", "assignments")  # a run's folders of one ``<part name>.parquet`` per manifest part
+PART_FOLDERS = ("embeddings", "assignments", "members")  # a run's folders of one ``<part>.parquet`` per part
 _SUFFIXES = IMAGE_SUFFIXES + ARCHIVE_SUFFIXES
 
 

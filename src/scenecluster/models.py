@@ -287,7 +287,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _from_pretrained(source: str | Path, torch_dtype: torch.dtype, **kwargs: Any) -> PreTrainedModel:
     """``AutoModel.from_pretrained`` reduced to the backbone and put in eval mode."""
-    with _quiet_in_ray_actors():
+    with _quiet_in_ray_workers():
         model = AutoModel.from_pretrained(source, **{_DTYPE_KWARG: torch_dtype}, **kwargs)
     base = model.base_model
     if isinstance(base, PreTrainedModel):
@@ -296,16 +296,16 @@ def _from_pretrained(source: str | Path, torch_dtype: torch.dtype, **kwargs: Any
 
 
 @contextlib.contextmanager
-def _quiet_in_ray_actors() -> Iterator[None]:
-    """transformers' "Loading weights" bar off inside a Ray actor, on in the driver.
+def _quiet_in_ray_workers() -> Iterator[None]:
+    """transformers' "Loading weights" bar off inside a Ray actor or task, on in the driver.
 
-    Why: every embedding, assignment and training actor loads the backbone from a local copy in well under a
-    second, and each printed a bar into the job's log (one per actor, restarts included); the driver keeps its
-    bars, which show a Hub download's progress.
+    Why: every embedding, assignment and training actor (and the task that embeds a run of one part) loads the
+    backbone from a local copy in well under a second, and each printed a bar into the job's log (one per actor,
+    restarts included); the driver keeps its bars, which show a Hub download's progress.
     """
     from transformers.utils import logging as hf_logging
 
-    if not (_in_ray_actor() and hf_logging.is_progress_bar_enabled()):
+    if not (_in_ray_worker() and hf_logging.is_progress_bar_enabled()):
         yield
         return
     hf_logging.disable_progress_bar()
@@ -315,9 +315,10 @@ def _quiet_in_ray_actors() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
-def _in_ray_actor() -> bool:
+def _in_ray_worker() -> bool:
+    """Whether this runs in a Ray actor or task (they have a task id; the driver has none)."""
     ray = sys.modules.get("ray")  # not imported: not in Ray, and no reason to import it here
-    return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None
 
 
 def _load_folder(folder: Path, load: Callable[..., _T]) -> _T:

@@ -274,7 +274,8 @@ def prepare_output(folder: str | OutputFolder, identity: dict[str, Any], *, over
     if overwrite and previous is not None and previous != identity:
         for stale in RESULT_FILES:
             out.delete(stale)
-        for part in out.list("embeddings"):
-            out.delete(posixpath.join("embeddings", part))
+        for folder in ("embeddings", "members"):  # a part's embeddings, and its shard members' places
+            for part in out.list(folder):
+                out.delete(posixpath.join(folder, part))
     out.write_text(RUN_FILE, json.dumps(identity, indent=2, sort_keys=True))
     return out

@@ -44,8 +44,9 @@ class Thumbnails:
     ``unreadable`` keeps why each scene could not be read (shared with the hover thumbnails made from the same
     reader), so the report's writer can say so once: a report of a run whose input moved, or that needs settings
     this shell lacks (credentials, ``AWS_REQUEST_PAYER``), otherwise shows only tiles marked "unreadable". A member
-    of a ``.tar`` shard is not read (only its whole shard, up to gigabytes, holds it) and is unreadable for that
-    reason.
+    of a ``.tar`` shard is read by the byte range its embedding recorded; one without a recorded range (a
+    compressed shard, an older run) is not read, as only its whole shard, up to gigabytes, holds it, and the line
+    says so apart.
     """
 
     def __init__(
@@ -60,30 +61,32 @@ class Thumbnails:
 
     def __call__(self, path: str) -> str | None:
         if path not in self.cache:
-            from scenecluster.data import DECODE_ERRORS, decode_failure, in_archive
+            from scenecluster.data import DECODE_ERRORS, decode_failure
+            from scenecluster.shard_members import NO_RANGE, NoRecordedRange
 
-            if in_archive(path):
-                self.cache[path] = None
-                self.unreadable[path] = IN_SHARD
-                return None
             try:
                 self.cache[path] = self._encode(self.read_image(path, self.size))
+            except NoRecordedRange:
+                self.cache[path] = None
+                self.unreadable[path] = NO_RANGE
             except DECODE_ERRORS as exc:
                 self.cache[path] = None
                 self.unreadable[path] = decode_failure(exc)
         return self.cache[path]
 
     def summary(self, where: str) -> str | None:
-        """One line on the scenes shown without a picture: those in shards, and those that could not be read from
-        ``where`` (the first one's reason); None when every scene was shown."""
-        in_shards = sum(reason == IN_SHARD for reason in self.unreadable.values())
-        failed = {path: reason for path, reason in self.unreadable.items() if reason != IN_SHARD}
+        """One line on the scenes shown without a picture: shard members without a recorded place, and those that
+        could not be read from ``where`` (the first one's reason); None when every scene was shown."""
+        from scenecluster.shard_members import NO_RANGE
+
+        in_shards = sum(reason == NO_RANGE for reason in self.unreadable.values())
+        failed = {path: reason for path, reason in self.unreadable.items() if reason != NO_RANGE}
         said = []
         if failed:
             path, reason = next(iter(failed.items()))
             said.append(f"{_scenes(len(failed))} could not be read from {where} (first: {path}: {reason})")
         if in_shards:
-            said.append(f"{_scenes(in_shards)} in .tar shards {IN_SHARD}")
+            said.append(f"{_scenes(in_shards)} in .tar shards {NO_RANGE}")
         return f"[report] shown without a picture: {'; '.join(said)}" if said else None
 
     @staticmethod
@@ -93,10 +96,6 @@ class Thumbnails:
         buf = io.BytesIO()
         Image.fromarray(rgb).save(buf, format="WEBP", quality=70, method=4)
         return "data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-#: Why a scene in a shard has no thumbnail.
-IN_SHARD = "are not read for thumbnails (a shard is read whole)"
 
 
 def _scenes(n: int) -> str:
@@ -330,6 +329,7 @@ def build_report(
     """Read the run folder ``out`` and render its report; scenes are read from ``input_uri`` (default: the
     run's own input) for the thumbnails. Scenes that could not be read are said in one line to ``echo``."""
     from scenecluster.data import SceneListing, input_filesystem, read_image_for_display
+    from scenecluster.shard_members import ShardMemberReader
 
     k = _thumbnails_per_cluster(out)
     facts = gather_run(out, metrics=metrics, k=k)
@@ -338,7 +338,8 @@ def build_report(
     fs, root = input_filesystem(uri, endpoint_url=endpoint_url or data.get("endpoint_url"))
     listing = SceneListing(uri=uri, root=root, paths=[], filesystem=fs)
     pixels = _pixel_spec(facts.config)
-    thumb = Thumbnails(lambda path, size: read_image_for_display(listing, path, size, pixels))
+    members = ShardMemberReader(out, fs)
+    thumb = Thumbnails(lambda path, size: read_image_for_display(listing, path, size, pixels, members=members))
     page = render_report(facts, thumb, k=k, report_pending=report_pending)
     if echo is not None and (line := thumb.summary(uri)):
         echo(line)

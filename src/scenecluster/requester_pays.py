@@ -12,6 +12,7 @@ report use as they use pyarrow's own, and the listing's boto3 client sends the h
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -62,8 +63,9 @@ class RequesterPaysS3(pafs.FileSystemHandler):
 
     Paths are pyarrow's S3 form, ``bucket/key``. Wrap it as ``pyarrow.fs.PyFileSystem(RequesterPaysS3(...))``.
     It pickles with its endpoint and explicit keys (as pyarrow's ``S3FileSystem`` does), not its client: each Ray
-    worker makes its own. Objects are read whole, as the job reads every scene and shard; a refused or missing
-    object raises ``OSError`` naming it, which the job counts as a skipped scene.
+    worker makes its own. Streams read an object whole, as the job reads every scene and shard; random-access files
+    read ranges (a report's member of a shard). A refused or missing object raises ``OSError`` naming it, which
+    the job counts as a skipped scene.
     """
 
     def __init__(self, endpoint_url: str | None = None, credentials: dict[str, str] | None = None) -> None:
@@ -141,7 +143,13 @@ class RequesterPaysS3(pafs.FileSystemHandler):
         return pa.BufferReader(self._read(path))
 
     def open_input_file(self, path: str) -> pa.NativeFile:
-        return pa.BufferReader(self._read(path))
+        """A random-access file whose reads are ranged GETs: a report reads one member of a shard of gigabytes."""
+        info = self._info(self.normalize_path(path))
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"Path does not exist '{path}'")
+        if info.type != pafs.FileType.File:
+            raise IsADirectoryError(f"'{path}' is a folder, not an object")
+        return pa.PythonFile(_RangedObject(self, info.path, info.size), mode="r")
 
     def _read(self, path: str) -> bytes:
         bucket, key = _split(self.normalize_path(path))
@@ -165,6 +173,45 @@ class RequesterPaysS3(pafs.FileSystemHandler):
 
     create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = delete_file = _read_only
     move = copy_file = open_output_stream = open_append_stream = _read_only
+
+
+class _RangedObject(io.RawIOBase):
+    """A seekable, read-only view of one object of ``size`` bytes whose reads are ranged GETs (as pyarrow's own S3
+    files read), each accepting the charges."""
+
+    def __init__(self, handler: RequesterPaysS3, path: str, size: int) -> None:
+        super().__init__()
+        self.handler, self.path, self.size = handler, path, size
+        self.bucket, self.key = _split(path)
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        end = min(self.position + len(buffer), self.size)
+        if end <= self.position:
+            return 0
+        span = f"bytes={self.position}-{end - 1}"
+        body = self.handler._call("get_object", self.path, Bucket=self.bucket, Key=self.key, Range=span)["Body"]
+        try:
+            data = body.read()
+        except _S3_ERRORS as exc:  # the connection dropped mid-range
+            raise _os_error("reading", self.path, exc) from None
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
 
 
 def _split(path: str) -> tuple[str, str]:

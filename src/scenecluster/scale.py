@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from scenecluster.data import decode_batch, folder_label, read_batch
 from scenecluster.outputs import OutputFolder
+from scenecluster.shard_members import MEMBERS, member_ranges
 from scenecluster.vectors import vector_column, vector_matrix
 
 __all__ = [
@@ -132,15 +133,22 @@ class PartEmbedder:
         )
         pending: dict[str, list] = {"path": [], "bytes": [], "error": []}
         done: list[dict[str, np.ndarray]] = []
+        places: dict[str, list] = {"paths": [], "offsets": [], "sizes": []}
         for r in reads:
             for key in pending:
                 pending[key].extend(r[key])
+            places["paths"] += r["path"].tolist()
+            places["offsets"] += r["offset"].tolist()
+            places["sizes"] += [len(b) for b in r["bytes"]]
             while len(pending["path"]) >= self.batch_size:
                 done.append(self._embed_batch({k: v[: self.batch_size] for k, v in pending.items()}))
                 pending = {k: v[self.batch_size :] for k, v in pending.items()}
         if pending["path"]:
             done.append(self._embed_batch(pending))
         table = self._part_table(done)
+        ranges = member_ranges(**places)
+        if ranges is not None:  # before the part: a finished part always has its members' places
+            self.out.write_table(posixpath.join(MEMBERS, f"{name}.parquet"), ranges)
         self.out.write_table(target, table)
         n_ok = int(pc.sum(pc.equal(table.column("error"), "")).as_py() or 0)
         return {"name": name, "n_rows": table.num_rows, "n_ok": n_ok, "reused": False}

@@ -140,7 +140,8 @@ def test_the_demo_command_clusters_the_shipped_sample_with_its_settings(ray_clus
 
 
 def test_actors_load_the_backbone_without_a_progress_bar_and_the_driver_keeps_it(ray_cluster, tiny_model_dir):
-    """Every embedding actor printed transformers' "Loading weights" bar into the job's log; the driver's stays."""
+    """Every embedding actor (or task) printed transformers' "Loading weights" bar into the job's log; the driver's
+    stays."""
 
     def load_printing(model_dir: str) -> str:  # local, so Ray ships it by value: the tests are no package there
         """What loading the backbone writes to stderr (transformers' progress bars write there)."""
@@ -161,6 +162,9 @@ def test_actors_load_the_backbone_without_a_progress_bar_and_the_driver_keeps_it
 
     assert "Loading weights" in load_printing(str(tiny_model_dir))
     assert "Loading weights" not in ray_cluster.get(Loader.remote().load.remote(str(tiny_model_dir)))
+    # and in a task (a run of one part is embedded in one)
+    task = ray_cluster.remote(num_cpus=0)(load_printing)
+    assert "Loading weights" not in ray_cluster.get(task.remote(str(tiny_model_dir)))
     from transformers.utils import logging as hf_logging
 
     assert hf_logging.is_progress_bar_enabled()

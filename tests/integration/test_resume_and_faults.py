@@ -66,14 +66,28 @@ def test_tar_shards_with_a_truncated_member_and_a_damaged_shard(ray_cluster, tmp
     assert metrics["n_embedded"] >= 12 - 5
     assert metrics["n_skipped"] == 2
 
-    # A rerun that finds every part written takes the finished pass's counts and starts no embedding actors
-    # (a refit with another seed: what a benchmark's next seed does); the skipped scenes are still listed.
+    # The report shows the members: each read back by the byte range its embedding recorded, not the whole shard
+    # (a compressed shard or an older run's would be said on the job's report line instead).
+    members = pq.read_table(tmp_path / "out" / "members").to_pandas()
+    assert set(members["path"]) == set(paths) | {f"{shards[0]}/Forest/cut.jpg"}
+    cut_member = good[: len(good) // 3]
+    for path, offset, size in members.itertuples(index=False):
+        shard, member = path.split(".tar/")
+        expected = cut_member if member == "Forest/cut.jpg" else (loose / member).read_bytes()
+        assert Path(f"{shard}.tar").read_bytes()[offset : offset + size] == expected, path
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "unreadable" not in page and page.count("data:image/webp;base64,") >= len(paths)
+
+    # A rerun that finds every part written takes the finished pass's counts and embeds nothing (no actor pool,
+    # no task: a refit with another seed, what a benchmark's next seed does); the skipped scenes are still listed.
     import scenecluster.embed
+    import scenecluster.scale
 
     def no_second_pass(*args, **kwargs):
         raise AssertionError("the embedding pass ran again over parts that were all written")
 
     monkeypatch.setattr(scenecluster.embed, "part_dataset", no_second_pass)
+    monkeypatch.setattr(scenecluster.scale, "embed_named_parts", no_second_pass)
     lines: list[str] = []
     again = run_cluster_job(
         cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"random_state": 1})}), echo=lines.append

@@ -56,6 +56,11 @@ def test_refused_with_a_hint_until_the_charges_are_accepted_then_listed_and_read
     local = scenes / first.removeprefix("paying/scenes/")
     with fs.open_input_stream(first) as f:
         assert f.read() == local.read_bytes()
+    data = local.read_bytes()
+    with fs.open_input_file(first) as f:  # random access reads ranges: a report's member of a shard of gigabytes
+        assert f.size() == len(data) and f.read_at(100, 50) == data[50:150]
+        f.seek(len(data) - 10)
+        assert f.read() == data[-10:] and f.read() == b""
     assert fs.get_file_info(first).size == local.stat().st_size
     with pytest.raises(FileNotFoundError, match="paying/scenes/no-such.jpg"):
         fs.open_input_stream("paying/scenes/no-such.jpg")
@@ -86,6 +91,8 @@ def test_the_job_clusters_a_requester_pays_bucket(ray_cluster, gate, monkeypatch
     endpoint (the local Ray started before they were set): the filesystem carries them."""
     monkeypatch.setenv("AWS_REQUEST_PAYER", "requester")
     cfg = tiny_job_config("s3://paying/scenes", tmp_path / "out", tiny_model_dir, {"data.labels": "folders"})
-    metrics = run_cluster_job(cfg, echo=lambda s: None)
+    lines: list[str] = []
+    metrics = run_cluster_job(cfg, echo=lines.append)
     assert (metrics["n_embedded"], metrics["n_skipped"]) == (9, 0)
+    assert not any(line.startswith("[report] shown without a picture") for line in lines), lines  # all read
     assert gate.refused == 0 and gate.paid > 9  # the listing and every scene's read

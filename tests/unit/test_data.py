@@ -113,6 +113,39 @@ def test_read_batch_reports_an_archive_without_images(tmp_path):
     assert out["error"].tolist() == ["archive holds no images"]
 
 
+@pytest.mark.parametrize("compression", ["", "gz"])
+def test_read_batch_records_where_each_member_lies_in_an_uncompressed_shard(tmp_path, compression):
+    """A member's offset in its shard's object gives back exactly its bytes (a report reads one member by a ranged
+    read); a compressed shard stores no member in place, and a file of its own has no offset."""
+    import tarfile
+
+    import pyarrow.fs as pafs
+
+    from scenecluster.data import read_batch
+    from scenecluster.shard_members import member_ranges
+
+    loose = copy_sample(tmp_path / "loose", per_class=2, classes=2)
+    images = sorted(loose.rglob("*.jpg"))
+    shard = tmp_path / "shards" / "shard-0.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, f"w:{compression}") as tar:
+        for image in images:
+            tar.add(image, arcname=f"{image.parent.name}/{image.name}")
+    sources = np.array([str(shard), str(images[0])], dtype=object)
+    out = read_batch({"source": sources}, filesystem=pafs.LocalFileSystem())
+    assert out["path"].tolist() == [f"{shard}/{i.parent.name}/{i.name}" for i in images] + [str(images[0])]
+    assert out["offset"][-1] == -1
+    stored = shard.read_bytes()
+    if compression:
+        assert (out["offset"] == -1).all()
+        assert member_ranges(out["path"], out["offset"], [len(b) for b in out["bytes"]]) is None
+        return
+    for offset, data, image in zip(out["offset"][:-1], out["bytes"][:-1], images, strict=True):
+        assert offset > 0 and stored[offset : offset + len(data)] == data == image.read_bytes()
+    ranges = member_ranges(out["path"], out["offset"], [len(b) for b in out["bytes"]])
+    assert ranges.num_rows == len(images) and ranges.column("path").to_pylist() == out["path"][:-1].tolist()
+
+
 @pytest.mark.parametrize(
     "path, label",
     [

@@ -185,9 +185,11 @@ def test_report_command_writes_atomically_and_refuses_unfinished_runs(tmp_path: 
 
 def test_a_report_says_once_which_scenes_it_could_not_show_and_why(tmp_path: Path, capsys) -> None:
     """A run whose input has moved (or needs credentials this shell lacks) renders with "unreadable" tiles, and
-    ``report`` says so in one line on stderr; members of ``.tar`` shards are not read at all (their shard is read
-    whole), which the line says apart."""
+    ``report`` says so in one line on stderr; members of ``.tar`` shards without a recorded place in their shard
+    (a compressed shard, an older run) are not read at all (only the whole shard holds them), which the line says
+    apart."""
     from scenecluster.report import Thumbnails
+    from scenecluster.shard_members import NoRecordedRange
 
     run = make_run(tmp_path)
     shutil.move(tmp_path / "scenes", tmp_path / "moved")
@@ -208,17 +210,49 @@ def test_a_report_says_once_which_scenes_it_could_not_show_and_why(tmp_path: Pat
         read.append(path)
         if path.endswith("bad.jpg"):
             raise OSError("refused")
+        if ".tar/" in path:
+            raise NoRecordedRange(path)
         return np.zeros((size, size, 3), dtype=np.uint8)
 
     thumb = Thumbnails(reader)
     for path in ("a/ok.jpg", "a/bad.jpg", "a/shard-0.tar/x.jpg", "a/shard-0.tar/Forest/y.jpg", "a/bad.jpg"):
         thumb(path)
-    assert read == ["a/ok.jpg", "a/bad.jpg"]  # each scene once; a shard's members never
+    assert read == ["a/ok.jpg", "a/bad.jpg", "a/shard-0.tar/x.jpg", "a/shard-0.tar/Forest/y.jpg"]  # each once
     assert thumb.summary("s3://b/a") == (
         "[report] shown without a picture: 1 scene could not be read from s3://b/a (first: a/bad.jpg: "
-        "OSError: refused); 2 scenes in .tar shards are not read for thumbnails (a shard is read whole)"
+        "OSError: refused); 2 scenes in .tar shards have no recorded place in their shard (a compressed shard, "
+        "or a run embedded before such places were kept), and a shard is not read whole for a thumbnail"
     )
     assert Thumbnails(reader).summary("a") is None
+
+
+def test_a_shard_member_is_read_back_by_its_recorded_range(tmp_path: Path) -> None:
+    """The reader finds a member's part through the run's manifest and its place in ``members/<part>.parquet``,
+    then reads those bytes alone; a member of a part without recorded places raises ``NoRecordedRange``."""
+    import pyarrow.fs as pafs
+
+    from scenecluster.manifest import manifest_parts, write_manifest_paths
+    from scenecluster.shard_members import MEMBERS, NoRecordedRange, ShardMemberReader, member_ranges
+
+    shards = [tmp_path / "in" / f"shard-{i}.tar" for i in range(3)]
+    shards[0].parent.mkdir()
+    for i, shard in enumerate(shards):
+        shard.write_bytes(bytes(range(256)) * (i + 1))
+    out = OutputFolder(str(tmp_path / "run"))
+    write_manifest_paths(iter(str(s) for s in shards), out, identity={"test": 1}, chunk_size=2)
+    parts = [name for _, name in manifest_parts(out)]
+    assert len(parts) == 2  # of 2 shards and 1; the second has no recorded places
+    paths = [f"{shards[0]}/Forest/a.jpg", f"{shards[1]}/b.jpg"]
+    out.write_table(f"{MEMBERS}/{parts[0]}.parquet", member_ranges(paths, [10, 300], [5, 7]))
+    reader = ShardMemberReader(out, pafs.LocalFileSystem())
+    assert reader.read(paths[0]) == bytes(range(10, 15))
+    assert reader.read(paths[1]) == (bytes(range(256)) * 2)[300:307]
+    for missing in (f"{shards[0]}/Forest/c.jpg", f"{shards[2]}/d.jpg", str(tmp_path / "loose.jpg")):
+        with pytest.raises(NoRecordedRange):
+            reader.read(missing)
+    shards[1].write_bytes(b"short")  # rewritten since the run: said, not misread
+    with pytest.raises(OSError, match="shorter than when it was embedded"):
+        ShardMemberReader(out, pafs.LocalFileSystem()).read(paths[1])
 
 
 def test_compare_marks_the_settings_that_differ(tmp_path: Path, capsys) -> None:

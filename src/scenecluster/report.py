@@ -12,6 +12,7 @@ import base64
 import io
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,18 +36,31 @@ __all__ = ["Thumbnails", "build_report", "render_report", "write_report_file"]
 
 THUMB_SIZE = 64  # EuroSAT's own size; shown at 72 CSS px
 HOVER_SIZE = 48  # the scatter's hover thumbnails, shown at 96 CSS px
+PREFETCH_THREADS = 16  # thumbnails read at once: S3 serves many requests in parallel, each some 20-100 ms
 DOUBTFUL = 24
 
 
-class Thumbnails:
-    """``path -> WebP data URI`` (or ``None`` when unreadable), each scene read once.
+@dataclass
+class _SharedThumbnails:
+    """What a page's thumbnails of every size share: those made (``(path, size)`` -> data URI or None), why a scene
+    could not be read, and, while :meth:`Thumbnails.prefetch` draws, the ones wanted."""
 
-    ``unreadable`` keeps why each scene could not be read (shared with the hover thumbnails made from the same
-    reader), so the report's writer can say so once: a report of a run whose input moved, or that needs settings
-    this shell lacks (credentials, ``AWS_REQUEST_PAYER``), otherwise shows only tiles marked "unreadable". A member
-    of a ``.tar`` shard is read by the byte range its embedding recorded; one without a recorded range (a
-    compressed shard, an older run) is not read, as only its whole shard, up to gigabytes, holds it, and the line
-    says so apart.
+    unreadable: dict[str, str]
+    cache: dict[tuple[str, int], str | None] = field(default_factory=dict)
+    wanted: set[tuple[str, int]] | None = None
+
+
+class Thumbnails:
+    """``path -> WebP data URI`` (or ``None`` when unreadable), each scene read once per size.
+
+    ``unreadable`` keeps why each scene could not be read (shared with the hover thumbnails, :meth:`sized`), so the
+    report's writer can say so once: a report of a run whose input moved, or that needs settings this shell lacks
+    (credentials, ``AWS_REQUEST_PAYER``), otherwise shows only tiles marked "unreadable". A member of a ``.tar``
+    shard is read by the byte range its embedding recorded; one without a recorded range (a compressed shard, an
+    older run) is not read, as only its whole shard, up to gigabytes, holds it, and the line says so apart.
+
+    :meth:`prefetch` reads every thumbnail a page shows in parallel before the page is drawn: a page shows some
+    2,400 scenes, each one or two requests to the store, which one after another take minutes at S3's latency.
     """
 
     def __init__(
@@ -54,25 +68,59 @@ class Thumbnails:
         read_image: Callable[[str, int], np.ndarray],
         size: int = THUMB_SIZE,
         unreadable: dict[str, str] | None = None,
+        *,
+        _shared: _SharedThumbnails | None = None,
     ) -> None:
         self.read_image, self.size = read_image, size
-        self.cache: dict[str, str | None] = {}
-        self.unreadable: dict[str, str] = {} if unreadable is None else unreadable
+        self.shared = _shared or _SharedThumbnails(unreadable={} if unreadable is None else unreadable)
+        self.unreadable = self.shared.unreadable
+
+    def sized(self, size: int) -> Thumbnails:
+        """The same scenes at another ``size`` (the scatter's hover thumbnails), sharing what was read and why not."""
+        return Thumbnails(self.read_image, size, _shared=self.shared)
 
     def __call__(self, path: str) -> str | None:
-        if path not in self.cache:
-            from scenecluster.data import DECODE_ERRORS, decode_failure
-            from scenecluster.shard_members import NO_RANGE, NoRecordedRange
+        key = (path, self.size)
+        cache = self.shared.cache
+        if key not in cache:
+            if self.shared.wanted is not None:  # a prefetch's first drawing: note it, read nothing yet
+                self.shared.wanted.add(key)
+                return None
+            cache[key] = self._keep(path, *self._read(path, self.size))
+        return cache[key]
 
-            try:
-                self.cache[path] = self._encode(self.read_image(path, self.size))
-            except NoRecordedRange:
-                self.cache[path] = None
-                self.unreadable[path] = NO_RANGE
-            except DECODE_ERRORS as exc:
-                self.cache[path] = None
-                self.unreadable[path] = decode_failure(exc)
-        return self.cache[path]
+    def prefetch(self, draw: Callable[[Thumbnails], object], threads: int = PREFETCH_THREADS) -> None:
+        """Call ``draw(self)`` once to learn which thumbnails it shows (it gets none), then read them all with
+        ``threads`` reads in flight; a later drawing finds them read."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.shared.wanted = set()
+        try:
+            draw(self)
+            wanted = sorted(self.shared.wanted)
+        finally:
+            self.shared.wanted = None
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            made = list(pool.map(lambda key: self._read(*key), wanted))
+        for (path, size), result in zip(wanted, made, strict=True):  # in order: the same "first" on every run
+            self.shared.cache[(path, size)] = self._keep(path, *result)
+
+    def _read(self, path: str, size: int) -> tuple[str | None, str | None]:
+        """The scene's data URI, or why it could not be read."""
+        from scenecluster.data import DECODE_ERRORS, decode_failure
+        from scenecluster.shard_members import NO_RANGE, NoRecordedRange
+
+        try:
+            return self._encode(self.read_image(path, size)), None
+        except NoRecordedRange:
+            return None, NO_RANGE
+        except DECODE_ERRORS as exc:
+            return None, decode_failure(exc)
+
+    def _keep(self, path: str, uri: str | None, reason: str | None) -> str | None:
+        if reason is not None:
+            self.unreadable.setdefault(path, reason)
+        return uri
 
     def summary(self, where: str) -> str | None:
         """One line on the scenes shown without a picture: shard members without a recorded place, and those that
@@ -165,7 +213,7 @@ def _scatter_section(facts: RunFacts, thumb: Thumbnails, colors: dict, class_col
     if not facts.sample:
         return "<p>No scatter: the run has no sampled positions.</p>", ""
     # smaller: thousands of them ride in the plot's data
-    hover = Thumbnails(thumb.read_image, size=HOVER_SIZE, unreadable=thumb.unreadable)
+    hover = thumb.sized(HOVER_SIZE)
     script, div = scatter_components(facts.sample, colors, class_colors, hover)
     dims = facts.projection_dims or "n"
     text = PROJECTIONS[facts.projection].format(dims=dims)
@@ -325,9 +373,11 @@ def build_report(
     metrics: dict[str, Any] | None = None,
     report_pending: bool = False,
     echo: Callable[[str], None] | None = None,
+    threads: int = PREFETCH_THREADS,
 ) -> str:
     """Read the run folder ``out`` and render its report; scenes are read from ``input_uri`` (default: the
-    run's own input) for the thumbnails. Scenes that could not be read are said in one line to ``echo``."""
+    run's own input) for the thumbnails, ``threads`` at a time. Scenes that could not be read are said in one
+    line to ``echo``."""
     from scenecluster.data import SceneListing, input_filesystem, read_image_for_display
     from scenecluster.shard_members import ShardMemberReader
 
@@ -340,6 +390,7 @@ def build_report(
     pixels = _pixel_spec(facts.config)
     members = ShardMemberReader(out, fs)
     thumb = Thumbnails(lambda path, size: read_image_for_display(listing, path, size, pixels, members=members))
+    thumb.prefetch(lambda t: render_report(facts, t, k=k, report_pending=report_pending), threads=threads)
     page = render_report(facts, thumb, k=k, report_pending=report_pending)
     if echo is not None and (line := thumb.summary(uri)):
         echo(line)

@@ -10,6 +10,7 @@ one ranged read of its shard (:class:`ShardMemberReader`).
 from __future__ import annotations
 
 import posixpath
+import threading
 from collections.abc import Sequence
 
 import pyarrow as pa
@@ -51,7 +52,9 @@ class ShardMemberReader:
     """Reads a member of one of ``out``'s shards (path ``<shard>/<member>``) by its recorded byte range.
 
     Which part a shard was embedded in is read from the run's manifest the first time a member is asked for, and
-    each part's ranges when one of its members is; a report asks for a few hundred scenes, so this stays small.
+    each part's ranges when one of its members is; a report asks for a few thousand scenes, so this stays small.
+    Safe to call from several threads (a report reads its thumbnails in parallel): the index is built under a
+    lock, the members are read outside it.
     """
 
     def __init__(self, out: OutputFolder, filesystem: pafs.FileSystem) -> None:
@@ -59,11 +62,13 @@ class ShardMemberReader:
         self._part_of_shard: dict[str, str] | None = None
         self._ranges: dict[str, tuple[int, int]] = {}
         self._parts_read: set[str] = set()
+        self._lock = threading.Lock()
 
     def read(self, path: str) -> bytes:
         """The member's bytes. Raises :class:`NoRecordedRange` when its range was not recorded, and what reading
         the shard raises (``OSError``)."""
-        found = self._range(path)
+        with self._lock:
+            found = self._range(path)
         if found is None:
             raise NoRecordedRange(path)
         shard, offset, size = found

@@ -226,6 +226,55 @@ def test_a_report_says_once_which_scenes_it_could_not_show_and_why(tmp_path: Pat
     assert Thumbnails(reader).summary("a") is None
 
 
+def test_a_page_reads_its_thumbnails_in_parallel_before_it_is_drawn() -> None:
+    """A page shows thousands of thumbnails, each a request to the store: read one after another at S3's latency
+    they took minutes. ``prefetch`` draws once to learn them, reads them all at once, and the drawing that follows
+    reads nothing; what could not be read is said in the order of the paths, the same on every run."""
+    import threading
+    import time
+
+    from scenecluster.report import Thumbnails
+
+    lock, active, most, read = threading.Lock(), [0], [0], []
+
+    def slow_reader(path: str, size: int) -> np.ndarray:
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+            read.append((path, size))
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+        if path.startswith("bad"):
+            raise OSError(f"refused {path}")
+        return np.full((size, size, 3), len(path), dtype=np.uint8)
+
+    def draw(thumb: Thumbnails) -> list:
+        hover = thumb.sized(48)
+        shown = [thumb(f"s{i}") for i in range(20)] + [hover(f"s{i}") for i in range(10)]
+        return shown + [thumb("bad2"), thumb("bad1")]
+
+    thumb = Thumbnails(slow_reader)
+    thumb.prefetch(draw, threads=8)
+    assert sorted(read) == sorted(
+        {(f"s{i}", 64) for i in range(20)}
+        | {(f"s{i}", 48) for i in range(10)}
+        | {
+            ("bad1", 64),
+            ("bad2", 64),
+        }
+    )
+    assert most[0] > 1  # reads were in flight together
+    n = len(read)
+    page = draw(thumb)
+    assert len(read) == n  # the drawing found every one read
+    one_by_one = draw(Thumbnails(lambda path, size: slow_reader(path, size)))
+    assert page == one_by_one and page[0].startswith("data:image/webp;base64,") and page[-1] is None
+    assert thumb.summary("s3://b") == (
+        "[report] shown without a picture: 2 scenes could not be read from s3://b (first: bad1: OSError: refused bad1)"
+    )
+
+
 def test_a_shard_member_is_read_back_by_its_recorded_range(tmp_path: Path) -> None:
     """The reader finds a member's part through the run's manifest and its place in ``members/<part>.parquet``,
     then reads those bytes alone; a member of a part without recorded places raises ``NoRecordedRange``."""

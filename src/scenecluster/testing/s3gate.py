@@ -1,15 +1,20 @@
-"""A Requester Pays gate in front of a test S3 server: what AWS does to a Requester Pays bucket's non-owners.
+"""A gate in front of a test S3 server: a Requester Pays bucket's refusals, and S3's latency over a network.
 
-SeaweedFS has no Requester Pays buckets. This loopback HTTP proxy forwards each request to it unchanged (the
-``Host`` header included, so SigV4 signatures still verify) when the request carries
-``x-amz-request-payer: requester``, and answers ``403 AccessDenied`` otherwise, listings included, as S3 does.
-It counts both, so a test can tell that every request of a run accepted the charges.
+SeaweedFS on loopback has no Requester Pays buckets and answers in about a millisecond. This loopback HTTP proxy
+forwards each request to it unchanged (the ``Host`` header included, so SigV4 signatures still verify):
+
+* :class:`RequesterPaysGate` forwards a request only when it carries ``x-amz-request-payer: requester`` and
+  answers ``403 AccessDenied`` otherwise, listings included, as S3 does; it counts both, so a test can tell that
+  every request of a run accepted the charges;
+* ``S3Gate(upstream, delay_s=0.05)`` holds each request for ``delay_s`` before forwarding it, as a store some
+  tens of milliseconds away answers (benchmarks of what is read one request after another).
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlparse
@@ -20,18 +25,22 @@ _DENIED = (
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
 
-class RequesterPaysGate:
-    """``with RequesterPaysGate(upstream_endpoint) as gate:`` then use ``gate.endpoint_url`` as the store.
+class S3Gate:
+    """``with S3Gate(upstream_endpoint, delay_s=...) as gate:`` then use ``gate.endpoint_url`` as the store.
 
     Attributes
     ----------
     paid, refused : int
-        Requests forwarded (they carried the header) and requests refused (they did not).
+        Requests forwarded and requests refused (only :class:`RequesterPaysGate` refuses any: those without
+        ``x-amz-request-payer: requester``).
     """
 
-    def __init__(self, upstream: str) -> None:
+    require_payer = False
+
+    def __init__(self, upstream: str, *, delay_s: float = 0.0) -> None:
         parsed = urlparse(upstream)
         self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 80)
+        self.delay_s = delay_s
         self.paid = 0
         self.refused = 0
         self._lock = threading.Lock()
@@ -42,7 +51,7 @@ class RequesterPaysGate:
         assert self._server is not None, "start the gate first"
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def start(self) -> RequesterPaysGate:
+    def start(self) -> S3Gate:
         gate = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -54,7 +63,10 @@ class RequesterPaysGate:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                if self.headers.get("x-amz-request-payer", "").lower() != "requester":
+                if gate.delay_s:
+                    time.sleep(gate.delay_s)
+                paid = self.headers.get("x-amz-request-payer", "").lower() == "requester"
+                if gate.require_payer and not paid:
                     with gate._lock:
                         gate.refused += 1
                     self._answer(403, [("Content-Type", "application/xml")], _DENIED)
@@ -90,7 +102,7 @@ class RequesterPaysGate:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # a free port, from the kernel
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, name="requester-pays-gate", daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, name="s3-gate", daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -99,8 +111,15 @@ class RequesterPaysGate:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> RequesterPaysGate:
+    def __enter__(self) -> S3Gate:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class RequesterPaysGate(S3Gate):
+    """``with RequesterPaysGate(upstream_endpoint) as gate:``: refuses, with ``403 AccessDenied``, every request that
+    does not accept the charges, as S3 does for a Requester Pays bucket's non-owners."""
+
+    require_payer = True

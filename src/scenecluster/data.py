@@ -18,6 +18,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -26,6 +27,9 @@ from PIL import Image, UnidentifiedImageError
 
 from scenecluster.errors import InputError, one_line
 from scenecluster.pixels import PixelSpec, read_pixels
+
+if TYPE_CHECKING:
+    from scenecluster.shard_members import ShardMemberReader
 
 # JPEG 2000 is how Sentinel-2 delivers its bands (16-bit, one band a file) and WebP how many tile servers store
 # tiles; PIL decodes both (its wheels bundle OpenJPEG and libwebp), through the same path as PNG.
@@ -542,7 +546,12 @@ def decode_failure(exc: BaseException) -> str:
 
 
 def read_image_for_display(
-    listing: SceneListing, path: str, size: int, pixels: PixelSpec = DEFAULT_PIXELS, *, members=None
+    listing: SceneListing,
+    path: str,
+    size: int,
+    pixels: PixelSpec = DEFAULT_PIXELS,
+    *,
+    members: ShardMemberReader | None = None,
 ) -> np.ndarray:
     """Read one image for a report thumbnail, as the model saw it.
 

@@ -1,5 +1,6 @@
 """A Requester Pays bucket (NAIP's and Landsat's on AWS): refused with a hint until ``AWS_REQUEST_PAYER=requester``
-accepts its charges, then listed, checked by doctor and clustered by the job, every request carrying the header.
+accepts its charges, then listed, checked by doctor, clustered by the job and fine-tuned on, every request carrying the
+header.
 
 The bucket is the tests' SeaweedFS behind :class:`scenecluster.testing.s3gate.RequesterPaysGate`, which answers a
 request without ``x-amz-request-payer: requester`` with 403 AccessDenied, as S3 answers such a bucket's non-owners.
@@ -96,3 +97,33 @@ def test_the_job_clusters_a_requester_pays_bucket(ray_cluster, gate, monkeypatch
     assert (metrics["n_embedded"], metrics["n_skipped"]) == (9, 0)
     assert not any(line.startswith("[report] shown without a picture") for line in lines), lines  # all read
     assert gate.refused == 0 and gate.paid > 9  # the listing and every scene's read
+
+
+def test_a_fine_tune_reads_its_source_from_a_requester_pays_bucket(
+    ray_cluster, gate, monkeypatch, tmp_path, tiny_model_dir
+):
+    """Fine-tuning's source is listed, counted and read in Ray tasks (whose environment lacks the variable and the
+    endpoint) through the same filesystem: every request accepted the charges, no scene was lost."""
+    import json
+
+    from scenecluster.config import FinetuneConfig, load_config
+    from scenecluster.train import fit_backbone
+
+    monkeypatch.setenv("AWS_REQUEST_PAYER", "requester")
+    settings = {
+        "sources": ["s3://paying/scenes"],
+        "output": str(tmp_path / "tuned"),
+        "feature.model": str(tiny_model_dir),
+        "feature.image_size": 28,
+        "batch_size": 4,
+        "epochs": 1,
+        "workers": 1,
+        "resources.device": "cpu",
+        "resources.torch_threads": 1,
+        "val_fraction": 0.2,
+    }
+    backbone = fit_backbone(load_config(None, settings, model=FinetuneConfig), echo=lambda s: None)
+    metrics = json.loads((tmp_path / "tuned" / "metrics.json").read_text())
+    assert metrics["n_train"] + metrics["n_val"] == 9 and metrics["skipped_train"] + metrics["skipped_val"] == 0
+    assert (backbone / "model.safetensors").is_file()
+    assert gate.refused == 0 and gate.paid > 9  # the listing, the count and every scene's read

@@ -50,10 +50,12 @@ def run(
 
     ``overwrite=True`` adds the ``--overwrite`` flag (``args.overwrite``), for entrypoints whose call takes it.
     """
+    from scenecluster.cli import line_buffered_output
     from scenecluster.config import load_config, parse_override
     from scenecluster.errors import SceneClusterError
 
     args = build_parser(description, overwrite=overwrite).parse_args(argv)
+    line_buffered_output()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         overrides = dict(parse_override(text) for text in args.overrides)

@@ -552,8 +552,18 @@ def _run_command(args: argparse.Namespace) -> int:
     return _cmd_pipeline(args)
 
 
+def line_buffered_output() -> None:
+    """Write each printed line at once, to a pipe too (``| tee``, ``nohup``, a CI or job log): a stage's line
+    (``[embed] ...``) is how a user sees a run of hours progress, and a pipe's block buffer held every line until the
+    run ended, so a Ctrl-C meant for the fit found the run already finishing."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a real text stream, not a test's capture
+            stream.reconfigure(line_buffering=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    line_buffered_output()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -283,7 +283,11 @@ def test_ctrl_c_during_the_projection_stops_the_run(tmp_path, sample_dir, tiny_m
 
     Most of the exit is Ray tearing down the run's private local cluster: 3.5-4 s measured with eight busy loops
     and a second Ray on the 2 cores, whenever the signal came (0-12 s after the embedding line). The bound is
-    30x that, for a loaded CI machine; a hang in the teardown still fails."""
+    30x that, for a loaded CI machine; a hang in the teardown still fails.
+
+    Without ``PYTHONUNBUFFERED`` (a CI machine's shell, ``nohup``, ``| tee``), as the CLI must print its stage lines
+    as they happen: a pipe's block buffer once held them all until the run ended, and the signal came too late."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -299,6 +303,7 @@ def test_ctrl_c_during_the_projection_stops_the_run(tmp_path, sample_dir, tiny_m
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        env=env,
     )
     try:
         lines = []

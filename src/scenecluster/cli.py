@@ -555,10 +555,9 @@ def _run_command(args: argparse.Namespace) -> int:
 def line_buffered_output() -> None:
     """Write each printed line at once, to a pipe too (``| tee``, ``nohup``, a CI or job log): a stage's line
     (``[embed] ...``) is how a user sees a run of hours progress, and a pipe's block buffer held every line until the
-    run ended, so a Ctrl-C meant for the fit found the run already finishing."""
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):  # a real text stream, not a test's capture
-            stream.reconfigure(line_buffering=True)
+    run ended, so a Ctrl-C meant for the fit found the run already finishing. (stderr is line-buffered already.)"""
+    if hasattr(sys.stdout, "reconfigure"):  # a text stream, not a replacement without the method
+        sys.stdout.reconfigure(line_buffering=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

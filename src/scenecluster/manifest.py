@@ -50,6 +50,7 @@ __all__ = [
     "iter_scene_paths",
     "listed_reading",
     "load_parts",
+    "manifest_files",
     "manifest_parts",
     "part_dataset",
     "part_name",
@@ -218,12 +219,12 @@ def listed_reading(out: OutputFolder) -> int | None:
     if n_revised is None:  # listed before such scenes were counted
         n_revised = sum(
             _count_revised(out.read_table(f"{MANIFEST}/{file}", columns=["sources"]).column("sources").to_pylist())
-            for file in _manifest_files(out)
+            for file in manifest_files(out)
         )
     return done.get("key", {}).get("reading", 0) if n_revised else None
 
 
-def _manifest_files(out: OutputFolder) -> list[str]:
+def manifest_files(out: OutputFolder) -> list[str]:
     """The listing's files in ``out/manifest/``, in order."""
     return sorted(f for f in out.list(MANIFEST) if f.endswith(".parquet"))
 
@@ -247,7 +248,7 @@ def _rename_parts(out: OutputFolder, identity: dict) -> dict[str, int]:
     """
     names: list[str] = []
     n_revised = 0
-    for file in _manifest_files(out):
+    for file in manifest_files(out):
         table = out.read_table(f"{MANIFEST}/{file}")
         parts = table.column("sources").to_pylist()
         renamed = [part_name(len(names) + i, sources, identity) for i, sources in enumerate(parts)]
@@ -324,7 +325,7 @@ def manifest_parts(out: OutputFolder) -> list[tuple[str, str]]:
     """``(manifest file, part name)`` of every part in ``out/manifest/``, in order (names only, not sources)."""
     return [
         (file, part)
-        for file in _manifest_files(out)
+        for file in manifest_files(out)
         for part in out.read_table(f"{MANIFEST}/{file}", columns=["name"]).column("name").to_pylist()
     ]
 

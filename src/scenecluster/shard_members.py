@@ -97,10 +97,10 @@ class ShardMemberReader:
     def _shards(self) -> dict[str, str]:
         if self._part_of_shard is None:
             from scenecluster.data import is_archive
-            from scenecluster.manifest import MANIFEST, manifest_parts
+            from scenecluster.manifest import MANIFEST, manifest_files
 
             self._part_of_shard = {}
-            for file in sorted({file for file, _ in manifest_parts(self.out)}):
+            for file in manifest_files(self.out):  # each file read once, for its parts' names and sources
                 table = self.out.read_table(posixpath.join(MANIFEST, file), columns=["name", "sources"])
                 for name, sources in zip(
                     table.column("name").to_pylist(), table.column("sources").to_pylist(), strict=True

@@ -12,7 +12,6 @@ import pytest
 from scenecluster.config import load_config
 from scenecluster.embed import read_embeddings
 from scenecluster.job import run_cluster_job
-from scenecluster.self_train import pseudo_label_purity
 from tests.conftest import copy_sample, write_corrupt_images
 
 pytestmark = pytest.mark.integration
@@ -105,16 +104,23 @@ def test_real_weights_end_to_end(ray_cluster, tmp_path):
     )
     metrics = run_cluster_job(cfg, echo=print)
     assert metrics["n_embedded"] == 40 and metrics["n_skipped"] == 0
-    _, X, _ = read_embeddings(out / "embeddings.parquet")
+    paths, X, _ = read_embeddings(out / "embeddings.parquet")
     assert X.shape == (40, 768) and np.isfinite(X).all()
-    # four visually distinct classes: real features separate them far above chance. Forty scenes leave the count
-    # loose (one 2-core machine found 9 clusters, 36 of 40 scenes in their cluster's class, acc 0.55), so the check
-    # is that the clusters are pure and informative, not the Hungarian accuracy, which a split class halves.
-    # Random clusters of those sizes: purity 0.49 on average (0.65 at the 99.9th percentile), NMI 0.21 (0.37).
-    assert 2 <= metrics["n_clusters"] <= 10
-    assign = pq.read_table(out / "assignments.parquet", columns=["label", "cluster"]).to_pydict()
-    purity = pseudo_label_purity(assign["label"], assign["cluster"])["purity_score_only"]
-    assert purity >= 0.8 and metrics["nmi"] >= 0.5, (purity, metrics)
+    # Four visually distinct classes: the real weights' features put a scene beside another of its class (1-NN by
+    # cosine, leave-one-out: 0.9 on a 2-core EPYC; a random neighbour is of the same class 9 times in 39, 0.23).
+    labels = np.array([path.split("/")[-2] for path in paths])
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    nearest_same_class = float((labels[similarity.argmax(axis=1)] == labels).mean())
+    assert nearest_same_class >= 0.8, nearest_same_class
+    # The clusters carry that through the projection and the mixture. Forty scenes leave the count loose, and the
+    # count decides purity and accuracy (seeds 0-11 on one EPYC: 4-10 clusters, purity 0.70-0.975, acc 0.53-0.73;
+    # purity 0.775 at seed 0 on one machine, 0.9 on another), so the check is the NMI, which stayed 0.57-0.81 over
+    # those seeds. Random clusters of such sizes: NMI 0.21 on average, 0.37 at the 99.9th percentile. The count is
+    # only held to be neither one cluster nor a scatter of tiny ones.
+    assert 2 <= metrics["n_clusters"] <= 15
+    assert metrics["nmi"] >= 0.5, metrics
 
 
 def test_the_demo_command_clusters_the_shipped_sample_with_its_settings(ray_cluster, tmp_path, tiny_model_dir, capsys):

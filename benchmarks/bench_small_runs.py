@@ -8,13 +8,13 @@ reuse the embeddings and refit. One JSON line per run, then one per mode: its as
 the wall seconds of a later seed (the first embeds and, in the first mode, also starts Ray's workers) against
 the pool's.
 
-Then, with ``--embed-runs N``, the embedding of a small run: the same scenes into a new run folder N times
-on the same Ray (as a benchmark's backbones, or a notebook's runs, do), as one part, which is embedded in one
-Ray task, and as two parts, which start the embedding actor pool, the modes taking turns. One JSON line per
-run, then one per mode: its embedding seconds and wall seconds per run after the first, and their ratio to the
-pool's.
+Then, with ``--embed-runs N``, the embedding and assignment of a small run: the same scenes, cut into
+``--parts`` parts, into a new run folder N times on the same Ray (as a benchmark's backbones, or a notebook's
+runs, do), by Ray tasks (a run of at most ``embed.task_parts`` parts) and by the actor pools
+(``embed.task_parts: 0``), the modes taking turns. One JSON line per run, then one per mode: its embedding,
+assignment and wall seconds per run after the first, and their ratio to the pools'.
 
-    python benchmarks/bench_small_runs.py --per-class 3 --seeds 0 1 2 --embed-runs 4
+    python benchmarks/bench_small_runs.py --per-class 3 --seeds 0 1 2 --embed-runs 4 --parts 3
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="backbone (default: a tiny random DINOv2, 28 px)")
     parser.add_argument("--projection", default="umap", choices=["umap", "pca"])
     parser.add_argument("--embed-runs", type=int, default=0, help="runs of new embeddings per embedding mode")
+    parser.add_argument("--parts", type=int, default=3, help="parts the embedding runs' scenes are cut into")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,29 +111,34 @@ def run_settings(data: Path, model: str, args) -> dict:
 
 
 def embed_modes(root: Path, data: Path, model: str, args) -> None:
-    """The same scenes embedded into a new run folder ``args.embed_runs`` times per mode, the modes taking turns:
-    one part (one Ray task) against two parts (the actor pool, the only way before)."""
+    """The same scenes, cut into ``args.parts`` parts, embedded and assigned in a new run folder
+    ``args.embed_runs`` times per mode, the modes taking turns: by Ray tasks (a run of at most ``embed.task_parts``
+    parts, the default) against by the actor pools (``embed.task_parts: 0``, the only way before)."""
     n = sum(1 for p in data.rglob("*") if p.is_file())
-    modes = {"task": 64, "pool": (n + 1) // 2}  # embed.chunk_size: one part of up to 64 scenes, or two parts
-    totals: dict[str, dict[str, float]] = {mode: {"embed": 0.0, "wall_s": 0.0} for mode in modes}
+    chunk = -(-n // args.parts)
+    modes = {"task": {"embed.chunk_size": chunk}, "pool": {"embed.chunk_size": chunk, "embed.task_parts": 0}}
+    totals: dict[str, dict[str, float]] = {mode: {"embed": 0.0, "assign": 0.0, "wall_s": 0.0} for mode in modes}
     for run in range(args.embed_runs):
-        for mode, chunk in modes.items():
-            settings = {**run_settings(data, model, args), "output": str(root / f"embed-{mode}-{run}")}
-            settings["embed.chunk_size"] = chunk
+        for mode, mode_settings in modes.items():
+            settings = {**run_settings(data, model, args), "output": str(root / f"embed-{mode}-{run}"), **mode_settings}
             start = time.perf_counter()
             metrics = run_cluster_job(load_config(None, settings), echo=lambda s: None)
             wall = time.perf_counter() - start
             embed = round(metrics["stage_seconds"]["embed"], 2)
+            assign = round(metrics["stage_seconds"]["assign"], 2)
             row = {"embed_mode": mode, "run": run, "n": metrics["n_embedded"], "wall_s": round(wall, 2), "embed": embed}
+            row["assign"] = assign
             print(json.dumps(row), flush=True)
             if run:  # the first run of all starts Ray's workers
                 totals[mode]["embed"] += embed
+                totals[mode]["assign"] += assign
                 totals[mode]["wall_s"] += wall
     later = max(1, args.embed_runs - 1)
     for mode, total in totals.items():
         summary = {
             "embed_mode": mode,
             "embed_s_per_later_run": round(total["embed"] / later, 2),
+            "assign_s_per_later_run": round(total["assign"] / later, 2),
             "wall_s_per_later_run": round(total["wall_s"] / later, 2),
             "embed_vs_pool": round(total["embed"] / max(totals["pool"]["embed"], 1e-9), 3),
             "wall_vs_pool": round(total["wall_s"] / max(totals["pool"]["wall_s"], 1e-9), 3),

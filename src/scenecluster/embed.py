@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import posixpath
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -302,14 +302,23 @@ class EmbedSummary:
 
 
 def embed_parts(
-    out: OutputFolder, filesystem, spec: FeatureSpec, resources: Resources, settings: EmbedConfig, *, with_labels: bool
+    out: OutputFolder,
+    filesystem,
+    spec: FeatureSpec,
+    resources: Resources,
+    settings: EmbedConfig,
+    *,
+    with_labels: bool,
+    progress: Callable[[str], None] | None = None,
+    progress_every_s: float = 60.0,
 ) -> EmbedSummary:
     """Run :class:`scenecluster.scale.PartEmbedder` actors over ``out/manifest/``; return the counts.
 
-    A run of one part (up to 64 scenes) is embedded in one Ray task instead: one part keeps only one actor
-    busy, and an actor pool starts a fresh process (Ray Data's executor, the actor, torch's and transformers'
-    imports: 7-8 s of a 32-scene run here), where a task may run in a worker Ray already started, and leaves
-    that worker, its imports done, to the fit task that follows.
+    A run of at most ``settings.task_parts`` parts (four hold up to 960 scenes) is embedded by Ray tasks instead,
+    one part each and ``settings.num_actors`` at a time: a pool starts a fresh process per actor (Ray Data's
+    executor, the actor, torch's and transformers' imports: 6-7 s of a small run here), where a task runs in a
+    worker Ray already started, and leaves that worker, its imports done, to the tasks that follow. Ray Data logs
+    a pool's progress; for the tasks ``progress`` is told the parts done, at most every ``progress_every_s``.
 
     Raises
     ------
@@ -319,7 +328,7 @@ def embed_parts(
     import ray
 
     from scenecluster.scale import PartEmbedder, embed_named_parts
-    from scenecluster.stages import get_interruptibly
+    from scenecluster.stages import run_tasks_interruptibly
 
     start = time.perf_counter()
     parts = manifest_parts(out)
@@ -327,12 +336,17 @@ def embed_parts(
     if finished is not None:
         return _summarise(finished, start)
     rows: list[tuple[str, int, int, bool]] = []
-    if len(parts) == 1:
+    if len(parts) <= settings.task_parts:
         task = ray.remote(embed_named_parts).options(num_cpus=settings.actor_cpus, num_gpus=resources.gpus_per_actor)
-        ref = task.remote(
-            spec, out, filesystem, resources, parts, batch_size=settings.batch_size, with_labels=with_labels
+        done = run_tasks_interruptibly(
+            lambda part: task.remote(
+                spec, out, filesystem, resources, [part], batch_size=settings.batch_size, with_labels=with_labels
+            ),
+            parts,
+            in_flight=settings.num_actors,
+            on_done=_every(progress_every_s, lambda n: f"[embed] {n} of {len(parts)} parts embedded", progress),
         )
-        rows += [(c["name"], c["n_rows"], c["n_ok"], c["reused"]) for c in get_interruptibly(ref)]
+        rows += [(c["name"], c["n_rows"], c["n_ok"], c["reused"]) for counts in done for c in counts]
     else:
         ds = part_dataset(out, parts=parts).map_batches(
             PartEmbedder,
@@ -359,6 +373,24 @@ def embed_parts(
         write_skipped(out)
         raise InputError(f"none of the {summary.n_images} images could be read and decoded; see {out.display(SKIPPED)}")
     return summary
+
+
+def _every(
+    seconds: float, line: Callable[[int], str], echo: Callable[[str], None] | None
+) -> Callable[[int], None] | None:
+    """A callback that runs ``echo(line(n))`` for a count ``n`` at most once every ``seconds``, counted from now
+    (a stage quicker than that prints nothing more than its own line); None without ``echo``."""
+    if echo is None:
+        return None
+    last = time.monotonic()
+
+    def maybe(n: int) -> None:
+        nonlocal last
+        if time.monotonic() - last >= seconds:
+            echo(line(n))
+            last = time.monotonic()
+
+    return maybe
 
 
 def _summarise(rows: list[tuple[str, int, int, bool]], start: float) -> EmbedSummary:

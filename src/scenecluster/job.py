@@ -103,7 +103,13 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
         note["summary"] = fit_summary(cfg, fit)
     with timer.stage("assign") as note:
         assigned = assign_parts(
-            out, out, resources, cfg.scale.assign_actors, cfg.data.labels == "folders", at_least=cfg.embed.num_actors
+            out,
+            out,
+            resources,
+            cfg.scale.assign_actors,
+            cfg.data.labels == "folders",
+            at_least=cfg.embed.num_actors,
+            task_parts=cfg.embed.task_parts,
         )
         note["summary"] = f"{assigned.n} scenes in {assigned.n_clusters} clusters, {assigned.novel} novel"
     metrics = {**_metrics(embedded, assigned, fit), **_run_facts(resources, started)}
@@ -153,7 +159,13 @@ def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print)
         echo(f"[assign] {mismatch}")
     with timer.stage("assign") as note:
         assigned = assign_parts(
-            out, source, resources, cfg.scale.assign_actors, cfg.data.labels == "folders", at_least=cfg.embed.num_actors
+            out,
+            source,
+            resources,
+            cfg.scale.assign_actors,
+            cfg.data.labels == "folders",
+            at_least=cfg.embed.num_actors,
+            task_parts=cfg.embed.task_parts,
         )
         note["summary"] = f"{assigned.n} scenes in {assigned.n_clusters} clusters, {assigned.novel} novel"
     metrics = {
@@ -317,7 +329,9 @@ def _embed_stage(
         check(manifest.n_sources, f"under {cfg.data.input}")
     with timer.stage("embed") as note:
         filesystem = input_filesystem(cfg.data.input, endpoint_url=cfg.data.endpoint_url)[0]
-        embedded = embed_parts(out, filesystem, spec, resources, cfg.embed, with_labels=cfg.data.labels == "folders")
+        embedded = embed_parts(
+            out, filesystem, spec, resources, cfg.embed, with_labels=cfg.data.labels == "folders", progress=timer.echo
+        )
         write_skipped(out)
         note["summary"] = embedded.summary()
     if check is not None:

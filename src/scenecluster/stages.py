@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import posixpath
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "fit_remote",
     "forget_other_assignments",
     "get_interruptibly",
+    "run_tasks_interruptibly",
 ]
 
 CLUSTERING = "clustering"
@@ -138,6 +140,43 @@ def get_interruptibly(ref, poll_s: float = 0.25):
         raise
 
 
+def run_tasks_interruptibly(
+    submit: Callable[[Any], Any],
+    items: Sequence[Any],
+    *,
+    in_flight: int,
+    on_done: Callable[[int], None] | None = None,
+    poll_s: float = 0.25,
+) -> list[Any]:
+    """``ray.get(submit(item))`` for every item, in ``items``' order, with at most ``in_flight`` tasks submitted at
+    a time; ``on_done(n)`` after each of the ``n`` first to finish.
+
+    As :func:`get_interruptibly`, the driver waits in short rounds, so Ctrl-C stops it at once; then, or when a
+    task fails, the tasks still running are force-cancelled, so that none goes on after the driver has given up.
+    """
+    import ray
+
+    results: list[Any] = [None] * len(items)
+    pending: dict[Any, int] = {}
+    submitted = finished = 0
+    try:
+        while finished < len(items):
+            while submitted < len(items) and len(pending) < max(1, in_flight):
+                pending[submit(items[submitted])] = submitted
+                submitted += 1
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll_s)
+            for ref in ready:
+                results[pending.pop(ref)] = ray.get(ref)
+                finished += 1
+                if on_done is not None:
+                    on_done(finished)
+        return results
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
+
+
 def _saved_fit(out: OutputFolder) -> dict[str, Any] | None:
     if not out.exists(f"{CLUSTERING}/clustering.json"):
         return None
@@ -216,12 +255,14 @@ def assign_parts(
     actors: int,
     with_labels: bool,
     at_least: int = 1,
+    task_parts: int = 4,
 ) -> AssignSummary:
     """Run :class:`scenecluster.scale.PartAssigner` actors over the run's parts; add up their counts.
 
-    ``actors`` fixes the pool's size; ``0`` lets it grow (:func:`assign_pool_sizes`), and a run of one part is
-    assigned in one Ray task instead: one part can keep only one actor busy, and a task runs in a worker the
-    fit already started, where a pool starts a fresh actor process (5-6 s of a 32-scene run's 11 s here).
+    ``actors`` fixes the pool's size; ``0`` lets it grow (:func:`assign_pool_sizes`), and a run of at most
+    ``task_parts`` parts is assigned by Ray tasks instead, one part each and as many at a time as the pool could
+    grow to: a few parts keep few actors busy, and a task runs in a worker the fit or the embedding already
+    started, where a pool starts a fresh actor process (5-6 s of a 32-scene run's 11 s here).
     """
     import ray
 
@@ -233,12 +274,16 @@ def assign_parts(
     device = "cuda" if on_gpu else "cpu"
     num_gpus = resources.gpus_per_actor if on_gpu else 0
     parts = manifest_parts(out)
-    if not actors and len(parts) == 1:
-        names = [name for _, name in parts]
+    smallest, largest = assign_pool_sizes(resources, actors, on_gpu=on_gpu, at_least=at_least)
+    if not actors and len(parts) <= task_parts:
         task = ray.remote(assign_named_parts).options(num_cpus=1, num_gpus=num_gpus)
-        texts = get_interruptibly(task.remote(out, clustering_from, names, device=device, with_labels=with_labels))
+        done = run_tasks_interruptibly(
+            lambda part: task.remote(out, clustering_from, [part[1]], device=device, with_labels=with_labels),
+            parts,
+            in_flight=largest,
+        )
+        texts = (text for texts_of_part in done for text in texts_of_part)
     else:
-        smallest, largest = assign_pool_sizes(resources, actors, on_gpu=on_gpu, at_least=at_least)
         ds = part_dataset(out, columns=["name"], parts=parts).map_batches(
             PartAssigner,
             fn_constructor_args=(out, clustering_from),

@@ -228,33 +228,32 @@ def _run_counting_actors(cfg) -> tuple[list[str], int, int]:
     return lines, len(_actors("PartEmbedder") - before[0]), len(_actors("PartAssigner") - before[1])
 
 
-def test_a_one_part_run_is_embedded_and_assigned_in_tasks_as_the_actor_pools_would(
-    ray_cluster, tmp_path, tiny_model_dir
-):
-    """A run of one part is embedded and assigned in Ray tasks (no actor process), the pools write the same rows,
-    and the scenes the fit saw keep exactly the fit's coordinates and cluster."""
-    scenes = copy_sample(tmp_path / "scenes", per_class=10, classes=3)  # 30 scenes: one part
+def test_a_small_run_is_embedded_and_assigned_in_tasks_as_the_actor_pools_would(ray_cluster, tmp_path, tiny_model_dir):
+    """A run of at most ``embed.task_parts`` parts is embedded and assigned by Ray tasks (no actor process), the
+    pools write the same rows, and the scenes the fit saw keep exactly the fit's coordinates and cluster."""
+    scenes = copy_sample(tmp_path / "scenes", per_class=10, classes=3)  # 30 scenes: 3 parts of 10
     out = tmp_path / "out"
-    _, embedders, assigners = _run_counting_actors(_cfg(scenes, out, tiny_model_dir, **{"embed.chunk_size": 64}))
-    assert len(list((out / "embeddings").glob("part-*.parquet"))) == 1
-    assert (embedders, assigners) == (0, 0), "a one-part run started an embedding or assignment actor"
+    lines, embedders, assigners = _run_counting_actors(_cfg(scenes, out, tiny_model_dir))
+    assert len(list((out / "embeddings").glob("part-*.parquet"))) == 3
+    assert len(list((out / "assignments").glob("part-*.parquet"))) == 3
+    assert (embedders, assigners) == (0, 0), "a small run started an embedding or assignment actor"
+    assert any(line.startswith("[embed] 30 embedded") for line in lines), lines
     by_task = pq.read_table(out / "assignments.parquet").to_pandas().set_index("path").sort_index()
 
     _assert_fitted_rows_kept(out, by_task, held_out=0)  # under 100 scenes the fit sees them all
 
     shutil.rmtree(out / "assignments")
-    pool = {"embed.chunk_size": 64, "scale.assign_actors": 1}
-    lines, embedders, assigners = _run_counting_actors(_cfg(scenes, out, tiny_model_dir, **pool))
-    assert (embedders, assigners) == (0, 1) and any("reused" in s for s in lines if s.startswith("[fit]"))
+    lines, embedders, assigners = _run_counting_actors(_cfg(scenes, out, tiny_model_dir, **{"embed.task_parts": 0}))
+    assert embedders == 0 and assigners >= 1 and any("reused" in s for s in lines if s.startswith("[fit]"))
     by_pool = pq.read_table(out / "assignments.parquet").to_pandas().set_index("path").sort_index()
     assert by_pool.drop(columns="coords").equals(by_task.drop(columns="coords"))
     assert np.array_equal(np.stack(by_pool["coords"]), np.stack(by_task["coords"]))
 
-    # The same scenes in 3 parts (10 a part) are embedded by the actor pool, into the same vectors.
-    parts = tmp_path / "parts"
-    _, embedders, _ = _run_counting_actors(_cfg(scenes, parts, tiny_model_dir))
-    assert embedders == 1 and len(list((parts / "embeddings").glob("part-*.parquet"))) == 3
-    tables = [pq.read_table(o / "embeddings.parquet").to_pandas().set_index("path").sort_index() for o in (out, parts)]
+    # The same parts embedded by the actor pool, into the same vectors.
+    pool = tmp_path / "pool"
+    _, embedders, _ = _run_counting_actors(_cfg(scenes, pool, tiny_model_dir, **{"embed.task_parts": 0}))
+    assert embedders == 1 and len(list((pool / "embeddings").glob("part-*.parquet"))) == 3
+    tables = [pq.read_table(o / "embeddings.parquet").to_pandas().set_index("path").sort_index() for o in (out, pool)]
     assert list(tables[0].index) == list(tables[1].index) and len(tables[0]) == 30
     np.testing.assert_allclose(np.stack(tables[0]["embedding"]), np.stack(tables[1]["embedding"]), atol=1e-5)
 
@@ -296,3 +295,39 @@ def test_a_model_rewritten_in_place_or_other_scenes_are_embedded_and_fitted_agai
     for table in ("assignments.parquet", "clustering/report_sample.parquet", "clustering/fit_sample.parquet"):
         paths = pq.read_table(tmp_path / "run" / table, columns=["path"]).column("path").to_pylist()
         assert paths and all(p.startswith(str(other)) for p in paths), table
+
+
+def test_tasks_run_a_few_at_a_time_in_order_and_a_failure_is_raised_at_once(ray_cluster):
+    """``run_tasks_interruptibly``, which runs a small run's parts: results in the items' order, never more than
+    ``in_flight`` submitted at once, and the first failure raised without waiting for the tasks still running
+    (which it cancels)."""
+    import ray
+
+    from scenecluster.stages import run_tasks_interruptibly
+
+    @ray.remote(num_cpus=0)
+    def slow_double(x: int) -> int:
+        time.sleep(0.05 * max(0, 5 - x))  # the first ones finish last
+        if x == 99:
+            raise ValueError("part 99 is broken")
+        if x == 100:
+            time.sleep(60)
+        return 2 * x
+
+    submitted: list[int] = []
+    most_at_once = 0
+    finished: list[int] = []
+
+    def submit(x: int):
+        nonlocal most_at_once
+        submitted.append(x)
+        most_at_once = max(most_at_once, len(submitted) - len(finished))
+        return slow_double.remote(x)
+
+    assert run_tasks_interruptibly(submit, [0, 1, 2, 3, 4], in_flight=2, on_done=finished.append) == [0, 2, 4, 6, 8]
+    assert finished == [1, 2, 3, 4, 5] and most_at_once == 2
+
+    start = time.monotonic()
+    with pytest.raises(ray.exceptions.RayTaskError, match="part 99 is broken"):
+        run_tasks_interruptibly(slow_double.remote, [100, 99], in_flight=2)
+    assert time.monotonic() - start < 30  # the failure came first; the minute-long task did not hold it

@@ -118,7 +118,9 @@ def test_cluster_job_embeds_on_both_nodes(two_nodes, s3_scenes, tiny_model_dir, 
         "--set",
         "embed.actor_cpus=0.5",
         "--set",
-        "embed.chunk_size=10",  # 4 parts: a run of one part is embedded in one task, not by the actors
+        "embed.chunk_size=10",  # 4 parts
+        "--set",
+        "embed.task_parts=0",  # by the actor pool: a small run's parts go to Ray tasks, which Ray may pack on one node
     ]
     try:
         proc = head.submit_job(job_id, REPO, entrypoint, env_vars=s3_scenes.env(), timeout=JOB_TIMEOUT)

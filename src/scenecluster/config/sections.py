@@ -202,8 +202,8 @@ class EmbedConfig(FeatureConfig):
     num_actors: int = Field(
         1,
         ge=1,
-        description="embedding actors (model replicas); a run of one part (up to 64 scenes) is embedded in one "
-        "Ray task instead",
+        description="embedding actors (model replicas); a run of at most task_parts parts is embedded by as many "
+        "Ray tasks at a time instead",
         json_schema_extra=flag("--num-actors"),
     )
     actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor", json_schema_extra=flag("--actor-cpus"))
@@ -217,6 +217,14 @@ class EmbedConfig(FeatureConfig):
         ge=1,
         description="scenes per embeddings part, the unit a worker writes and a rerun skips (the first parts "
         "are smaller: 64, 128, ... up to this, so a small run resumes too)",
+    )
+    task_parts: int = Field(
+        4,
+        ge=0,
+        description="a run of at most this many parts (four parts hold up to 960 scenes) is embedded, and then "
+        "assigned, by Ray tasks, one part each and as many at a time as there would be actors, in workers Ray has "
+        "already started: an actor pool starts fresh processes, 5-7 s a stage of a small run here "
+        "(docs/benchmarks.md). 0 = always the actor pools",
     )
 
 
@@ -424,8 +432,8 @@ class ScaleConfig(_Section):
         0,
         ge=0,
         description="assignment actors (each holds the fitted clustering); 0 = a pool that grows from 1 to one "
-        "actor per CPU of the cluster (per GPU on GPU runs), and never below embed.num_actors, or for a run of "
-        "one part one Ray task",
+        "actor per CPU of the cluster (per GPU on GPU runs), and never below embed.num_actors; a run of at most "
+        "embed.task_parts parts is assigned by Ray tasks instead",
     )
 
 

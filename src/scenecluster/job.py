@@ -101,10 +101,26 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
         fit = fit_remote(out, embedded.parts, cfg, spec, resources, **keys, reading=reading)
         timer.seconds.update({k: v for k, v in fit["stage_seconds"].items()})
         note["summary"] = fit_summary(cfg, fit)
+    assigned = _assign_stage(cfg, out, out, resources, timer)
+    metrics = {**_metrics(embedded, assigned, fit), **_run_facts(resources, started)}
+    _exports(cfg, out, embedded, timer)
+    _report_stage(out, metrics, timer)
+    return _finish(out, metrics, timer)
+
+
+def _assign_stage(
+    cfg: ClusterJobConfig | AssignJobConfig,
+    out: OutputFolder,
+    clustering_from: OutputFolder,
+    resources: Resources,
+    timer: StageTimer,
+) -> AssignSummary:
+    """Assign every part of ``out`` with the clustering saved in ``clustering_from`` (the run's own, or ``assign``'s
+    ``--clustering``), as the run's ``[assign]`` stage."""
     with timer.stage("assign") as note:
         assigned = assign_parts(
             out,
-            out,
+            clustering_from,
             resources,
             cfg.scale.assign_actors,
             cfg.data.labels == "folders",
@@ -112,10 +128,7 @@ def run_cluster_job(cfg: ClusterJobConfig, *, overwrite: bool = False, echo=prin
             task_parts=cfg.embed.task_parts,
         )
         note["summary"] = f"{assigned.n} scenes in {assigned.n_clusters} clusters, {assigned.novel} novel"
-    metrics = {**_metrics(embedded, assigned, fit), **_run_facts(resources, started)}
-    _exports(cfg, out, embedded, timer)
-    _report_stage(out, metrics, timer)
-    return _finish(out, metrics, timer)
+    return assigned
 
 
 def fit_summary(cfg: ClusterJobConfig, fit: dict[str, Any]) -> str:
@@ -157,17 +170,7 @@ def run_assign_job(cfg: AssignJobConfig, *, overwrite: bool = False, echo=print)
     mismatch = reading_mismatch(meta, source, manifest.n_revised)
     if mismatch:
         echo(f"[assign] {mismatch}")
-    with timer.stage("assign") as note:
-        assigned = assign_parts(
-            out,
-            source,
-            resources,
-            cfg.scale.assign_actors,
-            cfg.data.labels == "folders",
-            at_least=cfg.embed.num_actors,
-            task_parts=cfg.embed.task_parts,
-        )
-        note["summary"] = f"{assigned.n} scenes in {assigned.n_clusters} clusters, {assigned.novel} novel"
+    assigned = _assign_stage(cfg, out, source, resources, timer)
     metrics = {
         **_metrics(embedded, assigned, None),
         "clustering": source.display("clustering"),

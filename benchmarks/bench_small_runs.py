@@ -1,8 +1,9 @@
 """What a small clustering run costs per stage, its assignment in one Ray task against an actor pool.
 
-A run of one part (up to 64 loose scenes, or one ``.tar`` shard) is assigned in one Ray task in a worker the
-fit already started (``scale.assign_actors: 0``, the default); ``scale.assign_actors: 1`` forces the actor
-pool, the obvious alternative, which starts a fresh actor process. Each mode gets its own run folder and runs
+A run of one part (up to 64 loose scenes, or one ``.tar`` shard; any run of at most ``embed.task_parts`` parts)
+is assigned by a Ray task in a worker the fit already started (``scale.assign_actors: 0``, the default);
+``scale.assign_actors: 1`` forces the actor pool, the obvious alternative, which starts a fresh actor process.
+Each mode gets its own run folder and runs
 the clustering job once per seed, as ``scenecluster benchmark`` does: the first seed embeds, the later ones
 reuse the embeddings and refit. One JSON line per run, then one per mode: its assignment seconds per run, and
 the wall seconds of a later seed (the first embeds and, in the first mode, also starts Ray's workers) against

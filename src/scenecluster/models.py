@@ -299,7 +299,7 @@ def _from_pretrained(source: str | Path, torch_dtype: torch.dtype, **kwargs: Any
 def _quiet_in_ray_workers() -> Iterator[None]:
     """transformers' "Loading weights" bar off inside a Ray actor or task, on in the driver.
 
-    Why: every embedding, assignment and training actor (and the task that embeds a run of one part) loads the
+    Why: every embedding, assignment and training actor (and the tasks that embed a small run's parts) loads the
     backbone from a local copy in well under a second, and each printed a bar into the job's log (one per actor,
     restarts included); the driver keeps its bars, which show a Hub download's progress.
     """

@@ -1,9 +1,9 @@
 """Driver side of the fit and assignment stages: start the Ray work of :mod:`scenecluster.scale`, add up counts.
 
-The driver asks for one fit task (a GPU when the run has GPUs) and an actor pool for assignment (one task for
-a run of one part), and keeps only what they return: the fit's summary with the report's sample, and per-part
-counts that add up to the cluster sizes, the novel count and the (cluster x label) table the archive is scored
-from.
+The driver asks for one fit task (a GPU when the run has GPUs) and an actor pool for assignment (a task per part
+for a run of at most ``embed.task_parts`` parts), and keeps only what they return: the fit's summary with the
+report's sample, and per-part counts that add up to the cluster sizes, the novel count and the (cluster x label)
+table the archive is scored from.
 """
 
 from __future__ import annotations

@@ -168,7 +168,7 @@ def test_actors_load_the_backbone_without_a_progress_bar_and_the_driver_keeps_it
 
     assert "Loading weights" in load_printing(str(tiny_model_dir))
     assert "Loading weights" not in ray_cluster.get(Loader.remote().load.remote(str(tiny_model_dir)))
-    # and in a task (a run of one part is embedded in one)
+    # and in a task (a small run's parts are embedded by tasks)
     task = ray_cluster.remote(num_cpus=0)(load_printing)
     assert "Loading weights" not in ray_cluster.get(task.remote(str(tiny_model_dir)))
     from transformers.utils import logging as hf_logging

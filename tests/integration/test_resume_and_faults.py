@@ -217,3 +217,55 @@ def test_killed_actor_then_rerun_resumes_without_recomputing(ray_cluster, tmp_pa
     assert pq.read_table(tmp_path / "out" / "embeddings.parquet").num_rows == 300
     if first is not None:  # Ray restarted the actor and retried: the first run was already complete
         assert first.n_images == 300 and first_error is None
+
+
+def _task_worker_pids(function: str) -> list[int]:
+    """Ray workers running ``function`` as a task now (Ray titles a busy worker ``ray::<function>``)."""
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith(f"ray::{function}") and proc.pid != os.getpid():
+            pids.append(proc.pid)
+    return pids
+
+
+def test_a_killed_embedding_task_is_retried_and_a_rerun_keeps_the_finished_parts(ray_cluster, tmp_path, tiny_model_dir):
+    """A small run's parts are embedded by Ray tasks (``embed.task_parts``), not actors: a task whose worker dies
+    is retried by Ray, the part it was writing is written once whole, and the parts finished before are kept."""
+    scenes = copy_sample(tmp_path / "scenes", per_class=12, classes=10)  # 120 scenes: 4 parts of 30
+    listing = list_scenes(str(scenes))
+    out = OutputFolder(str(tmp_path / "out"))
+    parts_dir = tmp_path / "out" / "embeddings"
+    killed: list[int] = []
+
+    def kill_a_running_task_after_the_first_part() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            if parts_dir.is_dir() and any(parts_dir.glob("part-*.parquet")):
+                for pid in _task_worker_pids("embed_named_parts"):
+                    psutil.Process(pid).kill()
+                    killed.append(pid)
+            time.sleep(0.01)
+
+    spec = resolve_feature_spec(str(tiny_model_dir), image_size=112)  # slow enough for a task to be caught
+    settings = EmbedConfig(image_size=112, batch_size=5, chunk_size=30)
+    assert settings.task_parts >= 4
+    resources = decide("cpu", local_inventory())
+    killer = threading.Thread(target=kill_a_running_task_after_the_first_part)
+    killer.start()
+    try:
+        first = embed_images(listing, out, spec, resources=resources, settings=settings)
+    except Exception:  # Ray may give up on the task; the rerun below must then finish it
+        first = None
+    killer.join()
+    assert killed, "no embedding task was seen running, so nothing was killed"
+    if first is not None:  # Ray retried the killed task: the run finished whole
+        assert first.n_images == 120 and not first.skipped
+    done_before = {p.name: p.stat().st_mtime_ns for p in parts_dir.glob("part-*.parquet")}
+
+    second = embed_images(listing, out, spec, resources=resources, settings=settings)
+    assert second.n_images == 120 and not second.skipped
+    for name, stamp in done_before.items():
+        assert (parts_dir / name).stat().st_mtime_ns == stamp, f"{name} was recomputed"
+    assert len(list(parts_dir.glob("part-*.parquet"))) == 4
+    assert pq.read_table(tmp_path / "out" / "embeddings.parquet").num_rows == 120

@@ -305,6 +305,17 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of a count: a whole number of at least 1 (argparse prints the one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return value
+
+
 # The pixel settings doctor takes as flags: those of FeatureConfig.PIXEL_SETTINGS that have one (_flags keeps only
 # flagged settings), so a pixel setting given a flag later is one of doctor's too.
 _DOCTOR_PIXEL_FLAGS = FeatureConfig.PIXEL_SETTINGS
@@ -380,6 +391,12 @@ def _add_report_commands(sub) -> None:
     )
     r.add_argument("--input", metavar="URI", help="read the scenes' thumbnails from here (default: the run's input)")
     r.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint for non-AWS stores (else AWS_ENDPOINT_URL)")
+    r.add_argument(
+        "--thumbnail-reads",
+        type=_positive_int,
+        metavar="N",
+        help="thumbnails read at once (default: the run's report.thumbnail_reads, 16)",
+    )
     r.set_defaults(run_fn=_cmd_report)
     c = sub.add_parser(
         "compare",
@@ -401,7 +418,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     def warn(line: str) -> None:
         print(line, file=sys.stderr)
 
-    written = write_report_file(args.run, args.output, input_uri=args.input, endpoint_url=args.endpoint_url, echo=warn)
+    written = write_report_file(
+        args.run,
+        args.output,
+        input_uri=args.input,
+        endpoint_url=args.endpoint_url,
+        echo=warn,
+        threads=args.thumbnail_reads,
+    )
     print(f"report: {written}")
     return 0
 

@@ -373,11 +373,11 @@ def build_report(
     metrics: dict[str, Any] | None = None,
     report_pending: bool = False,
     echo: Callable[[str], None] | None = None,
-    threads: int = PREFETCH_THREADS,
+    threads: int | None = None,
 ) -> str:
     """Read the run folder ``out`` and render its report; scenes are read from ``input_uri`` (default: the
-    run's own input) for the thumbnails, ``threads`` at a time. Scenes that could not be read are said in one
-    line to ``echo``."""
+    run's own input) for the thumbnails, ``threads`` at a time (default: the run's ``report.thumbnail_reads``).
+    Scenes that could not be read are said in one line to ``echo``."""
     from scenecluster.data import SceneListing, input_filesystem, read_image_for_display
     from scenecluster.shard_members import ShardMemberReader
 
@@ -390,6 +390,8 @@ def build_report(
     pixels = _pixel_spec(facts.config)
     members = ShardMemberReader(out, fs)
     thumb = Thumbnails(lambda path, size: read_image_for_display(listing, path, size, pixels, members=members))
+    if threads is None:
+        threads = int((facts.config.get("report") or {}).get("thumbnail_reads") or PREFETCH_THREADS)
     thumb.prefetch(lambda t: render_report(facts, t, k=k, report_pending=report_pending), threads=threads)
     page = render_report(facts, thumb, k=k, report_pending=report_pending)
     if echo is not None and (line := thumb.summary(uri)):
@@ -417,8 +419,10 @@ def write_report_file(
     input_uri: str | None = None,
     endpoint_url: str | None = None,
     echo: Callable[[str], None] | None = None,
+    threads: int | None = None,
 ) -> str:
-    """Regenerate a finished run's report; write it atomically to ``output`` (default ``RUN/report.html``).
+    """Regenerate a finished run's report; write it atomically to ``output`` (default ``RUN/report.html``),
+    reading ``threads`` thumbnails at a time (default: the run's ``report.thumbnail_reads``).
 
     Returns where it was written.
 
@@ -433,7 +437,7 @@ def write_report_file(
     out = OutputFolder(run, endpoint_url=endpoint_url)
     if not out.list("assignments"):
         raise OutputError(f"{run!r} holds no finished run: no assignments/ (run `scenecluster cluster` first)")
-    page = build_report(out, input_uri=input_uri, endpoint_url=endpoint_url, echo=echo)
+    page = build_report(out, input_uri=input_uri, endpoint_url=endpoint_url, echo=echo, threads=threads)
     if output is None:
         out.write_text("report.html", page)
         return out.display("report.html")

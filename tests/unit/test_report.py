@@ -183,6 +183,34 @@ def test_report_command_writes_atomically_and_refuses_unfinished_runs(tmp_path: 
     assert "no finished run" in capsys.readouterr().err
 
 
+def test_thumbnails_are_read_as_many_at_once_as_the_run_or_the_command_says(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """``report.thumbnail_reads`` of the run's config sets how many thumbnails are read at once (16 for a run made
+    before the setting), ``scenecluster report --thumbnail-reads N`` overrides it, and 0 is a one-line error."""
+    import scenecluster.report
+
+    run = make_run(tmp_path)
+    asked: list[int] = []
+    prefetch = scenecluster.report.Thumbnails.prefetch
+
+    def recording(self, draw, threads=scenecluster.report.PREFETCH_THREADS):
+        asked.append(threads)
+        return prefetch(self, draw, threads)
+
+    monkeypatch.setattr(scenecluster.report.Thumbnails, "prefetch", recording)
+    build_report(OutputFolder(str(run)))  # the run's config has no thumbnail_reads
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["report"]["thumbnail_reads"] = 48
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    build_report(OutputFolder(str(run)))
+    assert main(["report", str(run), "--thumbnail-reads", "3"]) == 0
+    assert asked == [16, 48, 3]
+    with pytest.raises(SystemExit):
+        main(["report", str(run), "--thumbnail-reads", "0"])
+    assert "'0': give a whole number of at least 1" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_a_report_says_once_which_scenes_it_could_not_show_and_why(tmp_path: Path, capsys) -> None:
     """A run whose input has moved (or needs credentials this shell lacks) renders with "unreadable" tiles, and
     ``report`` says so in one line on stderr; members of ``.tar`` shards without a recorded place in their shard

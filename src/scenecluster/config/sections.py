@@ -442,6 +442,13 @@ class ReportConfig(_Section):
 
     thumbnails_per_cluster: int = Field(8, ge=1, le=64, description="scenes shown per cluster")
     scatter_points: int = Field(20000, ge=100, description="most points in the 2-D scatter")
+    thumbnail_reads: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="thumbnails read at once (requests in flight to an S3 input): 16 took a page of 300 scenes "
+        "from 63 s to 4.5 s at 75 ms a request (docs/benchmarks.md); more for a store farther away",
+    )
 
 
 class ResourcesConfig(_Section):

@@ -123,21 +123,8 @@ def fit_remote(
 
 
 def get_interruptibly(ref, poll_s: float = 0.25):
-    """``ray.get(ref)``, but Ctrl-C stops it at once and cancels the task.
-
-    The driver waits in short ``ray.wait`` rounds so that Python handles SIGINT between them (a long blocking
-    get can sit in Ray's C++ code while the interrupt waits), and the task is force-cancelled so that it does not
-    go on, or get retried, after the driver has given up.
-    """
-    import ray
-
-    try:
-        while not ray.wait([ref], timeout=poll_s)[0]:
-            pass
-        return ray.get(ref)
-    except KeyboardInterrupt:
-        ray.cancel(ref, force=True)
-        raise
+    """``ray.get(ref)``, but Ctrl-C stops it at once and cancels the task (:func:`run_tasks_interruptibly` of one)."""
+    return run_tasks_interruptibly(lambda _: ref, [ref], in_flight=1, poll_s=poll_s)[0]
 
 
 def run_tasks_interruptibly(
@@ -151,8 +138,9 @@ def run_tasks_interruptibly(
     """``ray.get(submit(item))`` for every item, in ``items``' order, with at most ``in_flight`` tasks submitted at
     a time; ``on_done(n)`` after each of the ``n`` first to finish.
 
-    As :func:`get_interruptibly`, the driver waits in short rounds, so Ctrl-C stops it at once; then, or when a
-    task fails, the tasks still running are force-cancelled, so that none goes on after the driver has given up.
+    The driver waits in short ``ray.wait`` rounds so that Python handles SIGINT between them (a long blocking get
+    can sit in Ray's C++ code while the interrupt waits). Then, or when a task fails, the tasks still running are
+    force-cancelled, so that none goes on, or gets retried, after the driver has given up.
     """
     import ray
 
@@ -166,7 +154,8 @@ def run_tasks_interruptibly(
                 submitted += 1
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll_s)
             for ref in ready:
-                results[pending.pop(ref)] = ray.get(ref)
+                index = pending.pop(ref)  # finished: only the others are cancelled if this one failed
+                results[index] = ray.get(ref)
                 finished += 1
                 if on_done is not None:
                     on_done(finished)

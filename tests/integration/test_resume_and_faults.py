@@ -170,13 +170,18 @@ def test_a_rerun_after_the_reading_of_tiffs_changed_reembeds_their_parts_and_ref
     assert saved["reading"] == bumped  # the refit records the reading it fitted
 
 
-def _embedder_actor_pids() -> list[int]:
+def _pids_whose_command(matches) -> list[int]:
+    """Processes other than this one whose command line ``matches`` (Ray titles a worker ``ray::<what it runs>``)."""
     pids = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if "Embedder" in cmd and proc.pid != os.getpid():
+        if matches(cmd) and proc.pid != os.getpid():
             pids.append(proc.pid)
     return pids
+
+
+def _embedder_actor_pids() -> list[int]:
+    return _pids_whose_command(lambda cmd: "Embedder" in cmd)
 
 
 def test_killed_actor_then_rerun_resumes_without_recomputing(ray_cluster, tmp_path, tiny_model_dir):
@@ -220,13 +225,8 @@ def test_killed_actor_then_rerun_resumes_without_recomputing(ray_cluster, tmp_pa
 
 
 def _task_worker_pids(function: str) -> list[int]:
-    """Ray workers running ``function`` as a task now (Ray titles a busy worker ``ray::<function>``)."""
-    pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if cmd.startswith(f"ray::{function}") and proc.pid != os.getpid():
-            pids.append(proc.pid)
-    return pids
+    """Ray workers running ``function`` as a task now (a busy worker is titled ``ray::<function>``)."""
+    return _pids_whose_command(lambda cmd: cmd.startswith(f"ray::{function}"))
 
 
 def test_a_killed_embedding_task_is_retried_and_a_rerun_keeps_the_finished_parts(ray_cluster, tmp_path, tiny_model_dir):

@@ -327,7 +327,14 @@ def _embed_stage(
             seed=cfg.data.seed,
             progress=lambda n: timer.echo(f"[list] {n:,} images so far under {cfg.data.input}"),
         )
-        note["summary"] = f"{manifest.n_sources} images under {cfg.data.input} in {manifest.n_parts} parts"
+        parts = f"{manifest.n_parts} part{'s' if manifest.n_parts != 1 else ''}"
+        note["summary"] = f"{manifest.n_sources} images under {cfg.data.input} in {parts}" + (
+            # a rerun goes on over the scenes first listed; without a word, scenes added since vanish silently
+            ", as listed by the run before in this folder (scenes added since: `scenecluster assign`, or another "
+            "--output)"
+            if manifest.kept
+            else ""
+        )
     if check is not None and manifest.n_archives == 0:  # a shard's members are only counted when it is read
         check(manifest.n_sources, f"under {cfg.data.input}")
     with timer.stage("embed") as note:

@@ -81,6 +81,8 @@ class Manifest:
     n_archives: int = 0
     # sources in a format whose reading has been revised (scenecluster.pixels.reading_revision): not JPEG
     n_revised: int = 0
+    # the listing an earlier run left in the folder, kept: scenes added to the input since are not in it
+    kept: bool = False
 
 
 def _walk_s3(root: str, endpoint_url: str | None, *, requester_pays: bool = False) -> Iterator[str]:
@@ -182,7 +184,12 @@ def write_manifest(
                 out.write_text(DONE_FILE, json.dumps(done))
             # a manifest written before shards were counted may hold some: -1 says "unknown"
             return Manifest(
-                done["n_sources"], done["n_parts"], done["root"], done.get("n_archives", -1), done["n_revised"]
+                done["n_sources"],
+                done["n_parts"],
+                done["root"],
+                done.get("n_archives", -1),
+                done["n_revised"],
+                kept=True,
             )
     paths = iter_scene_paths(uri, endpoint_url=endpoint_url)
     if progress is not None:

@@ -94,6 +94,8 @@ def test_tar_shards_with_a_truncated_member_and_a_damaged_shard(ray_cluster, tmp
     )
     assert any(line.startswith(f"[embed] reused {metrics['n_embedded']} embeddings") for line in lines), lines
     assert any(line.startswith("[fit] fitted") for line in lines), lines
+    # the rerun says it goes on over the first run's listing, so scenes added since are not silently left out
+    assert any(line.startswith("[list]") and "as listed by the run before" in line for line in lines), lines
     assert (again["n_embedded"], again["n_skipped"]) == (metrics["n_embedded"], 2)
     assert (tmp_path / "out" / "skipped.jsonl").read_text() == skipped
 

@@ -95,6 +95,13 @@ def test_another_seed_relists_only_when_the_seed_draws_a_sample(tmp_path):
 
     n, listed = listing(seed=0)
     assert n == 6 and listing(seed=1) == (6, listed)  # kept
+    # a kept listing says so, and does not take scenes added since (the job's [list] line tells the user)
+    (scenes / "scene-new.jpg").write_bytes(b"added after the first listing")
+    kept = write_manifest(str(tmp_path / "scenes"), out, identity={"test": 1}, chunk_size=4)
+    assert (kept.n_sources, kept.kept) == (6, True)
+    assert not write_manifest(
+        str(tmp_path / "scenes"), OutputFolder(str(tmp_path / "other")), identity={"test": 1}, chunk_size=4
+    ).kept
     n_sampled, sampled = listing(sample=3, seed=1)
     assert n_sampled == 3 and sampled != listed
     assert listing(sample=3, seed=1) == (3, sampled)  # the same sample is kept

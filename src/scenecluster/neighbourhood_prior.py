@@ -18,6 +18,12 @@ neighbourhood of ``share x n / K`` scenes, ``K`` the previous fit's count (first
 
 The mixture is refitted until a count repeats, which took one to five refits in every case measured.
 
+Not below a cluster of ``MIN_NEIGHBOURS`` scenes: where a fit's mean cluster is smaller than a neighbourhood, the
+neighbourhoods span clusters and the lightened weight no longer holds a cluster together, so each refit split
+more than the last, down to a cluster per scene (15 EuroSAT scenes of 3 classes: 4 clusters, then 15; 30 of 3:
+30). The first fit is then kept as it is, and a refit that finds clusters that small is dropped for the fit before
+it (``benchmarks/bench_small_archives.py``). Archives of a few hundred scenes or more never come near it.
+
 :class:`NeighbourhoodPriorDPGMM` is a scikit-learn meta-estimator in the manner of ``GridSearchCV``: the fitted
 mixture that assigns scenes is ``mixture_`` (a plain :class:`~scenecluster.mixture.DPGMM`, saved and loaded as
 any other), and ``counts_`` records the path that chose its prior.
@@ -95,6 +101,9 @@ class NeighbourhoodPriorDPGMM(ClusterMixin, BaseEstimator):
     labels_ : ndarray of shape (n_samples,)
     """
 
+    #: No refit from, and none kept with, a mean cluster of fewer scenes than this (the module's docstring says why).
+    min_mean_cluster = MIN_NEIGHBOURS
+
     def __init__(self, mixture: DPGMM, *, weight: float = 4.0, share: float = 0.1, max_refits: int = 5):
         self.mixture = mixture
         self.weight = weight
@@ -107,20 +116,31 @@ class NeighbourhoodPriorDPGMM(ClusterMixin, BaseEstimator):
         fitted, labels, count = self.first_fit(X)
         counts = [count]
         neighbours = 0
-        for _ in range(self.max_refits):
-            neighbours = self.neighbours_for(n, counts[-1])
-            covariance = neighbourhood_covariance(X, neighbours, device=self.mixture.device)
+        small = n / count < self.min_mean_cluster  # no neighbourhood inside a cluster this small
+        for _ in range(0 if small else self.max_refits):
+            size = self.neighbours_for(n, counts[-1])
+            covariance = neighbourhood_covariance(X, size, device=self.mixture.device)
             if self.mixture.covariance_type == "diag":
                 covariance = np.diag(covariance).copy()
             prior = covariance * self.prior_weight(n, counts[-1])
-            fitted = clone(self.mixture).set_params(covariance_prior=prior).fit(X)
-            labels = np.asarray(fitted.predict(X))
+            refit = clone(self.mixture).set_params(covariance_prior=prior).fit(X)
+            refit_labels = np.asarray(refit.predict(X))
+            if small := n / len(np.unique(refit_labels)) < self.min_mean_cluster:
+                log.info(
+                    "the neighbourhood prior keeps its fit of %d clusters: a refit found %d, smaller than the "
+                    "neighbourhoods that sized its prior (the start of a runaway split)",
+                    counts[-1],
+                    len(np.unique(refit_labels)),
+                )
+                break
+            fitted, labels, neighbours = refit, refit_labels, size
             counts.append(len(np.unique(labels)))
             if counts[-1] in counts[:-1]:
                 break
         else:
-            log.warning("the neighbourhood prior's counts %s did not settle in %d refits", counts, self.max_refits)
-        settled = self.max_refits == 0 or counts[-1] in counts[:-1]
+            if not small:
+                log.warning("the neighbourhood prior's counts %s did not settle in %d refits", counts, self.max_refits)
+        settled = self.max_refits == 0 or small or counts[-1] in counts[:-1]
         if counts[-1] * 3 < counts[0]:  # 18 -> 8 happens on real archives the data prior over-splits
             log.warning(
                 "the neighbourhood prior merged %d clusters into %d (counts %s): on layouts of many thin, far-apart "

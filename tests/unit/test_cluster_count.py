@@ -116,6 +116,23 @@ def test_the_refit_prior_is_the_weight_per_scene_of_a_mean_cluster(per_class):
     assert (intended < 10) == (per_class == 40)
 
 
+@pytest.mark.parametrize(("k", "per_class", "seed"), [(3, 5, 0), (3, 10, 0), (10, 3, 0), (2, 20, 1)])
+def test_a_small_archive_is_not_split_into_a_cluster_per_scene(k, per_class, seed, monkeypatch):
+    # clusters smaller than a neighbourhood (10 scenes): each refit split more than the last, to a cluster per scene
+    # (15 EuroSAT scenes of 3 classes: 15 clusters). The first fit is kept there, and so is the fit before a refit
+    # that finds clusters that small (2 x 20, seed 1: 3, then 4, then 6 clusters of under 10 scenes, then 40)
+    from scenecluster.neighbourhood_prior import NeighbourhoodPriorDPGMM
+
+    X, _ = blobs(k, per_class, seed)
+    cfg = ClusterConfig(n_components=len(X), random_state=seed)  # the job caps the truncation at the scenes
+    model = make_clusterer(cfg, X, device="cpu").fit(X)
+    found = len(np.unique(model.labels_))
+    assert found <= len(X) / 2 and model.settled_ and model.counts_[-1] == found
+    assert model.counts_ == [found] or len(X) / found >= 10  # the first fit, or a refit of clusters of 10 or more
+    monkeypatch.setattr(NeighbourhoodPriorDPGMM, "min_mean_cluster", 0)  # the refits as they were
+    assert n_clusters(cfg, X) >= 0.8 * len(X)
+
+
 def test_the_neighbourhood_settings_key_a_fit_only_when_chosen():
     # a run made before the setting existed, rerun with the data prior, keeps its fit key, and tuning the neighbourhood
     # prior while the data prior is used refits nothing

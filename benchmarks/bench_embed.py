@@ -2,9 +2,11 @@
 
 The pipeline (read bytes -> PIL decode in tasks -> Embedder actor) should run close to the bare forward
 rate when decoding overlaps with compute and threads are not oversubscribed. Prints one JSON line per
-measurement and a final line with the ratio.
+measurement and a final line with the ratio, for each ``--cpu-dtypes`` entry (``resources.cpu_dtype``), and how far
+each dtype's features of real scenes are from float32's (cosine).
 
     python benchmarks/bench_embed.py --images ../shared/data/eurosat --n 640 --image-size 112
+    python benchmarks/bench_embed.py --image-size 224 --layer 0 --pooling cls+mean --cpu-dtypes float32 bfloat16
 """
 
 from __future__ import annotations
@@ -21,12 +23,19 @@ from _hardware import cpu_model  # benchmarks/ is on sys.path when run as a scri
 
 
 def forward_rate(
-    model: str, image_size: int, batch_size: int, threads: int, layer: int, pooling: str, repeats: int
+    model: str,
+    image_size: int,
+    batch_size: int,
+    threads: int,
+    layer: int,
+    pooling: str,
+    repeats: int,
+    dtype: str = "float32",
 ) -> float:
     """Images/s of Embedder.embed on already-decoded images (no I/O, no decode)."""
     from scenecluster.embed import Embedder
 
-    emb = Embedder.for_model(model, layer=layer, pooling=pooling, device="cpu", torch_threads=threads)
+    emb = Embedder.for_model(model, layer=layer, pooling=pooling, device="cpu", torch_threads=threads, dtype=dtype)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, size=(batch_size, image_size, image_size, 3), dtype=np.uint8)
     emb.embed(images)  # warm-up
@@ -37,7 +46,14 @@ def forward_rate(
 
 
 def pipeline_rate(
-    listing, model: str, image_size: int, batch_size: int, threads: int, layer: int, pooling: str
+    listing,
+    model: str,
+    image_size: int,
+    batch_size: int,
+    threads: int,
+    layer: int,
+    pooling: str,
+    dtype: str = "float32",
 ) -> dict:
     """Steady-state images/s of the job's own Ray Data pipeline.
 
@@ -50,7 +66,7 @@ def pipeline_rate(
     from scenecluster.features import resolve_feature_spec
 
     spec = resolve_feature_spec(model, layer=layer, pooling=pooling, image_size=image_size)
-    resources = decide("cpu", local_inventory(), torch_threads=threads)
+    resources = decide("cpu", local_inventory(), torch_threads=threads, cpu_dtype=dtype)
     settings = EmbedConfig(model=model, layer=layer, pooling=pooling, image_size=image_size, batch_size=batch_size)
     ds = build_embedding_dataset(listing.paths, listing.filesystem, spec, resources=resources, settings=settings)
     start = time.perf_counter()
@@ -64,6 +80,24 @@ def pipeline_rate(
     return {"images": total, "wall_s": end - start, "steady_rate": (total - n0) / max(end - t0, 1e-9)}
 
 
+def feature_cosines(listing, model: str, image_size: int, layer: int, pooling: str, dtype: str, n: int = 64):
+    """Cosine between ``dtype``'s and float32's features of the first ``n`` listed scenes: (mean, min)."""
+    from scenecluster.data import decode_image
+    from scenecluster.embed import Embedder
+
+    images = np.stack(
+        [decode_image(listing.filesystem.open_input_file(p).read(), image_size) for p in listing.paths[:n]]
+    )
+    a, b = (
+        Embedder.for_model(model, layer=layer, pooling=pooling, image_size=image_size, device="cpu", dtype=d).embed(
+            images
+        )
+        for d in ("float32", dtype)
+    )
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return float(cosine.mean()), float(cosine.min())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", default=None, help="folder of images (default: the package's EuroSAT sample)")
@@ -75,6 +109,7 @@ def main() -> None:
     p.add_argument("--layer", type=int, default=-1)
     p.add_argument("--pooling", default="cls")
     p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--cpu-dtypes", nargs="+", default=["float32"], help="resources.cpu_dtype values to measure")
     args = p.parse_args()
 
     import ray
@@ -99,23 +134,35 @@ def main() -> None:
         "device": "cpu",
         **{k: v for k, v in common.items() if k != "model"},
     }
-    fwd = forward_rate(**common, repeats=args.repeats)
-    print(json.dumps({**head, "what": "model forward only", "images_per_s": round(fwd, 2)}), flush=True)
+    from scenecluster.devices import cpu_computes_bf16
+
+    head["native_bf16"] = cpu_computes_bf16()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
-    pipe = pipeline_rate(listing, **common)
-    print(
-        json.dumps(
-            {
-                **head,
-                "what": "ray data pipeline (read+decode+embed)",
-                "images": pipe["images"],
-                "wall_s": round(pipe["wall_s"], 1),
-                "images_per_s": round(pipe["steady_rate"], 2),
-            }
-        ),
-        flush=True,
-    )
-    print(json.dumps({**head, "what": "ratio pipeline/forward", "ratio": round(pipe["steady_rate"] / fwd, 3)}))
+    for dtype in args.cpu_dtypes:
+        line = {**head, "cpu_dtype": dtype}
+        fwd = forward_rate(**common, repeats=args.repeats, dtype=dtype)
+        print(json.dumps({**line, "what": "model forward only", "images_per_s": round(fwd, 2)}), flush=True)
+        pipe = pipeline_rate(listing, **common, dtype=dtype)
+        print(
+            json.dumps(
+                {
+                    **line,
+                    "what": "ray data pipeline (read+decode+embed)",
+                    "images": pipe["images"],
+                    "wall_s": round(pipe["wall_s"], 1),
+                    "images_per_s": round(pipe["steady_rate"], 2),
+                }
+            ),
+            flush=True,
+        )
+        print(json.dumps({**line, "what": "ratio pipeline/forward", "ratio": round(pipe["steady_rate"] / fwd, 3)}))
+        if dtype != "float32":
+            mean, low = feature_cosines(listing, args.model, args.image_size, args.layer, args.pooling, dtype)
+            print(
+                json.dumps(
+                    {**line, "what": "cosine to float32's features", "mean": round(mean, 6), "min": round(low, 6)}
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ machines can be compared. One process stands for one Ray Train worker; ``--threa
 (two workers on two cores would each get one thread).
 
     python benchmarks/bench_finetune.py --model facebook/dinov2-small --image-size 112 --batch-size 32
+    python benchmarks/bench_finetune.py --image-size 112 --batch-size 32 --freeze-blocks 4 --cpu-dtypes float32 bfloat16
+
+``--cpu-dtypes`` measures the step as the worker runs it under each ``resources.cpu_dtype`` (bfloat16: autocast,
+float32 weights and optimiser), taking turns so that neither gets a warmer machine.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[os.cpu_count() or 1])
     p.add_argument("--steps", type=int, default=5, help="timed steps after 1 warm-up step")
     p.add_argument("--freeze-blocks", type=int, default=0)
+    p.add_argument("--cpu-dtypes", nargs="+", default=["float32"], help="resources.cpu_dtype values, in turn")
+    p.add_argument("--rounds", type=int, default=1, help="times each dtype is timed, taking turns")
     args = p.parse_args()
+    from scenecluster.devices import resolve_cpu_dtype
 
     backbone = load_backbone(args.model)
     head = torch.nn.Linear(backbone.config.hidden_size, 12)
@@ -47,13 +54,15 @@ def main() -> None:
     images = rng.integers(0, 256, (args.batch_size, args.image_size, args.image_size, 3), dtype=np.uint8)
     labels = torch.as_tensor(rng.integers(0, 12, args.batch_size))
     gen = torch.Generator().manual_seed(0)
-    for threads in args.threads:
+    for threads, _, cpu_dtype in ((t, r, d) for t in args.threads for r in range(args.rounds) for d in args.cpu_dtypes):
         torch.set_num_threads(threads)
+        amp = resolve_cpu_dtype(cpu_dtype) == torch.bfloat16
 
-        def step() -> None:
+        def step(amp: bool = amp) -> None:
             x = augment_batch(images, gen)
-            logits = head(backbone(pixel_values=x).last_hidden_state[:, 0])
-            loss = torch.nn.functional.cross_entropy(logits, labels)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):  # as the worker's autocast()
+                logits = head(backbone(pixel_values=x).last_hidden_state[:, 0])
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -71,6 +80,8 @@ def main() -> None:
                     "cores": os.cpu_count(),
                     "torch": torch.__version__,
                     "threads": threads,
+                    "cpu_dtype": cpu_dtype,
+                    "autocast_bf16": amp,
                     "model": args.model,
                     "image_size": args.image_size,
                     "batch_size": args.batch_size,

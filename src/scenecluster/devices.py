@@ -3,7 +3,10 @@ how many torch threads, and whether cuML can project.
 
 The driver calls :func:`decide` once per run, with the run's ``resources`` settings and what the Ray cluster
 holds (:func:`scenecluster.raycluster.ensure_ray`), and passes the frozen :class:`Resources` down to every
-stage. No stage probes CUDA or counts CPUs itself. Ray-free, so it is tested and used without Ray.
+stage. No stage probes CUDA or counts CPUs itself. The one fact read where the work runs is whether a CPU computes
+bfloat16 natively (:func:`resolve_cpu_dtype`, for ``resources.cpu_dtype: auto``): the nodes of one cluster may be
+of different CPU families, and the driver's head node says nothing about its workers'. Ray-free, so it is tested and
+used without Ray.
 """
 
 from __future__ import annotations
@@ -19,7 +22,16 @@ from scenecluster.errors import ConfigError
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 
-__all__ = ["ClusterInventory", "Resources", "check_fits", "decide", "local_inventory", "resolve_torch_device"]
+__all__ = [
+    "ClusterInventory",
+    "Resources",
+    "check_fits",
+    "cpu_computes_bf16",
+    "decide",
+    "local_inventory",
+    "resolve_cpu_dtype",
+    "resolve_torch_device",
+]
 
 
 def resolve_torch_device(device: str = "auto") -> torch.device:
@@ -37,6 +49,30 @@ def resolve_torch_device(device: str = "auto") -> torch.device:
             raise ValueError(f"device={device!r} was asked for, but torch sees no CUDA GPU here")
         return torch.device(device)
     raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', not {device!r}")
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this process's CPU has bfloat16 arithmetic in hardware (AVX512-BF16: AMD Zen 4 and later, Intel
+    Cooper Lake; AMX: Intel Sapphire Rapids and later), as torch's own CPU probe reports it.
+
+    Why only these: oneDNN runs bfloat16 on any AVX-512 CPU, but without the instructions it converts in software,
+    and float32 is then as fast or faster. False where torch cannot say (its probe is private API)."""
+    try:
+        capability = torch._C._cpu._get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(capability.get("avx512_bf16") or capability.get("amx_bf16"))
+
+
+def resolve_cpu_dtype(setting: str = "auto") -> torch.dtype:
+    """``resources.cpu_dtype`` as the torch dtype a model runs in on this process's CPU: ``auto`` is bfloat16 where
+    :func:`cpu_computes_bf16`, else float32 (1.7x float32 on a Zen 4 core for a ViT-S/14 at 224 px, features within
+    cosine 0.99995 of float32's; docs/benchmarks.md)."""
+    if setting == "auto":
+        return torch.bfloat16 if cpu_computes_bf16() else torch.float32
+    if setting in ("bfloat16", "float32"):
+        return getattr(torch, setting)
+    raise ValueError(f"cpu dtype must be 'auto', 'bfloat16' or 'float32', not {setting!r}")
 
 
 @dataclass(frozen=True)
@@ -72,9 +108,10 @@ class Resources:
         Actors and workers run on GPUs.
     device : {"cuda", "cpu"}
         Where actors and workers run their models.
-    dtype : {"bfloat16", "float32"}
+    dtype : {"bfloat16", "float32", "auto"}
         Inference dtype of the models on ``device`` (bf16 on GPUs: 4.9x fp32 on an H100, features within
-        cosine 0.9999; see docs/benchmarks.md).
+        cosine 0.9999; see docs/benchmarks.md). On CPUs the ``cpu_dtype`` setting: ``auto`` is resolved by each
+        actor on its own node (:func:`resolve_cpu_dtype`).
     gpus_per_actor : float
         ``num_gpus`` of each embedding actor.
     torch_threads : int
@@ -122,6 +159,7 @@ def decide(
     actor_gpus: float = 0.0,
     decode: str = "auto",
     actor_cpus: float | None = None,
+    cpu_dtype: str = "auto",
 ) -> Resources:
     """Decide the run's resources from the ``resources.device`` setting and the cluster's inventory.
 
@@ -140,6 +178,8 @@ def decide(
         Where JPEGs are decoded; ``auto`` decodes on the GPU on GPU runs.
     actor_cpus : float, optional
         CPUs each embedding actor asks for, checked against a cluster that cannot grow (see :func:`check_fits`).
+    cpu_dtype : {"auto", "bfloat16", "float32"}
+        The models' dtype on CPU runs (``resources.cpu_dtype``).
 
     Raises
     ------
@@ -156,7 +196,7 @@ def decide(
     return Resources(
         use_gpu=use_gpu,
         device="cuda" if use_gpu else "cpu",
-        dtype="bfloat16" if use_gpu else "float32",
+        dtype="bfloat16" if use_gpu else cpu_dtype,
         gpus_per_actor=gpus_per_actor,
         torch_threads=torch_threads or max(1, int(inventory.cpus_per_node // max(1, actors))),
         cpus_per_node=inventory.cpus_per_node,

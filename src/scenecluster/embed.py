@@ -26,7 +26,7 @@ import torch
 
 from scenecluster.config import EmbedConfig
 from scenecluster.data import SceneListing
-from scenecluster.devices import Resources, resolve_torch_device
+from scenecluster.devices import Resources, resolve_cpu_dtype, resolve_torch_device
 from scenecluster.errors import InputError
 from scenecluster.features import FeatureSpec, resolve_feature_spec, revealed_keys
 from scenecluster.ingest import read_scenes
@@ -55,7 +55,9 @@ class Embedder:
     device : str
         ``auto``, ``cpu`` or ``cuda`` (the driver's :class:`scenecluster.devices.Resources` says which).
     dtype : str, optional
-        ``bfloat16`` or ``float32``; default bf16 on CUDA, fp32 on the CPU.
+        ``bfloat16``, ``float32`` or ``auto`` (bf16 on CUDA; on a CPU bf16 where it computes bf16 in hardware,
+        :func:`scenecluster.devices.resolve_cpu_dtype`, as the job's actors do); default bf16 on CUDA, fp32 on the
+        CPU.
     torch_threads : int, optional
         Intra-op threads for CPU inference; set so that actors x threads does not exceed the cores.
     """
@@ -67,7 +69,10 @@ class Embedder:
             torch.set_num_threads(torch_threads)
         self.spec = spec
         self.device = resolve_torch_device(device)
-        self.dtype = getattr(torch, dtype) if dtype else torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if self.device.type == "cuda":
+            self.dtype = getattr(torch, dtype) if dtype not in (None, "auto") else torch.bfloat16
+        else:
+            self.dtype = resolve_cpu_dtype(dtype) if dtype else torch.float32
         self.model = (
             load_backbone(
                 spec.source,

@@ -25,7 +25,7 @@ import numpy as np
 from scenecluster import __version__
 from scenecluster.config import AssignJobConfig, ClusterJobConfig, FeatureConfig, dump_config
 from scenecluster.data import input_filesystem, local_path
-from scenecluster.devices import Resources, decide
+from scenecluster.devices import Resources, decide, resolve_cpu_dtype
 from scenecluster.embed import SKIPPED, embed_parts, export_embeddings, write_skipped
 from scenecluster.errors import InputError
 from scenecluster.evaluate import scores_from_contingency
@@ -302,6 +302,7 @@ def _prepare(
         actor_gpus=cfg.embed.actor_gpus,
         decode=cfg.embed.decode,
         actor_cpus=cfg.embed.actor_cpus,
+        cpu_dtype=cfg.resources.cpu_dtype,
     )
     return spec, out, resources
 
@@ -435,7 +436,10 @@ def _run_facts(resources: Resources, started: str) -> dict[str, Any]:
 
     import torch
 
-    device: dict[str, Any] = {"device": resources.device, "dtype": resources.dtype}
+    dtype = resources.dtype
+    if dtype == "auto":  # each actor resolves it on its own node's CPU; a local run's actors run on this one
+        dtype = f"auto ({str(resolve_cpu_dtype(dtype)).removeprefix('torch.')} on the driver's CPU)"
+    device: dict[str, Any] = {"device": resources.device, "dtype": dtype}
     if resources.use_gpu and torch.cuda.is_available():
         device["gpu"] = torch.cuda.get_device_name(0)
     device.update(cpus_per_node=resources.cpus_per_node, host=platform.node(), torch=torch.__version__)

@@ -384,6 +384,7 @@ def _loop_config(cfg: FinetuneConfig, inputs: _Inputs, plan: StepPlan, resources
         total_steps=plan.total_steps,
         n_val=plan.n_val,
         torch_threads=resources.torch_threads,
+        cpu_dtype=cfg.resources.cpu_dtype,
         **store_access(inputs.backbone.source, cfg.data.endpoint_url),
     )
 

@@ -79,6 +79,7 @@ class LoopConfig:
     total_steps: int
     n_val: int
     torch_threads: int | None = None
+    cpu_dtype: str = "float32"  # resources.cpu_dtype: bf16 autocast on CPU workers where it resolves to bfloat16
     endpoint_url: str | None = None  # the store of an s3:// start model
     # The driver's explicit S3 keys for an s3:// start model: `ray job submit` leaves the user's AWS variables in
     # the driver, so workers on other nodes would have none (the embedding actors' FeatureSpec carries them too).
@@ -93,14 +94,16 @@ class _Worker:
     rank: int
     world: int
     device: torch.device
+    cpu_bf16: bool = False  # resources.cpu_dtype resolved on this worker's CPU
 
     @property
     def use_amp(self) -> bool:
-        return self.device.type == "cuda"
+        return self.device.type == "cuda" or self.cpu_bf16
 
     def autocast(self):
-        """bf16 autocast on GPUs; a no-op on the CPU."""
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.use_amp)
+        """bf16 autocast on GPUs, and on CPUs that compute bf16 in hardware (1.5x float32 for a ViT-S/14 step on a
+        Zen 4 core, docs/benchmarks.md); else a no-op. The weights and the optimiser stay float32."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp)
 
 
 @dataclass
@@ -139,12 +142,16 @@ class _EpochSums:
         self.seen = self.seen or [0.0] * self.n_sources
 
 
-def _this_worker() -> _Worker:
+def _this_worker(cpu_dtype: str = "float32") -> _Worker:
     import ray.train
     import ray.train.torch
 
+    from scenecluster.devices import resolve_cpu_dtype
+
     ctx = ray.train.get_context()
-    return _Worker(rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=ray.train.torch.get_device())
+    device = ray.train.torch.get_device()
+    cpu_bf16 = device.type == "cpu" and resolve_cpu_dtype(cpu_dtype) == torch.bfloat16
+    return _Worker(rank=ctx.get_world_rank(), world=ctx.get_world_size(), device=device, cpu_bf16=cpu_bf16)
 
 
 def _build_state(cfg: LoopConfig) -> TrainState:
@@ -349,7 +356,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = LoopConfig(**config)
     if cfg.torch_threads:
         torch.set_num_threads(int(cfg.torch_threads))
-    worker = _this_worker()
+    worker = _this_worker(cfg.cpu_dtype)
     state = _build_state(cfg)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

@@ -27,6 +27,28 @@ def test_embedder_returns_cls_of_last_layer(tiny_model_dir, sample_dir):
     np.testing.assert_allclose(feats, ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_the_cpu_dtype_auto_is_bfloat16_only_where_the_cpu_computes_it(tiny_model_dir, sample_dir, monkeypatch, native):
+    # resources.cpu_dtype: auto: bf16 where the CPU has the instructions (1.7x float32 on a Zen 4 core), else float32,
+    # whose bf16 oneDNN converts in software; the features agree with float32's either way
+    import scenecluster.devices
+    from scenecluster.devices import resolve_cpu_dtype
+
+    monkeypatch.setattr(scenecluster.devices, "cpu_computes_bf16", lambda: native)
+    assert resolve_cpu_dtype("auto") == (torch.bfloat16 if native else torch.float32)
+    assert (resolve_cpu_dtype("float32"), resolve_cpu_dtype("bfloat16")) == (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match="'auto', 'bfloat16' or 'float32'"):
+        resolve_cpu_dtype("float16")
+    images = _images(sample_dir, 4)
+    auto = Embedder.for_model(str(tiny_model_dir), device="cpu", dtype="auto")
+    assert next(auto.model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
+    assert Embedder.for_model(str(tiny_model_dir), device="cpu").dtype == torch.float32  # direct use: float32
+    feats, ref = auto.embed(images), Embedder.for_model(str(tiny_model_dir), device="cpu").embed(images)
+    assert feats.dtype == np.float32
+    cosine = (feats * ref).sum(1) / np.linalg.norm(feats, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cosine.min() > 0.999 and (native or np.array_equal(feats, ref))
+
+
 def test_intermediate_layer_and_mean_pooling(tiny_model_dir, sample_dir):
     images = _images(sample_dir, 3)
     first = Embedder.for_model(str(tiny_model_dir), layer=1, pooling="cls+mean", device="cpu")

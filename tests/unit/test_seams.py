@@ -94,12 +94,13 @@ def test_resources_are_decided_once():
     assert (cpu.use_gpu, cpu.device, cpu.dtype, cpu.gpus_per_actor, cpu.torch_threads) == (
         False,
         "cpu",
-        "float32",
+        "auto",  # resources.cpu_dtype: each actor resolves it on its own node's CPU
         0,
         4,
     )
+    assert decide("auto", cpu_node, cpu_dtype="float32").dtype == "float32"
     assert not cpu.decode_on_gpu and cpu.umap_backend("auto") in ("umap-learn", "cuml")
-    gpu = decide("auto", gpu_node, actors=2, torch_threads=3)
+    gpu = decide("auto", gpu_node, actors=2, torch_threads=3, cpu_dtype="float32")  # GPUs run bf16 regardless
     assert (gpu.use_gpu, gpu.device, gpu.dtype, gpu.gpus_per_actor, gpu.torch_threads) == (
         True,
         "cuda",

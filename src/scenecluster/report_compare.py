@@ -41,6 +41,8 @@ def run_summary(run: str, *, endpoint_url: str | None = None) -> dict[str, Any]:
         ("run", "finished", metrics.get("finished_at", "not recorded")),
         ("run", "scenecluster", metrics.get("scenecluster_version", "not recorded")),
         ("run", "device", (metrics.get("device") or {}).get("device", "not recorded")),
+        # a run's speed follows its number format (bfloat16 on CPUs with the instructions: 1.4-1.5x float32)
+        ("run", "dtype", (metrics.get("device") or {}).get("dtype", "not recorded")),
         ("run", "total time", f"{seconds:,.1f} s" if seconds else "not recorded"),
         ("run", "rate", f"{n / seconds:,.1f} scenes/s" if seconds else "not recorded"),
     ]

@@ -340,6 +340,11 @@ def test_compare_marks_the_settings_that_differ(tmp_path: Path, capsys) -> None:
     assert "| ≠ | projection: n_neighbors | 15 | 30 |" in lines
     assert "|  | feature: model | facebook/dinov2-small | facebook/dinov2-small |" in lines
     assert "|  | scores: matched accuracy | 0.7500 | 0.7500 |" in lines
+    assert "|  | run: dtype | not recorded | not recorded |" in lines
+    metrics = json.loads((b / "metrics.json").read_text())
+    (b / "metrics.json").write_text(json.dumps({**metrics, "device": {"device": "cpu", "dtype": "bfloat16"}}))
+    table = compare_runs([str(a), str(b)])
+    assert "| ≠ | run: dtype | not recorded | bfloat16 |" in table.splitlines()  # speeds differ with it
     assert main(["compare", str(a), str(b)]) == 0 and capsys.readouterr().out == table
     assert main(["compare", str(a), str(tmp_path)]) == 2
 

@@ -193,7 +193,9 @@ def fit_settings(settings: dict[str, Any], n_samples: int, n_features: int) -> d
         settings["n_neighbors"] = umap_neighbours(settings["n_neighbors"], share, n_samples)
     neighbours = settings.get("n_neighbors", DEFAULT_UMAP_NEIGHBOURS)
     if neighbours >= n_samples:
-        log.warning("n_neighbors=%d >= n_samples=%d; using %d", neighbours, n_samples, n_samples - 1)
+        log.warning(
+            "UMAP's n_neighbors (%d) is not below the %d scenes fitted; using %d", neighbours, n_samples, n_samples - 1
+        )
         settings["n_neighbors"] = max(2, n_samples - 1)
     if settings.get("whiten"):
         settings["whiten"] = min(settings["whiten"], n_samples - 1, n_features)

@@ -295,7 +295,10 @@ def _report_sample(
 
     n = len(X)
     index = np.arange(n) if n <= points else np.sort(np.random.default_rng(seed).choice(n, points, replace=False))
-    xy = reduce_embeddings(X[index], **{**reduce, "n_components": 2})
+    settings = {**reduce, "n_components": 2}
+    if "n_neighbors" in settings:  # the fit has warned already of fewer scenes than neighbours: the picture need not
+        settings["n_neighbors"] = max(2, min(settings["n_neighbors"], len(index) - 1))
+    xy = reduce_embeddings(X[index], **settings)
     labels = sample.column("label").to_pylist() if "label" in sample.column_names else None
     return {
         "paths": sample.column("path").to_pylist(),

@@ -117,7 +117,9 @@ class NeighbourhoodPriorDPGMM(ClusterMixin, BaseEstimator):
         counts = [count]
         neighbours = 0
         small = n / count < self.min_mean_cluster  # no neighbourhood inside a cluster this small
-        for _ in range(0 if small else self.max_refits):
+        for _ in range(self.max_refits):
+            if small:
+                break
             size = self.neighbours_for(n, counts[-1])
             covariance = neighbourhood_covariance(X, size, device=self.mixture.device)
             if self.mixture.covariance_type == "diag":
@@ -138,8 +140,7 @@ class NeighbourhoodPriorDPGMM(ClusterMixin, BaseEstimator):
             if counts[-1] in counts[:-1]:
                 break
         else:
-            if not small:
-                log.warning("the neighbourhood prior's counts %s did not settle in %d refits", counts, self.max_refits)
+            log.warning("the neighbourhood prior's counts %s did not settle in %d refits", counts, self.max_refits)
         settled = self.max_refits == 0 or small or counts[-1] in counts[:-1]
         if counts[-1] * 3 < counts[0]:  # 18 -> 8 happens on real archives the data prior over-splits
             log.warning(

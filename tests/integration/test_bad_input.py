@@ -286,8 +286,13 @@ def test_ctrl_c_during_the_projection_stops_the_run(tmp_path, sample_dir, tiny_m
     30x that, for a loaded CI machine; a hang in the teardown still fails.
 
     Without ``PYTHONUNBUFFERED`` (a CI machine's shell, ``nohup``, ``| tee``), as the CLI must print its stage lines
-    as they happen: a pipe's block buffer once held them all until the run ended, and the signal came too late."""
+    as they happen: a pipe's block buffer once held them all until the run ended, and the signal came too late.
+
+    The CLI starts with SIGINT's default disposition, as a terminal's foreground command does, however the suite was
+    started: a suite run in the background by a non-interactive shell (``nohup ... &``) ignores SIGINT, the CLI
+    inherited that, never saw the signal, and finished with 0."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)  # a child gets SIG_DFL for a handled signal
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -305,6 +310,7 @@ def test_ctrl_c_during_the_projection_stops_the_run(tmp_path, sample_dir, tiny_m
         start_new_session=True,
         env=env,
     )
+    signal.signal(signal.SIGINT, ignored)
     try:
         lines = []
         for line in proc.stdout:

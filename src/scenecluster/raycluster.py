@@ -61,7 +61,14 @@ def ensure_ray(resources) -> ClusterInventory:
             # Ray warns on stderr that its (default) token authentication is on: for a private Ray that no one
             # else joins that is noise, and it would push the job's own first line of output down.
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-            ray.init(address="local", num_cpus=resources.num_cpus, include_dashboard=False, **kwargs)
+            ray.init(
+                address="local",
+                num_cpus=resources.num_cpus,
+                include_dashboard=False,
+                # hushes Ray's warnings of the dashboard a private Ray runs without (scenecluster.worker_setup)
+                runtime_env={"worker_process_setup_hook": "scenecluster.worker_setup.quiet_private_ray_workers"},
+                **kwargs,
+            )
             where = "started a local Ray for this run (give --ray-address or RAY_ADDRESS to join a cluster)"
             fixed = True
     total = ray.cluster_resources()

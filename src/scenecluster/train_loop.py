@@ -32,7 +32,7 @@ from scenecluster.features import revealed_keys
 from scenecluster.models import load_backbone, normalize, save_backbone
 from scenecluster.train_recipe import SceneClassifier, classification_loss, freeze_layers, param_groups, warmup_cosine
 
-__all__ = ["BACKBONE_DIR", "STATE_FILE", "LoopConfig", "TrainState", "train_loop_per_worker"]
+__all__ = ["BACKBONE_DIR", "STATE_FILE", "LoopConfig", "TrainState", "epoch_line", "train_loop_per_worker"]
 
 STATE_FILE = "state.pt"  # in a checkpoint: heads, optimizer, scheduler, counters (tensors and plain data only)
 BACKBONE_DIR = "backbone"  # in a checkpoint and in OUTPUT: the backbone as a transformers folder
@@ -248,7 +248,7 @@ def _train_micro_batch(
         state.scheduler.step()
         state.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-    return float(loss) * cfg.grad_accum * float(weight.sum()), float(weight.sum())
+    return float(loss.detach()) * cfg.grad_accum * float(weight.sum()), float(weight.sum())
 
 
 def _train_epoch(state: TrainState, shard, cfg: LoopConfig, worker: _Worker, sums: _EpochSums) -> None:
@@ -326,6 +326,18 @@ def _epoch_metrics(state: TrainState, sums: _EpochSums, world: int) -> dict[str,
     }
 
 
+def epoch_line(metrics: dict[str, Any], cfg: LoopConfig) -> str:
+    """The line rank 0 prints after each epoch, for whoever watches a fine-tune of an hour: Ray Train's own line
+    per report is each rank's whole metrics dict."""
+    accuracy = metrics["val_accuracy"]
+    skipped = metrics["skipped_train"] + metrics["skipped_val"]
+    return (
+        f"[finetune] epoch {metrics['epoch']}/{cfg.epochs}, step {metrics['step']}/{cfg.total_steps}: train loss "
+        f"{metrics['train_loss']:.3f}, val accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'}, "
+        f"{metrics['images_per_s']:.1f} images/s{f', {skipped} unreadable images skipped' if skipped else ''}"
+    )
+
+
 def _report(state: TrainState, metrics: dict[str, Any], cfg: LoopConfig, worker: _Worker) -> None:
     """Every rank reports the epoch's metrics; rank 0 attaches the checkpoint of the whole training state.
 
@@ -371,4 +383,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.epoch += 1
         metrics = _epoch_metrics(state, sums, worker.world)
         state.history.append(metrics)
+        if worker.rank == 0:
+            print(epoch_line(metrics, cfg), flush=True)
         _report(state, metrics, cfg, worker)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import tarfile
 
@@ -230,6 +231,29 @@ def test_unknown_model_fails_before_workers(tmp_path, sources):
     with pytest.raises(ModelLoadError, match="no-such-model"):
         fit_backbone(_cfg(tmp_path, [sources[0]], tmp_path / "no-such-model"))
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_a_fine_tune_on_its_own_local_ray_prints_its_epochs_and_no_warning_of_the_dashboard_it_runs_without(
+    tmp_path, sources, tiny_model_dir
+):
+    # `scenecluster finetune` without a cluster starts a private Ray, without the dashboard; Ray Train's
+    # PlacementGroupCleaner asked the dashboard's State API every second and warned at each failure, some 13 lines a
+    # minute through a CPU fine-tune. Its own process, as a user runs it: the test session's Ray is not private.
+    out = tmp_path / "out"
+    args = [sources[0], "-o", out, "--model", tiny_model_dir, "--image-size", 28, "--batch-size", 4, "--epochs", 2]
+    args += ["--workers", 2, "--device", "cpu", "--torch-threads", 1, "--num-cpus", 2]
+    run = subprocess.run(
+        [sys.executable, "-m", "scenecluster.cli", "finetune", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    printed = run.stdout + run.stderr
+    assert run.returncode == 0, printed[-3000:]
+    assert (out / "backbone" / "model.safetensors").exists()
+    assert "[finetune] epoch 1/2, step" in printed and "[finetune] epoch 2/2, step" in printed  # rank 0's lines
+    assert "Failed to query Ray Train Controller" not in printed
+    assert "requires_grad=True to a scalar" not in printed  # the loss is read as a number once detached
 
 
 def test_pipeline_command_then_its_reruns_reuse_continue_or_refuse(

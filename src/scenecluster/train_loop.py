@@ -326,15 +326,18 @@ def _epoch_metrics(state: TrainState, sums: _EpochSums, world: int) -> dict[str,
     }
 
 
-def epoch_line(metrics: dict[str, Any], cfg: LoopConfig) -> str:
-    """The line rank 0 prints after each epoch, for whoever watches a fine-tune of an hour: Ray Train's own line
-    per report is each rank's whole metrics dict."""
+def epoch_line(metrics: dict[str, Any], cfg: LoopConfig, *, seconds_per_step: float) -> str:
+    """The line rank 0 prints after each epoch, for whoever watches a fine-tune of an hour (Ray Train's own line
+    per report is each rank's whole metrics dict), with the time left at the epoch's pace, validation included."""
     accuracy = metrics["val_accuracy"]
     skipped = metrics["skipped_train"] + metrics["skipped_val"]
+    left_s = (cfg.total_steps - metrics["step"]) * seconds_per_step
+    left = f"about {left_s / 60:.0f} min" if left_s >= 90 else f"about {left_s:.0f} s"
     return (
         f"[finetune] epoch {metrics['epoch']}/{cfg.epochs}, step {metrics['step']}/{cfg.total_steps}: train loss "
         f"{metrics['train_loss']:.3f}, val accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'}, "
         f"{metrics['images_per_s']:.1f} images/s{f', {skipped} unreadable images skipped' if skipped else ''}"
+        f"{f', {left} to go' if metrics['step'] < cfg.total_steps else ''}"
     )
 
 
@@ -376,6 +379,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if cfg.n_val else None
     while state.epoch < cfg.epochs and state.step < cfg.total_steps:
+        started, steps_before = time.perf_counter(), state.step
         sums = _EpochSums(n_sources=len(cfg.classes))
         _train_epoch(state, train_shard, cfg, worker, sums)
         if val_shard is not None:
@@ -384,5 +388,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = _epoch_metrics(state, sums, worker.world)
         state.history.append(metrics)
         if worker.rank == 0:
-            print(epoch_line(metrics, cfg), flush=True)
+            per_step = (time.perf_counter() - started) / max(state.step - steps_before, 1)
+            print(epoch_line(metrics, cfg, seconds_per_step=per_step), flush=True)
         _report(state, metrics, cfg, worker)

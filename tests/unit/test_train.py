@@ -15,7 +15,15 @@ from scenecluster.errors import ConfigError
 from scenecluster.ingest import attach_labels
 from scenecluster.models import load_backbone, save_backbone
 from scenecluster.train import decoded_bytes, plan_steps, should_cache
-from scenecluster.train_loop import BACKBONE_DIR, STATE_FILE, LoopConfig, TrainState, _restore, _training_state
+from scenecluster.train_loop import (
+    BACKBONE_DIR,
+    STATE_FILE,
+    LoopConfig,
+    TrainState,
+    _restore,
+    _training_state,
+    epoch_line,
+)
 from scenecluster.train_recipe import SceneClassifier, param_groups, warmup_cosine
 
 
@@ -68,6 +76,19 @@ def test_decoded_images_are_cached_only_when_a_later_epoch_gains_and_they_fit_a_
 def test_loop_config_travels_as_a_plain_dict():
     cfg = _loop_config()
     assert LoopConfig(**asdict(cfg)) == cfg
+
+
+def test_the_epoch_line_gives_the_scores_and_the_time_left_at_the_epochs_pace():
+    cfg = _loop_config(epochs=6, total_steps=1237)
+    metrics = {"epoch": 1, "step": 236, "train_loss": 1.1763, "val_accuracy": 0.9107, "images_per_s": 42.11}
+    line = epoch_line({**metrics, "skipped_train": 0, "skipped_val": 0}, cfg, seconds_per_step=0.8)
+    assert line == (
+        "[finetune] epoch 1/6, step 236/1237: train loss 1.176, val accuracy 0.911, 42.1 images/s, about 13 min to go"
+    )
+    last = {**metrics, "epoch": 6, "step": 1237, "val_accuracy": None, "skipped_train": 2, "skipped_val": 1}
+    assert epoch_line(last, cfg, seconds_per_step=0.8).endswith("val accuracy n/a, 42.1 images/s, 3 unreadable "
+                                                                "images skipped")  # fmt: skip
+    assert epoch_line({**last, "step": 1200}, cfg, seconds_per_step=0.8).endswith("about 30 s to go")
 
 
 def test_the_start_models_keys_travel_to_workers_but_never_show(monkeypatch):

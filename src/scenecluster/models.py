@@ -229,7 +229,8 @@ def save_backbone(
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        model.save_pretrained(tmp)  # safetensors is the default (and in transformers 5 the only) format
+        with _quiet_in_ray_workers():  # each fine-tune checkpoint printed a "Writing model shards" bar
+            model.save_pretrained(tmp)  # safetensors is the default (and in transformers 5 the only) format
         (image_processor or default_image_processor()).save_pretrained(tmp)
         missing = [name for name in (*MODEL_FILES, PREPROCESSOR_FILE) if not (tmp / name).is_file()]
         if missing:  # e.g. a sharded save; refuse rather than publish something load_backbone can't read
@@ -297,11 +298,13 @@ def _from_pretrained(source: str | Path, torch_dtype: torch.dtype, **kwargs: Any
 
 @contextlib.contextmanager
 def _quiet_in_ray_workers() -> Iterator[None]:
-    """transformers' "Loading weights" bar off inside a Ray actor or task, on in the driver.
+    """transformers' progress bars ("Loading weights", "Writing model shards") off inside a Ray actor or task, on
+    in the driver.
 
     Why: every embedding, assignment and training actor (and the tasks that embed a small run's parts) loads the
     backbone from a local copy in well under a second, and each printed a bar into the job's log (one per actor,
-    restarts included); the driver keeps its bars, which show a Hub download's progress.
+    restarts included), as rank 0 of a fine-tune did at each checkpoint it saved; the driver keeps its bars, which
+    show a Hub download's progress.
     """
     from transformers.utils import logging as hf_logging
 
@@ -316,9 +319,10 @@ def _quiet_in_ray_workers() -> Iterator[None]:
 
 
 def _in_ray_worker() -> bool:
-    """Whether this runs in a Ray actor or task (they have a task id; the driver has none)."""
+    """Whether this runs in a Ray actor or task, by the process's mode: the runtime context's ``get_task_id``
+    answers too, but warns in the driver ("only available when the process is a worker"), once at each export."""
     ray = sys.modules.get("ray")  # not imported: not in Ray, and no reason to import it here
-    return ray is not None and ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None
+    return ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
 
 
 def _load_folder(folder: Path, load: Callable[..., _T]) -> _T:

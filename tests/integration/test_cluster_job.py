@@ -145,20 +145,21 @@ def test_the_demo_command_clusters_the_shipped_sample_with_its_settings(ray_clus
     assert metrics["n_embedded"] == 60 and 0.0 <= metrics["acc"] <= 1.0
 
 
-def test_actors_load_the_backbone_without_a_progress_bar_and_the_driver_keeps_it(ray_cluster, tiny_model_dir):
-    """Every embedding actor (or task) printed transformers' "Loading weights" bar into the job's log; the driver's
-    stays."""
+def test_actors_load_the_backbone_without_a_progress_bar_and_the_driver_keeps_it(ray_cluster, tiny_model_dir, caplog):
+    """Every embedding actor (or task) printed transformers' "Loading weights" bar into the job's log, and rank 0 of
+    a fine-tune a "Writing model shards" bar at each checkpoint; the driver's stay."""
 
     def load_printing(model_dir: str) -> str:  # local, so Ray ships it by value: the tests are no package there
-        """What loading the backbone writes to stderr (transformers' progress bars write there)."""
+        """What loading the backbone and saving it again write to stderr (transformers' progress bars write there)."""
         import contextlib
         import io
+        import tempfile
 
-        from scenecluster.models import load_backbone
+        from scenecluster.models import load_backbone, save_backbone
 
         printed = io.StringIO()
-        with contextlib.redirect_stderr(printed):
-            load_backbone(model_dir)
+        with contextlib.redirect_stderr(printed), tempfile.TemporaryDirectory() as folder:
+            save_backbone(load_backbone(model_dir), f"{folder}/saved")
         return printed.getvalue()
 
     @ray_cluster.remote(num_cpus=0)
@@ -166,11 +167,16 @@ def test_actors_load_the_backbone_without_a_progress_bar_and_the_driver_keeps_it
         def load(self, model_dir: str) -> str:
             return load_printing(model_dir)
 
-    assert "Loading weights" in load_printing(str(tiny_model_dir))
-    assert "Loading weights" not in ray_cluster.get(Loader.remote().load.remote(str(tiny_model_dir)))
+    in_driver = load_printing(str(tiny_model_dir))
+    assert "Loading weights" in in_driver and "Writing model shards" in in_driver
+    asked_wrongly = "only available when the process is a worker"  # Ray's warning when the driver asks for a task id
+    assert not [r for r in caplog.records if asked_wrongly in r.getMessage()]
+    in_actor = ray_cluster.get(Loader.remote().load.remote(str(tiny_model_dir)))
+    assert "Loading weights" not in in_actor and "Writing model shards" not in in_actor
     # and in a task (a small run's parts are embedded by tasks)
     task = ray_cluster.remote(num_cpus=0)(load_printing)
-    assert "Loading weights" not in ray_cluster.get(task.remote(str(tiny_model_dir)))
+    in_task = ray_cluster.get(task.remote(str(tiny_model_dir)))
+    assert "Loading weights" not in in_task and "Writing model shards" not in in_task
     from transformers.utils import logging as hf_logging
 
     assert hf_logging.is_progress_bar_enabled()

@@ -16,6 +16,7 @@ whose checkpoint manager finds the run's ``checkpoint_manager_snapshot.json`` th
 from __future__ import annotations
 
 import contextlib
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -389,5 +390,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.history.append(metrics)
         if worker.rank == 0:
             per_step = (time.perf_counter() - started) / max(state.step - steps_before, 1)
-            print(epoch_line(metrics, cfg, seconds_per_step=per_step), flush=True)
+            # To the process's own stdout, which Ray forwards to the driver: Ray Train patches print() in its
+            # workers to log each line and, where sys.stdout is wrapped (as in a Ray worker), to print it too: twice.
+            print(epoch_line(metrics, cfg, seconds_per_step=per_step), file=sys.__stdout__, flush=True)
         _report(state, metrics, cfg, worker)

@@ -335,7 +335,8 @@ def _add_doctor_command(sub) -> None:
     d.add_argument(
         "--address",
         metavar="ADDR",
-        help="Ray cluster (host:6379, ray://host:10001; default RAY_ADDRESS, else the cluster started on this machine)",
+        help="Ray cluster (host:6379, ray://host:10001, or auto: the one `ray start` began on this machine; default "
+        "RAY_ADDRESS, else a private Ray started here, as a job without --ray-address starts one)",
     )
     # INPUT and -o as `cluster INPUT -o OUT` takes them, so a user checks a run by changing only the command
     d.add_argument("input_arg", nargs="?", metavar="INPUT", help="the same as --input")

@@ -90,8 +90,11 @@ def _guard(name: str, where: str, check: Callable[[], Check]) -> Check:
 
 # ------------------------------------------------------------------------------------------ Ray cluster
 def resolve_address(address: str | None) -> str:
-    """The address ``ray.init`` gets: the option, else ``RAY_ADDRESS``, else ``auto`` (a cluster on this machine)."""
-    return address or os.environ.get("RAY_ADDRESS") or "auto"
+    """The Ray a job would run on: the option, else ``RAY_ADDRESS``, else ``local``, the private Ray a job starts on
+    this machine without either (:func:`scenecluster.raycluster.ensure_ray`), which the doctor starts to check too.
+    Why not ``auto``: a job never looks for a cluster it was not told of, so a doctor that did failed ("Could not
+    find any running Ray instance") where the job would run."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> Check:
@@ -99,7 +102,11 @@ def check_reachable(address: str, timeout: float = 5.0) -> Check:
     on an address where nothing listens. ``auto`` and ``local`` have no host to try and are left to ``ray.init``;
     a name without a port is no address (``ray.init`` would raise a ValueError deep inside)."""
     hostport = address.split("://", 1)[-1]
-    if address in ("auto", "local"):
+    if address == "local":
+        return Check(
+            "ray reachable", address, SKIP, "no --address or RAY_ADDRESS: a job starts a private Ray on this machine"
+        )
+    if address == "auto":
         return Check("ray reachable", address, SKIP, "no host:port to try; ray.init looks the cluster up")
     if ":" not in hostport:
         return Check("ray reachable", address, FAIL, "not an address: give host:port, ray://host:port or auto")
@@ -120,11 +127,19 @@ def connect(address: str) -> Check:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    private = address == "local"  # started here as a job starts its own: without the dashboard
     try:
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        ray.init(
+            address=address,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+            **({"include_dashboard": False} if private else {}),
+        )
     except Exception as exc:
         name = "ray version" if "version" in str(exc).lower() else "ray connect"
         return Check(name, address, FAIL, one_line(exc, with_type=True))
+    if private:
+        return Check("ray connect", address, PASS, f"started a private Ray {ray.__version__}, as a job would")
     return Check("ray connect", address, PASS, f"joined as a driver with Ray {ray.__version__}")
 
 

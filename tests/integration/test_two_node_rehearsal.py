@@ -1,5 +1,6 @@
 """A two-node rehearsal of a cloud run, on this machine: ``scenecluster doctor`` against the cluster, then a
-clustering job whose embedding actors run on both nodes, reading from and writing to a real S3 server.
+clustering job whose embedding actors run on both nodes, reading from and writing to a real S3 server. (And the
+doctor told of no cluster, which checks the private Ray a job would start.)
 
 The head (``ray start --head``) and a second node (``ray start --address``, with its own CPU and a custom
 resource that marks it) are separate processes on loopback; each node gets one CPU of this 2-core machine and the
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from scenecluster.cli import sample_data_dir
 from scenecluster.testing.rayhead import LocalRayHead, LocalRayNode
 from tests.conftest import copy_sample
 
@@ -86,6 +88,18 @@ def test_doctor_reports_both_nodes_and_the_stores(two_nodes, s3_scenes, tiny_mod
     for check in ("input readable", "output writable", "model loadable"):
         assert [r[2] for r in rows if r[0] == check] == ["PASS"], proc.stdout
     assert not s3_scenes.boto3_client().list_objects_v2(Bucket=BUCKET, Prefix="out/doctor").get("Contents")
+
+
+def test_doctor_without_an_address_checks_the_private_ray_a_job_would_start():
+    # A job told of no cluster starts a private Ray (scenecluster.raycluster); the doctor looked for a running one
+    # instead (`auto`) and failed ("Could not find any running Ray instance") where the job would have run. The
+    # rehearsal's nodes may be running beside it: `auto` would have joined them, a private Ray ignores them.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = _doctor("--input", str(sample_data_dir()), env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = [r[:3] for r in _table(proc.stdout)]
+    assert ["ray reachable", "local", "SKIP"] in rows and ["ray connect", "local", "PASS"] in rows, proc.stdout
+    assert ["package", "head", "PASS"] in rows and ["input readable", str(sample_data_dir()), "PASS"] in rows
 
 
 def test_doctor_fails_on_a_store_it_may_not_write(two_nodes, s3_scenes):

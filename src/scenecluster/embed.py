@@ -333,7 +333,7 @@ def embed_parts(
     import ray
 
     from scenecluster.scale import PartEmbedder, embed_named_parts
-    from scenecluster.stages import run_tasks_interruptibly
+    from scenecluster.stages import every_so_often, run_tasks_interruptibly
 
     start = time.perf_counter()
     parts = manifest_parts(out)
@@ -349,7 +349,7 @@ def embed_parts(
             ),
             parts,
             in_flight=settings.num_actors,
-            on_done=_every(progress_every_s, lambda n: f"[embed] {n} of {len(parts)} parts embedded", progress),
+            on_done=every_so_often(progress_every_s, lambda n: f"[embed] {n} of {len(parts)} parts embedded", progress),
         )
         rows += [(c["name"], c["n_rows"], c["n_ok"], c["reused"]) for counts in done for c in counts]
     else:
@@ -378,24 +378,6 @@ def embed_parts(
         write_skipped(out)
         raise InputError(f"none of the {summary.n_images} images could be read and decoded; see {out.display(SKIPPED)}")
     return summary
-
-
-def _every(
-    seconds: float, line: Callable[[int], str], echo: Callable[[str], None] | None
-) -> Callable[[int], None] | None:
-    """A callback that runs ``echo(line(n))`` for a count ``n`` at most once every ``seconds``, counted from now
-    (a stage quicker than that prints nothing more than its own line); None without ``echo``."""
-    if echo is None:
-        return None
-    last = time.monotonic()
-
-    def maybe(n: int) -> None:
-        nonlocal last
-        if time.monotonic() - last >= seconds:
-            echo(line(n))
-            last = time.monotonic()
-
-    return maybe
 
 
 def _summarise(rows: list[tuple[str, int, int, bool]], start: float) -> EmbedSummary:

@@ -126,6 +126,7 @@ def _assign_stage(
             cfg.data.labels == "folders",
             at_least=cfg.embed.num_actors,
             task_parts=cfg.embed.task_parts,
+            progress=timer.echo,
         )
         note["summary"] = f"{assigned.n} scenes in {assigned.n_clusters} clusters, {assigned.novel} novel"
     return assigned

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ __all__ = [
     "assign_pool_sizes",
     "assigns_on_gpu",
     "check_enough_scenes",
+    "every_so_often",
     "export_assignments",
     "fit_remote",
     "forget_other_assignments",
@@ -125,6 +127,24 @@ def fit_remote(
 def get_interruptibly(ref, poll_s: float = 0.25):
     """``ray.get(ref)``, but Ctrl-C stops it at once and cancels the task (:func:`run_tasks_interruptibly` of one)."""
     return run_tasks_interruptibly(lambda _: ref, [ref], in_flight=1, poll_s=poll_s)[0]
+
+
+def every_so_often(
+    seconds: float, line: Callable[[int], str], echo: Callable[[str], None] | None
+) -> Callable[[int], None] | None:
+    """A callback that runs ``echo(line(n))`` for a count ``n`` at most once every ``seconds``, counted from now
+    (a stage quicker than that prints nothing more than its own line); None without ``echo``."""
+    if echo is None:
+        return None
+    last = time.monotonic()
+
+    def maybe(n: int) -> None:
+        nonlocal last
+        if time.monotonic() - last >= seconds:
+            echo(line(n))
+            last = time.monotonic()
+
+    return maybe
 
 
 def run_tasks_interruptibly(
@@ -245,13 +265,17 @@ def assign_parts(
     with_labels: bool,
     at_least: int = 1,
     task_parts: int = 4,
+    progress: Callable[[str], None] | None = None,
+    progress_every_s: float = 60.0,
 ) -> AssignSummary:
     """Run :class:`scenecluster.scale.PartAssigner` actors over the run's parts; add up their counts.
 
     ``actors`` fixes the pool's size; ``0`` lets it grow (:func:`assign_pool_sizes`), and a run of at most
     ``task_parts`` parts is assigned by Ray tasks instead, one part each and as many at a time as the pool could
     grow to: a few parts keep few actors busy, and a task runs in a worker the fit or the embedding already
-    started, where a pool starts a fresh actor process (5-6 s of a 32-scene run's 11 s here).
+    started, where a pool starts a fresh actor process (5-6 s of a 32-scene run's 11 s here). Ray Data logs a
+    pool's progress; for the tasks ``progress`` is told the parts done, at most every ``progress_every_s``, as the
+    embedding's tasks do (four ``.tar`` shards may hold many scenes).
     """
     import ray
 
@@ -270,6 +294,9 @@ def assign_parts(
             lambda part: task.remote(out, clustering_from, [part[1]], device=device, with_labels=with_labels),
             parts,
             in_flight=largest,
+            on_done=every_so_often(
+                progress_every_s, lambda n: f"[assign] {n} of {len(parts)} parts assigned", progress
+            ),
         )
         texts = (text for texts_of_part in done for text in texts_of_part)
     else:

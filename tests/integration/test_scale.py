@@ -16,9 +16,11 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from scenecluster.config import AssignJobConfig, load_config
+from scenecluster.devices import decide, local_inventory
 from scenecluster.fitted import read_clustering_meta
 from scenecluster.job import run_assign_job, run_cluster_job
 from scenecluster.outputs import OutputFolder
+from scenecluster.stages import assign_parts
 from tests.conftest import copy_sample
 
 pytestmark = pytest.mark.integration
@@ -241,6 +243,14 @@ def test_a_small_run_is_embedded_and_assigned_in_tasks_as_the_actor_pools_would(
     by_task = pq.read_table(out / "assignments.parquet").to_pandas().set_index("path").sort_index()
 
     _assert_fitted_rows_kept(out, by_task, held_out=0)  # under 100 scenes the fit sees them all
+
+    # The tasks tell their progress as the embedding's tasks do (a job: at most once a minute; here every part)
+    shutil.rmtree(out / "assignments")
+    told: list[str] = []
+    resources = decide("cpu", local_inventory())
+    folder = OutputFolder(str(out))
+    assert assign_parts(folder, folder, resources, 0, True, progress=told.append, progress_every_s=0).n == 30
+    assert told == [f"[assign] {n} of 3 parts assigned" for n in (1, 2, 3)]
 
     shutil.rmtree(out / "assignments")
     lines, embedders, assigners = _run_counting_actors(_cfg(scenes, out, tiny_model_dir, **{"embed.task_parts": 0}))

@@ -101,17 +101,17 @@ def test_parquet_round_trip(tmp_path):
 
 
 def test_the_tasks_progress_line_comes_at_most_once_per_interval():
-    """A small run's embedding tasks report the parts done no more often than the interval (a minute in the job),
-    counted from the stage's start, so a quick stage prints nothing but its own line."""
-    from scenecluster.embed import _every
+    """A small run's embedding (and assignment) tasks report the parts done no more often than the interval (a minute
+    in the job), counted from the stage's start, so a quick stage prints nothing but its own line."""
+    from scenecluster.stages import every_so_often
 
     printed: list[str] = []
-    assert _every(60.0, str, None) is None  # nobody to tell
-    quick = _every(60.0, lambda n: f"{n} of 3 parts", printed.append)
+    assert every_so_often(60.0, str, None) is None  # nobody to tell
+    quick = every_so_often(60.0, lambda n: f"{n} of 3 parts", printed.append)
     for n in (1, 2, 3):
         quick(n)
     assert printed == []
-    every_time = _every(0.0, lambda n: f"{n} of 3 parts", printed.append)
+    every_time = every_so_often(0.0, lambda n: f"{n} of 3 parts", printed.append)
     for n in (1, 2, 3):
         every_time(n)
     assert printed == ["1 of 3 parts", "2 of 3 parts", "3 of 3 parts"]

@@ -104,7 +104,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> Check:
     hostport = address.split("://", 1)[-1]
     if address == "local":
         return Check(
-            "ray reachable", address, SKIP, "no --address or RAY_ADDRESS: a job starts a private Ray on this machine"
+            "ray reachable", address, SKIP, "a private Ray on this machine, as a job told of no cluster starts one"
         )
     if address == "auto":
         return Check("ray reachable", address, SKIP, "no host:port to try; ray.init looks the cluster up")
